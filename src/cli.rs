@@ -1,0 +1,454 @@
+//! The `shardgate` command line (DESIGN.md §7): parse, call into the library, map the result to
+//! an exit code (0 ok · 1 refused/invalid · 2 usage · 3 conflict · 4 unreachable · 5 timeout).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::config::{RawConfig, DEFAULT_ADMIN, DEFAULT_LISTEN};
+use crate::telemetry::LogFormat;
+use crate::topology::{self, BuildContext, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shardgate",
+    version,
+    about = "A multi-IDC active-active routing gateway: sharding key -> shard -> serving IDC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a gateway instance (proxy + admin listeners, topology from a file).
+    Serve(ServeArgs),
+    /// Self-contained demo: 3 simulated IDCs on loopback and a gateway on the file topology.
+    Demo(DemoArgs),
+    /// Validate a topology document: exit 0, or 1 with every problem listed.
+    Validate {
+        /// The topology TOML file.
+        file: PathBuf,
+    },
+    /// Show a key's shard, home IDC, serving IDC and why (offline with --topology, else live).
+    Explain(ExplainArgs),
+    /// Show the IDCs (state, shards served), overrides and sets of a running gateway.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Bootstrap configuration (TOML); the flags below override its fields.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Proxy listener [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Admin listener [default: 127.0.0.1:9901].
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Topology file (the file source); reloaded on change and on SIGHUP.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// etcd endpoints, comma-separated (the etcd source).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Cluster name under /shardgate/ in etcd.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// This instance's IDC (where non-sharded routes go first).
+    #[arg(long)]
+    pub idc: Option<String>,
+    /// Where operator overrides and the last good snapshot are kept.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// TLS certificate chain (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Token required by the admin API (Authorization: Bearer).
+    #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
+    /// Topology file [default: config/topology.toml, else the embedded demo topology].
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// The gateway's admin API.
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    pub admin: String,
+    /// Admin token.
+    #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// The sharding key (user id, merchant id, order id …).
+    pub key: String,
+    /// Explain for this route (non-sharded routes go to the local IDC).
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Explain offline against a topology file instead of a live gateway.
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Exit codes of DESIGN.md §7.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const REFUSED: u8 = 1;
+    pub const UNREACHABLE: u8 = 4;
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo(args),
+        Command::Validate { file } => validate(&file),
+        Command::Explain(args) => explain(args),
+        Command::Status(args) => status(args),
+    };
+    ExitCode::from(code)
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    // One worker: a current-thread runtime, measurably cheaper per request than the
+    // multi-thread scheduler with one worker.
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    }
+}
+
+impl ServeArgs {
+    /// The bootstrap file with the flags on top.
+    pub fn into_raw(self) -> anyhow::Result<RawConfig> {
+        let mut raw = match &self.config {
+            Some(path) => RawConfig::load(path)?,
+            None => RawConfig::default(),
+        };
+        if self.listen.is_some() {
+            raw.listen = self.listen;
+        }
+        if self.admin.is_some() {
+            raw.admin = self.admin;
+        }
+        if let Some(t) = self.topology {
+            raw.topology = Some(t);
+            raw.etcd.clear();
+        }
+        if !self.etcd.is_empty() {
+            raw.etcd = self.etcd;
+            raw.topology = None;
+        }
+        if self.cluster.is_some() {
+            raw.cluster = self.cluster;
+        }
+        if self.idc.is_some() {
+            raw.idc = self.idc;
+        }
+        if self.cache_dir.is_some() {
+            raw.cache_dir = self.cache_dir;
+        }
+        if self.admin_token.is_some() {
+            raw.admin_token = self.admin_token;
+        }
+        if self.log_format.is_some() {
+            raw.log_format = self.log_format;
+        }
+        if self.threads.is_some() {
+            raw.threads = self.threads;
+        }
+        if self.tls_cert.is_some() || self.tls_key.is_some() {
+            anyhow::bail!(
+                "TLS termination (--tls-cert/--tls-key) is not available in this build yet"
+            );
+        }
+        Ok(raw)
+    }
+}
+
+fn serve(args: ServeArgs) -> u8 {
+    let config = match args.into_raw().and_then(RawConfig::into_config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shardgate serve: {e:#}");
+            return exit::REFUSED;
+        }
+    };
+    crate::telemetry::init_tracing(config.log_format);
+    let rt = match runtime(config.threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shardgate serve: cannot start the runtime: {e}");
+            return exit::REFUSED;
+        }
+    };
+    match rt.block_on(crate::run(config, crate::termination_signal())) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("shardgate serve: {e:#}");
+            exit::REFUSED
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> u8 {
+    crate::telemetry::init_tracing(LogFormat::Text);
+    let rt = match runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shardgate demo: {e}");
+            return exit::REFUSED;
+        }
+    };
+    let opts = crate::demo::DemoOptions {
+        listen: args.listen,
+        admin: args.admin,
+        topology: args.topology,
+    };
+    match rt.block_on(crate::demo::run(opts)) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("shardgate demo: {e:#}");
+            exit::REFUSED
+        }
+    }
+}
+
+/// Loads and builds a topology file offline (no listeners, no connections).
+fn build_offline(file: &std::path::Path) -> Result<topology::Topology, topology::Problems> {
+    let doc = crate::source::read_document(file)?;
+    let ctx = BuildContext {
+        revision: 0,
+        ..BuildContext::default()
+    };
+    topology::build(
+        doc,
+        &Overrides::default(),
+        &ctx,
+        &crate::forward::Upstreams::new(),
+    )
+}
+
+fn validate(file: &std::path::Path) -> u8 {
+    match build_offline(file) {
+        Ok(t) => {
+            let served: Vec<String> = t
+                .idcs
+                .iter()
+                .zip(t.shards_served())
+                .map(|(i, n)| format!("{} {n}", i.name))
+                .collect();
+            println!(
+                "{}: valid. cluster `{}`, {} IDCs, {} sets, {} routes, {} shards (home: {})",
+                file.display(),
+                t.cluster,
+                t.idcs.len(),
+                t.sets.len(),
+                t.routes.len(),
+                t.shard_count,
+                served.join(", ")
+            );
+            exit::OK
+        }
+        Err(problems) => {
+            eprintln!("{}: invalid, {problems}", file.display());
+            exit::REFUSED
+        }
+    }
+}
+
+fn explain(args: ExplainArgs) -> u8 {
+    let answer = match &args.topology {
+        Some(file) => match build_offline(file) {
+            Ok(t) => crate::admin::explain_json(&t, &args.key, args.route.as_deref()),
+            Err(p) => {
+                eprintln!("{}: invalid, {p}", file.display());
+                return exit::REFUSED;
+            }
+        },
+        None => {
+            let mut path = format!("/explain?key={}", encode(&args.key));
+            if let Some(r) = &args.route {
+                path.push_str(&format!("&route={}", encode(r)));
+            }
+            match admin_get(&args.admin, &path) {
+                Ok(v) if v.get("error").is_some() => {
+                    Err(v["detail"].as_str().unwrap_or("refused").to_owned())
+                }
+                Ok(v) => Ok(v),
+                Err(code) => return code,
+            }
+        }
+    };
+    match answer {
+        Ok(v) if args.admin.json => {
+            println!("{v}");
+            exit::OK
+        }
+        Ok(v) => {
+            let s = |k: &str| match &v[k] {
+                Value::Null => "-".to_owned(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("key          {}", s("key"));
+            if v["route"] != Value::Null {
+                println!("route        {}", s("route"));
+            }
+            println!("shard        {}", s("shard"));
+            println!("home IDC     {}", s("home_idc"));
+            println!("serving IDC  {}", s("serving_idc"));
+            if let Some(order) = v["failover_order"].as_array() {
+                let names: Vec<&str> = order.iter().filter_map(Value::as_str).collect();
+                println!("failover     {}", names.join(" -> "));
+            }
+            println!("why          {}", s("reason"));
+            println!("revision     {}", s("revision"));
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("shardgate explain: {e}");
+            exit::REFUSED
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> u8 {
+    let v = match admin_get(&args.admin, "/status") {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if args.admin.json {
+        println!("{v}");
+        return exit::OK;
+    }
+    println!(
+        "cluster {}  revision {}  source {} ({})",
+        v["cluster"].as_str().unwrap_or("?"),
+        v["revision"],
+        v["source"]["kind"].as_str().unwrap_or("?"),
+        if v["source"]["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "DOWN"
+        }
+    );
+    if let Some(p) = v["source"]["last_problem"].as_str() {
+        println!("last rejected topology: {p}");
+    }
+    println!();
+    println!(
+        "{:<10} {:<10} {:<8} {:>6} {:>12} {:>14}",
+        "IDC", "STATE", "HEALTHY", "WEIGHT", "HOME SHARDS", "SERVED SHARDS"
+    );
+    for idc in v["idcs"].as_array().into_iter().flatten() {
+        println!(
+            "{:<10} {:<10} {:<8} {:>6} {:>12} {:>14}",
+            idc["name"].as_str().unwrap_or("?"),
+            idc["state"].as_str().unwrap_or("?"),
+            if idc["healthy"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            idc["weight"].to_string(),
+            idc["shards_home"].to_string(),
+            idc["shards_served"].to_string(),
+        );
+    }
+    let overrides = v["overrides"].as_array().map_or(0, Vec::len);
+    println!();
+    println!(
+        "overrides: {}",
+        if overrides == 0 {
+            "none".to_owned()
+        } else {
+            v["overrides"].to_string()
+        }
+    );
+    exit::OK
+}
+
+fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// GET on the admin API, with a deadline. Errors are already printed; the exit code comes back.
+fn admin_get(admin: &AdminArgs, path: &str) -> Result<Value, u8> {
+    let rt = runtime(1).map_err(|_| exit::REFUSED)?;
+    let result = rt.block_on(crate::admin_client::get(
+        &admin.admin,
+        path,
+        admin.admin_token.as_deref(),
+        Duration::from_secs(3),
+    ));
+    match result {
+        Ok((status, body)) => match serde_json::from_slice::<Value>(&body) {
+            Ok(v) if status == 401 => {
+                eprintln!(
+                    "{}: {}",
+                    admin.admin,
+                    v["detail"].as_str().unwrap_or("unauthorized")
+                );
+                Err(exit::REFUSED)
+            }
+            Ok(v) => Ok(v),
+            Err(_) => {
+                eprintln!(
+                    "{}{path}: answered {status} with a body that is not JSON",
+                    admin.admin
+                );
+                Err(exit::REFUSED)
+            }
+        },
+        Err(e) => {
+            eprintln!("cannot reach the gateway at {}: {e}", admin.admin);
+            Err(exit::UNREACHABLE)
+        }
+    }
+}

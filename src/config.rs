@@ -1,0 +1,207 @@
+//! Bootstrap configuration of one gateway instance (`serve --config FILE`, then flags on top):
+//! listeners, local IDC, topology source, timeouts and limits. Raw serde types stay here; the
+//! rest of the gateway sees only the validated `Config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::telemetry::LogFormat;
+
+/// Where the topology comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    File(PathBuf),
+    Etcd {
+        endpoints: Vec<String>,
+        cluster: String,
+    },
+}
+
+/// Timeouts of DESIGN.md §10.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub request_body: Duration,
+    pub upstream_connect: Duration,
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub local_idc: Option<String>,
+    pub source: SourceConfig,
+    pub cache_dir: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub log_format: LogFormat,
+    /// Worker threads; 0 = one per core.
+    pub threads: usize,
+    pub timeouts: Timeouts,
+    pub max_header_bytes: usize,
+    /// How often the file source looks at the file (it also reloads on SIGHUP).
+    pub file_poll: Duration,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    pub idc: Option<String>,
+    pub topology: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    pub cluster: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub header_read_ms: Option<u64>,
+    pub idle_ms: Option<u64>,
+    pub request_body_ms: Option<u64>,
+    pub upstream_connect_ms: Option<u64>,
+    pub drain_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<usize>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+impl RawConfig {
+    pub fn load(path: &Path) -> anyhow::Result<RawConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Validates and fills defaults. Every problem is listed at once.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut problems = Vec::new();
+        let addr = |field: &str, v: Option<String>, default: &str, problems: &mut Vec<String>| {
+            let text = v.unwrap_or_else(|| default.to_owned());
+            text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                problems.push(format!("{field}: `{text}` is not an `ip:port` address"));
+                default.parse().expect("default address parses")
+            })
+        };
+        let listen = addr("listen", self.listen, DEFAULT_LISTEN, &mut problems);
+        let admin = addr("admin", self.admin, DEFAULT_ADMIN, &mut problems);
+        let source = match (self.topology, self.etcd.is_empty(), self.cluster) {
+            (Some(_), false, _) => {
+                problems.push("topology and etcd: choose one topology source".into());
+                SourceConfig::File(PathBuf::new())
+            }
+            (Some(file), true, _) => SourceConfig::File(file),
+            (None, false, Some(cluster)) => SourceConfig::Etcd {
+                endpoints: self.etcd,
+                cluster,
+            },
+            (None, false, None) => {
+                problems.push("etcd needs a cluster name (--cluster)".into());
+                SourceConfig::File(PathBuf::new())
+            }
+            (None, true, _) => {
+                problems.push(
+                    "no topology source: give --topology FILE or --etcd URL --cluster NAME".into(),
+                );
+                SourceConfig::File(PathBuf::new())
+            }
+        };
+        if !admin.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
+            problems.push(format!(
+                "admin: {admin} is not a loopback address; set an admin token (--admin-token) to expose it"
+            ));
+        }
+        let ms = |v: Option<u64>, default: u64, field: &str, problems: &mut Vec<String>| {
+            let v = v.unwrap_or(default);
+            if v == 0 {
+                problems.push(format!("timeouts.{field}: must be greater than 0"));
+            }
+            Duration::from_millis(v.max(1))
+        };
+        let t = self.timeouts;
+        let timeouts = Timeouts {
+            header_read: ms(t.header_read_ms, 10_000, "header_read_ms", &mut problems),
+            idle: ms(t.idle_ms, 60_000, "idle_ms", &mut problems),
+            request_body: ms(t.request_body_ms, 30_000, "request_body_ms", &mut problems),
+            upstream_connect: ms(
+                t.upstream_connect_ms,
+                1_000,
+                "upstream_connect_ms",
+                &mut problems,
+            ),
+            drain: ms(t.drain_ms, 30_000, "drain_ms", &mut problems),
+        };
+        let max_header_bytes = self.limits.max_header_bytes.unwrap_or(64 * 1024);
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            problems.push("limits.max_header_bytes: must be between 8192 and 1048576".into());
+        }
+        if !problems.is_empty() {
+            anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        }
+        Ok(Config {
+            listen,
+            admin,
+            local_idc: self.idc,
+            source,
+            cache_dir: self.cache_dir,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            log_format: self.log_format.unwrap_or_default(),
+            threads: self.threads.unwrap_or(0),
+            timeouts,
+            max_header_bytes,
+            file_poll: Duration::from_millis(500),
+        })
+    }
+}
+
+impl Config {
+    /// A configuration for a file topology with every default: what tests and the demo start.
+    pub fn for_file(topology: impl Into<PathBuf>) -> Config {
+        RawConfig {
+            topology: Some(topology.into()),
+            ..RawConfig::default()
+        }
+        .into_config()
+        .expect("the default configuration is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_every_problem_at_once() {
+        let c = Config::for_file("t.toml");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.timeouts.upstream_connect, Duration::from_secs(1));
+        let raw: RawConfig =
+            toml::from_str("listen = 'nope'\nadmin = '0.0.0.0:9901'\n[timeouts]\ndrain_ms = 0\n")
+                .unwrap();
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+        assert!(err.contains("admin token"), "{err}");
+        assert!(err.contains("drain_ms"), "{err}");
+        assert!(err.contains("no topology source"), "{err}");
+    }
+}

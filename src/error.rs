@@ -1,0 +1,127 @@
+//! The request path's one error type and its single mapping to an HTTP answer (DESIGN.md §2):
+//! status by who failed, `x-shardgate-reason`, `Retry-After`, and the JSON error body.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("a route matches this path but not this method")]
+    MethodNotAllowed,
+    #[error("route `{0}` needs a sharding key and the request has none")]
+    MissingKey(String),
+    #[error("route `{route}`: the sharding key is invalid: {why}")]
+    InvalidKey { route: String, why: &'static str },
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("no IDC can serve {0} now")]
+    NoServingIdc(String),
+    #[error("{0}")]
+    UpstreamConnect(String),
+    #[error("{0}")]
+    UpstreamProtocol(String),
+    #[error("the upstream did not answer within {0} ms")]
+    UpstreamTimeout(u64),
+}
+
+impl ProxyError {
+    /// Who failed decides the status: the client (4xx), the cluster's state (503), or the
+    /// upstream (502/504).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MissingKey(_)
+            | ProxyError::InvalidKey { .. }
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoServingIdc(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error` field of the JSON body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::MissingKey(_) => "missing_key",
+            ProxyError::InvalidKey { .. } => "invalid_key",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoServingIdc(_) => "no_idc",
+            ProxyError::UpstreamConnect(_) => "upstream_connect",
+            ProxyError::UpstreamProtocol(_) => "upstream_protocol",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// `x-shardgate-reason` for refusals the gateway decided on its own.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::NoServingIdc(_) => Some("no_idc"),
+            _ => None,
+        }
+    }
+
+    /// Seconds for `Retry-After` on 503s.
+    pub fn retry_after(&self) -> Option<u32> {
+        (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(1)
+    }
+
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
+        let body = serde_json::json!({
+            "error": self.kind(),
+            "detail": self.to_string(),
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut resp = Response::new(ResponseBody::full(body.to_string()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(reason) = self.reason() {
+            h.insert(crate::headers::REASON, HeaderValue::from_static(reason));
+        }
+        if let Some(s) = self.retry_after() {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_by_who_failed() {
+        assert_eq!(ProxyError::NoRoute.status(), 404);
+        assert_eq!(ProxyError::MethodNotAllowed.status(), 405);
+        assert_eq!(ProxyError::MissingKey("r".into()).status(), 400);
+        assert_eq!(ProxyError::NoServingIdc("shard 1".into()).status(), 503);
+        assert_eq!(ProxyError::UpstreamConnect("x".into()).status(), 502);
+        assert_eq!(ProxyError::UpstreamTimeout(5).status(), 504);
+    }
+
+    #[test]
+    fn refusal_body_and_headers() {
+        let id = HeaderValue::from_static("abc");
+        let resp = ProxyError::NoServingIdc("shard 7".into()).to_response(&id);
+        assert_eq!(resp.headers()["x-shardgate-reason"], "no_idc");
+        assert_eq!(resp.headers()["retry-after"], "1");
+        let ResponseBody::Full(Some(body)) = resp.body() else {
+            panic!("gateway answers carry a body")
+        };
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["error"], "no_idc");
+        assert_eq!(v["request_id"], "abc");
+        assert!(v["detail"].as_str().unwrap().contains("shard 7"));
+    }
+}

@@ -1,0 +1,341 @@
+//! Upstream forwarding: pooled HTTP/1.1 keep-alive connections per backend (one pool per
+//! (IDC, set, address), shared across snapshots), power-of-two-choices on in-flight requests,
+//! connect timeouts, and safe retries on another backend of the same IDC.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::RequestBody;
+
+type Sender = SendRequest<RequestBody>;
+
+/// Idle connections kept per backend; more are closed when they come back.
+const MAX_IDLE_PER_BACKEND: usize = 512;
+
+/// One upstream address in one (IDC, set) pool. Its state outlives snapshots: a reload that
+/// keeps the backend keeps its connections and counters.
+pub struct Backend {
+    pub idc: Arc<String>,
+    pub set: Arc<String>,
+    pub addr: SocketAddr,
+    inflight: AtomicU32,
+    /// Passive outlier state: consecutive connect failures and the time (ms since the
+    /// process epoch) until which the backend is avoided.
+    connect_failures: AtomicU32,
+    avoid_until_ms: AtomicU64,
+    idle: Mutex<Vec<Sender>>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("idc", &self.idc)
+            .field("set", &self.set)
+            .field("addr", &self.addr)
+            .field("inflight", &self.inflight.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Backend {
+    fn new(idc: &str, set: &str, addr: SocketAddr) -> Backend {
+        Backend {
+            idc: Arc::new(idc.to_owned()),
+            set: Arc::new(set.to_owned()),
+            addr,
+            inflight: AtomicU32::new(0),
+            connect_failures: AtomicU32::new(0),
+            avoid_until_ms: AtomicU64::new(0),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().map_or(0, |v| v.len())
+    }
+
+    /// Avoided after connect failures, for a period that doubles with each failure (100 ms up
+    /// to 10 s). Avoided backends are still tried when nothing else is left.
+    pub fn avoided(&self) -> bool {
+        self.avoid_until_ms.load(Ordering::Relaxed) > clock_ms()
+    }
+
+    fn record_connect_failure(&self) {
+        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(7);
+        let period = (100u64 << n).min(10_000);
+        self.avoid_until_ms
+            .store(clock_ms() + period, Ordering::Relaxed);
+    }
+
+    fn record_connect_success(&self) {
+        if self.connect_failures.load(Ordering::Relaxed) != 0 {
+            self.connect_failures.store(0, Ordering::Relaxed);
+            self.avoid_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_BACKEND {
+                idle.push(sender);
+            }
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Sender, ForwardError> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
+            Err(_) => return Err(ForwardError::Connect("connect timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = match tokio::time::timeout(
+            timeout,
+            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
+        )
+        .await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
+            Err(_) => return Err(ForwardError::Connect("handshake timed out".into())),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+fn clock_ms() -> u64 {
+    use std::sync::OnceLock;
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// A backend's in-flight slot and, once the response head arrived, its connection. Dropping it
+/// frees the slot (and closes the connection if it was not released).
+pub struct Lease {
+    backend: Arc<Backend>,
+    sender: Option<Sender>,
+}
+
+impl Lease {
+    fn new(backend: Arc<Backend>) -> Lease {
+        backend.inflight.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            backend,
+            sender: None,
+        }
+    }
+
+    /// The response ended cleanly: the connection can carry another request.
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.backend.put_idle(sender);
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ForwardError {
+    /// No connection could be made: nothing was sent.
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    /// The exchange failed after the request was (possibly) sent.
+    #[error("upstream exchange failed: {0}")]
+    Protocol(String),
+}
+
+/// Registry of backends by (IDC, set, address), so that snapshots share pools.
+#[derive(Default)]
+pub struct Upstreams {
+    backends: Mutex<HashMap<(String, String, SocketAddr), Weak<Backend>>>,
+}
+
+impl Upstreams {
+    pub fn new() -> Upstreams {
+        Upstreams::default()
+    }
+
+    /// The backend for this identity: the existing one while any snapshot holds it.
+    pub fn backend(&self, idc: &str, set: &str, addr: SocketAddr) -> Arc<Backend> {
+        let Ok(mut map) = self.backends.lock() else {
+            return Arc::new(Backend::new(idc, set, addr));
+        };
+        let key = (idc.to_owned(), set.to_owned(), addr);
+        if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
+            return b;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let b = Arc::new(Backend::new(idc, set, addr));
+        map.insert(key, Arc::downgrade(&b));
+        b
+    }
+}
+
+/// How one forward may behave.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardPolicy {
+    pub connect_timeout: Duration,
+    /// Extra attempts on other backends of the same pool.
+    pub retries: u32,
+    /// GET/HEAD/OPTIONS/PUT/DELETE…: may be sent again after a failure once sent.
+    pub idempotent: bool,
+}
+
+/// Picks the backend with fewer requests in flight out of two random ones, skipping those
+/// already tried and, while others remain, those avoided after connect failures.
+fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
+    let usable = |i: usize, allow_avoided: bool| {
+        (i >= 64 || tried & (1 << i) == 0) && (allow_avoided || !pool[i].avoided())
+    };
+    for allow_avoided in [false, true] {
+        let candidates = (0..pool.len())
+            .filter(|&i| usable(i, allow_avoided))
+            .count();
+        if candidates == 0 {
+            continue;
+        }
+        let nth = |n: usize| (0..pool.len()).filter(|&i| usable(i, allow_avoided)).nth(n);
+        if candidates == 1 {
+            return nth(0);
+        }
+        let a = fastrand::usize(..candidates);
+        let mut b = fastrand::usize(..candidates - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (nth(a)?, nth(b)?);
+        return Some(if pool[b].inflight() < pool[a].inflight() {
+            b
+        } else {
+            a
+        });
+    }
+    None
+}
+
+/// Sends `req` to one backend of `pool`. Retries on another backend when nothing was sent
+/// (connect failure, or a pooled connection that closed before taking the request), and, for
+/// idempotent requests without a body, when the exchange failed before a response head.
+/// On failure the request comes back when nothing of it was sent, so it may go elsewhere.
+pub async fn forward(
+    pool: &[Arc<Backend>],
+    mut req: Request<RequestBody>,
+    policy: ForwardPolicy,
+) -> Result<(Response<Incoming>, Lease), (ForwardError, Option<Request<RequestBody>>)> {
+    let mut tried: u64 = 0;
+    let mut attempts_left = policy.retries + 1;
+    let mut last_err = ForwardError::Connect("the pool has no backends".into());
+    // A request without a body can be rebuilt for a retry after it was sent.
+    let replayable = policy.idempotent && req.body().is_end_stream();
+    while attempts_left > 0 {
+        let Some(i) = pick(pool, tried) else { break };
+        if i < 64 {
+            tried |= 1 << i;
+        }
+        attempts_left -= 1;
+        let backend = &pool[i];
+        let mut lease = Lease::new(backend.clone());
+        let (mut sender, reused) = match backend.take_idle() {
+            Some(s) => (s, true),
+            None => match backend.connect(policy.connect_timeout).await {
+                Ok(s) => {
+                    backend.record_connect_success();
+                    (s, false)
+                }
+                Err(e) => {
+                    backend.record_connect_failure();
+                    tracing::debug!(backend = %backend.addr, idc = %backend.idc, error = %e, "upstream connect failed");
+                    last_err = e;
+                    continue;
+                }
+            },
+        };
+        if sender.ready().await.is_err() {
+            // Closed while idle: nothing was sent; this try does not count.
+            attempts_left += u32::from(reused);
+            tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
+            continue;
+        }
+        let copy = replayable.then(|| clone_head(&req));
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                lease.sender = Some(sender);
+                return Ok((resp, lease));
+            }
+            Err(mut e) => {
+                let err = ForwardError::Protocol(e.error().to_string());
+                match e.take_message() {
+                    // Not sent: a stale pooled connection. Retry freely.
+                    Some(back) => {
+                        req = back;
+                        if reused {
+                            attempts_left += 1;
+                            tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
+                        }
+                    }
+                    None => match copy {
+                        Some(c) => req = c,
+                        None => return Err((err, None)),
+                    },
+                }
+                last_err = err;
+            }
+        }
+    }
+    // Whatever failed last, `req` was not sent (or is a fresh copy): hand it back.
+    let unsent = matches!(last_err, ForwardError::Connect(_)).then_some(req);
+    Err((last_err, unsent))
+}
+
+fn clone_head(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut r = Request::new(RequestBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}

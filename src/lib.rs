@@ -1,0 +1,201 @@
+//! shardgate: a multi-IDC active-active routing gateway. It reads a sharding key from each
+//! request, maps it to a shard (`crc32_ieee(key) % shard_count`) and forwards the request to
+//! the IDC that serves that shard now.
+//!
+//! The request path, module by module:
+//! - [`server`]: accept → hyper (HTTP/1.1, h2c) with header limits and graceful drain.
+//! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
+//! - [`route`]: route matching and sharding-key extraction (pure).
+//! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
+//! - [`forward`]: pooled upstream connections per (IDC, set, backend), retries.
+//! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
+//! - [`headers`]: the gateway's headers, hop-by-hop stripping, ids and tracing headers.
+//! - [`error`]: the one request-path error and its status mapping.
+//!
+//! The reload path: [`source`] (topology file + overrides) → `topology::build` → one
+//! `ArcSwap` store → every later request sees the new snapshot; in-flight ones keep theirs.
+//!
+//! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
+//! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
+//! backends for the demo and the tests), [`demo`].
+
+pub mod admin;
+pub mod admin_client;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod sim;
+pub mod source;
+pub mod telemetry;
+pub mod topology;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, SourceConfig};
+use crate::proxy::{Gateway, ProxySettings};
+use crate::server::{Handler, ListenerSettings};
+use crate::source::{FileSource, Snapshots};
+use crate::telemetry::Metrics;
+
+impl Handler for Gateway {
+    async fn call(
+        self: Arc<Self>,
+        req: http::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+    ) -> http::Response<body::ResponseBody> {
+        self.handle(req, peer).await
+    }
+}
+
+/// A started gateway instance.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub snapshots: Arc<Snapshots>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns
+    /// when every listener is done.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds the listeners, loads the topology and starts serving. Fails, saying why, when the
+/// configuration or the first topology cannot be used.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let snapshots = match &config.source {
+        SourceConfig::File(path) => {
+            let snapshots = Arc::new(Snapshots::new(
+                "file",
+                config.local_idc.clone(),
+                metrics.clone(),
+            ));
+            let mut file =
+                FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
+            file.load().map_err(|problems| {
+                anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
+            })?;
+            tasks.push(tokio::spawn(
+                file.run(config.file_poll, shutdown_rx.clone()),
+            ));
+            snapshots
+        }
+        SourceConfig::Etcd { .. } => {
+            anyhow::bail!(
+                "the etcd topology source is not available in this build yet; use --topology FILE"
+            )
+        }
+    };
+
+    let proxy_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let settings = ListenerSettings {
+        header_read_timeout: config.timeouts.header_read,
+        max_header_bytes: config.max_header_bytes,
+        drain: config.timeouts.drain,
+    };
+    let gateway = Arc::new(Gateway {
+        topology: snapshots.cell(),
+        metrics: metrics.clone(),
+        settings: ProxySettings {
+            connect_timeout: config.timeouts.upstream_connect,
+            body_timeout: config.timeouts.request_body,
+            scheme: "http",
+        },
+    });
+    tasks.push(tokio::spawn(server::serve(
+        proxy_listener,
+        gateway,
+        settings.clone(),
+        shutdown_rx.clone(),
+    )));
+    let admin = Arc::new(admin::Admin {
+        snapshots: snapshots.clone(),
+        metrics,
+        token: config.admin_token.clone(),
+    });
+    tasks.push(tokio::spawn(server::serve(
+        admin_listener,
+        admin,
+        settings,
+        shutdown_rx,
+    )));
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "shardgate serving");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        snapshots,
+        shutdown: shutdown_tx,
+        tasks,
+    })
+}
+
+/// Runs until `stop` resolves, then shuts down gracefully.
+pub async fn run(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    stop.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,359 @@
+//! The request pipeline (DESIGN.md §2), in order:
+//! request id → strip client `x-shardgate-*` → load the snapshot once → decide (route, key,
+//! shard, serving IDC) → build the upstream request → forward (retry in the IDC, spill reads to
+//! the next IDC when the serving one cannot be reached) → response headers → metrics + one
+//! access-log event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use http::header::HeaderValue;
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::error::ProxyError;
+use crate::forward::{forward, ForwardError, ForwardPolicy};
+use crate::headers;
+use crate::telemetry::{IdcSetLabels, Metrics, RequestLabels, RouteLabels};
+use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, Topology};
+
+/// Settings of the data path that do not come from the topology.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    /// Idle time allowed between frames of a client's request body.
+    pub body_timeout: Duration,
+    /// `x-forwarded-proto` for requests on this listener.
+    pub scheme: &'static str,
+}
+
+/// What every request handler shares: the one snapshot, metrics, settings.
+pub struct Gateway {
+    pub topology: Arc<ArcSwapOption<Topology>>,
+    pub metrics: Arc<Metrics>,
+    pub settings: ProxySettings,
+}
+
+/// What one request did, for metrics and the access log.
+struct Outcome {
+    route: Option<Arc<String>>,
+    set: Option<Arc<String>>,
+    idc: Option<Arc<String>>,
+    shard: Option<u32>,
+    spilled: bool,
+}
+
+const EMPTY: &str = "";
+
+fn is_safe(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    is_safe(m) || matches!(*m, Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+impl Gateway {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+        let request_id = headers::request_id(req.headers());
+        headers::strip_gateway_headers(req.headers_mut());
+        let mut outcome = Outcome {
+            route: None,
+            set: None,
+            idc: None,
+            shard: None,
+            spilled: false,
+        };
+        let topo = self.topology.load_full();
+        let (mut resp, revision) = match topo {
+            Some(topo) => {
+                let rev = topo.revision;
+                let resp = match self
+                    .route_and_forward(&topo, req, peer, &request_id, &mut outcome)
+                    .await
+                {
+                    Ok(resp) => resp,
+                    Err(e) => e.to_response(&request_id),
+                };
+                (resp, Some(rev))
+            }
+            None => (
+                ProxyError::NoServingIdc("any request: no topology snapshot is loaded yet".into())
+                    .to_response(&request_id),
+                None,
+            ),
+        };
+
+        let h = resp.headers_mut();
+        if let Some(idc) = &outcome.idc {
+            if let Ok(v) = HeaderValue::from_str(idc) {
+                h.insert(headers::IDC, v);
+            }
+        }
+        if let Some(shard) = outcome.shard {
+            h.insert(headers::SHARD, HeaderValue::from(shard));
+        }
+        h.insert(headers::REQUEST_ID, request_id.clone());
+        self.record(
+            &outcome,
+            resp.status().as_u16(),
+            start,
+            &request_id,
+            revision,
+        );
+        resp
+    }
+
+    async fn route_and_forward(
+        &self,
+        topo: &Topology,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let decision = topo
+            .decide(RequestView {
+                method: req.method(),
+                uri: req.uri(),
+                headers: req.headers(),
+            })
+            .map_err(|e| self.route_error(topo, e, outcome))?;
+        let route = topo.route(decision.route);
+        outcome.route = Some(route.name.clone());
+        outcome.set = Some(topo.set(route.set).name.clone());
+        outcome.shard = decision.shard.map(|s| s.0);
+        outcome.idc = Some(topo.idc(decision.idc).name.clone());
+
+        let method = req.method().clone();
+        let mut upstream = self.upstream_request(topo, req, &decision, peer, request_id)?;
+        let policy = ForwardPolicy {
+            connect_timeout: self.settings.connect_timeout,
+            retries: route.retries,
+            idempotent: is_idempotent(&method),
+        };
+
+        let exchange = async {
+            let mut idc = decision.idc;
+            let mut spilled = false;
+            loop {
+                let pool = topo.idc(idc).pool(route.set);
+                let sent_at = Instant::now();
+                match forward(pool, upstream, policy).await {
+                    Ok(ok) => {
+                        self.metrics
+                            .upstream_duration
+                            .get_or_create(&IdcSetLabels {
+                                idc: topo.idc(idc).name.clone(),
+                                set: topo.set(route.set).name.clone(),
+                            })
+                            .observe(sent_at.elapsed().as_secs_f64());
+                        return Ok((ok, idc, spilled));
+                    }
+                    Err((err, unsent)) => {
+                        // Reads spill, writes never do (§5): only a safe request that reached
+                        // no backend at all may go to the next IDC, once.
+                        let next = match (&err, unsent, spilled) {
+                            (ForwardError::Connect(_), Some(r), false) if is_safe(&method) => {
+                                spill_target(topo, &decision, idc).map(|n| (n, r))
+                            }
+                            _ => None,
+                        };
+                        match next {
+                            Some((n, mut r)) => {
+                                tracing::debug!(from = %topo.idc(idc).name, to = %topo.idc(n).name, "spilling a read to the next IDC");
+                                if let Ok(v) = HeaderValue::from_str(&topo.idc(n).name) {
+                                    r.headers_mut().insert(headers::IDC, v);
+                                }
+                                r.headers_mut()
+                                    .insert(headers::SPILL, HeaderValue::from_static("1"));
+                                upstream = r;
+                                idc = n;
+                                spilled = true;
+                            }
+                            None => return Err(err),
+                        }
+                    }
+                }
+            }
+        };
+        let timeout_ms = route.timeout.as_millis() as u64;
+        let ((resp, lease), idc, spilled) =
+            match tokio::time::timeout(route.timeout, exchange).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
+                Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
+                Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
+            };
+        if spilled {
+            outcome.idc = Some(topo.idc(idc).name.clone());
+            outcome.spilled = true;
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, route.timeout, lease),
+        ))
+    }
+
+    /// A clean re-serialisation of the client's request for the upstream: origin-form URI,
+    /// HTTP/1.1, hop-by-hop headers gone, the gateway's headers added.
+    fn upstream_request(
+        &self,
+        topo: &Topology,
+        req: Request<Incoming>,
+        decision: &Decision,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+    ) -> Result<Request<RequestBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => parts.headers.get(http::header::HOST).cloned(),
+        };
+        let traceparent = headers::traceparent(&parts.headers);
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h);
+        if let Some(host) = host {
+            h.insert(headers::FORWARDED_HOST, host.clone());
+            h.insert(http::header::HOST, host);
+        }
+        headers::append_forwarded_for(h, peer.ip());
+        h.insert(
+            headers::FORWARDED_PROTO,
+            HeaderValue::from_static(self.settings.scheme),
+        );
+        h.insert(headers::REQUEST_ID, request_id.clone());
+        if let Some(tp) = traceparent {
+            h.insert(headers::TRACEPARENT, tp);
+        }
+        if let Some(shard) = decision.shard {
+            h.insert(headers::SHARD, HeaderValue::from(shard.0));
+        }
+        if let Ok(v) = HeaderValue::from_str(&topo.idc(decision.idc).name) {
+            h.insert(headers::IDC, v);
+        }
+        h.insert(headers::EPOCH, HeaderValue::from(topo.revision));
+
+        parts.uri = match parts.uri.path_and_query() {
+            Some(pq) => {
+                Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_str().as_bytes()))
+                    .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?
+            }
+            None => Uri::from_static("/"),
+        };
+        parts.version = Version::HTTP_11;
+        let body = if body_is_empty(&parts.method, &body) {
+            RequestBody::Empty
+        } else {
+            RequestBody::client(body, self.settings.body_timeout)
+        };
+        Ok(Request::from_parts(parts, body))
+    }
+
+    fn route_error(&self, topo: &Topology, e: RouteError, outcome: &mut Outcome) -> ProxyError {
+        let name = |id| topo.route(id).name.to_string();
+        let mut note_route = |id| {
+            let route = topo.route(id);
+            outcome.route = Some(route.name.clone());
+            outcome.set = Some(topo.set(route.set).name.clone());
+        };
+        match e {
+            RouteError::NoRoute => ProxyError::NoRoute,
+            RouteError::MethodNotAllowed => ProxyError::MethodNotAllowed,
+            RouteError::MissingKey(id) => {
+                note_route(id);
+                ProxyError::MissingKey(name(id))
+            }
+            RouteError::KeyTooLong(id) => {
+                note_route(id);
+                ProxyError::InvalidKey {
+                    route: name(id),
+                    why: "longer than 256 bytes",
+                }
+            }
+            RouteError::NoServingIdc(id, shard) => {
+                note_route(id);
+                outcome.shard = shard.map(|s| s.0);
+                ProxyError::NoServingIdc(match shard {
+                    Some(s) => format!("shard {}", s.0),
+                    None => format!("route `{}`", name(id)),
+                })
+            }
+        }
+    }
+
+    fn record(
+        &self,
+        o: &Outcome,
+        status: u16,
+        start: Instant,
+        request_id: &HeaderValue,
+        revision: Option<u64>,
+    ) {
+        let elapsed = start.elapsed();
+        let empty = || Arc::new(String::new());
+        let route = o.route.clone().unwrap_or_else(empty);
+        let set = o.set.clone().unwrap_or_else(empty);
+        let idc = o.idc.clone().unwrap_or_else(empty);
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                set: set.clone(),
+                idc: idc.clone(),
+                status,
+            })
+            .inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route, set, idc })
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "shardgate::access",
+            route = o.route.as_deref().map_or(EMPTY, |s| s.as_str()),
+            set = o.set.as_deref().map_or(EMPTY, |s| s.as_str()),
+            shard = o.shard,
+            idc = o.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = request_id.to_str().unwrap_or(EMPTY),
+            topology_rev = revision,
+            spilled = o.spilled,
+        );
+    }
+}
+
+/// A request without a body is sent without one (no chunked framing upstream).
+fn body_is_empty(method: &Method, body: &Incoming) -> bool {
+    use http_body::Body;
+    body.is_end_stream()
+        || (matches!(*method, Method::GET | Method::HEAD) && body.size_hint().exact() == Some(0))
+}
+
+/// The next IDC in the shard's failover order (or the global order) that is active.
+fn spill_target(topo: &Topology, d: &Decision, from: IdcId) -> Option<IdcId> {
+    let order: Vec<IdcId> = match d.shard {
+        Some(shard) => topo.failover_order(shard).to_vec(),
+        None => (0..topo.idcs.len() as u16).map(IdcId).collect(),
+    };
+    let pos = order.iter().position(|&i| i == from).unwrap_or(0);
+    order
+        .iter()
+        .cycle()
+        .skip(pos + 1)
+        .take(order.len().saturating_sub(1))
+        .copied()
+        .find(|&i| i != from && topo.idc(i).state == IdcState::Active)
+}

@@ -1,0 +1,155 @@
+//! Simulated IDC backends on loopback, for `shardgate demo` and the tests. Each answers with
+//! JSON naming its IDC and set and echoing what it received (method, path, headers, body size
+//! and CRC), so a caller can see where a request landed and what the gateway sent.
+//!
+//! Request knobs: `x-sim-delay-ms: N` (answer after N ms), `x-sim-status: N` (answer N).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::body::ResponseBody;
+use crate::server::{serve, Handler, ListenerSettings};
+
+pub struct SimIdc {
+    pub idc: String,
+    pub set: String,
+    hits: AtomicU64,
+}
+
+impl SimIdc {
+    async fn answer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        if req.uri().path() == "/healthz" {
+            return Response::new(ResponseBody::full("ok\n"));
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let (parts, mut body) = req.into_parts();
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let mut body_bytes = 0u64;
+        let mut crc = crc32fast::Hasher::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        body_bytes += d.len() as u64;
+                        crc.update(d);
+                    }
+                }
+                Err(_) => {
+                    let mut r = Response::new(ResponseBody::full("body read failed\n"));
+                    *r.status_mut() = StatusCode::BAD_REQUEST;
+                    return r;
+                }
+            }
+        }
+        if let Some(ms) = header("x-sim-delay-ms") {
+            tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+        }
+        let headers: BTreeMap<String, String> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let answer = serde_json::json!({
+            "idc": self.idc,
+            "set": self.set,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body_bytes": body_bytes,
+            "body_crc32": crc.finalize(),
+        });
+        let mut r = Response::new(ResponseBody::full(format!("{answer}\n")));
+        if let Some(status) =
+            header("x-sim-status").and_then(|s| StatusCode::from_u16(s as u16).ok())
+        {
+            *r.status_mut() = status;
+        }
+        let h = r.headers_mut();
+        h.insert("content-type", "application/json".parse().expect("static"));
+        if let Ok(v) = self.idc.parse() {
+            h.insert("x-sim-idc", v);
+        }
+        if let Ok(v) = self.set.parse() {
+            h.insert("x-sim-set", v);
+        }
+        r
+    }
+}
+
+impl Handler for SimIdc {
+    async fn call(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Response<ResponseBody> {
+        self.answer(req).await
+    }
+}
+
+/// A running simulated backend.
+pub struct SimBackend {
+    pub addr: SocketAddr,
+    sim: Arc<SimIdc>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SimBackend {
+    /// Starts a backend for (`idc`, `set`) on `addr` (port 0 picks a free port).
+    pub async fn start(addr: SocketAddr, idc: &str, set: &str) -> std::io::Result<SimBackend> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let sim = Arc::new(SimIdc {
+            idc: idc.to_owned(),
+            set: set.to_owned(),
+            hits: AtomicU64::new(0),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let settings = ListenerSettings {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(serve(listener, sim.clone(), settings, stop_rx));
+        Ok(SimBackend {
+            addr,
+            sim,
+            stop,
+            task,
+        })
+    }
+
+    /// Requests answered (health checks not counted).
+    pub fn hits(&self) -> u64 {
+        self.sim.hits.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting and closes its connections (a crashed IDC, as seen from the gateway).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,260 @@
+//! The only writer of the snapshot. A source (the topology file, or etcd) hands over a document
+//! and overrides; `Snapshots::publish` validates and builds the whole snapshot and swaps it in
+//! with one store, or keeps the last good one and reports every problem.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
+
+use crate::forward::Upstreams;
+use crate::telemetry::Metrics;
+use crate::topology::{
+    self, BuildContext, Overrides, Problems, RawTopology, Topology, TopologyDiff,
+};
+
+/// The published snapshot and what it was built from.
+pub struct Snapshots {
+    current: Arc<ArcSwapOption<Topology>>,
+    upstreams: Upstreams,
+    metrics: Arc<Metrics>,
+    local_idc: Option<String>,
+    kind: &'static str,
+    up: AtomicBool,
+    /// Serialises publishes, so a revision never goes backwards.
+    publish_lock: Mutex<()>,
+    last_problem: Mutex<Option<String>>,
+}
+
+impl Snapshots {
+    pub fn new(kind: &'static str, local_idc: Option<String>, metrics: Arc<Metrics>) -> Snapshots {
+        Snapshots {
+            current: Arc::new(ArcSwapOption::empty()),
+            upstreams: Upstreams::new(),
+            metrics,
+            local_idc,
+            kind,
+            up: AtomicBool::new(false),
+            publish_lock: Mutex::new(()),
+            last_problem: Mutex::new(None),
+        }
+    }
+
+    /// The cell request handlers load from.
+    pub fn cell(&self) -> Arc<ArcSwapOption<Topology>> {
+        self.current.clone()
+    }
+
+    pub fn current(&self) -> Option<Arc<Topology>> {
+        self.current.load_full()
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    pub fn source_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_source_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        self.metrics.topology_source_up.set(i64::from(up));
+    }
+
+    /// The last rejected document's problems, until a good one is published.
+    pub fn last_problem(&self) -> Option<String> {
+        self.last_problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Validates `doc + overrides` and publishes it as `revision`. On any problem nothing
+    /// changes: the last good snapshot keeps serving.
+    pub fn publish(
+        &self,
+        doc: RawTopology,
+        overrides: &Overrides,
+        revision: u64,
+    ) -> Result<TopologyDiff, Problems> {
+        let _guard = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        let ctx = BuildContext {
+            revision,
+            local_idc: self.local_idc.clone(),
+            running_shard_count: old.as_ref().map(|t| t.shard_count),
+            now: 0,
+        };
+        match topology::build(doc, overrides, &ctx, &self.upstreams) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                let change = old
+                    .as_ref()
+                    .map(|old| topology::diff(old, &new))
+                    .unwrap_or_default();
+                self.current.store(Some(new.clone()));
+                self.metrics.observe_snapshot(&new);
+                self.metrics.reload("ok");
+                if let Ok(mut p) = self.last_problem.lock() {
+                    *p = None;
+                }
+                match &old {
+                    Some(_) => tracing::info!(revision, change = %change, "topology reloaded"),
+                    None => tracing::info!(
+                        revision,
+                        routes = new.routes.len(),
+                        idcs = new.idcs.len(),
+                        shards = new.shard_count,
+                        "topology loaded"
+                    ),
+                }
+                Ok(change)
+            }
+            Err(problems) => {
+                self.metrics.reload("invalid");
+                tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
+                if let Ok(mut p) = self.last_problem.lock() {
+                    *p = Some(problems.to_string());
+                }
+                Err(problems)
+            }
+        }
+    }
+}
+
+/// Reads and parses a topology file.
+pub fn read_document(path: &Path) -> Result<RawTopology, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![topology::Problem::new(
+            path.display().to_string(),
+            format!("cannot read: {e}"),
+        )])
+    })?;
+    RawTopology::parse(&text)
+}
+
+/// What identifies one version of the file on disk.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    #[cfg(unix)]
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        #[cfg(unix)]
+        inode: std::os::unix::fs::MetadataExt::ino(&m),
+    })
+}
+
+/// The file source: the topology file plus overrides kept in the cache dir. The revision is a
+/// reload counter that only grows.
+pub struct FileSource {
+    path: PathBuf,
+    overrides_path: Option<PathBuf>,
+    snapshots: Arc<Snapshots>,
+    revision: u64,
+    seen: Option<Stamp>,
+}
+
+impl FileSource {
+    pub fn new(path: PathBuf, cache_dir: Option<&Path>, snapshots: Arc<Snapshots>) -> FileSource {
+        FileSource {
+            path,
+            overrides_path: cache_dir.map(|d| d.join("overrides.json")),
+            snapshots,
+            revision: 0,
+            seen: None,
+        }
+    }
+
+    fn overrides(&self) -> Overrides {
+        let Some(path) = &self.overrides_path else {
+            return Overrides::default();
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %path.display(), error = %e, "overrides file is not valid JSON; ignoring it");
+                Overrides::default()
+            }),
+            Err(_) => Overrides::default(),
+        }
+    }
+
+    /// Loads the file now and publishes it.
+    pub fn load(&mut self) -> Result<TopologyDiff, Problems> {
+        self.seen = stamp(&self.path);
+        let doc = read_document(&self.path).inspect_err(|_| {
+            self.snapshots.set_source_up(self.seen.is_some());
+            self.snapshots.metrics.reload("invalid");
+        })?;
+        self.snapshots.set_source_up(true);
+        let next = self.revision + 1;
+        let change = self.snapshots.publish(doc, &self.overrides(), next)?;
+        self.revision = next;
+        Ok(change)
+    }
+
+    /// Polls the file and listens for SIGHUP until `shutdown` turns true.
+    pub async fn run(mut self, poll: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut hangup = hangup_signal();
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                _ = recv_hangup(&mut hangup) => true,
+                _ = shutdown.changed() => return,
+            };
+            if *shutdown.borrow() {
+                return;
+            }
+            let now = stamp(&self.path);
+            if now.is_none() {
+                if self.snapshots.source_up() {
+                    tracing::warn!(path = %self.path.display(), "topology file is gone; serving the last good snapshot");
+                }
+                self.snapshots.set_source_up(false);
+                continue;
+            }
+            if forced || now != self.seen {
+                if forced {
+                    tracing::info!(path = %self.path.display(), "SIGHUP: reloading the topology file");
+                }
+                let _ = self.load();
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+async fn recv_hangup(h: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(sig) = h.as_mut() {
+        sig.recv().await;
+        return;
+    }
+    let _ = h;
+    std::future::pending::<()>().await;
+}

@@ -1,0 +1,204 @@
+//! Tracing set-up and every metric name (DESIGN.md §9), in one place.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::topology::{IdcState, Topology};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Arc<String>,
+    pub set: Arc<String>,
+    pub idc: Arc<String>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Arc<String>,
+    pub set: Arc<String>,
+    pub idc: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdcSetLabels {
+    pub idc: Arc<String>,
+    pub set: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdcLabels {
+    pub idc: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdcStateLabels {
+    pub idc: Arc<String>,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub upstream_duration: Family<IdcSetLabels, Histogram, fn() -> Histogram>,
+    pub topology_revision: Gauge,
+    pub topology_reloads: Family<ResultLabels, Counter>,
+    pub topology_source_up: Gauge,
+    pub shards_served: Family<IdcLabels, Gauge>,
+    pub idc_state: Family<IdcStateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("shardgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, set, serving IDC and status",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head, by route, set and IDC",
+            request_duration.clone(),
+        );
+        let upstream_duration =
+            Family::<IdcSetLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time the upstream took to answer with a response head, by IDC and set",
+            upstream_duration.clone(),
+        );
+        let topology_revision = Gauge::default();
+        registry.register(
+            "topology_revision",
+            "Revision of the topology snapshot being served",
+            topology_revision.clone(),
+        );
+        let topology_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "topology_reloads",
+            "Topology reloads by result (ok, invalid, error)",
+            topology_reloads.clone(),
+        );
+        let topology_source_up = Gauge::default();
+        registry.register(
+            "topology_source_up",
+            "1 while the topology source (file or etcd) can be read",
+            topology_source_up.clone(),
+        );
+        let shards_served = Family::<IdcLabels, Gauge>::default();
+        registry.register(
+            "shards_served",
+            "Shards each IDC serves in the current snapshot",
+            shards_served.clone(),
+        );
+        let idc_state = Family::<IdcStateLabels, Gauge>::default();
+        registry.register(
+            "idc_state",
+            "1 for the IDC's current state, 0 for the others",
+            idc_state.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            topology_revision,
+            topology_reloads,
+            topology_source_up,
+            shards_served,
+            idc_state,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Snapshot-level gauges, refreshed when a snapshot is published.
+    pub fn observe_snapshot(&self, t: &Topology) {
+        self.topology_revision.set(t.revision as i64);
+        self.shards_served.clear();
+        self.idc_state.clear();
+        for (idc, n) in t.idcs.iter().zip(t.shards_served()) {
+            self.shards_served
+                .get_or_create(&IdcLabels {
+                    idc: idc.name.clone(),
+                })
+                .set(i64::from(n));
+            for state in IdcState::ALL {
+                self.idc_state
+                    .get_or_create(&IdcStateLabels {
+                        idc: idc.name.clone(),
+                        state: state.as_str(),
+                    })
+                    .set(i64::from(idc.state == state));
+            }
+        }
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.topology_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` filters as usual; the access log is the target
+/// `shardgate::access` (`RUST_LOG=info,shardgate::access=off` turns it off).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
