@@ -1,1 +1,96 @@
-fn main() {}
+//! The routing decision (match + key + shard + serving IDC) and the snapshot build, on a
+//! topology of 1,000 routes and 16,384 shards (DESIGN.md §11: under 200 ns per decision).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, Method, Uri};
+use shardgate::forward::Upstreams;
+use shardgate::topology::{build, BuildContext, Overrides, RawTopology, RequestView};
+
+const ROUTES: usize = 1000;
+const SHARDS: u32 = 16_384;
+
+/// 1,000 routes: 900 under `*` with distinct prefixes, 100 on 10 exact hosts; key sources mixed.
+fn big_topology() -> RawTopology {
+    let mut s =
+        format!("cluster = \"bench\"\nshard_count = {SHARDS}\n[sets.core]\n[sets.noncore]\n");
+    for (i, idc) in ["sh", "bj", "gz", "sz", "hz"].iter().enumerate() {
+        s.push_str(&format!(
+            "[[idcs]]\nname = \"{idc}\"\nweight = {}\npools.core = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\npools.noncore = [\"127.0.0.1:{}\"]\n",
+            100 + i * 20,
+            7000 + i,
+            7100 + i,
+            7200 + i
+        ));
+    }
+    s.push_str("[[shards.pins]]\nrange = \"0-1023\"\nidc = \"sh\"\n");
+    for r in 0..ROUTES {
+        let host = if r % 10 == 0 {
+            format!("api{}.example.com", r % 100 / 10)
+        } else {
+            "*".to_owned()
+        };
+        let set = if r % 3 == 0 { "noncore" } else { "core" };
+        s.push_str(&format!(
+            "[[routes]]\nname = \"r{r}\"\nhost = \"{host}\"\npath_prefix = \"/svc{r}/v1\"\nmethods = [\"GET\", \"POST\"]\nset = \"{set}\"\nkey = [\"header:x-user-id\", \"query:uid\", \"cookie:uid\", \"path:3\"]\n"
+        ));
+    }
+    RawTopology::parse(&s).expect("bench topology parses")
+}
+
+fn bench(c: &mut Criterion) {
+    let raw = big_topology();
+    let upstreams = Upstreams::new();
+    let ctx = BuildContext {
+        revision: 1,
+        local_idc: Some("sh".into()),
+        ..BuildContext::default()
+    };
+    let topo = build(raw.clone(), &Overrides::default(), &ctx, &upstreams).expect("valid");
+
+    let uri: Uri = "/svc517/v1/orders/42?x=1".parse().expect("uri");
+    let mut headers = HeaderMap::new();
+    headers.insert("host", "gw.example.com".parse().expect("host"));
+    headers.insert("x-user-id", "user-8812731".parse().expect("key"));
+    headers.insert("accept", "*/*".parse().expect("accept"));
+    headers.insert("user-agent", "bench/1.0".parse().expect("ua"));
+    let method = Method::GET;
+    let view = RequestView {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+    };
+    assert!(topo.decide(view).is_ok());
+    c.bench_function("decide/header_key_1000_routes_16384_shards", |b| {
+        b.iter(|| black_box(topo.decide(black_box(view))))
+    });
+
+    let path_uri: Uri = "/svc333/v1/merchant-77/items".parse().expect("uri");
+    let no_key_headers = {
+        let mut h = HeaderMap::new();
+        h.insert("host", "gw.example.com".parse().expect("host"));
+        h
+    };
+    let path_view = RequestView {
+        method: &method,
+        uri: &path_uri,
+        headers: &no_key_headers,
+    };
+    assert!(topo.decide(path_view).is_ok());
+    c.bench_function("decide/path_key_fallthrough_1000_routes", |b| {
+        b.iter(|| black_box(topo.decide(black_box(path_view))))
+    });
+
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    group.bench_function("build_1000_routes_16384_shards_5_idcs", |b| {
+        b.iter(|| {
+            black_box(build(raw.clone(), &Overrides::default(), &ctx, &upstreams).expect("valid"))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -3,7 +3,8 @@
 //! path prefix by segment), so the per-request cost does not grow with the number of routes.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 
 use http::{HeaderMap, HeaderName, Method};
 
@@ -201,23 +202,32 @@ pub enum Match {
     NotFound,
 }
 
-/// Precomputed route table: exact host first, then `*`; within a host the longest path prefix
+/// Precomputed route table (Fx-hashed: keys are our own route prefixes, and a lookup costs a
+/// few nanoseconds instead of SipHash's tens): exact host first, then `*`; within a host the longest path prefix
 /// that ends on a segment boundary; within a prefix the first route whose methods allow it.
 #[derive(Debug, Default)]
 pub struct RouteMatcher {
-    hosts: HashMap<String, PrefixTable>,
+    hosts: FxHashMap<String, PrefixTable>,
     any: PrefixTable,
 }
 
 #[derive(Debug, Default)]
 struct PrefixTable {
-    prefixes: HashMap<String, Vec<(Vec<Method>, RouteId)>>,
+    prefixes: FxHashMap<String, Vec<(Vec<Method>, RouteId)>>,
+    /// `has_len[n]`: some prefix is `n` bytes long. Candidates of other lengths are skipped
+    /// without hashing.
+    has_len: Vec<bool>,
 }
 
 impl PrefixTable {
     fn insert(&mut self, prefix: &str, methods: Vec<Method>, id: RouteId) {
+        let prefix = normalize_prefix(prefix);
+        if self.has_len.len() <= prefix.len() {
+            self.has_len.resize(prefix.len() + 1, false);
+        }
+        self.has_len[prefix.len()] = true;
         self.prefixes
-            .entry(normalize_prefix(prefix).to_owned())
+            .entry(prefix.to_owned())
             .or_default()
             .push((methods, id));
     }
@@ -229,18 +239,21 @@ impl PrefixTable {
         let mut candidate = normalize_prefix(path);
         let mut method_mismatch = false;
         loop {
-            if let Some(rules) = self.prefixes.get(candidate) {
-                for (methods, id) in rules {
-                    if methods.is_empty() || methods.contains(method) {
-                        return Match::Route(*id);
+            let len = candidate.len();
+            if self.has_len.get(len).copied().unwrap_or(false) {
+                if let Some(rules) = self.prefixes.get(candidate) {
+                    for (methods, id) in rules {
+                        if methods.is_empty() || methods.contains(method) {
+                            return Match::Route(*id);
+                        }
                     }
+                    method_mismatch = true;
                 }
-                method_mismatch = true;
             }
             if candidate == "/" {
                 break;
             }
-            candidate = match candidate.rfind('/') {
+            candidate = match candidate.as_bytes().iter().rposition(|&b| b == b'/') {
                 Some(0) | None => "/",
                 Some(i) => &candidate[..i],
             };
@@ -255,7 +268,11 @@ impl PrefixTable {
 
 /// `/orders/` and `/orders` are the same prefix; the root stays `/`.
 fn normalize_prefix(p: &str) -> &str {
-    let trimmed = p.trim_end_matches('/');
+    let mut end = p.len();
+    while end > 0 && p.as_bytes()[end - 1] == b'/' {
+        end -= 1;
+    }
+    let trimmed = &p[..end];
     if trimmed.is_empty() {
         "/"
     } else {

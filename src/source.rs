@@ -190,9 +190,15 @@ impl FileSource {
     /// Loads the file now and publishes it.
     pub fn load(&mut self) -> Result<TopologyDiff, Problems> {
         self.seen = stamp(&self.path);
-        let doc = read_document(&self.path).inspect_err(|_| {
+        let doc = read_document(&self.path).inspect_err(|problems| {
             self.snapshots.set_source_up(self.seen.is_some());
             self.snapshots.metrics.reload("invalid");
+            // A file that does not parse is a rejected document like any other: logged and
+            // shown in /status, not hidden behind an older problem.
+            tracing::error!(path = %self.path.display(), %problems, "topology rejected; the last good snapshot keeps serving");
+            if let Ok(mut p) = self.snapshots.last_problem.lock() {
+                *p = Some(problems.to_string());
+            }
         })?;
         self.snapshots.set_source_up(true);
         let next = self.revision + 1;

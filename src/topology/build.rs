@@ -170,13 +170,13 @@ pub fn build(
     let mut route_names = HashSet::new();
     let mut route_places: HashMap<(String, String), Vec<(usize, Vec<Method>)>> = HashMap::new();
     for (i, raw) in doc.routes.iter().enumerate() {
+        if !raw.name.is_empty() && !route_names.insert(raw.name.clone()) {
+            c.fail(
+                format!("routes[{i}].name"),
+                format!("route `{}` is declared twice", raw.name),
+            );
+        }
         if let Some(route) = check_route(&mut c, i, raw, &set_ids) {
-            if !route_names.insert(raw.name.clone()) {
-                c.fail(
-                    format!("routes[{i}].name"),
-                    format!("route `{}` is declared twice", raw.name),
-                );
-            }
             let place = (
                 route.host.to_ascii_lowercase(),
                 route.path_prefix.trim_end_matches('/').to_owned(),

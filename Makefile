@@ -1,0 +1,44 @@
+# shardgate: the two commands a newcomer needs, and the checks CI runs.
+#   make demo   build and run the demo (3 simulated IDCs + a gateway on config/topology.toml)
+#   make test   install what the tests need, then fmt, clippy and the whole test suite
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test deps fmt-check clippy unit bench bench-proxy release
+
+demo:
+	$(CARGO) run --release --bin shardgate -- demo
+
+# System packages the etcd work needs (protoc for the etcd client, etcd for its tests).
+deps:
+	@missing=""; \
+	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --all-targets --locked
+
+test: deps fmt-check clippy unit
+
+release:
+	$(CARGO) build --release --locked
+
+# Criterion: the routing decision and the snapshot build.
+bench:
+	$(CARGO) bench --bench routing
+
+# The whole proxy side by side with nginx and HAProxy (see benches/proxy/README.md).
+bench-proxy: release
+	benches/proxy/run.sh

@@ -1,0 +1,179 @@
+//! The admin listener on a real socket: health, readiness, metrics after traffic, explain,
+//! topology and status; and the proxy listener never serving admin paths.
+
+mod support;
+
+use http::StatusCode;
+use serde_json::Value;
+use shardgate::topology::Shard;
+use support::{get, keys_where, Cluster};
+
+/// Sum of the samples of `name` whose labels contain every one of `labels`.
+fn sum_series(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (set, value) = rest.split_once("} ")?;
+            labels
+                .iter()
+                .all(|want| set.split(',').any(|have| have == *want))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let c = Cluster::start().await;
+    let r = c.admin_get("/healthz").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = c.admin_get("/readyz").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    // Traffic: three orders answered 200, one refused 400, one request with no route.
+    for key in ["m1", "m2", "m3"] {
+        let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(
+        c.send(get("/orders", &[])).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        c.send(get("/nowhere", &[])).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let r = c.admin_get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let text = r.text();
+    let total = "shardgate_requests_total";
+    assert_eq!(
+        sum_series(
+            &text,
+            total,
+            &["route=\"orders\"", "set=\"core\"", "status=\"200\""]
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum_series(&text, total, &["route=\"orders\"", "status=\"400\""]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sum_series(&text, total, &["status=\"404\""]), 1.0, "{text}");
+    // Each answered request is counted under the IDC that served it.
+    for key in ["m1", "m2", "m3"] {
+        let idc = format!("idc=\"{}\"", c.serving_idc_of(key));
+        assert!(
+            sum_series(&text, total, &["route=\"orders\"", &idc]) >= 1.0,
+            "{key}: {text}"
+        );
+    }
+    let revision = c.topology().revision;
+    assert!(
+        text.lines()
+            .any(|l| l == format!("shardgate_topology_revision {revision}")),
+        "{text}"
+    );
+    assert_eq!(
+        sum_series(
+            &text,
+            "shardgate_topology_reloads_total",
+            &["result=\"ok\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_topology_and_status() {
+    let c = Cluster::start().await;
+    let topo = c.topology();
+
+    for key in ["user-42", "böb /1"] {
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("key", key)
+            .finish();
+        let r = c.admin_get(&format!("/explain?{query}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let v = r.json();
+        let shard = Shard::of_key(key.as_bytes(), topo.shard_count);
+        assert_eq!(v["key"], key);
+        assert_eq!(v["shard"], shard.0, "{key}");
+        assert_eq!(v["home_idc"], topo.idc(topo.home(shard)).name.as_str());
+        assert_eq!(v["serving_idc"], c.serving_idc_of(key));
+        assert_eq!(v["revision"], topo.revision);
+        // What explain says is what the proxy does.
+        let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+        assert_eq!(r.idc(), v["serving_idc"].as_str().unwrap_or_default());
+    }
+    // A pinned key explains its pin.
+    let pinned = &keys_where("explained", 1, |s| s.0 <= 63)[0];
+    let v = c.admin_get(&format!("/explain?key={pinned}")).await.json();
+    assert_eq!(v["home_idc"], "gz");
+    assert!(
+        v["reason"].as_str().is_some_and(|r| r.contains("pinned")),
+        "{v}"
+    );
+    // Non-sharded routes explain the local IDC.
+    let v = c
+        .admin_get("/explain?key=anything&route=catalog")
+        .await
+        .json();
+    assert_eq!(v["shard"], Value::Null);
+    assert_eq!(v["serving_idc"], "bj");
+    let r = c.admin_get("/explain").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "explain needs a key");
+
+    let r = c.admin_get("/topology").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    assert_eq!(v["revision"], topo.revision);
+    assert_eq!(v["document"]["cluster"], "itest");
+    let served: u64 = v["shards_served"]
+        .as_object()
+        .expect("shards_served by IDC")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(served, 1024);
+
+    let r = c.admin_get("/status").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    assert_eq!(v["revision"], topo.revision);
+    assert_eq!(v["source"]["kind"], "file");
+    assert_eq!(v["source"]["up"], true);
+    assert_eq!(v["source"]["last_problem"], Value::Null);
+    assert_eq!(v["local_idc"], "bj");
+    let names: Vec<&str> = v["idcs"]
+        .as_array()
+        .expect("idcs")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["sh", "bj", "gz"]);
+    for idc in v["idcs"].as_array().expect("idcs") {
+        assert_eq!(idc["state"], "active", "{idc}");
+    }
+
+    let r = c.admin_get("/no-such-endpoint").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_listener_does_not_serve_admin_paths() {
+    let c = Cluster::start().await;
+    for path in ["/metrics", "/status", "/healthz", "/explain?key=1"] {
+        let r = c.send(get(path, &[])).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path} on the proxy");
+        assert_eq!(r.json()["error"], "no_route", "{path} on the proxy");
+    }
+    c.stop().await;
+}

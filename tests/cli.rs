@@ -1,0 +1,273 @@
+//! The `shardgate` binary: `validate` lists every problem of a bad document and accepts good
+//! ones; `explain --topology FILE` computes the same shard and IDCs as the library.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shardgate::forward::Upstreams;
+use shardgate::topology::{build, BuildContext, Overrides, RawTopology, Shard, Topology};
+
+/// What a finished command left behind.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary with a deadline: a hung command fails the test instead of hanging it.
+fn shardgate(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the shardgate binary");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read(Box::new(child.stdout.take().expect("stdout")));
+    let err = read(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for shardgate") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("shardgate {args:?} did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        code: status.code().expect("exited, not killed by a signal"),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+const GOOD: &str = r#"
+cluster = "cli"
+shard_count = 256
+
+[sets.core]
+[sets.noncore]
+
+[[idcs]]
+name = "sh"
+pools.core = ["127.0.0.1:7001"]
+pools.noncore = ["127.0.0.1:7002"]
+
+[[idcs]]
+name = "bj"
+pools.core = ["127.0.0.1:7011"]
+pools.noncore = ["127.0.0.1:7012"]
+
+[[idcs]]
+name = "gz"
+pools.core = ["127.0.0.1:7021"]
+pools.noncore = ["127.0.0.1:7022"]
+
+[[shards.pins]]
+range = "0-63"
+idc = "bj"
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+set = "core"
+key = ["header:x-user-id"]
+
+[[routes]]
+name = "catalog"
+path_prefix = "/catalog"
+set = "noncore"
+sharded = false
+"#;
+
+/// Five problems: an unknown set in a route, a pin to an unknown IDC, a duplicated IDC name,
+/// a zero timeout, and a pin range outside `0..shard_count`.
+const BAD: &str = r#"
+cluster = "cli"
+shard_count = 128
+
+[sets.core]
+
+[[idcs]]
+name = "sh"
+pools.core = ["127.0.0.1:7001"]
+
+[[idcs]]
+name = "bj"
+pools.core = ["127.0.0.1:7011"]
+
+[[idcs]]
+name = "sh"
+pools.core = ["127.0.0.1:7021"]
+
+[[shards.pins]]
+range = "0-63"
+idc = "nowhere"
+
+[[shards.pins]]
+range = "100-200"
+idc = "bj"
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+set = "gold"
+key = ["header:x-user-id"]
+
+[[routes]]
+name = "slow"
+path_prefix = "/slow"
+set = "core"
+key = ["header:x-user-id"]
+timeout_ms = 0
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a topology file");
+    path.to_str().expect("a UTF-8 path").to_owned()
+}
+
+fn offline(text: &str) -> Topology {
+    build(
+        RawTopology::parse(text).expect("parses"),
+        &Overrides::default(),
+        &BuildContext::default(),
+        &Upstreams::new(),
+    )
+    .expect("a valid topology")
+}
+
+#[test]
+fn validate_lists_every_problem_of_a_bad_document() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let bad = write(dir.path(), "bad.toml", BAD);
+    let run = shardgate(&["validate", &bad]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    // Each problem on a line of its own, naming the field and the reason.
+    let expected = [
+        ("routes[0].set", "unknown set `gold`"),
+        ("shards.pins[0].idc", "unknown IDC `nowhere`"),
+        ("idcs[2].name", "`sh` is declared twice"),
+        ("routes[1].timeout_ms", "greater than 0"),
+        ("shards.pins[1].range", "outside 0..128"),
+    ];
+    for (field, reason) in expected {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.contains(field) && l.contains(reason)),
+            "`{field}: …{reason}…` is not listed:\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stdout.contains("valid."),
+        "nothing claims validity: {}",
+        run.stdout
+    );
+
+    // A syntax error names its line.
+    let broken = write(
+        dir.path(),
+        "broken.toml",
+        "cluster = \"x\"\nshard_count = = 3\n",
+    );
+    let run = shardgate(&["validate", &broken]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("line 2"), "{}", run.stderr);
+
+    // A file that does not exist is refused, not a crash.
+    let missing = dir.path().join("missing.toml");
+    let run = shardgate(&["validate", missing.to_str().expect("UTF-8 path")]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+}
+
+#[test]
+fn validate_accepts_good_documents() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let good = write(dir.path(), "good.toml", GOOD);
+    let run = shardgate(&["validate", &good]);
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("valid"), "{}", run.stdout);
+
+    // The topology shipped with the repository is valid too.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/topology.toml");
+    let run = shardgate(&["validate", shipped]);
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+
+    // A usage error is exit code 2.
+    let run = shardgate(&["validate"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+}
+
+#[test]
+fn explain_computes_the_same_shard_and_idcs_as_the_library() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = write(dir.path(), "good.toml", GOOD);
+    let topo = offline(GOOD);
+    let pinned = (0..)
+        .map(|i| format!("pinned-{i}"))
+        .find(|k| Shard::of_key(k.as_bytes(), 256).0 <= 63)
+        .expect("a key in the pinned range");
+    for key in ["user-42", "123456789", "böb /1", pinned.as_str()] {
+        let run = shardgate(&["explain", key, "--topology", &file, "--json"]);
+        assert_eq!(run.code, 0, "{key}: {}", run.stderr);
+        let v: Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{key}: not JSON ({e}): {}", run.stdout));
+        let shard = Shard::of_key(key.as_bytes(), 256);
+        assert_eq!(v["shard"], shard.0, "{key}");
+        assert_eq!(v["key"], key);
+        assert_eq!(
+            v["home_idc"],
+            topo.idc(topo.home(shard)).name.as_str(),
+            "{key}"
+        );
+        let serving = topo.serving(shard).expect("served");
+        assert_eq!(v["serving_idc"], topo.idc(serving).name.as_str(), "{key}");
+    }
+    // crc32("123456789") = 0xCBF43926; % 256 = 0x26.
+    let run = shardgate(&["explain", "123456789", "--topology", &file, "--json"]);
+    let v: Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(v["shard"], 0x26);
+    let v: Value = serde_json::from_str(
+        &shardgate(&["explain", &pinned, "--topology", &file, "--json"]).stdout,
+    )
+    .expect("JSON");
+    assert_eq!(v["home_idc"], "bj", "the pin decides");
+
+    // The human form says the same.
+    let run = shardgate(&["explain", "user-42", "--topology", &file]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let shard = Shard::of_key(b"user-42", 256).0;
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("shard") && l.trim_end().ends_with(&format!(" {shard}"))),
+        "{}",
+        run.stdout
+    );
+
+    // An invalid topology is refused with its problems.
+    let bad = write(dir.path(), "bad.toml", BAD);
+    let run = shardgate(&["explain", "user-42", "--topology", &bad, "--json"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("unknown set `gold`"), "{}", run.stderr);
+}
