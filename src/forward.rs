@@ -300,7 +300,9 @@ pub async fn forward(
             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
             continue;
         }
-        let copy = replayable.then(|| clone_head(&req));
+        // The copy costs a header-map clone: only make it when a retry could use it.
+        let can_retry = attempts_left > 0 && pick(pool, tried).is_some();
+        let copy = (replayable && can_retry).then(|| clone_head(&req));
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 lease.sender = Some(sender);

@@ -122,12 +122,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
+        idle_timeout: config.timeouts.idle,
         max_header_bytes: config.max_header_bytes,
         drain: config.timeouts.drain,
     };
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
         metrics: metrics.clone(),
+        local_idc: config.local_idc.clone().map(Arc::new),
         settings: ProxySettings {
             connect_timeout: config.timeouts.upstream_connect,
             body_timeout: config.timeouts.request_body,

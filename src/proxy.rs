@@ -35,6 +35,8 @@ pub struct Gateway {
     pub topology: Arc<ArcSwapOption<Topology>>,
     pub metrics: Arc<Metrics>,
     pub settings: ProxySettings,
+    /// This instance's IDC (`--idc`), if set.
+    pub local_idc: Option<Arc<String>>,
 }
 
 /// What one request did, for metrics and the access log.
@@ -93,7 +95,8 @@ impl Gateway {
         };
 
         let h = resp.headers_mut();
-        if let Some(idc) = &outcome.idc {
+        // Refusals before an IDC was chosen name the IDC whose gateway answered.
+        if let Some(idc) = outcome.idc.as_ref().or(self.local_idc.as_ref()) {
             if let Ok(v) = HeaderValue::from_str(idc) {
                 h.insert(headers::IDC, v);
             }

@@ -3,9 +3,16 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -20,7 +27,11 @@ use crate::body::ResponseBody;
 /// Connection-level settings of a listener.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
+    /// Limit for a request head to arrive; also how long a new connection may stay silent.
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight and no bytes moving is closed after
+    /// this long.
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     /// How long in-flight requests get to finish once shutdown starts.
     pub drain: Duration,
@@ -39,7 +50,10 @@ fn builder(settings: &ListenerSettings) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // hyper's own header timer also runs between keep-alive requests, which would make
+        // every idle connection close at the header limit; the connection watchdog below
+        // enforces both limits instead.
+        .header_read_timeout(None)
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(true);
     b.http2()
@@ -74,17 +88,35 @@ pub async fn serve<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let activity = Arc::new(Activity::default());
+        let in_service = activity.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler.call(req, peer).await) }
+            let activity = in_service.clone();
+            async move {
+                let _busy = activity.request_started();
+                Ok::<_, Infallible>(handler.call(req, peer).await)
+            }
         });
+        let io = ActivityIo {
+            inner: stream,
+            activity: activity.clone(),
+        };
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let limits = (settings.header_read_timeout, settings.idle_timeout);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            tokio::select! {
+                result = conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                }
+                () = activity.closing_time(limits.0, limits.1) => {
+                    tracing::debug!(%peer, "closing an idle client connection");
+                }
             }
         });
     }
@@ -97,5 +129,148 @@ pub async fn serve<H: Handler>(
             drain_ms = settings.drain.as_millis() as u64,
             "drain timeout: closing the connections still open"
         );
+    }
+}
+
+/// What a connection has done, for the watchdog: reads and writes (counters, so the hot path
+/// pays a relaxed add and no clock read), requests started and in flight, and the read count
+/// at the last request boundary (more reads since then, with nothing in flight, means a
+/// request head is arriving).
+#[derive(Default)]
+struct Activity {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    boundary_reads: AtomicU64,
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.boundary_reads
+            .store(a.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn request_started(self: &Arc<Self>) -> Busy {
+        self.boundary_reads
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn io(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed) + self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection should be closed (DESIGN.md §10):
+    /// - a new connection silent for `head` (it connected and said nothing);
+    /// - a request head still incomplete after one to two `head` periods (slowloris);
+    /// - no request in flight and no bytes moving for `idle` (keep-alive idle).
+    ///
+    /// It checks once per `min(head, idle)`, so each limit is kept to within one period. A
+    /// request in flight is bounded by the route's own timeouts, not here.
+    async fn closing_time(&self, head: Duration, idle: Duration) {
+        let tick = head.min(idle);
+        let mut last_io = self.io();
+        let mut quiet = Duration::ZERO;
+        let mut head_ticks = 0u32;
+        loop {
+            tokio::time::sleep(tick).await;
+            let io = self.io();
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                (last_io, quiet, head_ticks) = (io, Duration::ZERO, 0);
+                continue;
+            }
+            let head_arriving =
+                self.reads.load(Ordering::Relaxed) > self.boundary_reads.load(Ordering::Relaxed);
+            head_ticks = if head_arriving { head_ticks + 1 } else { 0 };
+            if head_ticks >= 2 {
+                return;
+            }
+            if io == last_io {
+                quiet += tick;
+            } else {
+                (last_io, quiet) = (io, Duration::ZERO);
+            }
+            let limit = if self.requests.load(Ordering::Relaxed) == 0 {
+                head
+            } else {
+                idle
+            };
+            if quiet >= limit {
+                return;
+            }
+        }
+    }
+}
+
+/// The client socket, counting reads and writes for the idle watchdog.
+struct ActivityIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl ActivityIo {}
+
+impl AsyncRead for ActivityIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() != before {
+            this.activity.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for ActivityIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -130,6 +130,7 @@ impl SimBackend {
         let (stop, stop_rx) = watch::channel(false);
         let settings = ListenerSettings {
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             drain: Duration::from_secs(1),
         };

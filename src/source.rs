@@ -161,6 +161,9 @@ pub struct FileSource {
     snapshots: Arc<Snapshots>,
     revision: u64,
     seen: Option<Stamp>,
+    /// Installed when the source is made, so a SIGHUP right after start-up reloads instead of
+    /// killing the process.
+    hangup: Hangup,
 }
 
 impl FileSource {
@@ -171,6 +174,7 @@ impl FileSource {
             snapshots,
             revision: 0,
             seen: None,
+            hangup: hangup_signal(),
         }
     }
 
@@ -209,7 +213,7 @@ impl FileSource {
 
     /// Polls the file and listens for SIGHUP until `shutdown` turns true.
     pub async fn run(mut self, poll: Duration, mut shutdown: watch::Receiver<bool>) {
-        let mut hangup = hangup_signal();
+        let mut hangup = self.hangup.take();
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -21,6 +21,7 @@ use crate::route::{KeySource, RouteMatcher, RouteRule};
 /// Largest shard table we build (memory: a few bytes per shard per IDC).
 pub const MAX_SHARD_COUNT: u32 = 1 << 20;
 const MAX_IDCS: usize = 64;
+const MAX_WEIGHT: u32 = 10_000;
 
 /// What a build needs besides the document and the overrides.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +156,12 @@ pub fn build(
                 format!("idcs[{i}].name"),
                 format!("IDC `{}` is declared twice", idc.name),
             );
+        }
+    }
+    for (i, idc) in doc.idcs.iter().enumerate() {
+        // The weight is the IDC's number of points on the ring: bound it.
+        if idc.weight > MAX_WEIGHT {
+            c.fail(format!("idcs[{i}].weight"), format!("at most {MAX_WEIGHT}"));
         }
     }
     if !doc.idcs.is_empty() && doc.idcs.iter().all(|i| i.weight == 0) {
@@ -389,7 +396,7 @@ fn check_route(
     let fallback = raw.fallback.as_ref().and_then(|fb| {
         let status = http::StatusCode::from_u16(fb.status)
             .ok()
-            .filter(|s| s.as_u16() >= 200);
+            .filter(|s| (200..=599).contains(&s.as_u16()));
         if status.is_none() {
             c.fail(
                 at("fallback.status"),
