@@ -73,7 +73,10 @@ pub async fn serve<H: Handler>(
 ) {
     let builder = Arc::new(builder(&settings));
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so those still open when the drain time is up can be closed.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -107,7 +110,7 @@ pub async fn serve<H: Handler>(
             .into_owned();
         let conn = graceful.watch(conn);
         let limits = (settings.header_read_timeout, settings.idle_timeout);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             tokio::select! {
                 result = conn => {
                     if let Err(e) = result {
@@ -127,8 +130,10 @@ pub async fn serve<H: Handler>(
     {
         tracing::warn!(
             drain_ms = settings.drain.as_millis() as u64,
+            open = connections.len(),
             "drain timeout: closing the connections still open"
         );
+        connections.shutdown().await;
     }
 }
 

@@ -5,9 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::Value;
-use support::{eventually, get, try_send, within, Cluster, Options, Reply};
+use shardgate::topology::Topology;
+use support::{eventually, get, request, try_send, within, Cluster, Options, Reply};
 use tokio::net::TcpStream;
 
 /// The revision the backend was told (`x-shardgate-epoch`).
@@ -131,6 +132,16 @@ async fn topology_file_changes_are_applied_and_invalid_ones_are_not() {
     c.stop().await;
 }
 
+/// Requests in flight to any backend of the snapshot.
+fn in_flight(topo: &Topology) -> u32 {
+    topo.idcs
+        .iter()
+        .flat_map(|idc| idc.pools.iter())
+        .flat_map(|pool| pool.iter())
+        .map(|b| b.inflight())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_requests_then_refuses_connections() {
     let mut c = Cluster::start().await;
@@ -151,8 +162,15 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_connections() {
     })
     .await;
 
+    let topo = c.topology();
+    assert_eq!(in_flight(&topo), 1, "one request is in flight upstream");
+
     let running = c.take_running();
-    let shutdown = tokio::spawn(running.shutdown());
+    // What is still in flight upstream the moment shutdown returns.
+    let shutdown = tokio::spawn(async move {
+        running.shutdown().await;
+        in_flight(&topo)
+    });
 
     let reply = within(Duration::from_secs(10), "the in-flight request", slow)
         .await
@@ -161,9 +179,13 @@ async fn shutdown_finishes_in_flight_requests_then_refuses_connections() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.idc(), serving);
 
-    within(Duration::from_secs(10), "shutdown to complete", shutdown)
+    let left = within(Duration::from_secs(10), "shutdown to complete", shutdown)
         .await
         .expect("the shutdown task");
+    assert_eq!(
+        left, 0,
+        "shutdown returned before the in-flight request ended"
+    );
     for (what, addr) in [("proxy", proxy), ("admin", admin)] {
         let attempt = within(
             Duration::from_secs(5),
@@ -224,5 +246,39 @@ async fn shutdown_does_not_wait_for_idle_connections() {
     .await
     .expect("the client connection task")
     .expect("the connection closed cleanly");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_no_longer_than_the_drain_timeout() {
+    let mut c = Cluster::start_with(Options {
+        drain: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    let before = c.total_hits();
+    // A request that would take 30 s: far past the drain timeout (the route allows 60 s).
+    let stuck = tokio::spawn(try_send(
+        c.proxy(),
+        request(
+            Method::POST,
+            "/upload",
+            &[("x-user-id", "stuck"), ("x-sim-delay-ms", "30000")],
+            "payload",
+        ),
+    ));
+    eventually("the stuck request to reach its backend", || {
+        let reached = c.total_hits() > before;
+        async move { reached.then_some(()) }
+    })
+    .await;
+    let running = c.take_running();
+    within(
+        Duration::from_secs(5),
+        "shutdown with a request stuck past the 300 ms drain timeout",
+        running.shutdown(),
+    )
+    .await;
+    stuck.abort();
     c.stop().await;
 }

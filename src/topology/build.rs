@@ -175,7 +175,9 @@ pub fn build(
     let mut routes = Vec::new();
     let mut used_sets: BTreeMap<SetId, String> = BTreeMap::new();
     let mut route_names = HashSet::new();
-    let mut route_places: HashMap<(String, String), Vec<(usize, Vec<Method>)>> = HashMap::new();
+    // (host, prefix) → the routes there, with their methods: two that overlap are ambiguous.
+    type Place = (String, String);
+    let mut route_places: HashMap<Place, Vec<(usize, Vec<Method>)>> = HashMap::new();
     for (i, raw) in doc.routes.iter().enumerate() {
         if !raw.name.is_empty() && !route_names.insert(raw.name.clone()) {
             c.fail(

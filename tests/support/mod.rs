@@ -27,7 +27,7 @@ use shardgate::sim::SimBackend;
 use shardgate::topology::{Shard, Topology};
 use shardgate::Running;
 use tempfile::TempDir;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,10 +67,15 @@ where
     .await
 }
 
-/// A local address nothing listens on (bound, then closed): connecting to it is refused.
-pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
-    l.local_addr().expect("local address")
+/// A local port that is bound but not listening: connecting to it is refused, and as long as
+/// the socket lives no other test can be given the port.
+pub fn refused_port() -> (TcpSocket, SocketAddr) {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("loopback address"))
+        .expect("bind a port");
+    let addr = socket.local_addr().expect("local address");
+    (socket, addr)
 }
 
 /// What the gateway under test is started with.
@@ -165,7 +170,9 @@ pub struct Cluster {
     pub options: Options,
     /// `sims[idc * 2 + set]`, in the order of `IDCS` and `SETS`.
     sims: Vec<SimBackend>,
+    /// The address of every `dead` pool, and the socket keeping it refused.
     dead: SocketAddr,
+    _dead_port: TcpSocket,
     running: Option<Running>,
 }
 
@@ -191,12 +198,14 @@ impl Cluster {
         }
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let topology_path = dir.path().join("topology.toml");
+        let (dead_port, dead) = refused_port();
         let mut cluster = Cluster {
             dir,
             topology_path,
             options,
             sims,
-            dead: closed_port(),
+            dead,
+            _dead_port: dead_port,
             running: None,
         };
         let pins: Vec<(String, String)> = cluster.options.pins.clone();
