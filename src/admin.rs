@@ -208,7 +208,7 @@ impl Admin {
             "idcs": idcs,
             "overrides": overrides,
             "moves": [],
-            "gateways": [],
+            "gateways": self.snapshots.gateways(),
             "sets": sets,
         })
     }

@@ -13,6 +13,9 @@ use crate::config::{RawConfig, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use crate::telemetry::LogFormat;
 use crate::topology::{self, BuildContext, Overrides};
 
+mod etcd;
+pub use etcd::{DegradeArgs, EtcdArgs, PushArgs};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shardgate",
@@ -26,7 +29,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a gateway instance (proxy + admin listeners, topology from a file).
+    /// Run a gateway instance (proxy + admin listeners, topology from a file or etcd).
     Serve(ServeArgs),
     /// Self-contained demo: 3 simulated IDCs on loopback and a gateway on the file topology.
     Demo(DemoArgs),
@@ -37,8 +40,14 @@ pub enum Command {
     },
     /// Show a key's shard, home IDC, serving IDC and why (offline with --topology, else live).
     Explain(ExplainArgs),
-    /// Show the IDCs (state, shards served), overrides and sets of a running gateway.
+    /// Show the IDCs (state, shards served), overrides and sets of a running gateway, or of
+    /// the cluster with --etcd (with every gateway and its applied revision).
     Status(StatusArgs),
+    /// Validate a topology, show what it changes (shards moving), then write it to etcd with
+    /// a compare-and-swap.
+    Push(PushArgs),
+    /// Turn the degrade switch of a set or `route:<name>` on or off (etcd).
+    Degrade(DegradeArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -61,6 +70,9 @@ pub struct ServeArgs {
     /// Cluster name under /shardgate/ in etcd.
     #[arg(long)]
     pub cluster: Option<String>,
+    /// This instance's name in etcd's gateway registry [default: <hostname>:<proxy port>].
+    #[arg(long)]
+    pub instance: Option<String>,
     /// This instance's IDC (where non-sharded routes go first).
     #[arg(long)]
     pub idc: Option<String>,
@@ -116,14 +128,18 @@ pub struct ExplainArgs {
     #[arg(long)]
     pub route: Option<String>,
     /// Explain offline against a topology file instead of a live gateway.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "etcd")]
     pub topology: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
@@ -132,7 +148,10 @@ pub struct StatusArgs {
 pub mod exit {
     pub const OK: u8 = 0;
     pub const REFUSED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CONFLICT: u8 = 3;
     pub const UNREACHABLE: u8 = 4;
+    pub const TIMED_OUT: u8 = 5;
 }
 
 pub fn main() -> ExitCode {
@@ -141,8 +160,12 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo(args),
         Command::Validate { file } => validate(&file),
+        Command::Explain(args) if args.etcd.given() => etcd::explain(args),
         Command::Explain(args) => explain(args),
+        Command::Status(args) if args.etcd.given() => etcd::status(&args.etcd, args.admin.json),
         Command::Status(args) => status(args),
+        Command::Push(args) => etcd::push(args),
+        Command::Degrade(args) => etcd::degrade(args),
     };
     ExitCode::from(code)
 }
@@ -186,6 +209,9 @@ impl ServeArgs {
         }
         if self.cluster.is_some() {
             raw.cluster = self.cluster;
+        }
+        if self.instance.is_some() {
+            raw.instance = self.instance;
         }
         if self.idc.is_some() {
             raw.idc = self.idc;
@@ -331,24 +357,7 @@ fn explain(args: ExplainArgs) -> u8 {
             exit::OK
         }
         Ok(v) => {
-            let s = |k: &str| match &v[k] {
-                Value::Null => "-".to_owned(),
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            println!("key          {}", s("key"));
-            if v["route"] != Value::Null {
-                println!("route        {}", s("route"));
-            }
-            println!("shard        {}", s("shard"));
-            println!("home IDC     {}", s("home_idc"));
-            println!("serving IDC  {}", s("serving_idc"));
-            if let Some(order) = v["failover_order"].as_array() {
-                let names: Vec<&str> = order.iter().filter_map(Value::as_str).collect();
-                println!("failover     {}", names.join(" -> "));
-            }
-            println!("why          {}", s("reason"));
-            println!("revision     {}", s("revision"));
+            print_explain(&v);
             exit::OK
         }
         Err(e) => {
@@ -356,6 +365,28 @@ fn explain(args: ExplainArgs) -> u8 {
             exit::REFUSED
         }
     }
+}
+
+/// The human form of an `explain` answer.
+fn print_explain(v: &Value) {
+    let s = |k: &str| match &v[k] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("key          {}", s("key"));
+    if v["route"] != Value::Null {
+        println!("route        {}", s("route"));
+    }
+    println!("shard        {}", s("shard"));
+    println!("home IDC     {}", s("home_idc"));
+    println!("serving IDC  {}", s("serving_idc"));
+    if let Some(order) = v["failover_order"].as_array() {
+        let names: Vec<&str> = order.iter().filter_map(Value::as_str).collect();
+        println!("failover     {}", names.join(" -> "));
+    }
+    println!("why          {}", s("reason"));
+    println!("revision     {}", s("revision"));
 }
 
 fn status(args: StatusArgs) -> u8 {

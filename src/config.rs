@@ -28,6 +28,8 @@ pub struct Timeouts {
     pub request_body: Duration,
     pub upstream_connect: Duration,
     pub drain: Duration,
+    /// Every etcd call (list, watch set-up, put, lease grant, keep-alive, revoke).
+    pub etcd: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct Config {
     pub local_idc: Option<String>,
     pub source: SourceConfig,
     pub cache_dir: Option<PathBuf>,
+    /// This instance's name in the etcd gateway registry (`gateway/<instance>`); default
+    /// `<hostname>:<proxy port>`.
+    pub instance: Option<String>,
     pub admin_token: Option<String>,
     pub log_format: LogFormat,
     /// Worker threads; 0 = one per core.
@@ -58,6 +63,7 @@ pub struct RawConfig {
     pub etcd: Vec<String>,
     pub cluster: Option<String>,
     pub cache_dir: Option<PathBuf>,
+    pub instance: Option<String>,
     pub admin_token: Option<String>,
     pub log_format: Option<LogFormat>,
     pub threads: Option<usize>,
@@ -75,6 +81,7 @@ pub struct RawTimeouts {
     pub request_body_ms: Option<u64>,
     pub upstream_connect_ms: Option<u64>,
     pub drain_ms: Option<u64>,
+    pub etcd_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +157,7 @@ impl RawConfig {
                 &mut problems,
             ),
             drain: ms(t.drain_ms, 30_000, "drain_ms", &mut problems),
+            etcd: ms(t.etcd_ms, 3_000, "etcd_ms", &mut problems),
         };
         let max_header_bytes = self.limits.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1 << 20).contains(&max_header_bytes) {
@@ -164,6 +172,7 @@ impl RawConfig {
             local_idc: self.idc,
             source,
             cache_dir: self.cache_dir,
+            instance: self.instance.filter(|i| !i.is_empty()),
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
             threads: self.threads.unwrap_or(0),

@@ -14,6 +14,9 @@
 //!
 //! The reload path: [`source`] (topology file + overrides) → `topology::build` → one
 //! `ArcSwap` store → every later request sees the new snapshot; in-flight ones keep theirs.
+//! In etcd mode [`etcd`] is the source: one watch on `/shardgate/<cluster>/` feeds the same
+//! `Snapshots::publish`, the last good snapshot is cached on disk, and each gateway registers
+//! itself (`gateway/<instance>`) with the revision it serves.
 //!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
@@ -26,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod etcd;
 pub mod forward;
 pub mod headers;
 pub mod proxy;
@@ -104,10 +108,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             snapshots
         }
-        SourceConfig::Etcd { .. } => {
-            anyhow::bail!(
-                "the etcd topology source is not available in this build yet; use --topology FILE"
-            )
+        SourceConfig::Etcd { endpoints, cluster } => {
+            let snapshots = Arc::new(Snapshots::new(
+                "etcd",
+                config.local_idc.clone(),
+                metrics.clone(),
+            ));
+            let settings = etcd::source::EtcdSettings {
+                endpoints: endpoints.clone(),
+                cluster: cluster.clone(),
+                timeout: config.timeouts.etcd,
+                cache_dir: config.cache_dir.clone(),
+            };
+            let mut source = etcd::source::EtcdSource::new(settings, snapshots.clone());
+            source.load_cache();
+            let first = source.first_attempt();
+            tasks.push(tokio::spawn(source.run(shutdown_rx.clone())));
+            // Start with etcd's view when etcd answers in time; otherwise with the cached
+            // snapshot (or none: not ready, and /readyz says why) until it does. Never block
+            // on etcd for longer than a call's deadline or two.
+            let _ = tokio::time::timeout(config.timeouts.etcd * 2, first).await;
+            snapshots
         }
     };
 
@@ -119,6 +140,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    if let SourceConfig::Etcd { endpoints, cluster } = &config.source {
+        let registration = etcd::registry::Registration {
+            endpoints: endpoints.clone(),
+            cluster: cluster.clone(),
+            instance: config
+                .instance
+                .clone()
+                .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr)),
+            idc: config.local_idc.clone(),
+            proxy_addr,
+            admin_addr,
+            timeout: config.timeouts.etcd,
+        };
+        let registry = etcd::registry::Registry::new(registration, snapshots.clone());
+        tasks.push(tokio::spawn(registry.run(shutdown_rx.clone())));
+    }
 
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,

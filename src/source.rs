@@ -27,6 +27,10 @@ pub struct Snapshots {
     /// Serialises publishes, so a revision never goes backwards.
     publish_lock: Mutex<()>,
     last_problem: Mutex<Option<String>>,
+    /// The revision of every publish, for whoever reports it (the etcd gateway registry).
+    revisions: watch::Sender<u64>,
+    /// The cluster's registered gateways as the source last saw them (etcd), for `/status`.
+    gateways: Mutex<Vec<serde_json::Value>>,
 }
 
 impl Snapshots {
@@ -40,6 +44,8 @@ impl Snapshots {
             up: AtomicBool::new(false),
             publish_lock: Mutex::new(()),
             last_problem: Mutex::new(None),
+            revisions: watch::channel(0).0,
+            gateways: Mutex::new(Vec::new()),
         }
     }
 
@@ -94,6 +100,7 @@ impl Snapshots {
                     .map(|old| topology::diff(old, &new))
                     .unwrap_or_default();
                 self.current.store(Some(new.clone()));
+                self.revisions.send_replace(revision);
                 self.metrics.observe_snapshot(&new);
                 self.metrics.reload("ok");
                 if let Ok(mut p) = self.last_problem.lock() {
@@ -119,6 +126,44 @@ impl Snapshots {
                 }
                 Err(problems)
             }
+        }
+    }
+}
+
+impl Snapshots {
+    /// Notified with the revision of every snapshot published from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    /// A source's input that never reached `publish` (unparsable, or an unreadable override):
+    /// logged, counted and shown like a rejected document; the last good snapshot keeps serving.
+    pub fn reject(&self, problems: &Problems, revision: u64) {
+        self.metrics.reload("invalid");
+        tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
+        if let Ok(mut p) = self.last_problem.lock() {
+            *p = Some(problems.to_string());
+        }
+    }
+
+    /// The cluster's registered gateways (etcd mode; empty for the file source).
+    pub fn gateways(&self) -> Vec<serde_json::Value> {
+        self.gateways.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    pub fn set_gateways(&self, gateways: Vec<serde_json::Value>) {
+        if let Ok(mut g) = self.gateways.lock() {
+            *g = gateways;
+        }
+    }
+
+    /// Why there is no snapshot yet (shown by `/readyz`); ignored once one is published.
+    pub fn note_not_ready(&self, why: String) {
+        if self.current.load().is_some() {
+            return;
+        }
+        if let Ok(mut p) = self.last_problem.lock() {
+            *p = Some(why);
         }
     }
 }

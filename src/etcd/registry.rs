@@ -1,0 +1,211 @@
+//! The gateway registry (DESIGN.md §6): each instance keeps `gateway/<instance>` = JSON
+//! `{"idc","addr","applied_revision","view"}` under a 5 s lease that it keeps alive. The key is
+//! rewritten when the applied revision or the health view changes, revoked on graceful
+//! shutdown (gone at once), and expires with the lease when the process dies.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use tokio::sync::watch;
+
+use super::{shutdown_requested, Backoff, Etcd, EtcdError, GatewayRecord, Keys};
+use crate::source::Snapshots;
+use crate::topology::overrides::unix_now;
+use crate::topology::Topology;
+
+/// Lease TTL of a registration (DESIGN.md §6).
+pub const LEASE_TTL_S: i64 = 5;
+
+/// Keep-alives are sent this often: a fifth of the TTL, so that a few lost ones (or a slow
+/// etcd) still renew the lease in time.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What this gateway registers as.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub instance: String,
+    pub idc: Option<String>,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Deadline of every etcd call.
+    pub timeout: Duration,
+}
+
+/// The default instance name: `<hostname>:<proxy port>`.
+pub fn default_instance(proxy_addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_owned());
+    format!("{host}:{}", proxy_addr.port())
+}
+
+/// An IDC is healthy in this gateway's view when enough of its `core` pool is not avoided
+/// (the same rule as `/status`).
+pub fn health_view(t: &Topology) -> BTreeMap<String, bool> {
+    let core = t.sets.iter().position(|s| s.name.as_str() == "core");
+    t.idcs
+        .iter()
+        .map(|idc| {
+            let pool = core.map_or(&[][..], |c| idc.pools.get(c).map_or(&[][..], |p| &p[..]));
+            let healthy = pool.iter().filter(|b| !b.avoided()).count();
+            let ok =
+                pool.is_empty() || healthy as f64 >= t.failover.min_healthy * pool.len() as f64;
+            (idc.name.to_string(), ok)
+        })
+        .collect()
+}
+
+pub struct Registry {
+    registration: Registration,
+    keys: Keys,
+    snapshots: Arc<Snapshots>,
+    started_at: u64,
+    /// The lease of the current session, revoked on shutdown.
+    lease: Option<(Etcd, i64)>,
+    /// Registered in the current session (a lost registration is logged once per outage).
+    registered: bool,
+}
+
+impl Registry {
+    pub fn new(registration: Registration, snapshots: Arc<Snapshots>) -> Registry {
+        Registry {
+            keys: Keys::new(&registration.cluster),
+            registration,
+            snapshots,
+            started_at: unix_now(),
+            lease: None,
+            registered: false,
+        }
+    }
+
+    fn record(&self) -> GatewayRecord {
+        let topo = self.snapshots.current();
+        GatewayRecord {
+            idc: self.registration.idc.clone(),
+            addr: self.registration.proxy_addr.to_string(),
+            admin: self.registration.admin_addr.to_string(),
+            applied_revision: topo.as_ref().map_or(0, |t| t.revision),
+            view: topo.as_deref().map(health_view).unwrap_or_default(),
+            started_at: self.started_at,
+        }
+    }
+
+    /// Keeps the registration until `shutdown` turns true, then revokes it.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut revisions = self.snapshots.subscribe();
+        let mut backoff = Backoff::new();
+        let mut outage_logged = false;
+        loop {
+            let err = tokio::select! {
+                err = self.session(&mut revisions, &mut backoff) => err,
+                _ = shutdown_requested(&mut shutdown) => break,
+            };
+            if std::mem::take(&mut self.registered) || !outage_logged {
+                tracing::warn!(instance = %self.registration.instance, error = %err, "gateway not registered in etcd; retrying");
+                outage_logged = true;
+            } else {
+                tracing::debug!(instance = %self.registration.instance, error = %err, "still cannot register");
+            }
+            self.lease = None;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown_requested(&mut shutdown) => break,
+            }
+        }
+        if let Some((etcd, lease)) = self.lease.take() {
+            let mut client = etcd.client();
+            match etcd.call("lease revoke", client.lease_revoke(lease)).await {
+                Ok(_) => {
+                    tracing::info!(instance = %self.registration.instance, "gateway registration revoked")
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %self.registration.instance, error = %e, "could not revoke the registration; it expires with its lease")
+                }
+            }
+        }
+    }
+
+    /// Grants a lease, writes the record and keeps both fresh; returns why it stopped.
+    async fn session(
+        &mut self,
+        revisions: &mut watch::Receiver<u64>,
+        backoff: &mut Backoff,
+    ) -> EtcdError {
+        let r = &self.registration;
+        let etcd = match Etcd::connect(&r.endpoints, r.timeout).await {
+            Ok(e) => e,
+            Err(e) => return e,
+        };
+        let mut client = etcd.client();
+        let lease = match etcd
+            .call("lease grant", client.lease_grant(LEASE_TTL_S, None))
+            .await
+        {
+            Ok(l) => l.id(),
+            Err(e) => return e,
+        };
+        self.lease = Some((etcd.clone(), lease));
+        let (mut keeper, mut responses) = match etcd
+            .call("lease keep-alive", client.lease_keep_alive(lease))
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        let key = self.keys.gateway(&self.registration.instance);
+        let mut written: Option<GatewayRecord> = None;
+        let mut tick = tokio::time::interval(KEEP_ALIVE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut notified = true;
+        loop {
+            let record = self.record();
+            if written.as_ref() != Some(&record) {
+                let value = match serde_json::to_vec(&record) {
+                    Ok(v) => v,
+                    Err(e) => return EtcdError(format!("cannot encode the registration: {e}")),
+                };
+                let put = client.put(
+                    key.as_bytes(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                );
+                if let Err(e) = etcd.call("register", put).await {
+                    return e;
+                }
+                if written.is_none() {
+                    tracing::info!(instance = %self.registration.instance, key = %key, "gateway registered");
+                    self.registered = true;
+                }
+                written = Some(record);
+                backoff.reset();
+            }
+            tokio::select! {
+                _ = tick.tick() => {
+                    let renewed = etcd
+                        .call("lease keep-alive", async {
+                            keeper.keep_alive().await?;
+                            responses.message().await
+                        })
+                        .await;
+                    match renewed {
+                        Ok(Some(resp)) if resp.ttl() > 0 => {}
+                        Ok(_) => return EtcdError("the registration lease expired".into()),
+                        Err(e) => return e,
+                    }
+                }
+                changed = revisions.changed(), if notified => {
+                    // A closed channel means no more publishes: rely on the tick from now on.
+                    notified = changed.is_ok();
+                }
+            }
+        }
+    }
+}

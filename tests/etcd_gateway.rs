@@ -1,0 +1,515 @@
+//! The gateway in etcd mode against a real etcd (DESIGN.md §6): pushes and direct puts are
+//! applied, a bad document never replaces a good one, etcd dying or partitioned away costs no
+//! request, a restart during an outage serves the cached snapshot, a compacted watch recovers,
+//! and the gateway registry follows the process's life.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod etcd_support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_support::*;
+
+/// The IDC `key` is routed to now, asked through the proxy.
+async fn routed_idc(g: &shardgate::Running, key: &str) -> String {
+    let a = get(g.proxy_addr, "/orders/1", key).await.unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    a.idc.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_is_routed_within_a_bound() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_in(0, 127);
+    let base = write_file(dir.path(), "a.toml", &idcs.document(&[("0-127", "sh")]));
+    let out = push(&etcd.url, &base, &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+
+    let edited = write_file(dir.path(), "b.toml", &idcs.document(&[("0-127", "bj")]));
+    let out = push(&etcd.url, &edited, &[]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("sh -> bj"), "{}", out.stdout);
+    let pushed: u64 = out
+        .stdout
+        .rsplit("at revision ")
+        .next()
+        .and_then(|r| r.trim().parse().ok())
+        .expect("push prints the revision it wrote");
+    let answer = eventually("the pushed topology to be routed", || async {
+        let a = get(g.proxy_addr, "/orders/1", &key).await.ok()?;
+        (a.idc.as_deref() == Some("bj")).then_some(a)
+    })
+    .await;
+    assert!(answer.epoch().unwrap() >= pushed, "{answer:?}");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_put_of_an_edited_document_is_applied() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+
+    let edited = idcs.document(&[("0-127", "gz")]);
+    let status = tokio::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &etcd.url, "put", "/shardgate/itest/topology"])
+        .arg(&edited)
+        .kill_on_drop(true)
+        .output();
+    let out = within(Duration::from_secs(20), "etcdctl put", status)
+        .await
+        .expect("run etcdctl");
+    assert!(out.status.success(), "{out:?}");
+    eventually("the etcdctl edit to be routed", || async {
+        (get(g.proxy_addr, "/orders/1", &key)
+            .await
+            .ok()?
+            .idc
+            .as_deref()
+            == Some("gz"))
+        .then_some(())
+    })
+    .await;
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_direct_put_keeps_the_last_good_then_a_good_put_applies() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    let good = etcd
+        .put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(revision(&g), good as u64);
+
+    // Unparsable, then parsable but invalid (a pin to an unknown IDC).
+    etcd.put("topology", "cluster = \"itest\"\nshard_count = [")
+        .await;
+    eventually("the unparsable document to be reported", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        v["source"]["last_problem"]
+            .as_str()
+            .filter(|p| p.contains("line"))
+            .map(|_| ())
+    })
+    .await;
+    etcd.put("topology", &idcs.document(&[("0-127", "nowhere")]))
+        .await;
+    eventually("the invalid document to be reported", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        v["source"]["last_problem"]
+            .as_str()
+            .filter(|p| p.contains("nowhere"))
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(revision(&g), good as u64, "the last good snapshot serves");
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+    let (_, metrics) = admin(g.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("shardgate_topology_reloads_total{result=\"invalid\"} 2"),
+        "{metrics}"
+    );
+
+    let fixed = etcd
+        .put("topology", &idcs.document(&[("0-127", "bj")]))
+        .await;
+    eventually("the good document after bad ones to apply", || async {
+        (revision(&g) == fixed as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "bj");
+    let (_, v) = admin(g.admin_addr, "/status").await;
+    assert!(v["source"]["last_problem"].is_null(), "{v}");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_in_etcd_reach_the_snapshot() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+
+    let out = shardgate(&[
+        "degrade",
+        "noncore",
+        "on",
+        "--reason",
+        "load test",
+        "--by",
+        "alice",
+        "--etcd",
+        &etcd.url,
+        "--cluster",
+        CLUSTER,
+        "--wait",
+        "--timeout",
+        "15s",
+    ])
+    .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let t = g.snapshots.current().unwrap();
+    let d = &t.overrides.degrade["noncore"];
+    assert!(d.on);
+    assert_eq!((d.reason.as_str(), d.by.as_str()), ("load test", "alice"));
+
+    // An IDC override written as operators' tools do: sh down, its shards go elsewhere.
+    etcd.put(
+        "override/idc/sh",
+        r#"{"state":"down","reason":"drill","by":"bob"}"#,
+    )
+    .await;
+    eventually("the IDC override to apply", || async {
+        let idc = get(g.proxy_addr, "/orders/1", &key).await.ok()?.idc?;
+        (idc != "sh").then_some(())
+    })
+    .await;
+    let (_, v) = admin(g.admin_addr, "/status").await;
+    assert_eq!(v["idcs"][0]["state"], "down", "{v}");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_under_traffic_fails_no_request_and_routing_holds() {
+    let mut etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("user-{i}")).collect();
+    let mut expected = Vec::new();
+    for k in &keys {
+        expected.push(routed_idc(&g, k).await);
+    }
+    let before = revision(&g);
+
+    // Four clients, 100 requests each; etcd is killed after the first quarter of them.
+    let proxy = g.proxy_addr;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let keys = keys.clone();
+        let expected = expected.clone();
+        let sent = sent.clone();
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for i in 0..100 {
+                let k = (c * 7 + i) % keys.len();
+                match get(proxy, "/orders/1", &keys[k]).await {
+                    Ok(a) if a.status == 200 && a.idc.as_deref() == Some(&expected[k]) => {}
+                    other => failures.push(format!("{}: {other:?}", keys[k])),
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    eventually("a quarter of the traffic before the kill", || async {
+        (sent.load(Ordering::Relaxed) >= 100).then_some(())
+    })
+    .await;
+    etcd.kill();
+    eventually("the source to be shown down", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        (v["source"]["up"] == false).then_some(())
+    })
+    .await;
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(
+            within(Duration::from_secs(60), "the clients", c)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert_eq!(revision(&g), before);
+    let (status, _) = admin(g.admin_addr, "/readyz").await;
+    assert_eq!(status, 200, "ready once, ready while etcd is down");
+    let (_, m) = admin(g.admin_addr, "/metrics").await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("shardgate_topology_source_up 0"),
+        "{m}"
+    );
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_while_etcd_is_down_serves_from_the_cache_then_follows_etcd() {
+    let mut etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    etcd.put("override/degrade/noncore", r#"{"on":true,"reason":"kept"}"#)
+        .await;
+    let opts = GatewayOptions {
+        cache_dir: Some(cache.path().to_owned()),
+        ..GatewayOptions::default()
+    };
+    let g = start_gateway(&etcd.url, opts.clone()).await;
+    let cached_revision = revision(&g);
+    assert!(cached_revision > 0);
+    g.shutdown().await;
+
+    etcd.kill();
+    let g = start_gateway(&etcd.url, opts).await;
+    assert_eq!(revision(&g), cached_revision, "serves the cached snapshot");
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+    assert!(g.snapshots.current().unwrap().overrides.degrade["noncore"].on);
+    let (status, _) = admin(g.admin_addr, "/readyz").await;
+    assert_eq!(status, 200);
+    let (_, v) = admin(g.admin_addr, "/status").await;
+    assert_eq!(v["source"]["up"], false, "{v}");
+
+    etcd.restart().await;
+    eventually("the gateway to reach etcd again", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        (v["source"]["up"] == true).then_some(())
+    })
+    .await;
+    let edited = etcd
+        .put("topology", &idcs.document(&[("0-127", "bj")]))
+        .await;
+    eventually("an edit after etcd came back to apply", || async {
+        (revision(&g) >= edited as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "bj");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_etcd_and_no_cache_is_not_ready_and_says_why() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let g = start_gateway(&url, GatewayOptions::default()).await;
+    let (status, v) = admin(g.admin_addr, "/readyz").await;
+    assert_eq!(status, 503);
+    let why = v.as_str().unwrap();
+    assert!(why.contains("not ready") && why.contains(&url), "{why}");
+    let a = get(g.proxy_addr, "/orders/1", "user-1").await.unwrap();
+    assert_eq!(a.status, 503);
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_after_a_partition() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client_addr).await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&relay.url, GatewayOptions::default()).await;
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+
+    relay.cut();
+    eventually("the source to be shown down", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        (v["source"]["up"] == false).then_some(())
+    })
+    .await;
+    let during = etcd
+        .put("topology", &idcs.document(&[("0-127", "gz")]))
+        .await;
+    assert_eq!(
+        routed_idc(&g, &key).await,
+        "sh",
+        "cut off, it keeps serving"
+    );
+    relay.restore();
+    eventually("the write made during the partition to apply", || async {
+        (revision(&g) >= during as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "gz");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_the_watch_revision_recovers() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client_addr).await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&relay.url, GatewayOptions::default()).await;
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+
+    relay.cut();
+    eventually("the source to be shown down", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        (v["source"]["up"] == false).then_some(())
+    })
+    .await;
+    etcd.put("topology", &idcs.document(&[("0-127", "bj")]))
+        .await;
+    etcd.put("override/degrade/noncore", r#"{"on":true}"#).await;
+    let last = etcd
+        .put("topology", &idcs.document(&[("0-127", "gz")]))
+        .await;
+    etcd.compact(last).await;
+    relay.restore();
+    eventually("the gateway to re-list after the compaction", || async {
+        (revision(&g) >= last as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "gz");
+    assert!(g.snapshots.current().unwrap().overrides.degrade["noncore"].on);
+    // And the new watch delivers later writes.
+    let after = etcd
+        .put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    eventually("a write after the re-list to apply", || async {
+        (revision(&g) >= after as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_replaced_by_an_empty_one_is_re_listed() {
+    let mut etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    for _ in 0..5 {
+        etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+            .await;
+    }
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    let before = revision(&g);
+    assert!(before >= 5);
+    etcd.replace_with_empty().await;
+    // Revision 2 or so: far behind what the gateway saw, so resuming the watch would wait for
+    // revisions that mean something else now.
+    let fresh = etcd
+        .put("topology", &idcs.document(&[("0-127", "bj")]))
+        .await;
+    assert!((fresh as u64) < before);
+    eventually("the new etcd's document to be served", || async {
+        (get(g.proxy_addr, "/orders/1", &key)
+            .await
+            .ok()?
+            .idc
+            .as_deref()
+            == Some("bj"))
+        .then_some(())
+    })
+    .await;
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_carries_the_applied_revision_and_is_revoked_on_shutdown() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let opts = GatewayOptions {
+        instance: Some("gw-a".into()),
+        idc: Some("bj".into()),
+        ..GatewayOptions::default()
+    };
+    let g = start_gateway(&etcd.url, opts).await;
+    let edited = etcd
+        .put("topology", &idcs.document(&[("0-127", "gz")]))
+        .await;
+    let record: serde_json::Value =
+        eventually("the registration to carry the revision", || async {
+            let v: serde_json::Value =
+                serde_json::from_slice(&etcd.get("gateway/gw-a").await?).ok()?;
+            (v["applied_revision"].as_i64()? >= edited).then_some(v)
+        })
+        .await;
+    assert_eq!(record["idc"], "bj");
+    assert_eq!(record["addr"], g.proxy_addr.to_string());
+    assert_eq!(record["view"]["sh"], true, "{record}");
+    // The gateway's own /status lists the cluster's gateways, itself included.
+    eventually("/status to list the registered gateway", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        v["gateways"]
+            .as_array()?
+            .iter()
+            .any(|gw| gw["instance"] == "gw-a" && gw["applied_revision"].as_i64() >= Some(edited))
+            .then_some(())
+    })
+    .await;
+
+    g.shutdown().await;
+    // Revoked on the way out: gone at once, not after the 5 s lease.
+    assert!(etcd.get("gateway/gw-a").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_removes_a_dead_gateways_registration() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    // A real process, killed with SIGKILL: no goodbye, only the lease can clean up.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args([
+            "serve",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            CLUSTER,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--instance",
+            "doomed",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a gateway process");
+    eventually("the gateway process to register", || async {
+        etcd.keys("gateway/")
+            .await
+            .contains(&"gateway/doomed".to_owned())
+            .then_some(())
+    })
+    .await;
+    child.start_kill().unwrap();
+    within(
+        Duration::from_secs(10),
+        "the gateway process to die",
+        child.wait(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the dead gateway's key to expire with its lease",
+        || async { etcd.keys("gateway/").await.is_empty().then_some(()) },
+    )
+    .await;
+}

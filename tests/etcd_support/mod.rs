@@ -1,0 +1,541 @@
+//! Shared set-up of the etcd tests (and the propagation benchmark): a real `etcd` process on
+//! free loopback ports with a temporary data dir, killed by PID when dropped; a relay in front
+//! of it that a test can cut and restore; three simulated IDCs and topology documents naming
+//! them; gateways in etcd mode on port 0; a small HTTP client; the `shardgate` binary for the
+//! operator commands. Every wait is bounded; nothing uses a fixed port. No mock of etcd.
+
+// Each test crate uses a different part of this module; tests may unwrap.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use shardgate::config::RawConfig;
+use shardgate::sim::SimBackend;
+use shardgate::topology::Shard;
+use shardgate::Running;
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinHandle};
+
+pub const IDCS: [&str; 3] = ["sh", "bj", "gz"];
+pub const CLUSTER: &str = "itest";
+
+/// How long a polled condition may take to come true before the test fails.
+pub const POLL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `POLL_DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(POLL_DEADLINE, what, async {
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// A free loopback port: bound, read, released.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
+    l.local_addr().expect("local address").port()
+}
+
+fn etcd_binary() -> PathBuf {
+    let installed = Path::new("/usr/bin/etcd");
+    if installed.exists() {
+        installed.to_owned()
+    } else {
+        PathBuf::from("etcd")
+    }
+}
+
+/// A real etcd server of one member.
+pub struct Etcd {
+    child: Option<Child>,
+    pub url: String,
+    pub client_addr: SocketAddr,
+    peer_port: u16,
+    dir: TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let mut etcd = Etcd {
+            child: None,
+            url: format!("http://127.0.0.1:{client_port}"),
+            client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)),
+            peer_port,
+            dir: tempfile::tempdir().expect("a temporary directory for etcd"),
+        };
+        etcd.spawn();
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("open the etcd log");
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg("itest")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&self.url)
+            .arg("--advertise-client-urls")
+            .arg(&self.url)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("itest={peer}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (is etcd installed? `make deps` installs etcd-server)");
+        self.child = Some(child);
+    }
+
+    /// Polls until etcd answers a read, for at most 20 s.
+    pub async fn wait_ready(&self) {
+        let url = self.url.clone();
+        let log = self.dir.path().join("etcd.log");
+        let ready = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let attempt = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut c = etcd_client::Client::connect([url.as_str()], None).await?;
+                    c.get("ready-probe", None).await
+                })
+                .await;
+                if let Ok(Ok(_)) = attempt {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if ready.is_err() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!(
+                "etcd at {} did not become ready within 20 s:\n{log}",
+                self.url
+            );
+        }
+    }
+
+    /// Kills the process (SIGKILL by PID) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Replaces it with an empty etcd on the same ports (its data is gone, its revision
+    /// starts again from 1), as after a disaster recovery.
+    pub async fn replace_with_empty(&mut self) {
+        self.kill();
+        std::fs::remove_dir_all(self.dir.path().join("data")).expect("remove etcd's data");
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        within(
+            Duration::from_secs(5),
+            "a connection to etcd",
+            etcd_client::Client::connect([self.url.as_str()], None),
+        )
+        .await
+        .expect("connect to etcd")
+    }
+
+    /// Puts `value` at `/shardgate/<CLUSTER>/<name>`; the revision of the write.
+    pub async fn put(&self, name: &str, value: &str) -> i64 {
+        let mut c = self.client().await;
+        let resp = within(
+            Duration::from_secs(5),
+            "an etcd put",
+            c.put(format!("/shardgate/{CLUSTER}/{name}"), value, None),
+        )
+        .await
+        .expect("put into etcd");
+        resp.header().expect("a response header").revision()
+    }
+
+    /// The value at `/shardgate/<CLUSTER>/<name>`.
+    pub async fn get(&self, name: &str) -> Option<Vec<u8>> {
+        let mut c = self.client().await;
+        let resp = within(
+            Duration::from_secs(5),
+            "an etcd get",
+            c.get(format!("/shardgate/{CLUSTER}/{name}"), None),
+        )
+        .await
+        .expect("get from etcd");
+        resp.kvs().first().map(|kv| kv.value().to_vec())
+    }
+
+    /// Names (relative to the cluster prefix) of the keys under `/shardgate/<CLUSTER>/<prefix>`.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut c = self.client().await;
+        let resp = within(
+            Duration::from_secs(5),
+            "an etcd list",
+            c.get(
+                format!("/shardgate/{CLUSTER}/{prefix}"),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            ),
+        )
+        .await
+        .expect("list etcd keys");
+        let base = format!("/shardgate/{CLUSTER}/");
+        resp.kvs()
+            .iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&base))
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Compacts the history up to `revision` (physically, so old revisions are gone).
+    pub async fn compact(&self, revision: i64) {
+        let mut c = self.client().await;
+        within(
+            Duration::from_secs(10),
+            "an etcd compaction",
+            c.compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            ),
+        )
+        .await
+        .expect("compact etcd");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP relay in front of etcd that a test can cut (every connection closed, new ones
+/// refused) and restore: a network partition between a gateway and etcd, while etcd stays up
+/// for the test's own writes.
+pub struct Relay {
+    pub url: String,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let open = open.clone();
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let handle = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    conns.lock().unwrap().push(handle.abort_handle());
+                }
+            })
+        };
+        Relay {
+            url: format!("http://{addr}"),
+            open,
+            conns,
+            task,
+        }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+/// Three simulated IDCs, each with a `core` and a `noncore` backend.
+pub struct Idcs {
+    sims: Vec<SimBackend>,
+}
+
+impl Idcs {
+    pub async fn start() -> Idcs {
+        let mut sims = Vec::new();
+        for idc in IDCS {
+            for set in ["core", "noncore"] {
+                let addr = "127.0.0.1:0".parse().expect("loopback");
+                let sim = within(
+                    Duration::from_secs(5),
+                    "a simulated backend",
+                    SimBackend::start(addr, idc, set),
+                )
+                .await
+                .expect("start a simulated backend");
+                sims.push(sim);
+            }
+        }
+        Idcs { sims }
+    }
+
+    /// A topology for these IDCs with `pins` as (range, IDC): routes `orders` (core) and
+    /// `recs` (noncore, degradable), both sharded by `x-user-id`.
+    pub fn document(&self, pins: &[(&str, &str)]) -> String {
+        let mut s = format!(
+            "cluster = \"{CLUSTER}\"\nshard_count = 1024\n\n\
+             [sets.core]\npriority = 0\n[sets.noncore]\npriority = 2\ndegradable = true\n"
+        );
+        for (i, idc) in IDCS.iter().enumerate() {
+            s.push_str(&format!(
+                "\n[[idcs]]\nname = \"{idc}\"\nweight = 100\npools.core = [\"{}\"]\npools.noncore = [\"{}\"]\n",
+                self.sims[i * 2].addr,
+                self.sims[i * 2 + 1].addr
+            ));
+        }
+        for (range, idc) in pins {
+            s.push_str(&format!(
+                "\n[[shards.pins]]\nrange = \"{range}\"\nidc = \"{idc}\"\n"
+            ));
+        }
+        s.push_str(
+            "\n[[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\n\
+             key = [\"header:x-user-id\"]\ntimeout_ms = 5000\n\
+             \n[[routes]]\nname = \"recs\"\npath_prefix = \"/recs\"\nset = \"noncore\"\n\
+             key = [\"header:x-user-id\"]\n",
+        );
+        s
+    }
+}
+
+/// A sharding key whose shard is in `lo..=hi` (of 1024).
+pub fn key_in(lo: u32, hi: u32) -> String {
+    (0..100_000)
+        .map(|i| format!("user-{i}"))
+        .find(|k| (lo..=hi).contains(&Shard::of_key(k.as_bytes(), 1024).0))
+        .expect("some key falls in the range")
+}
+
+/// What a gateway under test is started with.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayOptions {
+    pub instance: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub idc: Option<String>,
+}
+
+/// Starts a gateway in etcd mode on port 0.
+pub async fn start_gateway(etcd_url: &str, opts: GatewayOptions) -> Running {
+    let raw = RawConfig {
+        etcd: vec![etcd_url.to_owned()],
+        cluster: Some(CLUSTER.to_owned()),
+        listen: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        idc: opts.idc,
+        cache_dir: opts.cache_dir,
+        instance: opts.instance,
+        ..RawConfig::default()
+    };
+    let mut config = raw.into_config().expect("a valid gateway configuration");
+    config.timeouts.drain = Duration::from_secs(5);
+    within(
+        Duration::from_secs(20),
+        "the gateway to start",
+        shardgate::start(config),
+    )
+    .await
+    .expect("the gateway starts")
+}
+
+/// The revision of the snapshot the gateway serves (0: none).
+pub fn revision(g: &Running) -> u64 {
+    g.snapshots.current().map_or(0, |t| t.revision)
+}
+
+/// One answer from the proxy.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// `x-shardgate-idc` of the response.
+    pub idc: Option<String>,
+    /// The simulated backend's JSON (what it received), or Null.
+    pub body: Value,
+}
+
+impl Answer {
+    /// The `x-shardgate-epoch` the gateway sent upstream.
+    pub fn epoch(&self) -> Option<u64> {
+        self.body["headers"]["x-shardgate-epoch"]
+            .as_str()
+            .and_then(|e| e.parse().ok())
+    }
+}
+
+/// `GET path` with `x-user-id: key` on a fresh connection; an error names what failed.
+pub async fn get(addr: SocketAddr, path: &str, key: &str) -> Result<Answer, String> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "gw.test")
+            .header("x-user-id", key)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let idc = resp
+            .headers()
+            .get("x-shardgate-idc")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            idc,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        })
+    })
+    .await
+    .map_err(|_| "no answer within 10 s".to_owned())?
+}
+
+/// `GET path` on the admin listener, as JSON (or the text as a JSON string).
+pub async fn admin(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let (status, body) = shardgate::admin_client::get(
+        &format!("http://{addr}"),
+        path,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the admin listener answers");
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    (status, v)
+}
+
+/// What a `shardgate` command did.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `shardgate` binary with `args`; killed if it runs over 60 s.
+pub async fn shardgate(args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(args)
+        .env_remove("SHARDGATE_ETCD")
+        .env_remove("SHARDGATE_CLUSTER")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within(Duration::from_secs(60), "a shardgate command", child)
+        .await
+        .expect("run shardgate");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes `text` to a file in `dir` and returns its path as a string.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a test file");
+    path.display().to_string()
+}
+
+/// `shardgate <command> FILE --etcd URL --cluster CLUSTER <extra>`.
+pub async fn push(etcd_url: &str, file: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["push", file, "--etcd", etcd_url, "--cluster", CLUSTER];
+    args.extend_from_slice(extra);
+    shardgate(&args).await
+}
