@@ -27,6 +27,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than nine removals, each
+    // of which hashes its name.
+    let any = headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k.as_str() == "proxy-connection");
+    if !any {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
