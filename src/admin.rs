@@ -3,7 +3,6 @@
 //! but `/healthz` needs `Authorization: Bearer <token>`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -27,7 +26,7 @@ impl Handler for Admin {
     async fn call(
         self: Arc<Self>,
         req: Request<Incoming>,
-        _peer: SocketAddr,
+        _peer: crate::server::Peer,
     ) -> Response<ResponseBody> {
         self.handle(&req)
     }

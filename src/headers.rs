@@ -27,6 +27,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than nine removals, each
+    // of which hashes its name.
+    let any = headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k.as_str() == "proxy-connection");
+    if !any {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -64,32 +72,66 @@ pub fn strip_gateway_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// A client's `x-request-id` is kept when it is short and printable; otherwise a new one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-        {
-            return v.clone();
-        }
-    }
-    let id = fastrand::u128(..);
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+/// The request's id and trace context: the client's when valid, else new ones.
+pub struct Ids {
+    pub request_id: HeaderValue,
+    /// `Some` when the gateway started the trace (the client's valid one is left in place).
+    pub traceparent: Option<HeaderValue>,
 }
 
-/// Keeps a valid W3C `traceparent`, else starts a new trace.
-pub fn traceparent(headers: &HeaderMap) -> Option<HeaderValue> {
-    if let Some(v) = headers.get(TRACEPARENT) {
-        if valid_traceparent(v.as_bytes()) {
-            return None; // keep the client's
+impl Ids {
+    pub fn for_request(headers: &HeaderMap) -> Ids {
+        let client_id = headers
+            .get(REQUEST_ID)
+            .filter(|v| valid_request_id(v.as_bytes()))
+            .cloned();
+        let client_trace = headers
+            .get(TRACEPARENT)
+            .is_some_and(|v| valid_traceparent(v.as_bytes()));
+        if client_trace {
+            return Ids {
+                request_id: client_id
+                    .unwrap_or_else(|| hex_value(&fastrand::u128(1..).to_be_bytes())),
+                traceparent: None,
+            };
+        }
+        // A new trace: its trace id doubles as the request id when the client sent none, so
+        // logs and traces meet on one value.
+        let trace = fastrand::u128(1..).to_be_bytes();
+        let span = fastrand::u64(1..).to_be_bytes();
+        let mut tp = [0u8; 55];
+        tp[..3].copy_from_slice(b"00-");
+        hex_into(&trace, &mut tp[3..35]);
+        tp[35] = b'-';
+        hex_into(&span, &mut tp[36..52]);
+        tp[52..].copy_from_slice(b"-01");
+        Ids {
+            request_id: client_id.unwrap_or_else(|| hex_value(&trace)),
+            traceparent: HeaderValue::from_bytes(&tp).ok(),
         }
     }
-    let trace = fastrand::u128(1..);
-    let span = fastrand::u64(1..);
-    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01")).ok()
+}
+
+/// A client's `x-request-id` is kept when it is short and printable.
+fn valid_request_id(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 0xf) as usize];
+    }
+}
+
+fn hex_value(bytes: &[u8; 16]) -> HeaderValue {
+    let mut out = [0u8; 32];
+    hex_into(bytes, &mut out);
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn valid_traceparent(b: &[u8]) -> bool {
@@ -107,15 +149,19 @@ fn valid_traceparent(b: &[u8]) -> bool {
         && b[36..52].iter().any(|&c| c != b'0')
 }
 
-/// Appends the client address to `x-forwarded-for`.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
-    let value = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+/// Appends the client address (already a header value) to `x-forwarded-for`.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let joined = match headers.get(FORWARDED_FOR) {
+        Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(FORWARDED_FOR, v);
-    }
+    headers.insert(FORWARDED_FOR, joined.unwrap_or_else(|| client.clone()));
 }
 
 #[cfg(test)]
@@ -149,11 +195,12 @@ mod tests {
     fn request_id_kept_only_when_sane() {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", "abc-123".parse().unwrap());
-        assert_eq!(request_id(&h), "abc-123");
+        assert_eq!(Ids::for_request(&h).request_id, "abc-123");
         h.insert("x-request-id", "has space".parse().unwrap());
-        let fresh = request_id(&h);
+        let fresh = Ids::for_request(&h).request_id;
         assert_eq!(fresh.len(), 32);
-        assert_ne!(fresh, request_id(&h));
+        assert!(fresh.as_bytes().iter().all(u8::is_ascii_hexdigit));
+        assert_ne!(fresh, Ids::for_request(&h).request_id);
     }
 
     #[test]
@@ -161,17 +208,20 @@ mod tests {
         let mut h = HeaderMap::new();
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert("traceparent", good.parse().unwrap());
-        assert!(traceparent(&h).is_none());
+        assert!(Ids::for_request(&h).traceparent.is_none());
         h.insert("traceparent", "garbage".parse().unwrap());
-        let started = traceparent(&h).unwrap();
-        assert!(valid_traceparent(started.as_bytes()));
+        let ids = Ids::for_request(&h);
+        let started = ids.traceparent.unwrap();
+        assert!(valid_traceparent(started.as_bytes()), "{started:?}");
+        // Without a client id, the request id is the new trace id.
+        assert_eq!(&started.as_bytes()[3..35], ids.request_id.as_bytes());
     }
 
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
-        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
         assert_eq!(h[FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
     }
 }

@@ -58,9 +58,9 @@ impl Handler for Gateway {
     async fn call(
         self: Arc<Self>,
         req: http::Request<hyper::body::Incoming>,
-        peer: SocketAddr,
+        peer: server::Peer,
     ) -> http::Response<body::ResponseBody> {
-        self.handle(req, peer).await
+        self.handle(req, peer.ip_header).await
     }
 }
 
@@ -166,7 +166,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
         metrics: metrics.clone(),
-        local_idc: config.local_idc.clone().map(Arc::new),
+        local_idc_header: config
+            .local_idc
+            .as_deref()
+            .and_then(|i| http::HeaderValue::from_str(i).ok()),
         settings: ProxySettings {
             connect_timeout: config.timeouts.upstream_connect,
             body_timeout: config.timeouts.request_body,

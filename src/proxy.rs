@@ -4,7 +4,6 @@
 //! the next IDC when the serving one cannot be reached) → response headers → metrics + one
 //! access-log event.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +34,8 @@ pub struct Gateway {
     pub topology: Arc<ArcSwapOption<Topology>>,
     pub metrics: Arc<Metrics>,
     pub settings: ProxySettings,
-    /// This instance's IDC (`--idc`), if set.
-    pub local_idc: Option<Arc<String>>,
+    /// This instance's IDC (`--idc`), if set, as a header value.
+    pub local_idc_header: Option<HeaderValue>,
 }
 
 /// What one request did, for metrics and the access log.
@@ -44,7 +43,10 @@ struct Outcome {
     route: Option<Arc<String>>,
     set: Option<Arc<String>>,
     idc: Option<Arc<String>>,
+    /// The serving IDC's name as a header value (precomputed in the snapshot).
+    idc_header: Option<HeaderValue>,
     shard: Option<u32>,
+    shard_header: Option<HeaderValue>,
     spilled: bool,
 }
 
@@ -59,19 +61,23 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Gateway {
+    /// `client_ip` is the connection's peer address as a header value, for `x-forwarded-for`.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        client_ip: HeaderValue,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
-        let request_id = headers::request_id(req.headers());
+        let ids = headers::Ids::for_request(req.headers());
+        let request_id = ids.request_id.clone();
         headers::strip_gateway_headers(req.headers_mut());
         let mut outcome = Outcome {
             route: None,
             set: None,
             idc: None,
+            idc_header: None,
             shard: None,
+            shard_header: None,
             spilled: false,
         };
         let topo = self.topology.load_full();
@@ -79,7 +85,7 @@ impl Gateway {
             Some(topo) => {
                 let rev = topo.revision;
                 let resp = match self
-                    .route_and_forward(&topo, req, peer, &request_id, &mut outcome)
+                    .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
                     .await
                 {
                     Ok(resp) => resp,
@@ -96,13 +102,22 @@ impl Gateway {
 
         let h = resp.headers_mut();
         // Refusals before an IDC was chosen name the IDC whose gateway answered.
-        if let Some(idc) = outcome.idc.as_ref().or(self.local_idc.as_ref()) {
-            if let Ok(v) = HeaderValue::from_str(idc) {
-                h.insert(headers::IDC, v);
-            }
+        if let Some(idc) = outcome
+            .idc_header
+            .take()
+            .or_else(|| self.local_idc_header.clone())
+        {
+            h.insert(headers::IDC, idc);
         }
-        if let Some(shard) = outcome.shard {
-            h.insert(headers::SHARD, HeaderValue::from(shard));
+        match outcome.shard_header.take() {
+            Some(v) => {
+                h.insert(headers::SHARD, v);
+            }
+            None => {
+                if let Some(shard) = outcome.shard {
+                    h.insert(headers::SHARD, HeaderValue::from(shard));
+                }
+            }
         }
         h.insert(headers::REQUEST_ID, request_id.clone());
         self.record(
@@ -119,8 +134,8 @@ impl Gateway {
         &self,
         topo: &Topology,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        request_id: &HeaderValue,
+        client_ip: &HeaderValue,
+        ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let decision = topo
@@ -135,9 +150,10 @@ impl Gateway {
         outcome.set = Some(topo.set(route.set).name.clone());
         outcome.shard = decision.shard.map(|s| s.0);
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
+        outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
 
         let method = req.method().clone();
-        let mut upstream = self.upstream_request(topo, req, &decision, peer, request_id)?;
+        let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
             retries: route.retries,
@@ -173,9 +189,8 @@ impl Gateway {
                         match next {
                             Some((n, mut r)) => {
                                 tracing::debug!(from = %topo.idc(idc).name, to = %topo.idc(n).name, "spilling a read to the next IDC");
-                                if let Ok(v) = HeaderValue::from_str(&topo.idc(n).name) {
-                                    r.headers_mut().insert(headers::IDC, v);
-                                }
+                                r.headers_mut()
+                                    .insert(headers::IDC, topo.idc(n).header.clone());
                                 r.headers_mut()
                                     .insert(headers::SPILL, HeaderValue::from_static("1"));
                                 upstream = r;
@@ -198,6 +213,7 @@ impl Gateway {
             };
         if spilled {
             outcome.idc = Some(topo.idc(idc).name.clone());
+            outcome.idc_header = Some(topo.idc(idc).header.clone());
             outcome.spilled = true;
         }
 
@@ -217,45 +233,49 @@ impl Gateway {
         topo: &Topology,
         req: Request<Incoming>,
         decision: &Decision,
-        peer: SocketAddr,
-        request_id: &HeaderValue,
+        client_ip: &HeaderValue,
+        ids: &headers::Ids,
+        outcome: &mut Outcome,
     ) -> Result<Request<RequestBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let host = match parts.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => parts.headers.get(http::header::HOST).cloned(),
         };
-        let traceparent = headers::traceparent(&parts.headers);
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
         if let Some(host) = host {
             h.insert(headers::FORWARDED_HOST, host.clone());
             h.insert(http::header::HOST, host);
         }
-        headers::append_forwarded_for(h, peer.ip());
+        headers::append_forwarded_for(h, client_ip);
         h.insert(
             headers::FORWARDED_PROTO,
             HeaderValue::from_static(self.settings.scheme),
         );
-        h.insert(headers::REQUEST_ID, request_id.clone());
-        if let Some(tp) = traceparent {
-            h.insert(headers::TRACEPARENT, tp);
+        h.insert(headers::REQUEST_ID, ids.request_id.clone());
+        if let Some(tp) = &ids.traceparent {
+            h.insert(headers::TRACEPARENT, tp.clone());
         }
         if let Some(shard) = decision.shard {
-            h.insert(headers::SHARD, HeaderValue::from(shard.0));
+            let v = HeaderValue::from(shard.0);
+            outcome.shard_header = Some(v.clone());
+            h.insert(headers::SHARD, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&topo.idc(decision.idc).name) {
-            h.insert(headers::IDC, v);
-        }
-        h.insert(headers::EPOCH, HeaderValue::from(topo.revision));
+        h.insert(headers::IDC, topo.idc(decision.idc).header.clone());
+        h.insert(headers::EPOCH, topo.epoch_header.clone());
 
-        parts.uri = match parts.uri.path_and_query() {
-            Some(pq) => {
-                Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_str().as_bytes()))
-                    .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?
-            }
-            None => Uri::from_static("/"),
-        };
+        // Origin form; the path and query bytes are shared, not copied.
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri_parts)
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))?;
         parts.version = Version::HTTP_11;
         let body = if body_is_empty(&parts.method, &body) {
             RequestBody::Empty

@@ -82,11 +82,7 @@ pub fn extract_key<'a>(
                 .map(|v| Cow::Borrowed(trim_ascii(v.as_bytes()))),
             KeySource::Query(name) => query.and_then(|q| query_value(q, name)),
             KeySource::Cookie(name) => cookie_value(headers, name).map(Cow::Borrowed),
-            KeySource::Path(n) => path
-                .split('/')
-                .filter(|s| !s.is_empty())
-                .nth(n - 1)
-                .map(|s| percent_decode(s.as_bytes())),
+            KeySource::Path(n) => path_segment(path.as_bytes(), *n).map(percent_decode),
         };
         if let Some(key) = found.filter(|k| !k.is_empty()) {
             if key.len() > MAX_KEY_BYTES {
@@ -96,6 +92,24 @@ pub fn extract_key<'a>(
         }
     }
     Err(KeyError::Missing)
+}
+
+/// The `n`-th non-empty segment of a path, counting from 1.
+fn path_segment(path: &[u8], n: usize) -> Option<&[u8]> {
+    let mut seen = 0;
+    let mut start = 0;
+    for i in 0..=path.len() {
+        if i == path.len() || path[i] == b'/' {
+            if i > start {
+                seen += 1;
+                if seen == n {
+                    return Some(&path[start..i]);
+                }
+            }
+            start = i + 1;
+        }
+    }
+    None
 }
 
 fn trim_ascii(mut b: &[u8]) -> &[u8] {
@@ -332,8 +346,8 @@ fn strip_port(host: &str) -> &str {
         // [v6]:port
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    match host.as_bytes().iter().rposition(|&b| b == b':') {
+        Some(i) if host.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
         _ => host,
     }
 }
@@ -480,5 +494,25 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", "[::1]:80".parse().unwrap());
         assert_eq!(request_host(&"/x".parse().unwrap(), &h), Some("::1"));
+        let mut h = HeaderMap::new();
+        h.insert("host", "api.example.com:8443".parse().unwrap());
+        assert_eq!(
+            request_host(&"/x".parse().unwrap(), &h),
+            Some("api.example.com")
+        );
+        h.insert("host", "api.example.com".parse().unwrap());
+        assert_eq!(
+            request_host(&"/x".parse().unwrap(), &h),
+            Some("api.example.com")
+        );
+    }
+
+    #[test]
+    fn path_segments_count_from_one_and_skip_empty_ones() {
+        assert_eq!(path_segment(b"/orders/42", 2), Some(&b"42"[..]));
+        assert_eq!(path_segment(b"//orders//42/", 2), Some(&b"42"[..]));
+        assert_eq!(path_segment(b"/orders", 1), Some(&b"orders"[..]));
+        assert_eq!(path_segment(b"/orders", 2), None);
+        assert_eq!(path_segment(b"/", 1), None);
     }
 }

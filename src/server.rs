@@ -37,12 +37,29 @@ pub struct ListenerSettings {
     pub drain: Duration,
 }
 
+/// The client end of a connection, made once per connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client IP as a header value, for `x-forwarded-for`: formatted once per connection
+    /// rather than once per request.
+    pub ip_header: http::HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip_header = http::HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or(http::HeaderValue::from_static("unknown"));
+        Peer { addr, ip_header }
+    }
+}
+
 /// A request handler: the proxy pipeline or the admin API.
 pub trait Handler: Send + Sync + 'static {
     fn call(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> impl Future<Output = Response<ResponseBody>> + Send;
 }
 
@@ -93,12 +110,16 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         let activity = Arc::new(Activity::default());
         let in_service = activity.clone();
+        let client = Peer::new(peer);
         let service = hyper::service::service_fn(move |req| {
-            let handler = handler.clone();
-            let activity = in_service.clone();
+            let busy = in_service.request_started();
+            // Boxed: hyper moves the service future around, and the pipeline's future is
+            // large; moving a pointer is cheaper than copying kilobytes per request.
+            let call = Box::pin(handler.clone().call(req, client.clone()));
             async move {
-                let _busy = activity.request_started();
-                Ok::<_, Infallible>(handler.call(req, peer).await)
+                let response = call.await;
+                drop(busy);
+                Ok::<_, Infallible>(response)
             }
         });
         let io = ActivityIo {

@@ -103,7 +103,7 @@ impl Handler for SimIdc {
     async fn call(
         self: Arc<Self>,
         req: Request<Incoming>,
-        _peer: SocketAddr,
+        _peer: crate::server::Peer,
     ) -> Response<ResponseBody> {
         self.answer(req).await
     }

@@ -64,6 +64,8 @@ pub struct HealthSpec {
 #[derive(Debug)]
 pub struct Idc {
     pub name: Arc<String>,
+    /// The name as a header value (`x-shardgate-idc`), made once per snapshot.
+    pub header: http::HeaderValue,
     pub weight: u32,
     pub failover_to: Vec<IdcId>,
     pub health: HealthSpec,
@@ -130,6 +132,8 @@ pub struct FailoverSpec {
 #[derive(Debug)]
 pub struct Topology {
     pub revision: u64,
+    /// The revision as a header value (`x-shardgate-epoch`).
+    pub epoch_header: http::HeaderValue,
     pub cluster: String,
     pub shard_count: u32,
     pub sets: Vec<SetSpec>,

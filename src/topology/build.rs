@@ -314,6 +314,7 @@ pub fn build(
 
     Ok(Topology {
         revision: ctx.revision,
+        epoch_header: http::HeaderValue::from(ctx.revision),
         cluster: doc.cluster.clone(),
         shard_count,
         sets,
@@ -522,6 +523,8 @@ fn check_idc(
     };
     Idc {
         name: Arc::new(raw.name.clone()),
+        header: http::HeaderValue::from_str(&raw.name)
+            .unwrap_or(http::HeaderValue::from_static("invalid")),
         weight: raw.weight,
         failover_to,
         health: HealthSpec {
