@@ -138,6 +138,7 @@ impl Gateway {
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        check_authority(&req)?;
         let decision = topo
             .decide(RequestView {
                 method: req.method(),
@@ -379,4 +380,25 @@ fn spill_target(topo: &Topology, d: &Decision, from: IdcId) -> Option<IdcId> {
         .take(order.len().saturating_sub(1))
         .copied()
         .find(|&i| i != from && topo.idc(i).state == IdcState::Active)
+}
+
+/// Absolute-form confusion: a request target naming one host and a `Host` header naming
+/// another could be routed by one and served by the other, so it is refused (RFC 9112 §3.2.2
+/// lets a server prefer the target; a gateway that routes by host must not guess). HTTP/2
+/// requests carry `:authority` in the target, and a `Host` beside it must agree the same way.
+fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let (Some(target), Some(host)) = (req.uri().authority(), req.headers().get(http::header::HOST))
+    else {
+        return Ok(());
+    };
+    if host
+        .as_bytes()
+        .eq_ignore_ascii_case(target.as_str().as_bytes())
+    {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(
+            "the request target's authority and the Host header disagree",
+        ))
+    }
 }
