@@ -153,6 +153,13 @@ impl Gateway {
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
 
+        // A declared length past the limit is refused before anything is sent; a streamed
+        // body is counted as it goes (`RequestBody`).
+        if let Some(max) = route.max_body_bytes {
+            if http_body::Body::size_hint(req.body()).lower() > max {
+                return Err(ProxyError::PayloadTooLarge(max));
+            }
+        }
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         let policy = ForwardPolicy {
@@ -210,6 +217,9 @@ impl Gateway {
                 Ok(Ok(done)) => done,
                 Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
                 Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
+                Ok(Err(ForwardError::BodyTooLarge(max))) => {
+                    return Err(ProxyError::PayloadTooLarge(max))
+                }
                 Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
             };
         if spilled {
@@ -238,6 +248,7 @@ impl Gateway {
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Request<RequestBody>, ProxyError> {
+        let route_limit = topo.route(decision.route).max_body_bytes;
         let (mut parts, body) = req.into_parts();
         let host = match parts.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
@@ -281,7 +292,7 @@ impl Gateway {
         let body = if body_is_empty(&parts.method, &body) {
             RequestBody::Empty
         } else {
-            RequestBody::client(body, self.settings.body_timeout)
+            RequestBody::client(body, self.settings.body_timeout, route_limit)
         };
         Ok(Request::from_parts(parts, body))
     }

@@ -268,3 +268,58 @@ fn admin_off_loopback_needs_a_token() {
             .expect("TOML");
     assert!(raw.into_config().is_ok());
 }
+
+const SMALL_ROUTE: &str = r#"
+[[routes]]
+name = "small"
+path_prefix = "/small"
+methods = ["POST"]
+set = "core"
+key = ["header:x-user-id"]
+retries = 0
+max_body_bytes = 1024
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_route_limit_get_413() {
+    let c = Cluster::start_with(Options {
+        extra_toml: SMALL_ROUTE.into(),
+        ..Options::default()
+    })
+    .await;
+    let post = |body: support::ClientBody| {
+        http::Request::post("/small")
+            .header("x-user-id", "u1")
+            .body(body)
+            .expect("a request")
+    };
+    let full = |n: usize| {
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            http_body_util::Full::new(bytes::Bytes::from(vec![b'a'; n])),
+            |e| match e {},
+        ))
+    };
+    // A declared length past the limit: refused before anything is sent.
+    let r = c.send(post(full(2048))).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(r.json()["error"], "payload_too_large");
+    assert_eq!(c.total_hits(), 0);
+    // Within the limit: forwarded whole.
+    let r = c.send(post(full(1024))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["body_bytes"], 1024);
+
+    // A streamed body (no length) that goes past the limit on the way.
+    let (tx, body) = support::channel_body();
+    let feeder = tokio::spawn(async move {
+        for i in 0..4 {
+            if tx.send(support::pattern_chunk(i, 512)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let r = c.send(post(body)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    let _ = within(REQUEST_DEADLINE, "the body feeder", feeder).await;
+    c.stop().await;
+}
