@@ -378,3 +378,50 @@ async fn the_plain_listener_redirects_to_https() {
     assert_eq!(c.total_hits(), 0);
     c.stop().await;
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificates() {
+    let p = pki();
+    let (cert1, key1, der1) = leaf(&p.ca, &["gw.test"]);
+    let files = write_pair(p.dir.path(), "gw", &cert1, &key1);
+    let tls = TlsConfig {
+        certs: vec![files.clone()],
+        redirect_http: None,
+    };
+    // Polling every hour: only the signal can make the gateway look at the files.
+    let c = Cluster::start_with(Options {
+        tweak: ConfigTweak::new(move |c| {
+            c.tls = Some(tls.clone());
+            c.file_poll = Duration::from_secs(3600);
+        }),
+        ..Options::default()
+    })
+    .await;
+    let first = handshake(c.proxy(), &p.ca, "gw.test", &[b"http/1.1"])
+        .await
+        .expect("a TLS handshake");
+    assert_eq!(served_cert(&first), der1);
+
+    let (cert2, key2, der2) = leaf(&p.ca, &["gw.test"]);
+    put(&files.key, &key2);
+    put(&files.cert, &cert2);
+    // The gateway has installed its SIGHUP handler (the file source and the certificates
+    // both listen), so the signal reloads instead of ending the test process.
+    let pid = std::process::id().to_string();
+    let (proxy, ca, want) = (c.proxy(), &p.ca, &der2);
+    support::eventually("SIGHUP to load the new certificate", || {
+        let pid = pid.clone();
+        async move {
+            let sent = std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(sent, "kill -HUP failed");
+            let tls = handshake(proxy, ca, "gw.test", &[b"http/1.1"]).await.ok()?;
+            (served_cert(&tls) == *want).then_some(())
+        }
+    })
+    .await;
+    c.stop().await;
+}
