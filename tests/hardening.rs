@@ -323,3 +323,17 @@ async fn bodies_past_the_route_limit_get_413() {
     let _ = within(REQUEST_DEADLINE, "the body feeder", feeder).await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_over_h2c_get_431() {
+    let c = Cluster::start().await;
+    let big = "a".repeat(70 * 1024);
+    let r = support::send_h2c(
+        c.proxy(),
+        get("/orders", &[("x-user-id", "u1"), ("x-big", &big)]),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(c.total_hits(), 0);
+    c.stop().await;
+}
