@@ -337,3 +337,51 @@ async fn oversized_headers_over_h2c_get_431() {
     assert_eq!(c.total_hits(), 0);
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_rapid_reset_flood_loses_its_connection() {
+    let c = Cluster::start_with(Options {
+        tweak: ConfigTweak::new(|c| c.limits.h2_max_pending_accept_reset_streams = 5),
+        ..Options::default()
+    })
+    .await;
+    let tcp = TcpStream::connect(c.proxy()).await.expect("connect");
+    let (mut client, conn) = within(
+        REQUEST_DEADLINE,
+        "an h2 handshake",
+        h2::client::handshake(tcp),
+    )
+    .await
+    .expect("an h2 handshake");
+    let driver = tokio::spawn(conn);
+    // Open streams and cancel each at once (HEADERS then RST_STREAM in one write), as the
+    // CVE-2023-44487 attack does, until the gateway closes the connection.
+    let closed = within(REQUEST_DEADLINE, "the flood to be cut off", async {
+        for _ in 0..10_000 {
+            let ready = std::future::poll_fn(|cx| client.poll_ready(cx)).await;
+            if ready.is_err() {
+                return true;
+            }
+            let req = http::Request::get(format!("http://{}/orders", c.proxy()))
+                .header("x-user-id", "u1")
+                .body(())
+                .expect("a request");
+            match client.send_request(req, true) {
+                Ok((response, _)) => drop(response),
+                Err(_) => return true,
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        closed,
+        "10000 reset streams and the connection is still open"
+    );
+    let ended = within(REQUEST_DEADLINE, "the h2 connection to end", driver)
+        .await
+        .expect("the connection task");
+    let err = ended.expect_err("the gateway ends the connection with an error");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
+    c.stop().await;
+}
