@@ -385,3 +385,38 @@ async fn an_h2_rapid_reset_flood_loses_its_connection() {
     assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_max_concurrent_streams_is_advertised() {
+    let c = Cluster::start_with(Options {
+        tweak: ConfigTweak::new(|c| c.limits.h2_max_concurrent_streams = 3),
+        ..Options::default()
+    })
+    .await;
+    let tcp = TcpStream::connect(c.proxy()).await.expect("connect");
+    let (mut client, mut conn) = within(
+        REQUEST_DEADLINE,
+        "an h2 handshake",
+        h2::client::handshake(tcp),
+    )
+    .await
+    .expect("an h2 handshake");
+    let req = http::Request::get(format!("http://{}/orders", c.proxy()))
+        .header("x-user-id", "u1")
+        .body(())
+        .expect("a request");
+    let (response, _) = client.send_request(req, true).expect("send a request");
+    // Drive the connection here until the answer is in: by then the gateway's SETTINGS are.
+    let response = within(REQUEST_DEADLINE, "an h2 answer", async {
+        tokio::select! {
+            r = response => r,
+            r = &mut conn => panic!("the connection ended first: {r:?}"),
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(conn.max_concurrent_send_streams(), 3);
+    drop((client, conn));
+    c.stop().await;
+}
