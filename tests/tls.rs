@@ -63,12 +63,20 @@ fn write_pair(dir: &Path, name: &str, cert: &str, key: &str) -> CertFiles {
 }
 
 fn connector(ca: &Ca, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    connector_for(ca, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+fn connector_for(
+    ca: &Ca,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).expect("the test CA as a root");
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()
+    .with_protocol_versions(versions)
     .expect("client protocol versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
@@ -423,5 +431,36 @@ async fn sighup_reloads_the_certificates() {
         }
     })
     .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_and_tls13_clients_are_served() {
+    let p = pki();
+    let (cert, key, _) = leaf(&p.ca, &["gw.test"]);
+    let files = write_pair(p.dir.path(), "gw", &cert, &key);
+    let c = Cluster::start_with(tls_options(TlsConfig {
+        certs: vec![files],
+        redirect_http: None,
+    }))
+    .await;
+    for (version, want) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let tcp = TcpStream::connect(c.proxy()).await.expect("connect");
+        let name = ServerName::try_from("gw.test").expect("a server name");
+        let tls = within(
+            REQUEST_DEADLINE,
+            "a TLS handshake",
+            connector_for(&p.ca, &[b"h2"], &[version]).connect(name, tcp),
+        )
+        .await
+        .expect("a TLS handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(want));
+        let mut s = sender(tls).await;
+        let r = exchange(&mut s, "gw.test", "/orders", &[("x-user-id", "u1")]).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
     c.stop().await;
 }
