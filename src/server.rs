@@ -27,6 +27,9 @@ use crate::body::ResponseBody;
 use crate::config::Limits;
 use crate::tls::Tls;
 
+/// How often a listener at its connection limit says so.
+const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Connection-level settings of a listener.
 #[derive(Debug, Clone)]
 pub struct ListenerSettings {
@@ -117,6 +120,7 @@ pub async fn serve<H: Handler>(
     // One permit per open connection: past the limit a connection is accepted and closed at
     // once, which a client sees as a reset rather than a hang in the backlog.
     let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
+    let (mut refused, mut last_warning) = (0u64, None::<std::time::Instant>);
     // Connection tasks, so those still open when the drain time is up can be closed.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -134,8 +138,17 @@ pub async fn serve<H: Handler>(
             _ = shutdown.changed() => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, limit = settings.limits.max_connections, "connection limit reached: closing a new connection");
             drop(stream);
+            // At most one warning per interval, so a flood does not also flood the log.
+            refused += 1;
+            if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_WARNING_INTERVAL) {
+                tracing::warn!(
+                    limit = settings.limits.max_connections,
+                    refused,
+                    "connection limit reached: new connections are closed at once"
+                );
+                (refused, last_warning) = (0, Some(std::time::Instant::now()));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
