@@ -20,6 +20,8 @@ pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
     pub token: Option<String>,
+    /// The proxy listener's certificates, shown in `/status`.
+    pub tls: Option<Arc<crate::tls::Certificates>>,
 }
 
 impl Handler for Admin {
@@ -209,6 +211,7 @@ impl Admin {
             "moves": [],
             "gateways": self.snapshots.gateways(),
             "sets": sets,
+            "tls": self.tls.as_ref().map(|c| c.status()),
         })
     }
 }

@@ -29,6 +29,18 @@ impl fmt::Display for BodyTimeout {
 
 impl std::error::Error for BodyTimeout {}
 
+/// A request body that went past its route's `max_body_bytes` (the limit).
+#[derive(Debug)]
+pub struct BodyTooLarge(pub u64);
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
 /// An idle deadline between frames, armed lazily.
 pub struct IdleTimer {
     idle: Duration,
@@ -59,15 +71,24 @@ impl IdleTimer {
 
 /// The body sent upstream: the client's body (streamed) or nothing.
 pub enum RequestBody {
-    Client { inner: Incoming, timer: IdleTimer },
+    Client {
+        inner: Incoming,
+        timer: IdleTimer,
+        /// Bytes still allowed (`u64::MAX`: no limit) and the limit, for the error.
+        allowed: u64,
+        limit: u64,
+    },
     Empty,
 }
 
 impl RequestBody {
-    pub fn client(inner: Incoming, idle: Duration) -> RequestBody {
+    pub fn client(inner: Incoming, idle: Duration, limit: Option<u64>) -> RequestBody {
+        let limit = limit.unwrap_or(u64::MAX);
         RequestBody::Client {
             inner,
             timer: IdleTimer::new(idle),
+            allowed: limit,
+            limit,
         }
     }
 }
@@ -82,9 +103,21 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Client { inner, timer } => match Pin::new(inner).poll_frame(cx) {
+            RequestBody::Client {
+                inner,
+                timer,
+                allowed,
+                limit,
+            } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(frame) => {
                     timer.reset();
+                    if let Some(Ok(f)) = &frame {
+                        let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                        match allowed.checked_sub(len) {
+                            Some(left) => *allowed = left,
+                            None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*limit))))),
+                        }
+                    }
                     Poll::Ready(frame.map(|r| r.map_err(Into::into)))
                 }
                 Poll::Pending if timer.expired(cx) => {

@@ -79,12 +79,16 @@ pub struct ServeArgs {
     /// Where operator overrides and the last good snapshot are kept.
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// TLS certificate chain (PEM).
-    #[arg(long)]
+    /// TLS certificate chain (PEM); replaces the config's [[tls.certs]]. Reloaded on change
+    /// and on SIGHUP.
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long)]
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A plain listener answering every request with a 308 redirect to https.
+    #[arg(long)]
+    pub redirect_http: Option<String>,
     /// Token required by the admin API (Authorization: Bearer).
     #[arg(long, env = "SHARDGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -228,10 +232,19 @@ impl ServeArgs {
         if self.threads.is_some() {
             raw.threads = self.threads;
         }
-        if self.tls_cert.is_some() || self.tls_key.is_some() {
-            anyhow::bail!(
-                "TLS termination (--tls-cert/--tls-key) is not available in this build yet"
-            );
+        match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                raw.tls.certs = vec![crate::config::CertFiles {
+                    cert,
+                    key,
+                    server_names: Vec::new(),
+                }];
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        if self.redirect_http.is_some() {
+            raw.tls.redirect_http = self.redirect_http;
         }
         Ok(raw)
     }

@@ -32,6 +32,51 @@ pub struct Timeouts {
     pub etcd: Duration,
 }
 
+/// One certificate chain and its key (PEM files), with the SNI names it answers for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Exact names or `*.suffix` wildcards; the first certificate also answers every other name.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// TLS on the proxy listener.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// The first is the default certificate.
+    pub certs: Vec<CertFiles>,
+    /// A plain listener answering every request with a 308 to https.
+    pub redirect_http: Option<SocketAddr>,
+}
+
+/// Connection and protocol limits (DESIGN.md §10).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections on the proxy listener; one more is accepted and closed at once.
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the server has accepted them (the HTTP/2
+    /// rapid-reset defence; hyper's default is 20).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset for a client's protocol errors before it closes the
+    /// connection (hyper's default is 1024).
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -48,7 +93,9 @@ pub struct Config {
     pub threads: usize,
     pub timeouts: Timeouts,
     pub max_header_bytes: usize,
-    /// How often the file source looks at the file (it also reloads on SIGHUP).
+    pub limits: Limits,
+    pub tls: Option<TlsConfig>,
+    /// How often the file source and the TLS certificates looks at the file (it also reloads on SIGHUP).
     pub file_poll: Duration,
 }
 
@@ -71,6 +118,16 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub tls: RawTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(default)]
+    pub certs: Vec<CertFiles>,
+    pub redirect_http: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +145,10 @@ pub struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub h2_max_concurrent_streams: Option<u32>,
+    pub h2_max_pending_accept_reset_streams: Option<usize>,
+    pub h2_max_local_error_reset_streams: Option<usize>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -163,6 +224,50 @@ impl RawConfig {
         if !(8192..=1 << 20).contains(&max_header_bytes) {
             problems.push("limits.max_header_bytes: must be between 8192 and 1048576".into());
         }
+        let l = self.limits;
+        let d = Limits::default();
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(d.max_connections),
+            h2_max_concurrent_streams: l
+                .h2_max_concurrent_streams
+                .unwrap_or(d.h2_max_concurrent_streams),
+            h2_max_pending_accept_reset_streams: l
+                .h2_max_pending_accept_reset_streams
+                .unwrap_or(d.h2_max_pending_accept_reset_streams),
+            h2_max_local_error_reset_streams: l
+                .h2_max_local_error_reset_streams
+                .unwrap_or(d.h2_max_local_error_reset_streams),
+        };
+        if limits.max_connections == 0 {
+            problems.push("limits.max_connections: must be greater than 0".into());
+        }
+        if limits.h2_max_concurrent_streams == 0 {
+            problems.push("limits.h2_max_concurrent_streams: must be greater than 0".into());
+        }
+        let tls = self.tls;
+        for (i, c) in tls.certs.iter().enumerate() {
+            if c.cert.as_os_str().is_empty() || c.key.as_os_str().is_empty() {
+                problems.push(format!("tls.certs[{i}]: needs both cert and key"));
+            }
+        }
+        let redirect_http = tls.redirect_http.map(|text| {
+            text.parse::<SocketAddr>().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "tls.redirect_http: `{text}` is not an `ip:port` address"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            })
+        });
+        if redirect_http.is_some() && tls.certs.is_empty() {
+            problems.push(
+                "tls.redirect_http: redirects to https need TLS (--tls-cert/--tls-key or [[tls.certs]])"
+                    .into(),
+            );
+        }
+        let tls = (!tls.certs.is_empty()).then_some(TlsConfig {
+            certs: tls.certs,
+            redirect_http,
+        });
         if !problems.is_empty() {
             anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
         }
@@ -178,6 +283,8 @@ impl RawConfig {
             threads: self.threads.unwrap_or(0),
             timeouts,
             max_header_bytes,
+            limits,
+            tls,
             file_poll: Duration::from_millis(500),
         })
     }
@@ -212,5 +319,26 @@ mod tests {
         assert!(err.contains("admin token"), "{err}");
         assert!(err.contains("drain_ms"), "{err}");
         assert!(err.contains("no topology source"), "{err}");
+    }
+
+    #[test]
+    fn tls_certificates_and_redirect() {
+        let raw: RawConfig = toml::from_str(
+            "topology = 't.toml'\n[tls]\nredirect_http = '127.0.0.1:8081'\n\
+             [[tls.certs]]\ncert = 'a.pem'\nkey = 'a.key'\n\
+             [[tls.certs]]\ncert = 'b.pem'\nkey = 'b.key'\nserver_names = ['b.example', '*.b.example']\n",
+        )
+        .unwrap();
+        let c = raw.into_config().unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.certs.len(), 2);
+        assert_eq!(tls.certs[1].server_names, ["b.example", "*.b.example"]);
+        assert_eq!(tls.redirect_http.unwrap().port(), 8081);
+
+        let raw: RawConfig =
+            toml::from_str("topology = 't.toml'\n[tls]\nredirect_http = '127.0.0.1:8081'\n")
+                .unwrap();
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(err.contains("need TLS"), "{err}");
     }
 }

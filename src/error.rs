@@ -17,6 +17,8 @@ pub enum ProxyError {
     InvalidKey { route: String, why: &'static str },
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("the request body is larger than this route's limit of {0} bytes")]
+    PayloadTooLarge(u64),
     #[error("no IDC can serve {0} now")]
     NoServingIdc(String),
     #[error("{0}")]
@@ -37,6 +39,7 @@ impl ProxyError {
             ProxyError::MissingKey(_)
             | ProxyError::InvalidKey { .. }
             | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoServingIdc(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
@@ -53,6 +56,7 @@ impl ProxyError {
             ProxyError::MissingKey(_) => "missing_key",
             ProxyError::InvalidKey { .. } => "invalid_key",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::PayloadTooLarge(_) => "payload_too_large",
             ProxyError::NoServingIdc(_) => "no_idc",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamProtocol(_) => "upstream_protocol",
@@ -108,6 +112,7 @@ mod tests {
         assert_eq!(ProxyError::NoServingIdc("shard 1".into()).status(), 503);
         assert_eq!(ProxyError::UpstreamConnect("x".into()).status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout(5).status(), 504);
+        assert_eq!(ProxyError::PayloadTooLarge(5).status(), 413);
     }
 
     #[test]

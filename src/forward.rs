@@ -186,6 +186,22 @@ pub enum ForwardError {
     /// The exchange failed after the request was (possibly) sent.
     #[error("upstream exchange failed: {0}")]
     Protocol(String),
+    /// The client's body went past the route's limit while it streamed upstream: the
+    /// exchange was abandoned and the backend never got a whole request.
+    #[error("the request body went past {0} bytes")]
+    BodyTooLarge(u64),
+}
+
+/// The body limit that ended an exchange, if that is what ended it.
+fn body_too_large(e: &hyper::Error) -> Option<u64> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(limit) = c.downcast_ref::<crate::body::BodyTooLarge>() {
+            return Some(limit.0);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Registry of backends by (IDC, set, address), so that snapshots share pools.
@@ -309,7 +325,10 @@ pub async fn forward(
                 return Ok((resp, lease));
             }
             Err(mut e) => {
-                let err = ForwardError::Protocol(e.error().to_string());
+                let err = match body_too_large(e.error()) {
+                    Some(limit) => ForwardError::BodyTooLarge(limit),
+                    None => ForwardError::Protocol(e.error().to_string()),
+                };
                 match e.take_message() {
                     // Not sent: a stale pooled connection. Retry freely.
                     Some(back) => {

@@ -3,7 +3,8 @@
 //! the IDC that serves that shard now.
 //!
 //! The request path, module by module:
-//! - [`server`]: accept → hyper (HTTP/1.1, h2c) with header limits and graceful drain.
+//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → hyper
+//!   (HTTP/1.1, h2) with connection, header and stream limits and graceful drain.
 //! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
 //! - [`route`]: route matching and sharding-key extraction (pure).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
@@ -38,6 +39,7 @@ pub mod server;
 pub mod sim;
 pub mod source;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 use std::net::SocketAddr;
@@ -68,6 +70,8 @@ impl Handler for Gateway {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The plain listener redirecting to https, when configured.
+    pub redirect_addr: Option<SocketAddr>,
     pub snapshots: Arc<Snapshots>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -132,6 +136,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
+    // Certificates are loaded before any listener is bound, so a bad one fails the start.
+    let tls = match &config.tls {
+        Some(t) => {
+            let tls = tls::Tls::load(t.certs.clone())?;
+            tasks.push(tokio::spawn(
+                tls.certificates()
+                    .run(config.file_poll, shutdown_rx.clone()),
+            ));
+            Some(tls)
+        }
+        None => None,
+    };
     let proxy_listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -162,6 +178,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         idle_timeout: config.timeouts.idle,
         max_header_bytes: config.max_header_bytes,
         drain: config.timeouts.drain,
+        limits: config.limits.clone(),
+        tls: None,
+    };
+    let certificates = tls.as_ref().map(tls::Tls::certificates);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let proxy_settings = ListenerSettings {
+        tls,
+        ..settings.clone()
     };
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
@@ -173,19 +197,36 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         settings: ProxySettings {
             connect_timeout: config.timeouts.upstream_connect,
             body_timeout: config.timeouts.request_body,
-            scheme: "http",
+            scheme,
         },
     });
     tasks.push(tokio::spawn(server::serve(
         proxy_listener,
         gateway,
-        settings.clone(),
+        proxy_settings,
         shutdown_rx.clone(),
     )));
+    let mut redirect_addr = None;
+    if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (redirect_http)"))?;
+        redirect_addr = Some(listener.local_addr()?);
+        let redirect = Arc::new(tls::Redirect {
+            https_port: proxy_addr.port(),
+        });
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            redirect,
+            settings.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let admin = Arc::new(admin::Admin {
         snapshots: snapshots.clone(),
         metrics,
         token: config.admin_token.clone(),
+        tls: certificates,
     });
     tasks.push(tokio::spawn(server::serve(
         admin_listener,
@@ -193,10 +234,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         settings,
         shutdown_rx,
     )));
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "shardgate serving");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, tls = scheme == "https", redirect = ?redirect_addr, "shardgate serving");
     Ok(Running {
         proxy_addr,
         admin_addr,
+        redirect_addr,
         snapshots,
         shutdown: shutdown_tx,
         tasks,

@@ -138,6 +138,7 @@ impl Gateway {
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        check_authority(&req)?;
         let decision = topo
             .decide(RequestView {
                 method: req.method(),
@@ -152,6 +153,13 @@ impl Gateway {
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
 
+        // A declared length past the limit is refused before anything is sent; a streamed
+        // body is counted as it goes (`RequestBody`).
+        if let Some(max) = route.max_body_bytes {
+            if http_body::Body::size_hint(req.body()).lower() > max {
+                return Err(ProxyError::PayloadTooLarge(max));
+            }
+        }
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         let policy = ForwardPolicy {
@@ -209,6 +217,9 @@ impl Gateway {
                 Ok(Ok(done)) => done,
                 Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
                 Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
+                Ok(Err(ForwardError::BodyTooLarge(max))) => {
+                    return Err(ProxyError::PayloadTooLarge(max))
+                }
                 Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
             };
         if spilled {
@@ -237,6 +248,7 @@ impl Gateway {
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Request<RequestBody>, ProxyError> {
+        let route_limit = topo.route(decision.route).max_body_bytes;
         let (mut parts, body) = req.into_parts();
         let host = match parts.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
@@ -280,7 +292,7 @@ impl Gateway {
         let body = if body_is_empty(&parts.method, &body) {
             RequestBody::Empty
         } else {
-            RequestBody::client(body, self.settings.body_timeout)
+            RequestBody::client(body, self.settings.body_timeout, route_limit)
         };
         Ok(Request::from_parts(parts, body))
     }
@@ -379,4 +391,25 @@ fn spill_target(topo: &Topology, d: &Decision, from: IdcId) -> Option<IdcId> {
         .take(order.len().saturating_sub(1))
         .copied()
         .find(|&i| i != from && topo.idc(i).state == IdcState::Active)
+}
+
+/// Absolute-form confusion: a request target naming one host and a `Host` header naming
+/// another could be routed by one and served by the other, so it is refused (RFC 9112 §3.2.2
+/// lets a server prefer the target; a gateway that routes by host must not guess). HTTP/2
+/// requests carry `:authority` in the target, and a `Host` beside it must agree the same way.
+fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let (Some(target), Some(host)) = (req.uri().authority(), req.headers().get(http::header::HOST))
+    else {
+        return Ok(());
+    };
+    if host
+        .as_bytes()
+        .eq_ignore_ascii_case(target.as_str().as_bytes())
+    {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(
+            "the request target's authority and the Host header disagree",
+        ))
+    }
 }

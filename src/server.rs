@@ -1,5 +1,6 @@
-//! Listeners: accept → hyper (HTTP/1.1, and HTTP/2 with prior knowledge) → a service, with
-//! header-read and header-size limits, and graceful drain on shutdown.
+//! Listeners: accept → TLS (when configured; ALPN h2/http1.1) → hyper (HTTP/1.1, and HTTP/2 by
+//! ALPN or prior knowledge) → a service, with a connection limit, header-read and header-size
+//! limits, HTTP/2 stream limits, and graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,11 +19,16 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::body::ResponseBody;
+use crate::config::Limits;
+use crate::tls::Tls;
+
+/// How often a listener at its connection limit says so.
+const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Connection-level settings of a listener.
 #[derive(Debug, Clone)]
@@ -35,6 +41,23 @@ pub struct ListenerSettings {
     pub max_header_bytes: usize,
     /// How long in-flight requests get to finish once shutdown starts.
     pub drain: Duration,
+    pub limits: Limits,
+    /// TLS termination; `None` serves plain HTTP.
+    pub tls: Option<Tls>,
+}
+
+impl ListenerSettings {
+    /// Plain HTTP with the default limits.
+    pub fn plain(header_read_timeout: Duration, idle_timeout: Duration, drain: Duration) -> Self {
+        ListenerSettings {
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes: 64 * 1024,
+            drain,
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
 }
 
 /// The client end of a connection, made once per connection.
@@ -76,7 +99,11 @@ fn builder(settings: &ListenerSettings) -> auto::Builder<TokioExecutor> {
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(settings.limits.h2_max_concurrent_streams)
+        // The rapid-reset defence (CVE-2023-44487): a client opening and cancelling streams
+        // faster than they are served gets the connection closed.
+        .max_pending_accept_reset_streams(settings.limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(settings.limits.h2_max_local_error_reset_streams);
     b
 }
 
@@ -90,6 +117,10 @@ pub async fn serve<H: Handler>(
 ) {
     let builder = Arc::new(builder(&settings));
     let graceful = GracefulShutdown::new();
+    // One permit per open connection: past the limit a connection is accepted and closed at
+    // once, which a client sees as a reset rather than a hang in the backlog.
+    let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
+    let (mut refused, mut last_warning) = (0u64, None::<std::time::Instant>);
     // Connection tasks, so those still open when the drain time is up can be closed.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -105,6 +136,20 @@ pub async fn serve<H: Handler>(
                 }
             },
             _ = shutdown.changed() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            // At most one warning per interval, so a flood does not also flood the log.
+            refused += 1;
+            if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_WARNING_INTERVAL) {
+                tracing::warn!(
+                    limit = settings.limits.max_connections,
+                    refused,
+                    "connection limit reached: new connections are closed at once"
+                );
+                (refused, last_warning) = (0, Some(std::time::Instant::now()));
+            }
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
@@ -126,22 +171,37 @@ pub async fn serve<H: Handler>(
             inner: stream,
             activity: activity.clone(),
         };
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let limits = (settings.header_read_timeout, settings.idle_timeout);
+        let connection = Connection {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            activity,
+            head: settings.header_read_timeout,
+            idle: settings.idle_timeout,
+            peer,
+        };
+        let tls = settings.tls.clone();
         connections.spawn(async move {
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            match tls {
+                None => connection.serve(io, service).await,
+                Some(tls) => {
+                    // The handshake is part of the request head: it gets the same deadline.
+                    let handshake =
+                        tokio::time::timeout(connection.head, tls.acceptor.accept(io)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            connection.activity.mark_boundary();
+                            connection.serve(stream, service).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
                     }
                 }
-                () = activity.closing_time(limits.0, limits.1) => {
-                    tracing::debug!(%peer, "closing an idle client connection");
-                }
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -155,6 +215,48 @@ pub async fn serve<H: Handler>(
             "drain timeout: closing the connections still open"
         );
         connections.shutdown().await;
+    }
+}
+
+/// One accepted connection, past TLS: served by hyper under the watchdog.
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    activity: Arc<Activity>,
+    head: Duration,
+    idle: Duration,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve<I, S, B>(self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let conn = self.watcher.watch(conn);
+        let peer = self.peer;
+        tokio::select! {
+            result = conn => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            }
+            () = self.activity.closing_time(self.head, self.idle) => {
+                tracing::debug!(%peer, "closing an idle client connection");
+            }
+        }
     }
 }
 
@@ -189,6 +291,13 @@ impl Activity {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    /// A request boundary with nothing in flight: the bytes read so far (a TLS handshake)
+    /// are not a request head arriving.
+    fn mark_boundary(&self) {
+        self.boundary_reads
+            .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn io(&self) -> u64 {

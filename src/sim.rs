@@ -128,12 +128,11 @@ impl SimBackend {
             hits: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let settings = ListenerSettings {
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_header_bytes: 64 * 1024,
-            drain: Duration::from_secs(1),
-        };
+        let settings = ListenerSettings::plain(
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
         let task = tokio::spawn(serve(listener, sim.clone(), settings, stop_rx));
         Ok(SimBackend {
             addr,

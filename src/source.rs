@@ -181,14 +181,14 @@ pub fn read_document(path: &Path) -> Result<RawTopology, Problems> {
 
 /// What identifies one version of the file on disk.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-struct Stamp {
+pub(crate) struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     #[cfg(unix)]
     inode: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     Some(Stamp {
         modified: m.modified().ok(),
@@ -289,11 +289,11 @@ impl FileSource {
 }
 
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub(crate) type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
-type Hangup = Option<()>;
+pub(crate) type Hangup = Option<()>;
 
-fn hangup_signal() -> Hangup {
+pub(crate) fn hangup_signal() -> Hangup {
     #[cfg(unix)]
     {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
@@ -304,7 +304,7 @@ fn hangup_signal() -> Hangup {
     }
 }
 
-async fn recv_hangup(h: &mut Hangup) {
+pub(crate) async fn recv_hangup(h: &mut Hangup) {
     #[cfg(unix)]
     if let Some(sig) = h.as_mut() {
         sig.recv().await;

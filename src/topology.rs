@@ -114,6 +114,8 @@ pub struct Route {
     pub on_missing_key: MissingKey,
     pub timeout: Duration,
     pub retries: u32,
+    /// Request bodies past this many bytes get 413 (`None`: no limit).
+    pub max_body_bytes: Option<u64>,
     pub rate_limit: Option<RateLimitSpec>,
     pub fallback: Option<Fallback>,
 }

@@ -271,3 +271,40 @@ fn explain_computes_the_same_shard_and_idcs_as_the_library() {
     assert_eq!(run.code, 1);
     assert!(run.stderr.contains("unknown set `gold`"), "{}", run.stderr);
 }
+
+#[test]
+fn serve_refuses_half_a_tls_pair_and_an_unusable_certificate() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let topology = write(dir.path(), "topology.toml", GOOD);
+    let cert = write(dir.path(), "gw.pem", "not a certificate");
+    let key = write(dir.path(), "gw.key", "not a key");
+    // --tls-cert without --tls-key is a usage error.
+    let run = shardgate(&["serve", "--topology", &topology, "--tls-cert", &cert]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    // A certificate that cannot be used fails the start, naming the file.
+    let run = shardgate(&[
+        "serve",
+        "--topology",
+        &topology,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("gw.pem"), "{}", run.stderr);
+    // --redirect-http needs TLS.
+    let run = shardgate(&[
+        "serve",
+        "--topology",
+        &topology,
+        "--redirect-http",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("need TLS"), "{}", run.stderr);
+}

@@ -386,6 +386,9 @@ fn check_route(
         }
     };
     c.positive(at("timeout_ms"), raw.timeout_ms);
+    if let Some(max) = raw.max_body_bytes {
+        c.positive(at("max_body_bytes"), max);
+    }
     if raw.retries > 5 {
         c.fail(at("retries"), "at most 5");
     }
@@ -431,6 +434,7 @@ fn check_route(
         on_missing_key,
         timeout: Duration::from_millis(raw.timeout_ms),
         retries: raw.retries,
+        max_body_bytes: raw.max_body_bytes,
         rate_limit,
         fallback,
     })

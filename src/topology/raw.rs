@@ -195,6 +195,9 @@ pub struct RawRoute {
     pub timeout_ms: u64,
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// Largest request body forwarded; larger gets 413. Unset: no limit.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
     #[serde(default)]
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]

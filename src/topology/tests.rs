@@ -70,6 +70,7 @@ path_prefix = "a"
 set = "gold"
 key = ["body:x"]
 timeout_ms = 0
+max_body_bytes = 0
 [[routes]]
 name = "a"
 set = "core"
@@ -92,6 +93,7 @@ sharded = true
         "routes[0].set: unknown set `gold`",
         "routes[0].key: unknown key source `body`",
         "routes[0].timeout_ms: must be greater than 0",
+        "routes[0].max_body_bytes: must be greater than 0",
         "routes[1].name: route `a` is declared twice",
         "routes[1].key: a sharded route needs at least one key source",
     ] {

@@ -91,6 +91,24 @@ pub struct Options {
     pub extra_pools: Vec<(String, SocketAddr)>,
     /// TOML appended to the document (extra sets and routes).
     pub extra_toml: String,
+    /// Changes made to the gateway's configuration before it starts (TLS, limits, timeouts).
+    pub tweak: Option<ConfigTweak>,
+}
+
+/// A change to the gateway's configuration, applied after the harness's own settings.
+#[derive(Clone)]
+pub struct ConfigTweak(pub Arc<dyn Fn(&mut Config) + Send + Sync>);
+
+impl ConfigTweak {
+    pub fn new(f: impl Fn(&mut Config) + Send + Sync + 'static) -> Option<ConfigTweak> {
+        Some(ConfigTweak(Arc::new(f)))
+    }
+}
+
+impl std::fmt::Debug for ConfigTweak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigTweak")
+    }
 }
 
 impl Default for Options {
@@ -102,6 +120,7 @@ impl Default for Options {
             drain: Duration::from_secs(10),
             extra_pools: Vec::new(),
             extra_toml: String::new(),
+            tweak: None,
         }
     }
 }
@@ -219,6 +238,9 @@ impl Cluster {
         config.local_idc = cluster.options.local_idc.clone();
         config.file_poll = cluster.options.file_poll;
         config.timeouts.drain = cluster.options.drain;
+        if let Some(tweak) = &cluster.options.tweak {
+            (tweak.0)(&mut config);
+        }
         let running = within(
             Duration::from_secs(10),
             "the gateway to start",
