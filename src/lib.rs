@@ -32,6 +32,8 @@ pub mod demo;
 pub mod error;
 pub mod etcd;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod headers;
 pub mod proxy;
 pub mod route;
