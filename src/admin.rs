@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::admission::Admission;
 use crate::body::ResponseBody;
 use crate::server::Handler;
 use crate::source::Snapshots;
@@ -19,6 +20,7 @@ use crate::topology::{Shard, Topology};
 pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
     pub token: Option<String>,
 }
 
@@ -176,10 +178,38 @@ impl Admin {
         let sets: BTreeMap<String, Value> = t
             .sets
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
+                let live = self.admission.set_status(&s.name);
+                let degraded = t
+                    .overrides
+                    .degrade
+                    .get(s.name.as_str())
+                    .is_some_and(|o| o.on);
+                let degraded_routes: Vec<&str> = t
+                    .routes
+                    .iter()
+                    .filter(|r| r.set == crate::topology::SetId(i as u8))
+                    .filter(|r| {
+                        t.overrides
+                            .degrade
+                            .get(&format!("route:{}", r.name))
+                            .is_some_and(|o| o.on)
+                    })
+                    .map(|r| r.name.as_str())
+                    .collect();
                 (
                     s.name.to_string(),
-                    json!({"priority": s.priority, "max_inflight": s.max_inflight, "degradable": s.degradable}),
+                    json!({
+                        "priority": s.priority,
+                        "max_inflight": s.max_inflight,
+                        "degradable": s.degradable,
+                        "inflight": live["inflight"],
+                        "requests": live["requests"],
+                        "retries": live["retries"],
+                        "degraded": degraded,
+                        "degraded_routes": degraded_routes,
+                    }),
                 )
             })
             .collect();
@@ -209,6 +239,8 @@ impl Admin {
             "moves": [],
             "gateways": self.snapshots.gateways(),
             "sets": sets,
+            "breakers": self.admission.breakers_status(),
+            "inflight_total": self.admission.total_inflight(),
         })
     }
 }

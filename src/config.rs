@@ -50,6 +50,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// How often the file source looks at the file (it also reloads on SIGHUP).
     pub file_poll: Duration,
+    /// Breaker timings, retry budget and shedding threshold (defaults from DESIGN.md §5).
+    pub isolation: crate::admission::IsolationSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +181,7 @@ impl RawConfig {
             timeouts,
             max_header_bytes,
             file_poll: Duration::from_millis(500),
+            isolation: crate::admission::IsolationSettings::default(),
         })
     }
 }

@@ -6,6 +6,8 @@
 //! - [`server`]: accept → hyper (HTTP/1.1, h2c) with header limits and graceful drain.
 //! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
 //! - [`route`]: route matching and sharding-key extraction (pure).
+//! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
+//!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
 //! - [`forward`]: pooled upstream connections per (IDC, set, backend), retries.
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
@@ -24,6 +26,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod admission;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -163,9 +166,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         max_header_bytes: config.max_header_bytes,
         drain: config.timeouts.drain,
     };
+    let admission = Arc::new(admission::Admission::new(config.isolation, metrics.clone()));
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
         metrics: metrics.clone(),
+        admission: admission.clone(),
         local_idc_header: config
             .local_idc
             .as_deref()
@@ -185,6 +190,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin = Arc::new(admin::Admin {
         snapshots: snapshots.clone(),
         metrics,
+        admission,
         token: config.admin_token.clone(),
     });
     tasks.push(tokio::spawn(server::serve(
