@@ -21,6 +21,8 @@ pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    /// File mode: where operator writes (`POST /override/…`) go. `None` in etcd mode.
+    pub file_overrides: Option<Arc<crate::source::FileOverrides>>,
     pub token: Option<String>,
 }
 
@@ -30,6 +32,12 @@ impl Handler for Admin {
         req: Request<Incoming>,
         _peer: crate::server::Peer,
     ) -> Response<ResponseBody> {
+        if req.method() == Method::POST && self.authorized(&req) {
+            if let Some(target) = req.uri().path().strip_prefix("/override/degrade/") {
+                let target = target.to_owned();
+                return write::degrade(&self, &target, req).await;
+            }
+        }
         self.handle(&req)
     }
 }
@@ -46,11 +54,11 @@ fn respond(
     r
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
     respond(status, "application/json", v.to_string())
 }
 
-fn error(status: StatusCode, kind: &str, detail: &str) -> Response<ResponseBody> {
+pub(crate) fn error(status: StatusCode, kind: &str, detail: &str) -> Response<ResponseBody> {
     json_response(status, &json!({"error": kind, "detail": detail}))
 }
 
@@ -92,7 +100,7 @@ impl Admin {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "admin endpoints here are read-only (GET)",
+                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>",
             );
         }
         let topo = self.snapshots.current();
@@ -314,6 +322,8 @@ fn explain(t: &Topology, query: &str) -> Response<ResponseBody> {
         Err(e) => error(StatusCode::NOT_FOUND, "unknown_route", &e),
     }
 }
+
+mod write;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 

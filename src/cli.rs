@@ -46,7 +46,8 @@ pub enum Command {
     /// Validate a topology, show what it changes (shards moving), then write it to etcd with
     /// a compare-and-swap.
     Push(PushArgs),
-    /// Turn the degrade switch of a set or `route:<name>` on or off (etcd).
+    /// Turn the degrade switch of a set or `route:<name>` on or off (etcd, or a file-mode
+    /// gateway's admin API).
     Degrade(DegradeArgs),
 }
 
@@ -165,7 +166,8 @@ pub fn main() -> ExitCode {
         Command::Status(args) if args.etcd.given() => etcd::status(&args.etcd, args.admin.json),
         Command::Status(args) => status(args),
         Command::Push(args) => etcd::push(args),
-        Command::Degrade(args) => etcd::degrade(args),
+        Command::Degrade(args) if args.etcd.given() => etcd::degrade(args),
+        Command::Degrade(args) => degrade_via_admin(&args),
     };
     ExitCode::from(code)
 }
@@ -443,6 +445,76 @@ fn status(args: StatusArgs) -> u8 {
         }
     );
     exit::OK
+}
+
+/// `degrade` against a file-mode gateway: `POST /override/degrade/<target>`. The gateway checks
+/// the target against its live snapshot (core and non-degradable sets need `--force`).
+fn degrade_via_admin(args: &DegradeArgs) -> u8 {
+    let on = args.switch == etcd::Switch::On;
+    let body = serde_json::json!({
+        "on": on,
+        "reason": args.reason,
+        "by": args.by.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_default(),
+        "force": args.force,
+    });
+    let Ok(rt) = runtime(1) else {
+        eprintln!("shardgate degrade: cannot start the runtime");
+        return exit::REFUSED;
+    };
+    let admin = &args.admin;
+    let path = format!("/override/degrade/{}", encode_path(&args.target));
+    let result = rt.block_on(crate::admin_client::post_json(
+        &admin.admin,
+        &path,
+        admin.admin_token.as_deref(),
+        &body,
+        Duration::from_secs(10),
+    ));
+    let (status, answer) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot reach the gateway at {}: {e}", admin.admin);
+            return exit::UNREACHABLE;
+        }
+    };
+    let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    let detail = v["detail"].as_str().unwrap_or("");
+    match status {
+        200 => {
+            if admin.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "degrade {} {} at revision {} (gateway {})",
+                    args.target,
+                    if on { "on" } else { "off" },
+                    v["revision"],
+                    admin.admin
+                );
+            }
+            exit::OK
+        }
+        202 => {
+            eprintln!("shardgate degrade: {detail}");
+            exit::TIMED_OUT
+        }
+        _ => {
+            eprintln!("shardgate degrade: refused, nothing written ({status}): {detail}");
+            exit::REFUSED
+        }
+    }
+}
+
+/// A degrade target in a path: `route:` keeps its colon, anything unusual is escaped.
+fn encode_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn encode(s: &str) -> String {

@@ -94,6 +94,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
+    let mut file_overrides = None;
     let snapshots = match &config.source {
         SourceConfig::File(path) => {
             let snapshots = Arc::new(Snapshots::new(
@@ -103,6 +104,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             let mut file =
                 FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
+            file_overrides = Some(file.overrides_handle());
             file.load().map_err(|problems| {
                 anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
             })?;
@@ -191,6 +193,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         snapshots: snapshots.clone(),
         metrics,
         admission,
+        file_overrides,
         token: config.admin_token.clone(),
     });
     tasks.push(tokio::spawn(server::serve(
