@@ -34,7 +34,7 @@ impl Handler for Admin {
     ) -> Response<ResponseBody> {
         if req.method() == Method::POST && self.authorized(&req) {
             if let Some(target) = req.uri().path().strip_prefix("/override/degrade/") {
-                let target = target.to_owned();
+                let target = write::percent_decode(target);
                 return write::degrade(&self, &target, req).await;
             }
         }

@@ -346,12 +346,14 @@ impl Admission {
         // 1b. Priority shedding on the instance's load.
         let capacity: u64 = topo.sets.iter().map(|s| u64::from(s.max_inflight)).sum();
         let load = f64::from(total) / capacity.max(1) as f64;
-        let (rank, tiers) = shed_rank(topo, spec.priority);
-        let p = shed_probability(load, spec.priority, rank, tiers, self.settings.shed_start);
-        if p > 0.0 && fastrand::f64() < p {
-            return Err(Refusal::Shed {
-                set: spec.name.to_string(),
-            });
+        if spec.priority > 0 && load >= self.settings.shed_start {
+            let (rank, tiers) = shed_rank(topo, spec.priority);
+            let p = shed_probability(load, spec.priority, rank, tiers, self.settings.shed_start);
+            if fastrand::f64() < p {
+                return Err(Refusal::Shed {
+                    set: spec.name.to_string(),
+                });
+            }
         }
 
         // 2. The route's rate limit.

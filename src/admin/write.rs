@@ -32,6 +32,31 @@ struct DegradeWrite {
     force: bool,
 }
 
+/// A path segment with `%XX` escapes decoded (the CLI escapes anything unusual in a target).
+pub(super) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub(super) async fn degrade(
     admin: &Admin,
     target: &str,
@@ -133,5 +158,14 @@ pub(super) async fn degrade(
             "not_yet_served",
             "the override is kept but the topology could not be republished yet (see /status)",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn targets_are_percent_decoded() {
+        assert_eq!(super::percent_decode("route:orders"), "route:orders");
+        assert_eq!(super::percent_decode("a%20b%2"), "a b%2");
     }
 }
