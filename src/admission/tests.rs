@@ -220,3 +220,51 @@ fn shedding_ramps_by_priority_and_never_touches_priority_zero() {
     assert_eq!(shed_rank(&t, 2), (0, 2));
     assert_eq!(shed_rank(&t, 1), (1, 2));
 }
+
+#[test]
+fn overload_sheds_noncore_before_subcore_and_never_core() {
+    // Budgets sum to 10; shedding starts at load 0.7.
+    let t = topo_with(
+        &DOC.replace(
+            "[[routes]]\nname = \"orders\"",
+            "[[routes]]\nname = \"merchants\"\npath_prefix = \"/m\"\nset = \"subcore\"\nsharded = false\n[[routes]]\nname = \"orders\"",
+        ),
+        &Overrides::default(),
+    );
+    let a = admission();
+    let (orders, merchants, recs) = (
+        route(&t, "orders"),
+        route(&t, "merchants"),
+        route(&t, "recs"),
+    );
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(a.admit(&t, orders, SH).expect("core under its budget"));
+    }
+    for _ in 0..3 {
+        held.push(
+            a.admit(&t, merchants, SH)
+                .expect("subcore at load <= 0.7 is not shed"),
+        );
+    }
+    // Load 8/10 for subcore's 4th: its tier starts at 0.85.
+    held.push(
+        a.admit(&t, merchants, SH)
+            .expect("subcore at load 0.8 is not shed"),
+    );
+    // Load 9/10 for noncore: past its ramp (0.7 → 0.85), always shed.
+    for _ in 0..20 {
+        assert_eq!(
+            a.admit(&t, recs, SH).err().map(|r| r.reason()),
+            Some("shed")
+        );
+    }
+    // Core is refused by its own budget only.
+    assert_eq!(
+        a.admit(&t, orders, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    // Load falls: shedding stops by itself.
+    held.truncate(2);
+    assert!(a.admit(&t, recs, SH).is_ok());
+}
