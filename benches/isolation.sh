@@ -7,8 +7,14 @@
 # noncore budget set to NONCORE_BUDGET and its rate limit removed, so the flood meets the set
 # budget (503 set_full), not the rate limit. Needs wrk.
 #
+# The flood is paced by default: each of its connections waits DELAY_MS between requests, as
+# a client would that backs off, so it offers about flood/DELAY_MS requests per second.
+# FLOOD_PACING=0 makes it a closed loop that re-sends the instant a refusal comes back: then
+# the refusals themselves (tens of thousands per second) compete with core for the CPU.
+#
 # Knobs: NONCORE_BUDGET (32), DURATION (10s), CORE_CONNS (8), DELAY_MS (200: the slow noncore
-# backend), PORT (18080), ADMIN_PORT (19901), SHARDGATE_BIN (target/release/shardgate).
+# backend), FLOOD_PACING (1), PORT (18080), ADMIN_PORT (19901),
+# SHARDGATE_BIN (target/release/shardgate).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -17,6 +23,7 @@ flood=$((budget * 10))
 duration=${DURATION:-10s}
 core_conns=${CORE_CONNS:-8}
 delay=${DELAY_MS:-200}
+pacing=${FLOOD_PACING:-1}
 listen=127.0.0.1:${PORT:-18080}
 admin=127.0.0.1:${ADMIN_PORT:-19901}
 bin=${SHARDGATE_BIN:-$repo/target/release/shardgate}
@@ -53,15 +60,21 @@ summary() { # $1: label
     "$1" "$total" "$p50" "$p99" "$non2xx" "$errors"
 }
 
+if [ "$pacing" = 1 ]; then
+  echo "function delay() return $delay end" > "$work/flood.lua"
+else
+  echo "" > "$work/flood.lua"
+fi
+
 core core-alone
-wrk -t1 -c"$flood" -d"$((${duration%s} + 4))s" -H "x-sim-delay-ms: $delay" \
+wrk -t1 -c"$flood" -d"$((${duration%s} + 4))s" -s "$work/flood.lua" -H "x-sim-delay-ms: $delay" \
   "http://$listen/recommendations" > "$work/flood.txt" &
 flooder=$!
 sleep 2
 core core-with-noncore-flood
 wait $flooder
 
-echo "noncore budget $budget, flood $flood connections at ${delay} ms per request, core $core_conns connections, $duration each"
+echo "noncore budget $budget, flood $flood connections at ${delay} ms per request (paced: $pacing), core $core_conns connections, $duration each"
 summary core-alone
 summary core-with-noncore-flood
 printf '%-26s requests %-8s non-2xx (refused) %s\n' noncore-flood \
