@@ -13,6 +13,7 @@ use crate::config::{RawConfig, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use crate::telemetry::LogFormat;
 use crate::topology::{self, BuildContext, Overrides};
 
+mod admin;
 mod etcd;
 pub use etcd::{DegradeArgs, EtcdArgs, PushArgs};
 
@@ -167,7 +168,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Push(args) => etcd::push(args),
         Command::Degrade(args) if args.etcd.given() => etcd::degrade(args),
-        Command::Degrade(args) => degrade_via_admin(&args),
+        Command::Degrade(args) => admin::degrade(&args),
     };
     ExitCode::from(code)
 }
@@ -434,6 +435,52 @@ fn status(args: StatusArgs) -> u8 {
             idc["shards_served"].to_string(),
         );
     }
+    if let Some(sets) = v["sets"].as_object() {
+        println!();
+        println!(
+            "{:<12} {:>8} {:>9} {:>8} {:>10}",
+            "SET", "PRIORITY", "IN-FLIGHT", "BUDGET", "DEGRADED"
+        );
+        for (name, s) in sets {
+            let routes = s["degraded_routes"].as_array().map_or(0, Vec::len);
+            let degraded = match (s["degraded"].as_bool() == Some(true), routes) {
+                (true, _) => "set".to_owned(),
+                (false, 0) => "no".to_owned(),
+                (false, n) => format!("{n} routes"),
+            };
+            println!(
+                "{:<12} {:>8} {:>9} {:>8} {:>10}",
+                name,
+                s["priority"].to_string(),
+                s["inflight"].to_string(),
+                s["max_inflight"].to_string(),
+                degraded,
+            );
+        }
+    }
+    let tripped: Vec<String> = v["breakers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["state"] != "closed")
+        .map(|b| {
+            format!(
+                "{}/{} {}",
+                b["idc"].as_str().unwrap_or("?"),
+                b["set"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!();
+    println!(
+        "breakers: {}",
+        if tripped.is_empty() {
+            "all closed".to_owned()
+        } else {
+            tripped.join(", ")
+        }
+    );
     let overrides = v["overrides"].as_array().map_or(0, Vec::len);
     println!();
     println!(
@@ -445,76 +492,6 @@ fn status(args: StatusArgs) -> u8 {
         }
     );
     exit::OK
-}
-
-/// `degrade` against a file-mode gateway: `POST /override/degrade/<target>`. The gateway checks
-/// the target against its live snapshot (core and non-degradable sets need `--force`).
-fn degrade_via_admin(args: &DegradeArgs) -> u8 {
-    let on = args.switch == etcd::Switch::On;
-    let body = serde_json::json!({
-        "on": on,
-        "reason": args.reason,
-        "by": args.by.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_default(),
-        "force": args.force,
-    });
-    let Ok(rt) = runtime(1) else {
-        eprintln!("shardgate degrade: cannot start the runtime");
-        return exit::REFUSED;
-    };
-    let admin = &args.admin;
-    let path = format!("/override/degrade/{}", encode_path(&args.target));
-    let result = rt.block_on(crate::admin_client::post_json(
-        &admin.admin,
-        &path,
-        admin.admin_token.as_deref(),
-        &body,
-        Duration::from_secs(10),
-    ));
-    let (status, answer) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot reach the gateway at {}: {e}", admin.admin);
-            return exit::UNREACHABLE;
-        }
-    };
-    let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
-    let detail = v["detail"].as_str().unwrap_or("");
-    match status {
-        200 => {
-            if admin.json {
-                println!("{v}");
-            } else {
-                println!(
-                    "degrade {} {} at revision {} (gateway {})",
-                    args.target,
-                    if on { "on" } else { "off" },
-                    v["revision"],
-                    admin.admin
-                );
-            }
-            exit::OK
-        }
-        202 => {
-            eprintln!("shardgate degrade: {detail}");
-            exit::TIMED_OUT
-        }
-        _ => {
-            eprintln!("shardgate degrade: refused, nothing written ({status}): {detail}");
-            exit::REFUSED
-        }
-    }
-}
-
-/// A degrade target in a path: `route:` keeps its colon, anything unusual is escaped.
-fn encode_path(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn encode(s: &str) -> String {

@@ -69,13 +69,6 @@ pub(super) async fn degrade(
             "this gateway reads its topology from etcd: use `shardgate degrade --etcd …`",
         );
     };
-    if store.path().is_none() {
-        return error(
-            StatusCode::CONFLICT,
-            "no_cache_dir",
-            "operator overrides are kept in --cache-dir, and this gateway has none",
-        );
-    }
     let body =
         match tokio::time::timeout(DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect())
             .await
@@ -118,6 +111,13 @@ pub(super) async fn degrade(
         crate::etcd::ops::check_degrade_target(&topo, target, write.force || !write.on)
     {
         return error(StatusCode::CONFLICT, "refused", &why);
+    }
+    if store.path().is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            "no_cache_dir",
+            "operator overrides are kept in --cache-dir, and this gateway has none",
+        );
     }
     let value = DegradeOverride {
         on: write.on,
