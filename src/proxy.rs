@@ -52,6 +52,8 @@ struct Outcome {
     shard: Option<u32>,
     shard_header: Option<HeaderValue>,
     spilled: bool,
+    /// `x-shardgate-reason` of a gateway refusal (set_full, shed, degraded, …).
+    reason: Option<&'static str>,
 }
 
 const EMPTY: &str = "";
@@ -83,6 +85,7 @@ impl Gateway {
             shard: None,
             shard_header: None,
             spilled: false,
+            reason: None,
         };
         let topo = self.topology.load_full();
         let (mut resp, revision) = match topo {
@@ -93,7 +96,10 @@ impl Gateway {
                     .await
                 {
                     Ok(resp) => resp,
-                    Err(e) => e.to_response(&request_id),
+                    Err(e) => {
+                        outcome.reason = e.reason();
+                        e.to_response(&request_id)
+                    }
                 };
                 (resp, Some(rev))
             }
@@ -376,6 +382,7 @@ impl Gateway {
             request_id = request_id.to_str().unwrap_or(EMPTY),
             topology_rev = revision,
             spilled = o.spilled,
+            reason = o.reason.unwrap_or(EMPTY),
         );
     }
 }
