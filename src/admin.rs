@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::admission::Admission;
 use crate::body::ResponseBody;
 use crate::server::Handler;
 use crate::source::Snapshots;
@@ -19,6 +20,9 @@ use crate::topology::{Shard, Topology};
 pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
+    pub admission: Arc<Admission>,
+    /// File mode: where operator writes (`POST /override/…`) go. `None` in etcd mode.
+    pub file_overrides: Option<Arc<crate::source::FileOverrides>>,
     pub token: Option<String>,
     /// The proxy listener's certificates, shown in `/status`.
     pub tls: Option<Arc<crate::tls::Certificates>>,
@@ -30,6 +34,12 @@ impl Handler for Admin {
         req: Request<Incoming>,
         _peer: crate::server::Peer,
     ) -> Response<ResponseBody> {
+        if req.method() == Method::POST && self.authorized(&req) {
+            if let Some(target) = req.uri().path().strip_prefix("/override/degrade/") {
+                let target = write::percent_decode(target);
+                return write::degrade(&self, &target, req).await;
+            }
+        }
         self.handle(&req)
     }
 }
@@ -46,11 +56,11 @@ fn respond(
     r
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<ResponseBody> {
     respond(status, "application/json", v.to_string())
 }
 
-fn error(status: StatusCode, kind: &str, detail: &str) -> Response<ResponseBody> {
+pub(crate) fn error(status: StatusCode, kind: &str, detail: &str) -> Response<ResponseBody> {
     json_response(status, &json!({"error": kind, "detail": detail}))
 }
 
@@ -92,7 +102,7 @@ impl Admin {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "admin endpoints here are read-only (GET)",
+                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>",
             );
         }
         let topo = self.snapshots.current();
@@ -178,10 +188,38 @@ impl Admin {
         let sets: BTreeMap<String, Value> = t
             .sets
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
+                let live = self.admission.set_status(&s.name);
+                let degraded = t
+                    .overrides
+                    .degrade
+                    .get(s.name.as_str())
+                    .is_some_and(|o| o.on);
+                let degraded_routes: Vec<&str> = t
+                    .routes
+                    .iter()
+                    .filter(|r| r.set == crate::topology::SetId(i as u8))
+                    .filter(|r| {
+                        t.overrides
+                            .degrade
+                            .get(&format!("route:{}", r.name))
+                            .is_some_and(|o| o.on)
+                    })
+                    .map(|r| r.name.as_str())
+                    .collect();
                 (
                     s.name.to_string(),
-                    json!({"priority": s.priority, "max_inflight": s.max_inflight, "degradable": s.degradable}),
+                    json!({
+                        "priority": s.priority,
+                        "max_inflight": s.max_inflight,
+                        "degradable": s.degradable,
+                        "inflight": live["inflight"],
+                        "requests": live["requests"],
+                        "retries": live["retries"],
+                        "degraded": degraded,
+                        "degraded_routes": degraded_routes,
+                    }),
                 )
             })
             .collect();
@@ -212,6 +250,8 @@ impl Admin {
             "gateways": self.snapshots.gateways(),
             "sets": sets,
             "tls": self.tls.as_ref().map(|c| c.status()),
+            "breakers": self.admission.breakers_status(),
+            "inflight_total": self.admission.total_inflight(),
         })
     }
 }
@@ -285,6 +325,8 @@ fn explain(t: &Topology, query: &str) -> Response<ResponseBody> {
         Err(e) => error(StatusCode::NOT_FOUND, "unknown_route", &e),
     }
 }
+
+mod write;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 

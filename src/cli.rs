@@ -13,6 +13,7 @@ use crate::config::{RawConfig, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use crate::telemetry::LogFormat;
 use crate::topology::{self, BuildContext, Overrides};
 
+mod admin;
 mod etcd;
 pub use etcd::{DegradeArgs, EtcdArgs, PushArgs};
 
@@ -46,7 +47,8 @@ pub enum Command {
     /// Validate a topology, show what it changes (shards moving), then write it to etcd with
     /// a compare-and-swap.
     Push(PushArgs),
-    /// Turn the degrade switch of a set or `route:<name>` on or off (etcd).
+    /// Turn the degrade switch of a set or `route:<name>` on or off (etcd, or a file-mode
+    /// gateway's admin API).
     Degrade(DegradeArgs),
 }
 
@@ -169,7 +171,8 @@ pub fn main() -> ExitCode {
         Command::Status(args) if args.etcd.given() => etcd::status(&args.etcd, args.admin.json),
         Command::Status(args) => status(args),
         Command::Push(args) => etcd::push(args),
-        Command::Degrade(args) => etcd::degrade(args),
+        Command::Degrade(args) if args.etcd.given() => etcd::degrade(args),
+        Command::Degrade(args) => admin::degrade(&args),
     };
     ExitCode::from(code)
 }
@@ -445,6 +448,52 @@ fn status(args: StatusArgs) -> u8 {
             idc["shards_served"].to_string(),
         );
     }
+    if let Some(sets) = v["sets"].as_object() {
+        println!();
+        println!(
+            "{:<12} {:>8} {:>9} {:>8} {:>10}",
+            "SET", "PRIORITY", "IN-FLIGHT", "BUDGET", "DEGRADED"
+        );
+        for (name, s) in sets {
+            let routes = s["degraded_routes"].as_array().map_or(0, Vec::len);
+            let degraded = match (s["degraded"].as_bool() == Some(true), routes) {
+                (true, _) => "set".to_owned(),
+                (false, 0) => "no".to_owned(),
+                (false, n) => format!("{n} routes"),
+            };
+            println!(
+                "{:<12} {:>8} {:>9} {:>8} {:>10}",
+                name,
+                s["priority"].to_string(),
+                s["inflight"].to_string(),
+                s["max_inflight"].to_string(),
+                degraded,
+            );
+        }
+    }
+    let tripped: Vec<String> = v["breakers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["state"] != "closed")
+        .map(|b| {
+            format!(
+                "{}/{} {}",
+                b["idc"].as_str().unwrap_or("?"),
+                b["set"].as_str().unwrap_or("?"),
+                b["state"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!();
+    println!(
+        "breakers: {}",
+        if tripped.is_empty() {
+            "all closed".to_owned()
+        } else {
+            tripped.join(", ")
+        }
+    );
     let overrides = v["overrides"].as_array().map_or(0, Vec::len);
     println!();
     println!(

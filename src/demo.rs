@@ -68,6 +68,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let config = Config {
         listen: opts.listen,
         admin: opts.admin,
+        // Operator overrides (`shardgate degrade … --admin`) need somewhere to be kept.
+        cache_dir: Some(
+            std::env::temp_dir().join(format!("shardgate-demo-{}", std::process::id())),
+        ),
         local_idc: doc.idcs.first().map(|i| i.name.clone()),
         ..RawConfig {
             topology: Some(path.clone()),

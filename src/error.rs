@@ -3,6 +3,7 @@
 
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::admission::Refusal;
 use crate::body::ResponseBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -27,6 +28,9 @@ pub enum ProxyError {
     UpstreamProtocol(String),
     #[error("the upstream did not answer within {0} ms")]
     UpstreamTimeout(u64),
+    /// Admission said no (budget, shedding, rate limit, degrade switch, breaker).
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
 impl ProxyError {
@@ -40,7 +44,8 @@ impl ProxyError {
             | ProxyError::InvalidKey { .. }
             | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoServingIdc(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Refused(Refusal::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::NoServingIdc(_) | ProxyError::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -61,6 +66,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamProtocol(_) => "upstream_protocol",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::Refused(r) => r.reason(),
         }
     }
 
@@ -68,16 +74,42 @@ impl ProxyError {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             ProxyError::NoServingIdc(_) => Some("no_idc"),
+            ProxyError::Refused(r) => Some(r.reason()),
             _ => None,
         }
     }
 
-    /// Seconds for `Retry-After` on 503s.
+    /// Seconds for `Retry-After` on 503s and 429s.
     pub fn retry_after(&self) -> Option<u32> {
-        (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(1)
+        match self {
+            ProxyError::Refused(Refusal::RateLimited { retry_after_s, .. })
+            | ProxyError::Refused(Refusal::CircuitOpen { retry_after_s, .. }) => {
+                Some(*retry_after_s)
+            }
+            ProxyError::Refused(Refusal::Degraded {
+                fallback: Some(fb), ..
+            }) => fb.retry_after_s,
+            _ => (self.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(1),
+        }
     }
 
     pub fn to_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
+        // A degraded route with a fallback answers the operator's canned response instead of
+        // the error body; it is still marked as a gateway refusal.
+        if let ProxyError::Refused(Refusal::Degraded {
+            fallback: Some(fb), ..
+        }) = self
+        {
+            let mut resp = Response::new(ResponseBody::full(fb.body.clone()));
+            *resp.status_mut() = fb.status;
+            let h = resp.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, fb.content_type.clone());
+            h.insert(crate::headers::REASON, HeaderValue::from_static("degraded"));
+            if let Some(s) = self.retry_after() {
+                h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
+            }
+            return resp;
+        }
         let body = serde_json::json!({
             "error": self.kind(),
             "detail": self.to_string(),
@@ -113,6 +145,42 @@ mod tests {
         assert_eq!(ProxyError::UpstreamConnect("x".into()).status(), 502);
         assert_eq!(ProxyError::UpstreamTimeout(5).status(), 504);
         assert_eq!(ProxyError::PayloadTooLarge(5).status(), 413);
+        let limited = ProxyError::Refused(Refusal::RateLimited {
+            route: "r".into(),
+            retry_after_s: 3,
+        });
+        assert_eq!(limited.status(), 429);
+        assert_eq!(limited.retry_after(), Some(3));
+        let full = ProxyError::Refused(Refusal::SetFull { set: "s".into() });
+        assert_eq!(full.status(), 503);
+        assert_eq!(full.reason(), Some("set_full"));
+        assert_eq!(full.retry_after(), Some(1));
+    }
+
+    #[test]
+    fn a_degraded_route_answers_its_fallback() {
+        let fb = crate::topology::Fallback {
+            status: StatusCode::OK,
+            body: bytes::Bytes::from_static(b"{}"),
+            content_type: HeaderValue::from_static("application/json"),
+            retry_after_s: Some(5),
+        };
+        let e = ProxyError::Refused(Refusal::Degraded {
+            target: "noncore".into(),
+            fallback: Some(Box::new(fb)),
+        });
+        let resp = e.to_response(&HeaderValue::from_static("id"));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-shardgate-reason"], "degraded");
+        assert_eq!(resp.headers()["retry-after"], "5");
+        let none = ProxyError::Refused(Refusal::Degraded {
+            target: "noncore".into(),
+            fallback: None,
+        });
+        let resp = none.to_response(&HeaderValue::from_static("id"));
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["x-shardgate-reason"], "degraded");
+        assert_eq!(resp.headers()["retry-after"], "1");
     }
 
     #[test]

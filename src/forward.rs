@@ -15,6 +15,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::admission::RetryBudget;
 use crate::body::RequestBody;
 
 type Sender = SendRequest<RequestBody>;
@@ -232,13 +233,16 @@ impl Upstreams {
 }
 
 /// How one forward may behave.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardPolicy {
+#[derive(Clone, Copy)]
+pub struct ForwardPolicy<'a> {
     pub connect_timeout: Duration,
     /// Extra attempts on other backends of the same pool.
     pub retries: u32,
     /// GET/HEAD/OPTIONS/PUT/DELETE…: may be sent again after a failure once sent.
     pub idempotent: bool,
+    /// The set's retry budget: every retry spends from it, and none is made when it is empty,
+    /// so a failing set cannot multiply its own load.
+    pub retry_budget: Option<&'a RetryBudget<'a>>,
 }
 
 /// Picks the backend with fewer requests in flight out of two random ones, skipping those
@@ -280,7 +284,7 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
 pub async fn forward(
     pool: &[Arc<Backend>],
     mut req: Request<RequestBody>,
-    policy: ForwardPolicy,
+    policy: ForwardPolicy<'_>,
 ) -> Result<(Response<Incoming>, Lease), (ForwardError, Option<Request<RequestBody>>)> {
     let mut tried: u64 = 0;
     let mut attempts_left = policy.retries + 1;
@@ -289,6 +293,13 @@ pub async fn forward(
     let replayable = policy.idempotent && req.body().is_end_stream();
     while attempts_left > 0 {
         let Some(i) = pick(pool, tried) else { break };
+        // Tries that sent nothing on a stale pooled connection are given back and are not
+        // retries; every other attempt after the first is one.
+        let is_retry = attempts_left <= policy.retries;
+        if is_retry && !policy.retry_budget.is_none_or(RetryBudget::try_retry) {
+            tracing::debug!(idc = %pool[i].idc, set = %pool[i].set, "retry budget spent: no retry");
+            break;
+        }
         if i < 64 {
             tried |= 1 << i;
         }

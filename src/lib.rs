@@ -7,6 +7,8 @@
 //!   (HTTP/1.1, h2) with connection, header and stream limits and graceful drain.
 //! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
 //! - [`route`]: route matching and sharding-key extraction (pure).
+//! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
+//!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
 //! - [`forward`]: pooled upstream connections per (IDC, set, backend), retries.
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
@@ -25,6 +27,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod admission;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -97,6 +100,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
 
+    let mut file_overrides = None;
     let snapshots = match &config.source {
         SourceConfig::File(path) => {
             let snapshots = Arc::new(Snapshots::new(
@@ -106,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             let mut file =
                 FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
+            file_overrides = Some(file.overrides_handle());
             file.load().map_err(|problems| {
                 anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
             })?;
@@ -189,9 +194,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tls,
         ..settings.clone()
     };
+    let admission = Arc::new(admission::Admission::new(config.isolation, metrics.clone()));
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
         metrics: metrics.clone(),
+        admission: admission.clone(),
         local_idc_header: config
             .local_idc
             .as_deref()
@@ -227,6 +234,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin = Arc::new(admin::Admin {
         snapshots: snapshots.clone(),
         metrics,
+        admission,
+        file_overrides,
         token: config.admin_token.clone(),
         tls: certificates,
     });

@@ -1,6 +1,7 @@
 //! The request pipeline (DESIGN.md §2), in order:
 //! request id → strip client `x-shardgate-*` → load the snapshot once → decide (route, key,
-//! shard, serving IDC) → build the upstream request → forward (retry in the IDC, spill reads to
+//! shard, serving IDC) → admit (set budget, shedding, rate limit, degrade switch, breaker) →
+//! build the upstream request → forward (retry in the IDC, spill reads to
 //! the next IDC when the serving one cannot be reached) → response headers → metrics + one
 //! access-log event.
 
@@ -12,6 +13,7 @@ use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
+use crate::admission::Admission;
 use crate::body::{RequestBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::forward::{forward, ForwardError, ForwardPolicy};
@@ -33,6 +35,8 @@ pub struct ProxySettings {
 pub struct Gateway {
     pub topology: Arc<ArcSwapOption<Topology>>,
     pub metrics: Arc<Metrics>,
+    /// Set budgets, rate limits, degrade switches and breakers (state outlives snapshots).
+    pub admission: Arc<Admission>,
     pub settings: ProxySettings,
     /// This instance's IDC (`--idc`), if set, as a header value.
     pub local_idc_header: Option<HeaderValue>,
@@ -48,6 +52,8 @@ struct Outcome {
     shard: Option<u32>,
     shard_header: Option<HeaderValue>,
     spilled: bool,
+    /// `x-shardgate-reason` of a gateway refusal (set_full, shed, degraded, …).
+    reason: Option<&'static str>,
 }
 
 const EMPTY: &str = "";
@@ -79,6 +85,7 @@ impl Gateway {
             shard: None,
             shard_header: None,
             spilled: false,
+            reason: None,
         };
         let topo = self.topology.load_full();
         let (mut resp, revision) = match topo {
@@ -89,7 +96,10 @@ impl Gateway {
                     .await
                 {
                     Ok(resp) => resp,
-                    Err(e) => e.to_response(&request_id),
+                    Err(e) => {
+                        outcome.reason = e.reason();
+                        e.to_response(&request_id)
+                    }
                 };
                 (resp, Some(rev))
             }
@@ -160,12 +170,24 @@ impl Gateway {
                 return Err(ProxyError::PayloadTooLarge(max));
             }
         }
+
+        // The set's in-flight slot is held by `permit` until this function returns, that is
+        // until the response head is handed to the client: the budget bounds requests waiting
+        // on backends (what a slow set piles up); streaming bodies are bounded by the backend
+        // connection they hold, not by the set budget.
+        let permit = self
+            .admission
+            .admit(topo, decision.route, decision.idc)
+            .map_err(ProxyError::Refused)?;
+        let budget = permit.retry_budget();
+
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
             retries: route.retries,
             idempotent: is_idempotent(&method),
+            retry_budget: Some(&budget),
         };
 
         let exchange = async {
@@ -212,16 +234,25 @@ impl Gateway {
             }
         };
         let timeout_ms = route.timeout.as_millis() as u64;
-        let ((resp, lease), idc, spilled) =
-            match tokio::time::timeout(route.timeout, exchange).await {
-                Ok(Ok(done)) => done,
-                Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
-                Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
-                Ok(Err(ForwardError::BodyTooLarge(max))) => {
-                    return Err(ProxyError::PayloadTooLarge(max))
-                }
-                Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
-            };
+        let result = tokio::time::timeout(route.timeout, exchange).await;
+        // System failures only trip the breaker of the serving IDC's set: no connection,
+        // a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the business
+        // answering, a body over the route's limit is the client's doing, and a spill means
+        // the serving IDC could not be reached.
+        permit.record(match &result {
+            Ok(Ok(((resp, _), _, spilled))) => *spilled || resp.status().is_server_error(),
+            Ok(Err(ForwardError::BodyTooLarge(_))) => false,
+            _ => true,
+        });
+        let ((resp, lease), idc, spilled) = match result {
+            Ok(Ok(done)) => done,
+            Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
+            Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
+            Ok(Err(ForwardError::BodyTooLarge(max))) => {
+                return Err(ProxyError::PayloadTooLarge(max))
+            }
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
+        };
         if spilled {
             outcome.idc = Some(topo.idc(idc).name.clone());
             outcome.idc_header = Some(topo.idc(idc).header.clone());
@@ -366,6 +397,7 @@ impl Gateway {
             request_id = request_id.to_str().unwrap_or(EMPTY),
             topology_rev = revision,
             spilled = o.spilled,
+            reason = o.reason.unwrap_or(EMPTY),
         );
     }
 }

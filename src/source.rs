@@ -198,11 +198,62 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// Operator overrides in file mode: kept in the cache dir's `overrides.json` so they survive a
+/// restart, and applied by asking the file source to rebuild the snapshot (the one writer).
+pub struct FileOverrides {
+    path: Option<PathBuf>,
+    reload: tokio::sync::Notify,
+}
+
+impl FileOverrides {
+    /// Where they are kept; `None` without `--cache-dir`.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The overrides on disk (none when the file is missing or unreadable).
+    pub fn read(&self) -> Overrides {
+        let Some(path) = &self.path else {
+            return Overrides::default();
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %path.display(), error = %e, "overrides file is not valid JSON; ignoring it");
+                Overrides::default()
+            }),
+            Err(_) => Overrides::default(),
+        }
+    }
+
+    /// Replaces the file atomically (write aside, fsync, rename), so a crash leaves the old
+    /// or the new overrides, never half of them.
+    pub fn write(&self, overrides: &Overrides) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let Some(path) = &self.path else {
+            return Err(std::io::Error::other("no --cache-dir to keep overrides in"));
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(overrides).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Asks the file source to rebuild and publish the snapshot with the overrides on disk.
+    pub fn republish(&self) {
+        self.reload.notify_one();
+    }
+}
+
 /// The file source: the topology file plus overrides kept in the cache dir. The revision is a
 /// reload counter that only grows.
 pub struct FileSource {
     path: PathBuf,
-    overrides_path: Option<PathBuf>,
+    overrides: Arc<FileOverrides>,
     snapshots: Arc<Snapshots>,
     revision: u64,
     seen: Option<Stamp>,
@@ -215,7 +266,10 @@ impl FileSource {
     pub fn new(path: PathBuf, cache_dir: Option<&Path>, snapshots: Arc<Snapshots>) -> FileSource {
         FileSource {
             path,
-            overrides_path: cache_dir.map(|d| d.join("overrides.json")),
+            overrides: Arc::new(FileOverrides {
+                path: cache_dir.map(|d| d.join("overrides.json")),
+                reload: tokio::sync::Notify::new(),
+            }),
             snapshots,
             revision: 0,
             seen: None,
@@ -224,16 +278,12 @@ impl FileSource {
     }
 
     fn overrides(&self) -> Overrides {
-        let Some(path) = &self.overrides_path else {
-            return Overrides::default();
-        };
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::error!(path = %path.display(), error = %e, "overrides file is not valid JSON; ignoring it");
-                Overrides::default()
-            }),
-            Err(_) => Overrides::default(),
-        }
+        self.overrides.read()
+    }
+
+    /// The handle the admin API writes operator overrides through.
+    pub fn overrides_handle(&self) -> Arc<FileOverrides> {
+        self.overrides.clone()
     }
 
     /// Loads the file now and publishes it.
@@ -261,10 +311,12 @@ impl FileSource {
         let mut hangup = self.hangup.take();
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let overrides = self.overrides.clone();
         loop {
             let forced = tokio::select! {
                 _ = tick.tick() => false,
                 _ = recv_hangup(&mut hangup) => true,
+                _ = overrides.reload.notified() => true,
                 _ = shutdown.changed() => return,
             };
             if *shutdown.borrow() {

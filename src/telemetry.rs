@@ -33,6 +33,17 @@ pub struct IdcSetLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetLabels {
+    pub set: Arc<String>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub set: Arc<String>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdcLabels {
     pub idc: Arc<String>,
 }
@@ -66,6 +77,9 @@ pub struct Metrics {
     pub topology_source_up: Gauge,
     pub shards_served: Family<IdcLabels, Gauge>,
     pub idc_state: Family<IdcStateLabels, Gauge>,
+    pub inflight: Family<SetLabels, Gauge>,
+    pub refused: Family<RefusedLabels, Counter>,
+    pub breaker_state: Family<IdcSetLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -131,8 +145,29 @@ impl Metrics {
             "1 for the IDC's current state, 0 for the others",
             idc_state.clone(),
         );
+        let inflight = Family::<SetLabels, Gauge>::default();
+        registry.register(
+            "inflight",
+            "Requests admitted and not yet answered (response head), by set",
+            inflight.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "refused",
+            "Requests refused by admission, by set and reason (set_full, shed, rate_limited, degraded, circuit_open)",
+            refused.clone(),
+        );
+        let breaker_state = Family::<IdcSetLabels, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per IDC and set: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
         Metrics {
             registry,
+            inflight,
+            refused,
+            breaker_state,
             requests,
             request_duration,
             upstream_duration,

@@ -382,7 +382,12 @@ async fn an_h2_rapid_reset_flood_loses_its_connection() {
         .await
         .expect("the connection task");
     let err = ended.expect_err("the gateway ends the connection with an error");
-    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err}");
+    // The gateway sends GOAWAY ENHANCE_YOUR_CALM and closes; a client still writing its flood
+    // may hit the closed socket (broken pipe, reset) before it reads the GOAWAY.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "the connection ended for another reason: {err}"
+    );
     c.stop().await;
 }
 

@@ -92,6 +92,9 @@ pub struct DegradeArgs {
     pub timeout: Duration,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Without --etcd: the admin API of a gateway on a file topology.
+    #[command(flatten)]
+    pub admin: super::AdminArgs,
 }
 
 /// `30s`, `500ms`, `2m`, or plain seconds.

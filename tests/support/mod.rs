@@ -91,6 +91,14 @@ pub struct Options {
     pub extra_pools: Vec<(String, SocketAddr)>,
     /// TOML appended to the document (extra sets and routes).
     pub extra_toml: String,
+    /// `max_inflight` of the `noncore` set (the document's default when `None`).
+    pub noncore_max_inflight: Option<u32>,
+    /// Extra `[sets.*]` tables, placed before the IDCs.
+    pub extra_sets: String,
+    /// Breaker timings, retry budget and shedding threshold.
+    pub isolation: shardgate::admission::IsolationSettings,
+    /// `config.cache_dir`: `Some` puts it in the test's temporary directory.
+    pub cache_dir: bool,
     /// Changes made to the gateway's configuration before it starts (TLS, limits, timeouts).
     pub tweak: Option<ConfigTweak>,
 }
@@ -121,6 +129,10 @@ impl Default for Options {
             extra_pools: Vec::new(),
             extra_toml: String::new(),
             tweak: None,
+            noncore_max_inflight: None,
+            extra_sets: String::new(),
+            isolation: shardgate::admission::IsolationSettings::default(),
+            cache_dir: false,
         }
     }
 }
@@ -238,6 +250,10 @@ impl Cluster {
         config.local_idc = cluster.options.local_idc.clone();
         config.file_poll = cluster.options.file_poll;
         config.timeouts.drain = cluster.options.drain;
+        config.isolation = cluster.options.isolation;
+        if cluster.options.cache_dir {
+            config.cache_dir = Some(cluster.dir.path().join("cache"));
+        }
         if let Some(tweak) = &cluster.options.tweak {
             (tweak.0)(&mut config);
         }
@@ -256,15 +272,28 @@ impl Cluster {
     pub fn document(&self, pins: &[(&str, &str)]) -> String {
         let mut s = String::from(
             "cluster = \"itest\"\nshard_count = 1024\n\n\
-             [sets.core]\npriority = 0\n[sets.noncore]\npriority = 2\n[sets.dead]\npriority = 1\n",
+             [sets.core]\npriority = 0\n[sets.noncore]\npriority = 2\ndegradable = true\n",
         );
+        if let Some(n) = self.options.noncore_max_inflight {
+            s.push_str(&format!("max_inflight = {n}\n"));
+        }
+        s.push_str("[sets.dead]\npriority = 1\n");
+        s.push_str(&self.options.extra_sets);
         for (i, idc) in IDCS.iter().enumerate() {
             s.push_str(&format!(
                 "\n[[idcs]]\nname = \"{idc}\"\nweight = 100\npools.core = [\"{}\"]\npools.noncore = [\"{}\"]\npools.dead = [\"{}\"]\n",
                 self.sims[i * 2].addr, self.sims[i * 2 + 1].addr, self.dead
             ));
+            // Entries naming the same set make one pool of several backends.
+            let mut pools: Vec<(&str, Vec<String>)> = Vec::new();
             for (set, addr) in &self.options.extra_pools {
-                s.push_str(&format!("pools.{set} = [\"{addr}\"]\n"));
+                match pools.iter_mut().find(|(s, _)| *s == set.as_str()) {
+                    Some((_, addrs)) => addrs.push(format!("\"{addr}\"")),
+                    None => pools.push((set, vec![format!("\"{addr}\"")])),
+                }
+            }
+            for (set, addrs) in pools {
+                s.push_str(&format!("pools.{set} = [{}]\n", addrs.join(", ")));
             }
         }
         for (range, idc) in pins {

@@ -1,0 +1,171 @@
+//! Operator writes on the admin API in file mode (DESIGN.md §8): `POST /override/degrade/<target>`
+//! `{"on","reason","by","force"}` → checked against the live snapshot, kept atomically in the
+//! cache dir's `overrides.json`, then republished by the file source; answers once served.
+
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{error, json_response, Admin};
+use crate::body::ResponseBody;
+use crate::topology::overrides::unix_now;
+use crate::topology::DegradeOverride;
+
+/// Admin request bodies are a few fields of JSON.
+const MAX_BODY: usize = 64 * 1024;
+/// Reading the body and waiting for the republished snapshot each have this long.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize)]
+struct DegradeWrite {
+    on: bool,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    by: String,
+    /// Degrade `core` or a non-degradable set anyway (the CLI's `--force`).
+    #[serde(default)]
+    force: bool,
+}
+
+/// A path segment with `%XX` escapes decoded (the CLI escapes anything unusual in a target).
+pub(super) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(super) async fn degrade(
+    admin: &Admin,
+    target: &str,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let Some(store) = &admin.file_overrides else {
+        return error(
+            StatusCode::CONFLICT,
+            "not_file_mode",
+            "this gateway reads its topology from etcd: use `shardgate degrade --etcd …`",
+        );
+    };
+    let body =
+        match tokio::time::timeout(DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect())
+            .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "the body could not be read (or is over 64 KiB)",
+                )
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the body was too slow",
+                )
+            }
+        };
+    let write: DegradeWrite = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                &format!("expected {{\"on\":bool,\"reason\",\"by\",\"force\"}}: {e}"),
+            )
+        }
+    };
+    let Some(topo) = admin.snapshots.current() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no topology snapshot yet",
+        );
+    };
+    // Turning a switch off is always allowed; turning one on checks core and degradability.
+    if let Err(why) =
+        crate::etcd::ops::check_degrade_target(&topo, target, write.force || !write.on)
+    {
+        return error(StatusCode::CONFLICT, "refused", &why);
+    }
+    if store.path().is_none() {
+        return error(
+            StatusCode::CONFLICT,
+            "no_cache_dir",
+            "operator overrides are kept in --cache-dir, and this gateway has none",
+        );
+    }
+    let value = DegradeOverride {
+        on: write.on,
+        reason: write.reason,
+        by: write.by,
+        at: unix_now(),
+    };
+    let mut overrides = store.read();
+    overrides.degrade.insert(target.to_owned(), value.clone());
+    if let Err(e) = store.write(&overrides) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "write_failed",
+            &format!("cannot keep the override: {e}"),
+        );
+    }
+    let mut revisions = admin.snapshots.subscribe();
+    store.republish();
+    let served = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let now = admin.snapshots.current();
+            if let Some(t) = now.filter(|t| t.overrides.degrade.get(target) == Some(&value)) {
+                return t.revision;
+            }
+            if revisions.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    })
+    .await;
+    match served {
+        Ok(revision) => json_response(
+            StatusCode::OK,
+            &json!({"target": target, "on": value.on, "revision": revision}),
+        ),
+        Err(_) => error(
+            StatusCode::ACCEPTED,
+            "not_yet_served",
+            "the override is kept but the topology could not be republished yet (see /status)",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn targets_are_percent_decoded() {
+        assert_eq!(super::percent_decode("route:orders"), "route:orders");
+        assert_eq!(super::percent_decode("a%20b%2"), "a b%2");
+    }
+}

@@ -1,0 +1,453 @@
+//! Admission (DESIGN.md §2, §5 "Isolation and degradation"): after the routing decision and
+//! before forwarding, in this order: set budget (and priority shedding) · rate limit · degrade
+//! switch · circuit breaker. `Admission::admit` answers with a `Permit` or a `Refusal`.
+//!
+//! The decisions are pure functions (`shed_probability`, `degrade_target`, `Breaker`,
+//! `Bucket`); the state they read lives here, beside the snapshot and keyed by stable names
+//! (set, route, (IDC, set)), so it survives reloads.
+
+mod breaker;
+mod bucket;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{json, Value};
+
+pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass};
+pub use bucket::Bucket;
+
+use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
+use crate::topology::{Fallback, IdcId, RouteId, Topology};
+
+/// Isolation knobs that are not in the topology document (bootstrap config; defaults from
+/// DESIGN.md §5).
+#[derive(Debug, Clone, Copy)]
+pub struct IsolationSettings {
+    pub breaker: BreakerSettings,
+    /// Retries allowed per request of a set (0.2: retries ≤ 20% of the set's requests).
+    pub retry_ratio: f64,
+    /// Retries a set may make before its requests have earned any (and the most it can save).
+    pub retry_reserve: u32,
+    /// Instance load (total in-flight ÷ sum of set budgets) at which shedding starts.
+    pub shed_start: f64,
+}
+
+impl Default for IsolationSettings {
+    fn default() -> Self {
+        IsolationSettings {
+            breaker: BreakerSettings::default(),
+            retry_ratio: 0.2,
+            retry_reserve: 10,
+            shed_start: 0.7,
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("set `{set}` is at its in-flight budget on this gateway")]
+    SetFull { set: String },
+    #[error("the gateway is overloaded and sheds set `{set}` first")]
+    Shed { set: String },
+    #[error("route `{route}` is over its rate limit")]
+    RateLimited { route: String, retry_after_s: u32 },
+    #[error("`{target}` is degraded by an operator")]
+    Degraded {
+        target: String,
+        fallback: Option<Box<Fallback>>,
+    },
+    #[error("the circuit breaker of set `{set}` in IDC {idc} is open")]
+    CircuitOpen {
+        idc: String,
+        set: String,
+        retry_after_s: u32,
+    },
+}
+
+impl Refusal {
+    /// `x-shardgate-reason`, and the `reason` label of `shardgate_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::SetFull { .. } => "set_full",
+            Refusal::Shed { .. } => "shed",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::Degraded { .. } => "degraded",
+            Refusal::CircuitOpen { .. } => "circuit_open",
+        }
+    }
+}
+
+/// A set's bulkhead on this instance.
+struct SetState {
+    inflight: AtomicU32,
+    requests: AtomicU64,
+    retries: AtomicU64,
+    /// Retry budget in thousandths of a retry.
+    retry_tokens: AtomicI64,
+    gauge: Gauge,
+}
+
+/// The retry budget of one set, handed to `forward`.
+pub struct RetryBudget<'a> {
+    set: &'a SetState,
+    reserve_milli: i64,
+}
+
+impl RetryBudget<'_> {
+    /// Spends one retry if the set has one left.
+    pub fn try_retry(&self) -> bool {
+        let ok = self
+            .set
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t >= 1000).then_some(t - 1000)
+            })
+            .is_ok();
+        if ok {
+            self.set.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    fn deposit(&self, milli: i64) {
+        let cap = self.reserve_milli;
+        let _ = self
+            .set
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + milli).min(cap))
+            });
+    }
+}
+
+/// A breaker and its gauge.
+struct BreakerCell {
+    breaker: Mutex<Breaker>,
+    gauge: Gauge,
+}
+
+/// An admitted request: holds its set's in-flight slot until dropped, and reports the
+/// upstream outcome to the breaker.
+pub struct Permit {
+    set: Arc<SetState>,
+    total: Arc<AtomicU32>,
+    breaker: Arc<BreakerCell>,
+    probe: bool,
+    settings: IsolationSettings,
+}
+
+impl Permit {
+    pub fn retry_budget(&self) -> RetryBudget<'_> {
+        RetryBudget {
+            set: &self.set,
+            reserve_milli: i64::from(self.settings.retry_reserve) * 1000,
+        }
+    }
+
+    /// The upstream outcome: `failure` is a system failure (connect error, timeout, 5xx).
+    pub fn record(&self, failure: bool) {
+        if let Ok(mut b) = self.breaker.breaker.lock() {
+            b.record(Instant::now(), failure, self.probe, &self.settings.breaker);
+            self.breaker.gauge.set(b.state().gauge());
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.set.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.total.fetch_sub(1, Ordering::Relaxed);
+        self.set.gauge.dec();
+    }
+}
+
+/// The admission state of one gateway instance.
+pub struct Admission {
+    settings: IsolationSettings,
+    metrics: Arc<Metrics>,
+    total: Arc<AtomicU32>,
+    sets: RwLock<HashMap<String, Arc<SetState>>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    /// IDC name → set name → breaker.
+    breakers: RwLock<HashMap<String, HashMap<String, Arc<BreakerCell>>>>,
+}
+
+/// The chance that a request of a set is shed at instance `load` (total in-flight ÷ the sum of
+/// set budgets). Sets with priority 0 are never shed (only their own budget refuses them).
+/// The other priorities shed in steps, least important first: with `tiers` distinct non-zero
+/// priorities, tier `rank` (0 = highest priority number) ramps linearly from 0 to 1 over its
+/// own slice of `[start, 1]`, so `noncore` is fully shed before `subcore` starts to be.
+pub fn shed_probability(load: f64, priority: u32, rank: usize, tiers: usize, start: f64) -> f64 {
+    if priority == 0 || tiers == 0 {
+        return 0.0;
+    }
+    let width = (1.0 - start).max(0.0) / tiers as f64;
+    let from = start + width * rank as f64;
+    if width <= 0.0 {
+        return if load >= start { 1.0 } else { 0.0 };
+    }
+    ((load - from) / width).clamp(0.0, 1.0)
+}
+
+/// The degrade switch that applies to a route, if one is on: its set's, or `route:<name>`.
+pub fn degrade_target(topo: &Topology, route: RouteId) -> Option<String> {
+    let r = topo.route(route);
+    let set = topo.set(r.set).name.as_str();
+    topo.overrides.degrade.iter().find_map(|(target, o)| {
+        let hit = target == set || target.strip_prefix("route:") == Some(r.name.as_str());
+        (o.on && hit).then(|| target.clone())
+    })
+}
+
+/// The rank of `priority` among the topology's distinct non-zero priorities, highest number
+/// first, and how many there are.
+fn shed_rank(topo: &Topology, priority: u32) -> (usize, usize) {
+    let mut ps: Vec<u32> = topo
+        .sets
+        .iter()
+        .map(|s| s.priority)
+        .filter(|&p| p > 0)
+        .collect();
+    ps.sort_unstable_by(|a, b| b.cmp(a));
+    ps.dedup();
+    let rank = ps.iter().position(|&p| p == priority).unwrap_or(0);
+    (rank, ps.len())
+}
+
+fn secs_ceil(d: Duration) -> u32 {
+    (d.as_millis().div_ceil(1000) as u32).max(1)
+}
+
+impl Admission {
+    pub fn new(settings: IsolationSettings, metrics: Arc<Metrics>) -> Admission {
+        Admission {
+            settings,
+            metrics,
+            total: Arc::new(AtomicU32::new(0)),
+            sets: RwLock::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            breakers: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &IsolationSettings {
+        &self.settings
+    }
+
+    fn set_state(&self, name: &Arc<String>) -> Arc<SetState> {
+        if let Some(s) = self
+            .sets
+            .read()
+            .ok()
+            .and_then(|m| m.get(name.as_str()).cloned())
+        {
+            return s;
+        }
+        let fresh = || {
+            Arc::new(SetState {
+                inflight: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
+                retry_tokens: AtomicI64::new(i64::from(self.settings.retry_reserve) * 1000),
+                gauge: self
+                    .metrics
+                    .inflight
+                    .get_or_create(&SetLabels { set: name.clone() })
+                    .clone(),
+            })
+        };
+        match self.sets.write() {
+            Ok(mut m) => m.entry(name.to_string()).or_insert_with(fresh).clone(),
+            Err(_) => fresh(),
+        }
+    }
+
+    fn breaker(&self, idc: &Arc<String>, set: &Arc<String>) -> Arc<BreakerCell> {
+        if let Some(b) = self.breakers.read().ok().and_then(|m| {
+            m.get(idc.as_str())
+                .and_then(|s| s.get(set.as_str()))
+                .cloned()
+        }) {
+            return b;
+        }
+        let fresh = || {
+            let gauge = self
+                .metrics
+                .breaker_state
+                .get_or_create(&IdcSetLabels {
+                    idc: idc.clone(),
+                    set: set.clone(),
+                })
+                .clone();
+            Arc::new(BreakerCell {
+                breaker: Mutex::new(Breaker::new(Instant::now())),
+                gauge,
+            })
+        };
+        match self.breakers.write() {
+            Ok(mut m) => m
+                .entry(idc.to_string())
+                .or_default()
+                .entry(set.to_string())
+                .or_insert_with(fresh)
+                .clone(),
+            Err(_) => fresh(),
+        }
+    }
+
+    /// Admits a request of `route` to be served by `idc`, or says why not. Refusals are
+    /// counted in `shardgate_refused_total`.
+    pub fn admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
+        let r = topo.route(route);
+        let spec = topo.set(r.set);
+        let result = self.try_admit(topo, route, idc);
+        if let Err(refusal) = &result {
+            self.metrics
+                .refused
+                .get_or_create(&RefusedLabels {
+                    set: spec.name.clone(),
+                    reason: refusal.reason(),
+                })
+                .inc();
+        }
+        result
+    }
+
+    fn try_admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
+        let now = Instant::now();
+        let r = topo.route(route);
+        let spec = topo.set(r.set);
+        let set = self.set_state(&spec.name);
+
+        // 1. The set's own budget: never queue, never borrow.
+        if set.inflight.fetch_add(1, Ordering::Relaxed) >= spec.max_inflight {
+            set.inflight.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::SetFull {
+                set: spec.name.to_string(),
+            });
+        }
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        set.gauge.inc();
+        let breaker = self.breaker(&topo.idc(idc).name, &spec.name);
+        // From here on, dropping the permit gives the slot back.
+        let mut permit = Permit {
+            set,
+            total: self.total.clone(),
+            breaker,
+            probe: false,
+            settings: self.settings,
+        };
+
+        // 1b. Priority shedding on the instance's load.
+        let capacity: u64 = topo.sets.iter().map(|s| u64::from(s.max_inflight)).sum();
+        let load = f64::from(total) / capacity.max(1) as f64;
+        if spec.priority > 0 && load >= self.settings.shed_start {
+            let (rank, tiers) = shed_rank(topo, spec.priority);
+            let p = shed_probability(load, spec.priority, rank, tiers, self.settings.shed_start);
+            if fastrand::f64() < p {
+                return Err(Refusal::Shed {
+                    set: spec.name.to_string(),
+                });
+            }
+        }
+
+        // 2. The route's rate limit.
+        if let Some(limit) = &r.rate_limit {
+            if let Ok(mut buckets) = self.buckets.lock() {
+                let bucket = buckets
+                    .entry(r.name.to_string())
+                    .or_insert_with(|| Bucket::new(limit, now));
+                if !bucket.same_limit(limit) {
+                    *bucket = Bucket::new(limit, now);
+                }
+                if let Err(wait) = bucket.take(now) {
+                    return Err(Refusal::RateLimited {
+                        route: r.name.to_string(),
+                        retry_after_s: secs_ceil(wait),
+                    });
+                }
+            }
+        }
+
+        // 3. Degrade switches.
+        if let Some(target) = degrade_target(topo, route) {
+            return Err(Refusal::Degraded {
+                target,
+                fallback: r.fallback.clone().map(Box::new),
+            });
+        }
+
+        // 4. The breaker of (serving IDC, set).
+        let pass = match permit.breaker.breaker.lock() {
+            Ok(mut b) => {
+                let pass = b.admit(now, &self.settings.breaker);
+                permit.breaker.gauge.set(b.state().gauge());
+                pass
+            }
+            Err(_) => Pass::Normal,
+        };
+        match pass {
+            Pass::Normal => {}
+            Pass::Probe => permit.probe = true,
+            Pass::Refuse(wait) => {
+                return Err(Refusal::CircuitOpen {
+                    idc: topo.idc(idc).name.to_string(),
+                    set: spec.name.to_string(),
+                    retry_after_s: secs_ceil(wait),
+                })
+            }
+        }
+
+        permit.set.requests.fetch_add(1, Ordering::Relaxed);
+        permit
+            .retry_budget()
+            .deposit((self.settings.retry_ratio * 1000.0) as i64);
+        Ok(permit)
+    }
+
+    /// Per-set counters for `/status`.
+    pub fn set_status(&self, set: &str) -> Value {
+        let Some(s) = self.sets.read().ok().and_then(|m| m.get(set).cloned()) else {
+            return json!({"inflight": 0, "requests": 0, "retries": 0});
+        };
+        json!({
+            "inflight": s.inflight.load(Ordering::Relaxed),
+            "requests": s.requests.load(Ordering::Relaxed),
+            "retries": s.retries.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Every breaker that has seen a request, for `/status`.
+    pub fn breakers_status(&self) -> Vec<Value> {
+        let Ok(m) = self.breakers.read() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Value> = m
+            .iter()
+            .flat_map(|(idc, sets)| {
+                sets.iter().map(move |(set, cell)| {
+                    let state = cell
+                        .breaker
+                        .lock()
+                        .map_or(BreakerState::Closed, |b| b.state());
+                    json!({"idc": idc, "set": set, "state": state.as_str()})
+                })
+            })
+            .collect();
+        out.sort_by_key(|v| (v["idc"].to_string(), v["set"].to_string()));
+        out
+    }
+
+    /// Total requests in flight on this instance.
+    pub fn total_inflight(&self) -> u32 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests;
