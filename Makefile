@@ -5,7 +5,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test deps fmt-check clippy unit bench bench-proxy release
+.PHONY: demo test deps fmt-check clippy unit bench bench-proxy release fuzz
 
 demo:
 	$(CARGO) run --release --bin shardgate -- demo
@@ -43,3 +43,10 @@ bench:
 # The whole proxy side by side with nginx and HAProxy (see benches/proxy/README.md).
 bench-proxy: release
 	benches/proxy/run.sh
+
+# Coverage-guided fuzzing (libFuzzer) of the topology parser/validator and request routing,
+# 60 s each. Needs cargo-fuzz; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.
+fuzz:
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run topology_document -- -max_total_time=60
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run request_routing -- -max_total_time=60
