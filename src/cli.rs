@@ -367,8 +367,14 @@ fn explain(args: ExplainArgs) -> u8 {
             }
         }
     };
+    report_explain(answer, args.admin.json)
+}
+
+/// Prints an `explain` answer (JSON or the human form) and gives the exit code; shared by the
+/// admin, offline and etcd paths.
+fn report_explain(answer: Result<Value, String>, json: bool) -> u8 {
     match answer {
-        Ok(v) if args.admin.json => {
+        Ok(v) if json => {
             println!("{v}");
             exit::OK
         }

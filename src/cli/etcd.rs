@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 
-use super::{exit, print_explain, runtime, ExplainArgs};
+use super::{exit, report_explain, runtime, ExplainArgs};
 use crate::etcd::ops::{
     self, build_effective, check_degrade_target, live_topology, plan_push, EtcdCluster, OpError,
     PushPlan,
@@ -416,20 +416,10 @@ pub fn explain(args: ExplainArgs) -> u8 {
                 return exit::REFUSED;
             }
         };
-        match crate::admin::explain_json(&t, &args.key, args.route.as_deref()) {
-            Ok(v) if args.admin.json => {
-                println!("{v}");
-                exit::OK
-            }
-            Ok(v) => {
-                print_explain(&v);
-                exit::OK
-            }
-            Err(e) => {
-                eprintln!("shardgate explain: {e}");
-                exit::REFUSED
-            }
-        }
+        report_explain(
+            crate::admin::explain_json(&t, &args.key, args.route.as_deref()),
+            args.admin.json,
+        )
     })
 }
 
