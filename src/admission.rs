@@ -2,8 +2,9 @@
 //! before forwarding, in this order: set budget (and priority shedding) · rate limit · degrade
 //! switch · circuit breaker. `Admission::admit` answers with a `Permit` or a `Refusal`.
 //!
-//! The decisions are pure functions (`shed_probability`, `degrade_target`, `Breaker`,
-//! `Bucket`); the state they read lives here, beside the snapshot and keyed by stable names
+//! The decisions are pure functions (`shed_probability`, `Breaker`, `Bucket`); what depends
+//! only on the topology (capacity, shedding ranks, which routes a degrade switch covers) is
+//! resolved when the snapshot is built, not per request; the state they read lives here, beside the snapshot and keyed by stable names
 //! (set, route, (IDC, set)), so it survives reloads.
 
 mod breaker;
@@ -194,31 +195,6 @@ pub fn shed_probability(load: f64, priority: u32, rank: usize, tiers: usize, sta
     ((load - from) / width).clamp(0.0, 1.0)
 }
 
-/// The degrade switch that applies to a route, if one is on: its set's, or `route:<name>`.
-pub fn degrade_target(topo: &Topology, route: RouteId) -> Option<String> {
-    let r = topo.route(route);
-    let set = topo.set(r.set).name.as_str();
-    topo.overrides.degrade.iter().find_map(|(target, o)| {
-        let hit = target == set || target.strip_prefix("route:") == Some(r.name.as_str());
-        (o.on && hit).then(|| target.clone())
-    })
-}
-
-/// The rank of `priority` among the topology's distinct non-zero priorities, highest number
-/// first, and how many there are.
-fn shed_rank(topo: &Topology, priority: u32) -> (usize, usize) {
-    let mut ps: Vec<u32> = topo
-        .sets
-        .iter()
-        .map(|s| s.priority)
-        .filter(|&p| p > 0)
-        .collect();
-    ps.sort_unstable_by(|a, b| b.cmp(a));
-    ps.dedup();
-    let rank = ps.iter().position(|&p| p == priority).unwrap_or(0);
-    (rank, ps.len())
-}
-
 fn secs_ceil(d: Duration) -> u32 {
     (d.as_millis().div_ceil(1000) as u32).max(1)
 }
@@ -344,11 +320,15 @@ impl Admission {
         };
 
         // 1b. Priority shedding on the instance's load.
-        let capacity: u64 = topo.sets.iter().map(|s| u64::from(s.max_inflight)).sum();
-        let load = f64::from(total) / capacity.max(1) as f64;
+        let load = f64::from(total) / topo.inflight_capacity.max(1) as f64;
         if spec.priority > 0 && load >= self.settings.shed_start {
-            let (rank, tiers) = shed_rank(topo, spec.priority);
-            let p = shed_probability(load, spec.priority, rank, tiers, self.settings.shed_start);
+            let p = shed_probability(
+                load,
+                spec.priority,
+                spec.shed_rank,
+                topo.shed_tiers,
+                self.settings.shed_start,
+            );
             if fastrand::f64() < p {
                 return Err(Refusal::Shed {
                     set: spec.name.to_string(),
@@ -375,9 +355,9 @@ impl Admission {
         }
 
         // 3. Degrade switches.
-        if let Some(target) = degrade_target(topo, route) {
+        if let Some(target) = &r.degraded_by {
             return Err(Refusal::Degraded {
-                target,
+                target: target.clone(),
                 fallback: r.fallback.clone().map(Box::new),
             });
         }

@@ -50,6 +50,9 @@ pub struct SetSpec {
     pub priority: u32,
     pub max_inflight: u32,
     pub degradable: bool,
+    /// Shedding order among the distinct non-zero priorities, highest number first (0 = shed
+    /// first); unused for priority 0, which is never shed.
+    pub shed_rank: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +121,9 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub rate_limit: Option<RateLimitSpec>,
     pub fallback: Option<Fallback>,
+    /// The degrade switch (`<set>` or `route:<name>`) that is on for this route, if any:
+    /// resolved when the snapshot is built, since every override change rebuilds it.
+    pub degraded_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +148,10 @@ pub struct Topology {
     pub idcs: Vec<Idc>,
     pub routes: Vec<Route>,
     pub failover: FailoverSpec,
+    /// Sum of the sets' `max_inflight`: the instance load that shedding is measured against.
+    pub inflight_capacity: u64,
+    /// How many distinct non-zero set priorities there are (shedding tiers).
+    pub shed_tiers: usize,
     pub local_idc: Option<IdcId>,
     /// The document this snapshot was built from, and the overrides on top of it.
     pub document: RawTopology,

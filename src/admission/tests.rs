@@ -268,3 +268,13 @@ fn overload_sheds_noncore_before_subcore_and_never_core() {
     held.truncate(2);
     assert!(a.admit(&t, recs, SH).is_ok());
 }
+
+/// The shedding rank and tier count the snapshot holds for a priority.
+fn shed_rank(t: &Topology, priority: u32) -> (usize, usize) {
+    let rank = t
+        .sets
+        .iter()
+        .find(|s| s.priority == priority)
+        .map_or(0, |s| s.shed_rank);
+    (rank, t.shed_tiers)
+}

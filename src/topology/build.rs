@@ -138,7 +138,17 @@ pub fn build(
             priority: raw.priority,
             max_inflight: raw.max_inflight,
             degradable: raw.degradable,
+            shed_rank: 0,
         });
+    }
+    let mut priorities: Vec<u32> = sets.iter().map(|s| s.priority).filter(|&p| p > 0).collect();
+    priorities.sort_unstable_by(|a, b| b.cmp(a));
+    priorities.dedup();
+    for set in &mut sets {
+        set.shed_rank = priorities
+            .iter()
+            .position(|&p| p == set.priority)
+            .unwrap_or(0);
     }
 
     // IDC names first, so references between IDCs resolve in any order.
@@ -312,8 +322,20 @@ pub fn build(
     let serving = serving_table(&idcs, &home, &order, shard_count, &failover, overrides, now);
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
+    for route in &mut routes {
+        let set = sets[route.set.0 as usize].name.as_str();
+        route.degraded_by = overrides.degrade.iter().find_map(|(target, o)| {
+            let hit = target == set || target.strip_prefix("route:") == Some(route.name.as_str());
+            (o.on && hit).then(|| target.clone())
+        });
+    }
+    let inflight_capacity = sets.iter().map(|s| u64::from(s.max_inflight)).sum();
+    let shed_tiers = priorities.len();
+
     Ok(Topology {
         revision: ctx.revision,
+        inflight_capacity,
+        shed_tiers,
         epoch_header: http::HeaderValue::from(ctx.revision),
         cluster: doc.cluster.clone(),
         shard_count,
@@ -437,6 +459,7 @@ fn check_route(
         max_body_bytes: raw.max_body_bytes,
         rate_limit,
         fallback,
+        degraded_by: None,
     })
 }
 
