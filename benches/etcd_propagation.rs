@@ -21,36 +21,11 @@ use shardgate::topology::{build, BuildContext, Overrides, RawTopology};
 
 const GATEWAYS: usize = 3;
 
-/// 1,000 routes (900 under `*`, 100 on 10 hosts) over 5 IDCs and 16,384 shards, as in
-/// `benches/routing.rs`, with all shards pinned to `pin_to`.
+mod common;
+
+/// The 1,000-route / 16,384-shard document of `benches/routing.rs`, pinned to `pin_to`.
 fn big_document(pin_to: &str) -> String {
-    let mut s = format!(
-        "cluster = \"{CLUSTER}\"\nshard_count = 16384\nallow_reshard = true\n[sets.core]\n[sets.noncore]\ndegradable = true\n"
-    );
-    for (i, idc) in ["sh", "bj", "gz", "sz", "hz"].iter().enumerate() {
-        s.push_str(&format!(
-            "[[idcs]]\nname = \"{idc}\"\nweight = {}\npools.core = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\npools.noncore = [\"127.0.0.1:{}\"]\n",
-            100 + i * 20,
-            17000 + i,
-            17100 + i,
-            17200 + i
-        ));
-    }
-    s.push_str(&format!(
-        "[[shards.pins]]\nrange = \"0-1023\"\nidc = \"{pin_to}\"\n"
-    ));
-    for r in 0..1000 {
-        let host = if r % 10 == 0 {
-            format!("api{}.example.com", r % 100 / 10)
-        } else {
-            "*".to_owned()
-        };
-        let set = if r % 3 == 0 { "noncore" } else { "core" };
-        s.push_str(&format!(
-            "[[routes]]\nname = \"r{r}\"\nhost = \"{host}\"\npath_prefix = \"/svc{r}/v1\"\nmethods = [\"GET\", \"POST\"]\nset = \"{set}\"\nkey = [\"header:x-user-id\", \"query:uid\", \"cookie:uid\", \"path:3\"]\n"
-        ));
-    }
-    s
+    common::big_document(CLUSTER, pin_to, 17000)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

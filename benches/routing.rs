@@ -8,35 +8,10 @@ use http::{HeaderMap, Method, Uri};
 use shardgate::forward::Upstreams;
 use shardgate::topology::{build, BuildContext, Overrides, RawTopology, RequestView};
 
-const ROUTES: usize = 1000;
-const SHARDS: u32 = 16_384;
+mod common;
 
-/// 1,000 routes: 900 under `*` with distinct prefixes, 100 on 10 exact hosts; key sources mixed.
 fn big_topology() -> RawTopology {
-    let mut s =
-        format!("cluster = \"bench\"\nshard_count = {SHARDS}\n[sets.core]\n[sets.noncore]\n");
-    for (i, idc) in ["sh", "bj", "gz", "sz", "hz"].iter().enumerate() {
-        s.push_str(&format!(
-            "[[idcs]]\nname = \"{idc}\"\nweight = {}\npools.core = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\npools.noncore = [\"127.0.0.1:{}\"]\n",
-            100 + i * 20,
-            7000 + i,
-            7100 + i,
-            7200 + i
-        ));
-    }
-    s.push_str("[[shards.pins]]\nrange = \"0-1023\"\nidc = \"sh\"\n");
-    for r in 0..ROUTES {
-        let host = if r % 10 == 0 {
-            format!("api{}.example.com", r % 100 / 10)
-        } else {
-            "*".to_owned()
-        };
-        let set = if r % 3 == 0 { "noncore" } else { "core" };
-        s.push_str(&format!(
-            "[[routes]]\nname = \"r{r}\"\nhost = \"{host}\"\npath_prefix = \"/svc{r}/v1\"\nmethods = [\"GET\", \"POST\"]\nset = \"{set}\"\nkey = [\"header:x-user-id\", \"query:uid\", \"cookie:uid\", \"path:3\"]\n"
-        ));
-    }
-    RawTopology::parse(&s).expect("bench topology parses")
+    RawTopology::parse(&common::big_document("bench", "sh", 7000)).expect("bench topology parses")
 }
 
 fn bench(c: &mut Criterion) {
