@@ -20,6 +20,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions, WatchStream};
 use serde::{Deserialize, Serialize};
 
+use crate::topology::overrides::{MovePhase, MoveRecord};
 use crate::topology::{DegradeOverride, IdcOverride, Overrides, Problem, Problems, RawTopology};
 
 /// The default deadline of one etcd call (DESIGN.md §10).
@@ -110,6 +111,14 @@ impl Keys {
 
     pub fn degrade_override(&self, target: &str) -> String {
         format!("{}override/degrade/{target}", self.prefix)
+    }
+
+    pub fn move_record(&self, id: &str) -> String {
+        format!("{}move/{id}", self.prefix)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
     }
 
     pub fn gateway(&self, instance: &str) -> String {
@@ -211,6 +220,18 @@ impl ClusterKeys {
                         )),
                     }
                 }
+                KeyKind::Move(id) => match serde_json::from_slice::<MoveRecord>(&stored.value) {
+                    Ok(mut record) => {
+                        if record.phase == MovePhase::Fencing || record.fence_revision == 0 {
+                            record.fence_revision = stored.mod_revision.max(0) as u64;
+                        }
+                        overrides.moves.insert(id, record);
+                    }
+                    Err(e) => problems.push(Problem::new(
+                        format!("{}{name}", keys.prefix()),
+                        format!("not a move record ({{\"kind\",\"ranges\",\"phase\",…}}): {e}"),
+                    )),
+                },
                 _ => {}
             }
         }
@@ -492,10 +513,18 @@ mod tests {
         );
         put(&mut ck, "override/degrade/noncore", r#"{"on":true}"#, 6);
         put(&mut ck, "gateway/g1", r#"{"applied_revision":9}"#, 9);
+        put(
+            &mut ck,
+            "move/m1",
+            r#"{"kind":"move","ranges":["0-63"],"to":"bj","phase":"fencing"}"#,
+            8,
+        );
         let o = ck.overrides(&keys).unwrap();
+        assert_eq!(o.moves["m1"].fence_revision, 8);
+        assert_eq!(o.moves["m1"].phase, MovePhase::Fencing);
         assert_eq!(o.idcs["sh"].state, crate::topology::IdcState::Down);
         assert!(o.degrade["noncore"].on);
-        assert_eq!(ck.content_revision(), 6);
+        assert_eq!(ck.content_revision(), 8);
         assert_eq!(ck.gateways()[0].1.as_ref().unwrap().applied_revision, 9);
         assert!(ck.document(&keys).is_err());
         put(&mut ck, "override/idc/bj", "nope", 7);

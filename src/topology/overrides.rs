@@ -71,12 +71,91 @@ pub struct DegradeOverride {
     pub at: u64,
 }
 
+/// What a move record moves: a shard range to an IDC, or every shard an IDC serves (drain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveKind {
+    /// `shardgate move RANGE --to IDC`: the range's owner becomes `to`.
+    Move,
+    /// `shardgate drain IDC`: the IDC's shards leave for the next IDC in their failover order.
+    Drain,
+}
+
+/// Where a fenced move is (DESIGN.md §5). A record always ends `applied` or `rolled_back`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    /// Phase 1: the moving shards are fenced (writes get 503 `fenced`), reads keep flowing to
+    /// the old owner.
+    Fencing,
+    /// Phase 2 done: the new owner is published and the fence lifted.
+    Applied,
+    /// Abandoned before phase 2: the fence is lifted and the owner did not change.
+    RolledBack,
+}
+
+impl MovePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::Fencing => "fencing",
+            MovePhase::Applied => "applied",
+            MovePhase::RolledBack => "rolled_back",
+        }
+    }
+
+    /// Still in flight: its shards are fenced and no other move may touch them.
+    pub fn is_open(self) -> bool {
+        self == MovePhase::Fencing
+    }
+}
+
+/// `move/<id>`: a planned, fenced move of shards (a `move` of a range or a `drain`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub kind: MoveKind,
+    /// Inclusive shard ranges (`"0-63"`, `"7"`); for a drain, the shards the IDC served when
+    /// the drain started.
+    #[serde(default)]
+    pub ranges: Vec<String>,
+    /// The IDC the shards leave (for a drain: the drained IDC).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// The new owner (moves only; a drain sends each shard to its failover order).
+    #[serde(default)]
+    pub to: Option<String>,
+    pub phase: MovePhase,
+    /// The revision at which the fence was written; every live gateway must have applied it
+    /// before phase 2. In etcd it is the record's `mod_revision` when the phase is `fencing`
+    /// (filled in by the reader, not stored); in file mode the snapshot revision.
+    #[serde(default)]
+    pub fence_revision: u64,
+    /// Unix milliseconds when the fence was written (phase 2 waits `fence_ms` from here).
+    #[serde(default)]
+    pub fenced_at_ms: u64,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub by: String,
+    /// Unix seconds when it was created.
+    #[serde(default)]
+    pub at: u64,
+    /// Unix seconds when it reached `applied` or `rolled_back`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// Why it was rolled back, or anything else the driver wants the operator to see.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Overrides {
     #[serde(default)]
     pub idcs: BTreeMap<String, IdcOverride>,
     #[serde(default)]
     pub degrade: BTreeMap<String, DegradeOverride>,
+    /// Move records by id (`move/<id>`), applied in the order of their `fence_revision`.
+    #[serde(default)]
+    pub moves: BTreeMap<String, MoveRecord>,
 }
 
 impl Overrides {
