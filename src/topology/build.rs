@@ -645,10 +645,10 @@ pub fn warmed(shard: Shard, since: u64, now: u64, warmup: Duration) -> bool {
     slot < step
 }
 
-fn can_serve(idc: &Idc, shard: Shard, failover: &FailoverSpec, since: u64, now: u64) -> bool {
+fn can_serve(idc: &Idc, shard: Shard, warmup: Duration, since: u64, now: u64) -> bool {
     match idc.state {
         IdcState::Active => true,
-        IdcState::Warming => warmed(shard, since, now, failover.warmup),
+        IdcState::Warming => warmed(shard, since, now, warmup),
         IdcState::Draining | IdcState::Down => false,
     }
 }
@@ -667,6 +667,17 @@ fn serving_table(
         .iter()
         .map(|i| overrides.idcs.get(i.name.as_str()).map_or(0, |o| o.at))
         .collect();
+    // A restore may carry its own warm-up (`restore --warmup`).
+    let warmup: Vec<Duration> = idcs
+        .iter()
+        .map(|i| {
+            overrides
+                .idcs
+                .get(i.name.as_str())
+                .and_then(|o| o.warmup_s)
+                .map_or(failover.warmup, Duration::from_secs)
+        })
+        .collect();
     (0..shard_count)
         .map(|s| {
             let shard = Shard(s);
@@ -674,7 +685,7 @@ fn serving_table(
             debug_assert_eq!(row[0], home[s as usize]);
             row.iter().copied().find(|id| {
                 let i = id.0 as usize;
-                can_serve(&idcs[i], shard, failover, since[i], now)
+                can_serve(&idcs[i], shard, warmup[i], since[i], now)
             })
         })
         .collect()

@@ -57,6 +57,17 @@ pub struct IdcOverride {
     pub at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Unix milliseconds when it was written (warm-up steps are timed from here; 0 = use `at`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub at_ms: u64,
+    /// `warming` only: the warm-up duration for this restore (`restore --warmup`); the
+    /// document's `failover.warmup_s` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_s: Option<u64>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// `override/degrade/<set or route:name>`.

@@ -195,6 +195,8 @@ fn state(idc: &str, state: IdcState, at: u64) -> Overrides {
             by: "tests".into(),
             at,
             expires_at: None,
+            at_ms: 0,
+            warmup_s: None,
         },
     );
     o
@@ -241,6 +243,8 @@ fn no_active_idc_means_no_serving_idc() {
             by: String::new(),
             at: 1,
             expires_at: None,
+            at_ms: 0,
+            warmup_s: None,
         },
     );
     let t = build_text(&doc(&[("sh", 100), ("bj", 100)], ""), &o).unwrap();
