@@ -21,6 +21,8 @@ pub struct Admin {
     pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
     pub admission: Arc<Admission>,
+    /// This gateway's health view (`idcs[].healthy`).
+    pub health: Arc<crate::health::Health>,
     /// File mode: where operator writes (`POST /override/…`) go. `None` in etcd mode.
     pub file_overrides: Option<Arc<crate::source::FileOverrides>>,
     pub token: Option<String>,
@@ -156,16 +158,18 @@ impl Admin {
         for s in 0..t.shard_count {
             home[t.home(Shard(s)).0 as usize] += 1;
         }
-        let core = t.sets.iter().position(|s| s.name.as_str() == "core");
+        let view = self.health.idc_view();
         let idcs: Vec<Value> = t
             .idcs
             .iter()
             .enumerate()
             .map(|(i, idc)| {
-                let pool = core.map_or(&[][..], |c| &idc.pools[c][..]);
-                let healthy_backends = pool.iter().filter(|b| !b.avoided()).count();
-                let healthy = pool.is_empty()
-                    || healthy_backends as f64 >= t.failover.min_healthy * pool.len() as f64;
+                // An IDC the view has not evaluated yet (just added) is judged now.
+                let healthy = view
+                    .get(idc.name.as_str())
+                    .copied()
+                    .or_else(|| crate::health::view_of(t).get(idc.name.as_str()).copied())
+                    .unwrap_or(true);
                 json!({
                     "name": idc.name.as_str(),
                     "state": idc.state.as_str(),
@@ -180,6 +184,10 @@ impl Admin {
                             "inflight": b.inflight(),
                             "idle_connections": b.idle_connections(),
                             "avoided": b.avoided(),
+                            "healthy": b.health.probe_healthy(),
+                            "ejected": b.health.ejected(),
+                            "ejections": b.health.ejections(),
+                            "ejection_ms": b.health.ejection_ms(),
                         })).collect::<Vec<_>>())
                     }).collect::<BTreeMap<_, _>>(),
                 })

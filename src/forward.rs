@@ -1,10 +1,12 @@
 //! Upstream forwarding: pooled HTTP/1.1 keep-alive connections per backend (one pool per
-//! (IDC, set, address), shared across snapshots), power-of-two-choices on in-flight requests,
-//! connect timeouts, and safe retries on another backend of the same IDC.
+//! (IDC, set, address), shared across snapshots), power-of-two-choices on in-flight requests
+//! among the backends in service (healthy and not ejected: no fail-open), connect timeouts,
+//! safe retries on another backend of the same IDC, and the passive outlier signals (connect
+//! errors, timeouts, 5xx) that feed `health`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::admission::RetryBudget;
 use crate::body::RequestBody;
+use crate::health::BackendHealth;
 
 type Sender = SendRequest<RequestBody>;
 
@@ -30,10 +33,9 @@ pub struct Backend {
     pub set: Arc<String>,
     pub addr: SocketAddr,
     inflight: AtomicU32,
-    /// Passive outlier state: consecutive connect failures and the time (ms since the
-    /// process epoch) until which the backend is avoided.
-    connect_failures: AtomicU32,
-    avoid_until_ms: AtomicU64,
+    /// Probe verdict and passive ejection, shared with every pool listing this address in
+    /// this IDC.
+    pub health: Arc<BackendHealth>,
     idle: Mutex<Vec<Sender>>,
 }
 
@@ -49,14 +51,13 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(idc: &str, set: &str, addr: SocketAddr) -> Backend {
+    fn new(set: &str, health: Arc<BackendHealth>) -> Backend {
         Backend {
-            idc: Arc::new(idc.to_owned()),
+            idc: health.idc.clone(),
             set: Arc::new(set.to_owned()),
-            addr,
+            addr: health.addr,
             inflight: AtomicU32::new(0),
-            connect_failures: AtomicU32::new(0),
-            avoid_until_ms: AtomicU64::new(0),
+            health,
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -69,24 +70,10 @@ impl Backend {
         self.idle.lock().map_or(0, |v| v.len())
     }
 
-    /// Avoided after connect failures, for a period that doubles with each failure (100 ms up
-    /// to 10 s). Avoided backends are still tried when nothing else is left.
+    /// Gets no traffic now: its probes say unhealthy, or traffic ejected it. Avoided backends
+    /// are never tried, even when nothing else is left: a dead pool is dead (no fail-open).
     pub fn avoided(&self) -> bool {
-        self.avoid_until_ms.load(Ordering::Relaxed) > clock_ms()
-    }
-
-    fn record_connect_failure(&self) {
-        let n = self.connect_failures.fetch_add(1, Ordering::Relaxed).min(7);
-        let period = (100u64 << n).min(10_000);
-        self.avoid_until_ms
-            .store(clock_ms() + period, Ordering::Relaxed);
-    }
-
-    fn record_connect_success(&self) {
-        if self.connect_failures.load(Ordering::Relaxed) != 0 {
-            self.connect_failures.store(0, Ordering::Relaxed);
-            self.avoid_until_ms.store(0, Ordering::Relaxed);
-        }
+        !self.health.in_service()
     }
 
     fn take_idle(&self) -> Option<Sender> {
@@ -136,15 +123,6 @@ impl Backend {
     }
 }
 
-fn clock_ms() -> u64 {
-    use std::sync::OnceLock;
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
 /// A backend's in-flight slot and, once the response head arrived, its connection. Dropping it
 /// frees the slot (and closes the connection if it was not released).
 pub struct Lease {
@@ -187,6 +165,9 @@ pub enum ForwardError {
     /// The exchange failed after the request was (possibly) sent.
     #[error("upstream exchange failed: {0}")]
     Protocol(String),
+    /// No response head before the route's deadline.
+    #[error("the upstream did not answer in time")]
+    Timeout,
     /// The client's body went past the route's limit while it streamed upstream: the
     /// exchange was abandoned and the backend never got a whole request.
     #[error("the request body went past {0} bytes")]
@@ -205,10 +186,12 @@ fn body_too_large(e: &hyper::Error) -> Option<u64> {
     None
 }
 
-/// Registry of backends by (IDC, set, address), so that snapshots share pools.
+/// Registry of backends by (IDC, set, address), so that snapshots share pools, and of their
+/// health by (IDC, address), so that the sets listing one address share one verdict.
 #[derive(Default)]
 pub struct Upstreams {
     backends: Mutex<HashMap<(String, String, SocketAddr), Weak<Backend>>>,
+    health: Mutex<HashMap<(String, SocketAddr), Weak<BackendHealth>>>,
 }
 
 impl Upstreams {
@@ -219,16 +202,31 @@ impl Upstreams {
     /// The backend for this identity: the existing one while any snapshot holds it.
     pub fn backend(&self, idc: &str, set: &str, addr: SocketAddr) -> Arc<Backend> {
         let Ok(mut map) = self.backends.lock() else {
-            return Arc::new(Backend::new(idc, set, addr));
+            return Arc::new(Backend::new(set, self.health(idc, addr)));
         };
         let key = (idc.to_owned(), set.to_owned(), addr);
         if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
             return b;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let b = Arc::new(Backend::new(idc, set, addr));
+        let b = Arc::new(Backend::new(set, self.health(idc, addr)));
         map.insert(key, Arc::downgrade(&b));
         b
+    }
+
+    /// The health of this backend identity: the existing one while any backend holds it.
+    fn health(&self, idc: &str, addr: SocketAddr) -> Arc<BackendHealth> {
+        let Ok(mut map) = self.health.lock() else {
+            return Arc::new(BackendHealth::new(idc, addr));
+        };
+        let key = (idc.to_owned(), addr);
+        if let Some(h) = map.get(&key).and_then(Weak::upgrade) {
+            return h;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let h = Arc::new(BackendHealth::new(idc, addr));
+        map.insert(key, Arc::downgrade(&h));
+        h
     }
 }
 
@@ -236,6 +234,9 @@ impl Upstreams {
 #[derive(Clone, Copy)]
 pub struct ForwardPolicy<'a> {
     pub connect_timeout: Duration,
+    /// When the route's time is up: an exchange still waiting for its response head then is a
+    /// timeout, counted against the backend.
+    pub deadline: tokio::time::Instant,
     /// Extra attempts on other backends of the same pool.
     pub retries: u32,
     /// GET/HEAD/OPTIONS/PUT/DELETE…: may be sent again after a failure once sent.
@@ -245,42 +246,37 @@ pub struct ForwardPolicy<'a> {
     pub retry_budget: Option<&'a RetryBudget<'a>>,
 }
 
-/// Picks the backend with fewer requests in flight out of two random ones, skipping those
-/// already tried and, while others remain, those avoided after connect failures.
+/// Picks the backend with fewer requests in flight out of two random ones, among those in
+/// service and not yet tried. `None` when none is left: backends out of service are never
+/// tried (no fail-open to dead backends).
 fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
-    let usable = |i: usize, allow_avoided: bool| {
-        (i >= 64 || tried & (1 << i) == 0) && (allow_avoided || !pool[i].avoided())
-    };
-    for allow_avoided in [false, true] {
-        let candidates = (0..pool.len())
-            .filter(|&i| usable(i, allow_avoided))
-            .count();
-        if candidates == 0 {
-            continue;
+    let usable = |i: usize| (i >= 64 || tried & (1 << i) == 0) && !pool[i].avoided();
+    let candidates = (0..pool.len()).filter(|&i| usable(i)).count();
+    let nth = |n: usize| (0..pool.len()).filter(|&i| usable(i)).nth(n);
+    match candidates {
+        0 => None,
+        1 => nth(0),
+        _ => {
+            let a = fastrand::usize(..candidates);
+            let mut b = fastrand::usize(..candidates - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (nth(a)?, nth(b)?);
+            Some(if pool[b].inflight() < pool[a].inflight() {
+                b
+            } else {
+                a
+            })
         }
-        let nth = |n: usize| (0..pool.len()).filter(|&i| usable(i, allow_avoided)).nth(n);
-        if candidates == 1 {
-            return nth(0);
-        }
-        let a = fastrand::usize(..candidates);
-        let mut b = fastrand::usize(..candidates - 1);
-        if b >= a {
-            b += 1;
-        }
-        let (a, b) = (nth(a)?, nth(b)?);
-        return Some(if pool[b].inflight() < pool[a].inflight() {
-            b
-        } else {
-            a
-        });
     }
-    None
 }
 
 /// Sends `req` to one backend of `pool`. Retries on another backend when nothing was sent
 /// (connect failure, or a pooled connection that closed before taking the request), and, for
 /// idempotent requests without a body, when the exchange failed before a response head.
-/// On failure the request comes back when nothing of it was sent, so it may go elsewhere.
+/// Only backends in service are tried. On failure the request comes back when it can still be
+/// sent: nothing of it was sent, or it is idempotent and bodiless (a copy of its head).
 pub async fn forward(
     pool: &[Arc<Backend>],
     mut req: Request<RequestBody>,
@@ -288,7 +284,11 @@ pub async fn forward(
 ) -> Result<(Response<Incoming>, Lease), (ForwardError, Option<Request<RequestBody>>)> {
     let mut tried: u64 = 0;
     let mut attempts_left = policy.retries + 1;
-    let mut last_err = ForwardError::Connect("the pool has no backends".into());
+    let mut last_err = ForwardError::Connect(if pool.is_empty() {
+        "the pool has no backends".into()
+    } else {
+        "no backend of the pool is in service (failing health checks or ejected)".into()
+    });
     // A request without a body can be rebuilt for a retry after it was sent.
     let replayable = policy.idempotent && req.body().is_end_stream();
     while attempts_left > 0 {
@@ -309,12 +309,9 @@ pub async fn forward(
         let (mut sender, reused) = match backend.take_idle() {
             Some(s) => (s, true),
             None => match backend.connect(policy.connect_timeout).await {
-                Ok(s) => {
-                    backend.record_connect_success();
-                    (s, false)
-                }
+                Ok(s) => (s, false),
                 Err(e) => {
-                    backend.record_connect_failure();
+                    backend.health.record_connect_failure();
                     tracing::debug!(backend = %backend.addr, idc = %backend.idc, error = %e, "upstream connect failed");
                     last_err = e;
                     continue;
@@ -330,8 +327,21 @@ pub async fn forward(
         // The copy costs a header-map clone: only make it when a retry could use it.
         let can_retry = attempts_left > 0 && pick(pool, tried).is_some();
         let copy = (replayable && can_retry).then(|| clone_head(&req));
-        match sender.try_send_request(req).await {
+        let sent = tokio::time::timeout_at(policy.deadline, sender.try_send_request(req)).await;
+        let Ok(sent) = sent else {
+            // The route's time is up with no answer: a timeout against this backend.
+            backend.health.record_failure();
+            return Err((ForwardError::Timeout, None));
+        };
+        match sent {
             Ok(resp) => {
+                // Passive outlier detection: a 5xx is a failure of the backend, anything else
+                // (4xx included: the business answering) ends a run of failures.
+                if resp.status().is_server_error() {
+                    backend.health.record_failure();
+                } else {
+                    backend.health.record_success();
+                }
                 lease.sender = Some(sender);
                 return Ok((resp, lease));
             }
@@ -340,6 +350,9 @@ pub async fn forward(
                     Some(limit) => ForwardError::BodyTooLarge(limit),
                     None => ForwardError::Protocol(e.error().to_string()),
                 };
+                // A broken exchange is the backend's failure unless the client's body broke it.
+                let backend_failed =
+                    matches!(err, ForwardError::Protocol(_)) && !e.error().is_user();
                 match e.take_message() {
                     // Not sent: a stale pooled connection. Retry freely.
                     Some(back) => {
@@ -349,18 +362,22 @@ pub async fn forward(
                             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
                         }
                     }
-                    None => match copy {
-                        Some(c) => req = c,
-                        None => return Err((err, None)),
-                    },
+                    None => {
+                        if backend_failed {
+                            backend.health.record_failure();
+                        }
+                        match copy {
+                            Some(c) => req = c,
+                            None => return Err((err, None)),
+                        }
+                    }
                 }
                 last_err = err;
             }
         }
     }
     // Whatever failed last, `req` was not sent (or is a fresh copy): hand it back.
-    let unsent = matches!(last_err, ForwardError::Connect(_)).then_some(req);
-    Err((last_err, unsent))
+    Err((last_err, Some(req)))
 }
 
 fn clone_head(req: &Request<RequestBody>) -> Request<RequestBody> {
@@ -370,4 +387,42 @@ fn clone_head(req: &Request<RequestBody>) -> Request<RequestBody> {
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_skips_backends_out_of_service_and_never_fails_open() {
+        let up = Upstreams::new();
+        let pool: Vec<Arc<Backend>> = (1..=3)
+            .map(|p| up.backend("sh", "core", SocketAddr::from(([127, 0, 0, 1], p))))
+            .collect();
+        pool[0].health.record_connect_failure();
+        for _ in 0..50 {
+            let i = pick(&pool, 0).unwrap();
+            assert_ne!(i, 0, "an ejected backend was picked");
+        }
+        // Tried 1: only 2 is left.
+        assert_eq!(pick(&pool, 0b010), Some(2));
+        pool[2].health.record_connect_failure();
+        assert_eq!(pick(&pool, 0b010), None);
+        pool[1].health.record_connect_failure();
+        assert_eq!(pick(&pool, 0), None, "a dead pool gets no traffic");
+    }
+
+    #[test]
+    fn sets_listing_one_address_share_its_health() {
+        let up = Upstreams::new();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let core = up.backend("sh", "core", addr);
+        let noncore = up.backend("sh", "noncore", addr);
+        let other_idc = up.backend("bj", "core", addr);
+        assert!(Arc::ptr_eq(&core.health, &noncore.health));
+        assert!(!Arc::ptr_eq(&core.health, &other_idc.health));
+        core.health.record_connect_failure();
+        assert!(noncore.avoided());
+        assert!(!other_idc.avoided());
+    }
 }

@@ -10,7 +10,10 @@
 //! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
 //!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
-//! - [`forward`]: pooled upstream connections per (IDC, set, backend), retries.
+//! - [`forward`]: pooled upstream connections per (IDC, set, backend) among the backends in
+//!   service, retries, passive outlier signals.
+//! - [`health`]: active probes + passive ejection → which backends get traffic, and this
+//!   gateway's IDC health view (`/status`, metrics, the etcd registration).
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
 //! - [`headers`]: the gateway's headers, hop-by-hop stripping, ids and tracing headers.
 //! - [`error`]: the one request-path error and its status mapping.
@@ -38,6 +41,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod headers;
+pub mod health;
 pub mod proxy;
 pub mod route;
 pub mod server;
@@ -78,6 +82,8 @@ pub struct Running {
     /// The plain listener redirecting to https, when configured.
     pub redirect_addr: Option<SocketAddr>,
     pub snapshots: Arc<Snapshots>,
+    /// This gateway's health view.
+    pub health: Arc<health::Health>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -143,6 +149,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
 
+    let health = health::Health::new(snapshots.clone(), metrics.clone());
+    tasks.push(tokio::spawn(health.clone().run(shutdown_rx.clone())));
+    // Warm-up steps (and override expiry) change the serving table with time alone.
+    tasks.push(tokio::spawn(
+        snapshots.clone().run_timed_rebuilds(shutdown_rx.clone()),
+    ));
+
     // Certificates are loaded before any listener is bound, so a bad one fails the start.
     let tls = match &config.tls {
         Some(t) => {
@@ -176,7 +189,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             admin_addr,
             timeout: config.timeouts.etcd,
         };
-        let registry = etcd::registry::Registry::new(registration, snapshots.clone());
+        let registry =
+            etcd::registry::Registry::new(registration, snapshots.clone(), health.clone());
         tasks.push(tokio::spawn(registry.run(shutdown_rx.clone())));
     }
 
@@ -235,6 +249,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         snapshots: snapshots.clone(),
         metrics,
         admission,
+        health: health.clone(),
         file_overrides,
         token: config.admin_token.clone(),
         tls: certificates,
@@ -251,6 +266,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         admin_addr,
         redirect_addr,
         snapshots,
+        health,
         shutdown: shutdown_tx,
         tasks,
     })

@@ -56,6 +56,15 @@ struct Outcome {
     reason: Option<&'static str>,
 }
 
+/// Where a forwarded request was answered.
+struct Landed {
+    idc: Arc<String>,
+    idc_header: HeaderValue,
+    /// Not in the serving IDC of the request's own snapshot: spilled, or re-routed.
+    elsewhere: bool,
+    spilled: bool,
+}
+
 const EMPTY: &str = "";
 
 fn is_safe(m: &Method) -> bool {
@@ -185,6 +194,7 @@ impl Gateway {
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
+            deadline: tokio::time::Instant::now() + route.timeout,
             retries: route.retries,
             idempotent: is_idempotent(&method),
             retry_budget: Some(&budget),
@@ -192,43 +202,75 @@ impl Gateway {
 
         let exchange = async {
             let mut idc = decision.idc;
+            let mut set = route.set;
             let mut spilled = false;
+            // A newer snapshot this request was re-routed by (see below), once.
+            let mut moved: Option<Arc<Topology>> = None;
             loop {
-                let pool = topo.idc(idc).pool(route.set);
+                let t: &Topology = moved.as_deref().unwrap_or(topo);
+                let pool = t.idc(idc).pool(set);
                 let sent_at = Instant::now();
                 match forward(pool, upstream, policy).await {
                     Ok(ok) => {
+                        let at = t.idc(idc);
                         self.metrics
                             .upstream_duration
                             .get_or_create(&IdcSetLabels {
-                                idc: topo.idc(idc).name.clone(),
-                                set: topo.set(route.set).name.clone(),
+                                idc: at.name.clone(),
+                                set: t.set(set).name.clone(),
                             })
                             .observe(sent_at.elapsed().as_secs_f64());
-                        return Ok((ok, idc, spilled));
+                        let landed = Landed {
+                            idc: at.name.clone(),
+                            idc_header: at.header.clone(),
+                            elsewhere: spilled || moved.is_some(),
+                            spilled,
+                        };
+                        return Ok((ok, landed));
                     }
                     Err((err, unsent)) => {
-                        // Reads spill, writes never do (§5): only a safe request that reached
-                        // no backend at all may go to the next IDC, once.
-                        let next = match (&err, unsent, spilled) {
-                            (ForwardError::Connect(_), Some(r), false) if is_safe(&method) => {
-                                spill_target(topo, &decision, idc).map(|n| (n, r))
+                        let Some(mut r) = unsent else {
+                            return Err(err);
+                        };
+                        // Reads spill, writes never do (§5): only a safe request whose serving
+                        // IDC could not be reached at all may go to the next IDC, once.
+                        let spill = match &err {
+                            ForwardError::Connect(_)
+                                if !spilled && moved.is_none() && is_safe(&method) =>
+                            {
+                                spill_target(t, &decision, idc, set)
                             }
                             _ => None,
                         };
-                        match next {
-                            Some((n, mut r)) => {
-                                tracing::debug!(from = %topo.idc(idc).name, to = %topo.idc(n).name, "spilling a read to the next IDC");
-                                r.headers_mut()
-                                    .insert(headers::IDC, topo.idc(n).header.clone());
-                                r.headers_mut()
-                                    .insert(headers::SPILL, HeaderValue::from_static("1"));
-                                upstream = r;
-                                idc = n;
-                                spilled = true;
-                            }
-                            None => return Err(err),
+                        if let Some(n) = spill {
+                            tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
+                            r.headers_mut()
+                                .insert(headers::IDC, t.idc(n).header.clone());
+                            r.headers_mut()
+                                .insert(headers::SPILL, HeaderValue::from_static("1"));
+                            upstream = r;
+                            idc = n;
+                            spilled = true;
+                            continue;
                         }
+                        // A request is replayed in another IDC only when it is idempotent and
+                        // a newer snapshot moved its shard there meanwhile (failover): the new
+                        // owner is where a fresh request would go, so no second writer appears.
+                        if !policy.idempotent || moved.is_some() {
+                            return Err(err);
+                        }
+                        let Some((latest, n, s)) = self.moved_to(t, &decision, idc, route) else {
+                            return Err(err);
+                        };
+                        tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
+                        r.headers_mut()
+                            .insert(headers::IDC, latest.idc(n).header.clone());
+                        r.headers_mut()
+                            .insert(headers::EPOCH, latest.epoch_header.clone());
+                        upstream = r;
+                        idc = n;
+                        set = s;
+                        moved = Some(latest);
                     }
                 }
             }
@@ -237,26 +279,28 @@ impl Gateway {
         let result = tokio::time::timeout(route.timeout, exchange).await;
         // System failures only trip the breaker of the serving IDC's set: no connection,
         // a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the business
-        // answering, a body over the route's limit is the client's doing, and a spill means
-        // the serving IDC could not be reached.
+        // answering, a body over the route's limit is the client's doing, and an answer from
+        // another IDC means the serving IDC could not serve it.
         permit.record(match &result {
-            Ok(Ok(((resp, _), _, spilled))) => *spilled || resp.status().is_server_error(),
+            Ok(Ok(((resp, _), landed))) => landed.elsewhere || resp.status().is_server_error(),
             Ok(Err(ForwardError::BodyTooLarge(_))) => false,
             _ => true,
         });
-        let ((resp, lease), idc, spilled) = match result {
+        let ((resp, lease), landed) = match result {
             Ok(Ok(done)) => done,
             Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
             Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
             Ok(Err(ForwardError::BodyTooLarge(max))) => {
                 return Err(ProxyError::PayloadTooLarge(max))
             }
-            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
+            Ok(Err(ForwardError::Timeout)) | Err(_) => {
+                return Err(ProxyError::UpstreamTimeout(timeout_ms))
+            }
         };
-        if spilled {
-            outcome.idc = Some(topo.idc(idc).name.clone());
-            outcome.idc_header = Some(topo.idc(idc).header.clone());
-            outcome.spilled = true;
+        if landed.elsewhere {
+            outcome.idc = Some(landed.idc);
+            outcome.idc_header = Some(landed.idc_header);
+            outcome.spilled = landed.spilled;
         }
 
         let (mut parts, body) = resp.into_parts();
@@ -266,6 +310,30 @@ impl Gateway {
             parts,
             ResponseBody::upstream(body, route.timeout, lease),
         ))
+    }
+
+    /// After the request failed in `from`: the newest snapshot, when it serves the request's
+    /// shard (or, unsharded, its global traffic) from another IDC, with that IDC and the
+    /// route's set there.
+    fn moved_to(
+        &self,
+        topo: &Topology,
+        d: &Decision,
+        from: IdcId,
+        route: &crate::topology::Route,
+    ) -> Option<(Arc<Topology>, IdcId, crate::topology::SetId)> {
+        let latest = self.topology.load_full()?;
+        let now = match d.shard {
+            // A reshard renumbers shards: the old number means nothing in the new snapshot.
+            Some(shard) if latest.shard_count == topo.shard_count => latest.serving(shard)?,
+            Some(_) => return None,
+            None => latest.global_idc()?,
+        };
+        if latest.idc(now).name == topo.idc(from).name {
+            return None;
+        }
+        let set = latest.route(latest.route_by_name(&route.name)?).set;
+        (latest.set(set).name == topo.set(route.set).name).then_some((latest.clone(), now, set))
     }
 
     /// A clean re-serialisation of the client's request for the upstream: origin-form URI,
@@ -409,8 +477,14 @@ fn body_is_empty(method: &Method, body: &Incoming) -> bool {
         || (matches!(*method, Method::GET | Method::HEAD) && body.size_hint().exact() == Some(0))
 }
 
-/// The next IDC in the shard's failover order (or the global order) that is active.
-fn spill_target(topo: &Topology, d: &Decision, from: IdcId) -> Option<IdcId> {
+/// The next IDC in the shard's failover order (or the global order) that is active and has a
+/// backend in service for the set.
+fn spill_target(
+    topo: &Topology,
+    d: &Decision,
+    from: IdcId,
+    set: crate::topology::SetId,
+) -> Option<IdcId> {
     let order: Vec<IdcId> = match d.shard {
         Some(shard) => topo.failover_order(shard).to_vec(),
         None => (0..topo.idcs.len() as u16).map(IdcId).collect(),
@@ -422,7 +496,11 @@ fn spill_target(topo: &Topology, d: &Decision, from: IdcId) -> Option<IdcId> {
         .skip(pos + 1)
         .take(order.len().saturating_sub(1))
         .copied()
-        .find(|&i| i != from && topo.idc(i).state == IdcState::Active)
+        .find(|&i| {
+            i != from
+                && topo.idc(i).state == IdcState::Active
+                && topo.idc(i).pool(set).iter().any(|b| !b.avoided())
+        })
 }
 
 /// Absolute-form confusion: a request target naming one host and a `Host` header naming

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::forward::Upstreams;
 use crate::telemetry::Metrics;
+use crate::topology::overrides::unix_now_ms;
 use crate::topology::{
     self, BuildContext, Overrides, Problems, RawTopology, Topology, TopologyDiff,
 };
@@ -85,6 +86,16 @@ impl Snapshots {
         revision: u64,
     ) -> Result<TopologyDiff, Problems> {
         let _guard = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish_locked(doc, overrides, revision)
+    }
+
+    /// `publish`, with the publish lock held.
+    fn publish_locked(
+        &self,
+        doc: RawTopology,
+        overrides: &Overrides,
+        revision: u64,
+    ) -> Result<TopologyDiff, Problems> {
         let old = self.current.load_full();
         let ctx = BuildContext {
             revision,
@@ -131,6 +142,54 @@ impl Snapshots {
 }
 
 impl Snapshots {
+    /// Rebuilds the published snapshot from its own document and overrides, at the same
+    /// revision, whenever its serving table is due to change with time alone (the next step
+    /// of a warm-up, an override expiring: `Topology::next_change_ms`). Each step is a normal
+    /// publish (diff logged, metrics, subscribers told), for the file and the etcd source
+    /// alike, and it goes on while etcd is unreachable. Runs until `shutdown` turns true.
+    pub async fn run_timed_rebuilds(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut revisions = self.subscribe();
+        loop {
+            let due = self.current().and_then(|t| t.next_change_ms);
+            // One millisecond late rather than early: the table changes at the instant itself.
+            let wait = due.map(|at| Duration::from_millis(at.saturating_sub(unix_now_ms()) + 1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
+                    let snapshots = self.clone();
+                    // Building a large snapshot takes milliseconds of CPU: off the workers.
+                    let _ = tokio::task::spawn_blocking(move || snapshots.rebuild_due()).await;
+                }
+                changed = revisions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Rebuilds the current snapshot if its next timed change is due; a publish that got in
+    /// first (holding the lock) already did it.
+    fn rebuild_due(&self) {
+        let _guard = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(current) = self.current() else {
+            return;
+        };
+        if current.next_change_ms.is_none_or(|at| at > unix_now_ms()) {
+            return;
+        }
+        tracing::debug!(
+            revision = current.revision,
+            "serving table due to change (warm-up step or expiry): rebuilding"
+        );
+        let _ = self.publish_locked(
+            current.document.clone(),
+            &current.overrides,
+            current.revision,
+        );
+    }
+
     /// Notified with the revision of every snapshot published from now on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revisions.subscribe()

@@ -49,6 +49,13 @@ pub struct IdcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub idc: Arc<String>,
+    pub set: Arc<String>,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdcStateLabels {
     pub idc: Arc<String>,
     pub state: &'static str,
@@ -80,6 +87,8 @@ pub struct Metrics {
     pub inflight: Family<SetLabels, Gauge>,
     pub refused: Family<RefusedLabels, Counter>,
     pub breaker_state: Family<IdcSetLabels, Gauge>,
+    pub backend_healthy: Family<BackendLabels, Gauge>,
+    pub idc_healthy: Family<IdcLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -163,8 +172,22 @@ impl Metrics {
             "Circuit breaker per IDC and set: 0 closed, 1 open, 2 half-open",
             breaker_state.clone(),
         );
+        let backend_healthy = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_healthy",
+            "1 while the backend gets traffic (probes healthy and not ejected), by IDC, set and address",
+            backend_healthy.clone(),
+        );
+        let idc_healthy = Family::<IdcLabels, Gauge>::default();
+        registry.register(
+            "idc_healthy",
+            "1 while the IDC's core pool has at least min_healthy of its backends in service, in this gateway's view",
+            idc_healthy.clone(),
+        );
         Metrics {
             registry,
+            backend_healthy,
+            idc_healthy,
             inflight,
             refused,
             breaker_state,

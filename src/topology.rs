@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, Uri};
 
-pub use build::{build, BuildContext};
+pub use build::{build, next_warmup_step, warmed, BuildContext};
 pub use diff::{diff, TopologyDiff};
 pub use overrides::{DegradeOverride, IdcOverride, IdcState, Overrides};
 pub use problems::{Problem, Problems};
@@ -55,7 +55,7 @@ pub struct SetSpec {
     pub shed_rank: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthSpec {
     pub path: String,
     pub interval: Duration,
@@ -165,6 +165,9 @@ pub struct Topology {
     serving: Vec<Option<IdcId>>,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
+    /// When (unix ms) the serving table changes with time alone (next warm-up step, an
+    /// override expiring): the sources rebuild the snapshot at that instant.
+    pub next_change_ms: Option<u64>,
 }
 
 /// What the routing decision needs of a request.

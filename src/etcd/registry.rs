@@ -1,9 +1,8 @@
 //! The gateway registry (DESIGN.md §6): each instance keeps `gateway/<instance>` = JSON
 //! `{"idc","addr","applied_revision","view"}` under a 5 s lease that it keeps alive. The key is
-//! rewritten when the applied revision or the health view changes, revoked on graceful
-//! shutdown (gone at once), and expires with the lease when the process dies.
+//! rewritten when the applied revision or the health view (`Health`) changes, revoked on
+//! graceful shutdown (gone at once), and expires with the lease when the process dies.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +11,9 @@ use etcd_client::PutOptions;
 use tokio::sync::watch;
 
 use super::{shutdown_requested, Backoff, Etcd, EtcdError, GatewayRecord, Keys};
+use crate::health::Health;
 use crate::source::Snapshots;
 use crate::topology::overrides::unix_now;
-use crate::topology::Topology;
 
 /// Lease TTL of a registration (DESIGN.md §6).
 pub const LEASE_TTL_S: i64 = 5;
@@ -47,26 +46,12 @@ pub fn default_instance(proxy_addr: SocketAddr) -> String {
     format!("{host}:{}", proxy_addr.port())
 }
 
-/// An IDC is healthy in this gateway's view when enough of its `core` pool is not avoided
-/// (the same rule as `/status`).
-pub fn health_view(t: &Topology) -> BTreeMap<String, bool> {
-    let core = t.sets.iter().position(|s| s.name.as_str() == "core");
-    t.idcs
-        .iter()
-        .map(|idc| {
-            let pool = core.map_or(&[][..], |c| idc.pools.get(c).map_or(&[][..], |p| &p[..]));
-            let healthy = pool.iter().filter(|b| !b.avoided()).count();
-            let ok =
-                pool.is_empty() || healthy as f64 >= t.failover.min_healthy * pool.len() as f64;
-            (idc.name.to_string(), ok)
-        })
-        .collect()
-}
-
 pub struct Registry {
     registration: Registration,
     keys: Keys,
     snapshots: Arc<Snapshots>,
+    /// Where the registration's `view` comes from.
+    health: Arc<Health>,
     started_at: u64,
     /// The lease of the current session, revoked on shutdown.
     lease: Option<(Etcd, i64)>,
@@ -75,11 +60,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(registration: Registration, snapshots: Arc<Snapshots>) -> Registry {
+    pub fn new(
+        registration: Registration,
+        snapshots: Arc<Snapshots>,
+        health: Arc<Health>,
+    ) -> Registry {
         Registry {
             keys: Keys::new(&registration.cluster),
             registration,
             snapshots,
+            health,
             started_at: unix_now(),
             lease: None,
             registered: false,
@@ -93,7 +83,7 @@ impl Registry {
             addr: self.registration.proxy_addr.to_string(),
             admin: self.registration.admin_addr.to_string(),
             applied_revision: topo.as_ref().map_or(0, |t| t.revision),
-            view: topo.as_deref().map(health_view).unwrap_or_default(),
+            view: self.health.idc_view(),
             started_at: self.started_at,
         }
     }
@@ -101,11 +91,12 @@ impl Registry {
     /// Keeps the registration until `shutdown` turns true, then revokes it.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut revisions = self.snapshots.subscribe();
+        let mut views = self.health.subscribe();
         let mut backoff = Backoff::new();
         let mut outage_logged = false;
         loop {
             let err = tokio::select! {
-                err = self.session(&mut revisions, &mut backoff) => err,
+                err = self.session(&mut revisions, &mut views, &mut backoff) => err,
                 _ = shutdown_requested(&mut shutdown) => break,
             };
             if std::mem::take(&mut self.registered) || !outage_logged {
@@ -137,6 +128,7 @@ impl Registry {
     async fn session(
         &mut self,
         revisions: &mut watch::Receiver<u64>,
+        views: &mut watch::Receiver<u64>,
         backoff: &mut Backoff,
     ) -> EtcdError {
         let r = &self.registration;
@@ -165,6 +157,7 @@ impl Registry {
         let mut tick = tokio::time::interval(KEEP_ALIVE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut notified = true;
+        let mut view_notified = true;
         loop {
             let record = self.record();
             if written.as_ref() != Some(&record) {
@@ -204,6 +197,11 @@ impl Registry {
                 changed = revisions.changed(), if notified => {
                     // A closed channel means no more publishes: rely on the tick from now on.
                     notified = changed.is_ok();
+                }
+                // The health view changed: rewrite the registration at once, so the cluster
+                // sees this gateway's view without waiting for the next publish.
+                changed = views.changed(), if view_notified => {
+                    view_notified = changed.is_ok();
                 }
             }
         }

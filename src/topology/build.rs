@@ -9,7 +9,7 @@ use std::time::Duration;
 use consistent_hash_ring::{Ring, RingBuilder};
 use http::Method;
 
-use super::overrides::unix_now;
+use super::overrides::{unix_now, unix_now_ms};
 use super::raw::{RawIdc, RawRoute, RawTopology};
 use super::{
     FailoverSpec, Fallback, HealthSpec, Idc, IdcId, IdcState, MissingKey, Overrides, Problem,
@@ -32,7 +32,8 @@ pub struct BuildContext {
     pub local_idc: Option<String>,
     /// The running snapshot's shard count: changing it needs `allow_reshard`.
     pub running_shard_count: Option<u32>,
-    /// Unix seconds "now", for override expiry and warm-up progress; 0 = the clock.
+    /// Unix seconds "now", for override expiry and warm-up progress; 0 = the clock (which
+    /// then times warm-up steps to the millisecond).
     pub now: u64,
 }
 
@@ -100,6 +101,11 @@ pub fn build(
         problems: Vec::new(),
     };
     let now = if ctx.now == 0 { unix_now() } else { ctx.now };
+    let now_ms = if ctx.now == 0 {
+        unix_now_ms()
+    } else {
+        ctx.now.saturating_mul(1000)
+    };
 
     c.name("cluster".into(), &doc.cluster);
     if doc.shard_count == 0 || doc.shard_count > MAX_SHARD_COUNT {
@@ -319,7 +325,9 @@ pub fn build(
 
     let ring = idc_ring(&doc.idcs);
     let (home, order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
-    let serving = serving_table(&idcs, &home, &order, shard_count, &failover, overrides, now);
+    let timing = warmup_timing(&idcs, &failover, overrides);
+    let serving = serving_table(&idcs, &home, &order, shard_count, &timing, now_ms);
+    let next_change_ms = next_change(&idcs, &timing, overrides, now_ms);
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
     for route in &mut routes {
@@ -351,6 +359,7 @@ pub fn build(
         order,
         serving,
         global,
+        next_change_ms,
     })
 }
 
@@ -630,27 +639,98 @@ fn shard_tables(
     (home, order)
 }
 
-/// Whether a warming IDC has taken back `shard` yet. Warm-up proceeds in at least five steps
-/// over `warmup`, and a shard comes back whole at its step: never split between two IDCs.
-pub fn warmed(shard: Shard, since: u64, now: u64, warmup: Duration) -> bool {
-    const STEPS: u64 = 10;
-    let total = warmup.as_secs();
+/// Warm-up steps: at least five (here ten) over `warmup`.
+const WARMUP_STEPS: u64 = 10;
+
+/// Whether a warming IDC has taken back `shard` yet, `since_ms`/`now_ms` in unix ms. Warm-up
+/// proceeds in steps over `warmup`, and a shard comes back whole at its step: never split
+/// between two IDCs.
+pub fn warmed(shard: Shard, since_ms: u64, now_ms: u64, warmup: Duration) -> bool {
+    let total = warmup.as_millis() as u64;
     if total == 0 {
         return true;
     }
-    let elapsed = now.saturating_sub(since);
-    let step = (elapsed * STEPS / total).min(STEPS);
+    let elapsed = now_ms.saturating_sub(since_ms);
+    let step = (u128::from(elapsed) * u128::from(WARMUP_STEPS) / u128::from(total))
+        .min(u128::from(WARMUP_STEPS)) as u64;
     // Spread each step's shards over the whole range, deterministically.
-    let slot = (u64::from(shard.0).wrapping_mul(2_654_435_761) >> 7) % STEPS;
+    let slot = (u64::from(shard.0).wrapping_mul(2_654_435_761) >> 7) % WARMUP_STEPS;
     slot < step
 }
 
-fn can_serve(idc: &Idc, shard: Shard, warmup: Duration, since: u64, now: u64) -> bool {
+/// When (unix ms) the warm-up that started at `since_ms` takes its next step after `now_ms`;
+/// `None` once it is complete.
+pub fn next_warmup_step(since_ms: u64, now_ms: u64, warmup: Duration) -> Option<u64> {
+    let total = u128::from(warmup.as_millis() as u64);
+    if total == 0 {
+        return None;
+    }
+    let elapsed = u128::from(now_ms.saturating_sub(since_ms));
+    let step = elapsed * u128::from(WARMUP_STEPS) / total;
+    if step >= u128::from(WARMUP_STEPS) {
+        return None;
+    }
+    // The first instant at which `warmed` computes step + 1.
+    let offset = ((step + 1) * total).div_ceil(u128::from(WARMUP_STEPS));
+    Some(since_ms.saturating_add(offset as u64))
+}
+
+fn can_serve(idc: &Idc, shard: Shard, warmup: Duration, since_ms: u64, now_ms: u64) -> bool {
     match idc.state {
         IdcState::Active => true,
-        IdcState::Warming => warmed(shard, since, now, warmup),
+        IdcState::Warming => warmed(shard, since_ms, now_ms, warmup),
         IdcState::Draining | IdcState::Down => false,
     }
+}
+
+/// Per IDC: when its override was written (unix ms) and its warm-up length.
+struct WarmupTiming {
+    since_ms: Vec<u64>,
+    warmup: Vec<Duration>,
+}
+
+fn warmup_timing(idcs: &[Idc], failover: &FailoverSpec, overrides: &Overrides) -> WarmupTiming {
+    let o = |i: &Idc| overrides.idcs.get(i.name.as_str());
+    WarmupTiming {
+        since_ms: idcs
+            .iter()
+            .map(|i| {
+                o(i).map_or(0, |o| match o.at_ms {
+                    0 => o.at.saturating_mul(1000),
+                    ms => ms,
+                })
+            })
+            .collect(),
+        // A restore may carry its own warm-up (`restore --warmup`).
+        warmup: idcs
+            .iter()
+            .map(|i| {
+                o(i).and_then(|o| o.warmup_s)
+                    .map_or(failover.warmup, Duration::from_secs)
+            })
+            .collect(),
+    }
+}
+
+/// When (unix ms) the serving table changes next with time alone: the next warm-up step of a
+/// warming IDC, or an override expiring. The sources rebuild the snapshot then.
+fn next_change(
+    idcs: &[Idc],
+    timing: &WarmupTiming,
+    overrides: &Overrides,
+    now_ms: u64,
+) -> Option<u64> {
+    let steps = idcs.iter().enumerate().filter_map(|(i, idc)| {
+        (idc.state == IdcState::Warming)
+            .then(|| next_warmup_step(timing.since_ms[i], now_ms, timing.warmup[i]))
+            .flatten()
+    });
+    let expiries = idcs.iter().filter_map(|idc| {
+        let exp = overrides.idcs.get(idc.name.as_str())?.expires_at?;
+        let exp_ms = exp.saturating_mul(1000);
+        (exp_ms > now_ms).then_some(exp_ms)
+    });
+    steps.chain(expiries).min()
 }
 
 fn serving_table(
@@ -658,26 +738,10 @@ fn serving_table(
     home: &[IdcId],
     order: &[IdcId],
     shard_count: u32,
-    failover: &FailoverSpec,
-    overrides: &Overrides,
-    now: u64,
+    timing: &WarmupTiming,
+    now_ms: u64,
 ) -> Vec<Option<IdcId>> {
     let n = idcs.len();
-    let since: Vec<u64> = idcs
-        .iter()
-        .map(|i| overrides.idcs.get(i.name.as_str()).map_or(0, |o| o.at))
-        .collect();
-    // A restore may carry its own warm-up (`restore --warmup`).
-    let warmup: Vec<Duration> = idcs
-        .iter()
-        .map(|i| {
-            overrides
-                .idcs
-                .get(i.name.as_str())
-                .and_then(|o| o.warmup_s)
-                .map_or(failover.warmup, Duration::from_secs)
-        })
-        .collect();
     (0..shard_count)
         .map(|s| {
             let shard = Shard(s);
@@ -685,7 +749,13 @@ fn serving_table(
             debug_assert_eq!(row[0], home[s as usize]);
             row.iter().copied().find(|id| {
                 let i = id.0 as usize;
-                can_serve(&idcs[i], shard, warmup[i], since[i], now)
+                can_serve(
+                    &idcs[i],
+                    shard,
+                    timing.warmup[i],
+                    timing.since_ms[i],
+                    now_ms,
+                )
             })
         })
         .collect()

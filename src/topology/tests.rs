@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::build::warmed;
 use super::*;
 use crate::forward::Upstreams;
 
@@ -263,19 +262,20 @@ fn expired_overrides_no_longer_apply() {
 #[test]
 fn warm_up_returns_shards_in_growing_steps_and_never_takes_one_back() {
     let warmup = std::time::Duration::from_secs(60);
+    let since = 1_000_000;
     let mut previous = 0;
     let mut steps = 0;
-    for elapsed in 0..=60 {
+    for elapsed in (0..=60_000).step_by(250) {
         let now: Vec<u32> = (0..1024)
-            .filter(|&s| warmed(Shard(s), 1000, 1000 + elapsed, warmup))
+            .filter(|&s| warmed(Shard(s), since, since + elapsed, warmup))
             .collect();
         assert!(
             now.len() >= previous,
-            "warm-up went backwards at {elapsed}s"
+            "warm-up went backwards at {elapsed} ms"
         );
         for s in 0..1024 {
-            if warmed(Shard(s), 1000, 1000 + elapsed.saturating_sub(1), warmup) {
-                assert!(warmed(Shard(s), 1000, 1000 + elapsed, warmup));
+            if warmed(Shard(s), since, since + elapsed.saturating_sub(250), warmup) {
+                assert!(warmed(Shard(s), since, since + elapsed, warmup));
             }
         }
         if now.len() > previous {
@@ -285,6 +285,53 @@ fn warm_up_returns_shards_in_growing_steps_and_never_takes_one_back() {
     }
     assert_eq!(previous, 1024);
     assert!(steps >= 5, "only {steps} steps");
+}
+
+#[test]
+fn the_next_warm_up_step_is_the_instant_the_table_changes() {
+    let warmup = std::time::Duration::from_millis(2_000);
+    let since = 5_000;
+    let served = |now: u64| {
+        (0..1024)
+            .filter(|&s| warmed(Shard(s), since, now, warmup))
+            .count()
+    };
+    let mut now = since;
+    let mut instants = Vec::new();
+    while let Some(next) = next_warmup_step(since, now, warmup) {
+        assert!(next > now);
+        // Nothing changes before the instant; something does at it.
+        assert_eq!(served(next - 1), served(now));
+        assert!(served(next) > served(next - 1), "no change at {next}");
+        instants.push(next);
+        now = next;
+    }
+    assert_eq!(served(now), 1024);
+    assert_eq!(instants.len(), 10);
+    assert_eq!(*instants.last().unwrap(), since + 2_000);
+}
+
+#[test]
+fn a_warming_idc_is_timed_from_at_ms_and_the_snapshot_says_when_it_steps() {
+    let text = doc(&[("sh", 100), ("bj", 100)], "");
+    // Written 500 ms before `now` (1_000_000 s), warming over 2 s: step 2 of 10.
+    let mut o = state("sh", IdcState::Warming, 999_999);
+    let w = o.idcs.get_mut("sh").unwrap();
+    w.at_ms = 1_000_000_000 - 500;
+    w.warmup_s = Some(2);
+    let t = build_text(&text, &o).unwrap();
+    let sh = t.idc_by_name("sh").unwrap();
+    let home = (0..1024).filter(|&s| t.home(Shard(s)) == sh).count() as u32;
+    let served = t.shards_served()[sh.0 as usize];
+    assert!(served > 0 && served < home / 2, "{served} of {home}");
+    assert_eq!(t.next_change_ms, Some(1_000_000_000 - 500 + 600));
+    // Without at_ms, `at` (seconds) is the start: 1 s in, half way.
+    o.idcs.get_mut("sh").unwrap().at_ms = 0;
+    let t = build_text(&text, &o).unwrap();
+    assert_eq!(t.next_change_ms, Some(1_000_000_000 + 200));
+    // Active IDCs never change with time.
+    let t = build_text(&text, &Overrides::default()).unwrap();
+    assert_eq!(t.next_change_ms, None);
 }
 
 #[test]
