@@ -324,9 +324,11 @@ pub async fn forward(
             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
             continue;
         }
-        // The copy costs a header-map clone: only make it when a retry could use it.
-        let can_retry = attempts_left > 0 && pick(pool, tried).is_some();
-        let copy = (replayable && can_retry).then(|| clone_head(&req));
+        // The copy costs a header-map clone, made for every replayable request: besides a
+        // retry here, the caller may replay it in the shard's new serving IDC when a failover
+        // happened while it was in flight (what the copy is for when the pool has no backend
+        // left to retry on).
+        let copy = replayable.then(|| clone_head(&req));
         let sent = tokio::time::timeout_at(policy.deadline, sender.try_send_request(req)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.

@@ -101,6 +101,8 @@ pub struct Options {
     pub cache_dir: bool,
     /// Changes made to the gateway's configuration before it starts (TLS, limits, timeouts).
     pub tweak: Option<ConfigTweak>,
+    /// TOML added to every `[[idcs]]` table (e.g. `health.interval_ms = 100`).
+    pub idc_toml: String,
 }
 
 /// A change to the gateway's configuration, applied after the harness's own settings.
@@ -129,6 +131,7 @@ impl Default for Options {
             extra_pools: Vec::new(),
             extra_toml: String::new(),
             tweak: None,
+            idc_toml: String::new(),
             noncore_max_inflight: None,
             extra_sets: String::new(),
             isolation: shardgate::admission::IsolationSettings::default(),
@@ -199,8 +202,10 @@ pub struct Cluster {
     pub dir: TempDir,
     pub topology_path: PathBuf,
     pub options: Options,
-    /// `sims[idc * 2 + set]`, in the order of `IDCS` and `SETS`.
-    sims: Vec<SimBackend>,
+    /// `sims[idc * 2 + set]`, in the order of `IDCS` and `SETS`; `None` while stopped.
+    sims: Vec<Option<SimBackend>>,
+    /// Their addresses (kept while stopped, so a restart takes the same one).
+    sim_addrs: Vec<SocketAddr>,
     /// The address of every `dead` pool, and the socket keeping it refused.
     dead: SocketAddr,
     _dead_port: TcpSocket,
@@ -227,6 +232,8 @@ impl Cluster {
                 sims.push(sim);
             }
         }
+        let sim_addrs = sims.iter().map(|s| s.addr).collect();
+        let sims = sims.into_iter().map(Some).collect();
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let topology_path = dir.path().join("topology.toml");
         let (dead_port, dead) = refused_port();
@@ -235,6 +242,7 @@ impl Cluster {
             topology_path,
             options,
             sims,
+            sim_addrs,
             dead,
             _dead_port: dead_port,
             running: None,
@@ -282,8 +290,9 @@ impl Cluster {
         for (i, idc) in IDCS.iter().enumerate() {
             s.push_str(&format!(
                 "\n[[idcs]]\nname = \"{idc}\"\nweight = 100\npools.core = [\"{}\"]\npools.noncore = [\"{}\"]\npools.dead = [\"{}\"]\n",
-                self.sims[i * 2].addr, self.sims[i * 2 + 1].addr, self.dead
+                self.sim_addrs[i * 2], self.sim_addrs[i * 2 + 1], self.dead
             ));
+            s.push_str(&self.options.idc_toml);
             // Entries naming the same set make one pool of several backends.
             let mut pools: Vec<(&str, Vec<String>)> = Vec::new();
             for (set, addr) in &self.options.extra_pools {
@@ -347,15 +356,51 @@ impl Cluster {
         t.idc(idc).name.to_string()
     }
 
-    pub fn sim(&self, idc: &str, set: &str) -> &SimBackend {
+    fn sim_index(idc: &str, set: &str) -> usize {
         let i = IDCS.iter().position(|n| *n == idc).expect("a test IDC");
         let s = SETS.iter().position(|n| *n == set).expect("a test set");
-        &self.sims[i * 2 + s]
+        i * 2 + s
+    }
+
+    pub fn sim(&self, idc: &str, set: &str) -> &SimBackend {
+        self.sims[Self::sim_index(idc, set)]
+            .as_ref()
+            .expect("the simulated backend is running")
+    }
+
+    /// The address of a simulated backend (also while it is stopped).
+    pub fn sim_addr(&self, idc: &str, set: &str) -> SocketAddr {
+        self.sim_addrs[Self::sim_index(idc, set)]
+    }
+
+    /// Stops a simulated backend (a crashed backend, as the gateway sees it).
+    pub async fn stop_sim(&mut self, idc: &str, set: &str) {
+        if let Some(sim) = self.sims[Self::sim_index(idc, set)].take() {
+            within(
+                Duration::from_secs(5),
+                "a simulated backend to stop",
+                sim.stop(),
+            )
+            .await;
+        }
+    }
+
+    /// Starts a stopped simulated backend again, on its old address.
+    pub async fn restart_sim(&mut self, idc: &str, set: &str) {
+        let i = Self::sim_index(idc, set);
+        let sim = within(
+            Duration::from_secs(5),
+            "a simulated backend to restart",
+            SimBackend::start(self.sim_addrs[i], idc, set),
+        )
+        .await
+        .expect("restart a simulated backend on its address");
+        self.sims[i] = Some(sim);
     }
 
     /// Requests answered by every simulated backend together.
     pub fn total_hits(&self) -> u64 {
-        self.sims.iter().map(SimBackend::hits).sum()
+        self.sims.iter().flatten().map(SimBackend::hits).sum()
     }
 
     /// Sends a request to the proxy listener.
@@ -378,7 +423,7 @@ impl Cluster {
             )
             .await;
         }
-        for sim in self.sims.drain(..) {
+        for sim in self.sims.drain(..).flatten() {
             within(
                 Duration::from_secs(5),
                 "a simulated backend to stop",

@@ -1,0 +1,434 @@
+//! Health through real sockets (DESIGN.md §5): probes take a stopped backend out after `fall`
+//! failures and back after `rise`, their state survives reloads, traffic ejects backends for
+//! growing periods, a dead pool gets no traffic (reads spill), an IDC whose core pool is dead
+//! is unhealthy in /status and the metrics, warm-up steps advance with no reload, and
+//! idempotent requests survive their backend dying.
+
+mod support;
+
+use std::time::Duration;
+
+use http::Method;
+use serde_json::Value;
+use shardgate::admission::{BreakerSettings, IsolationSettings};
+use shardgate::sim::SimBackend;
+use shardgate::topology::overrides::{unix_now, unix_now_ms};
+use support::*;
+
+/// Fast probes: a stopped backend is out after 3 × 100 ms, back after 2 × 100 ms.
+const FAST_PROBES: &str = "health.interval_ms = 100\nhealth.fall = 3\nhealth.rise = 2\n";
+/// Probes that stay out of the way of passive ejection (one probe a minute).
+const SLOW_PROBES: &str = "health.interval_ms = 60000\n";
+
+async fn status(c: &Cluster) -> Value {
+    c.admin_get("/status").await.json()
+}
+
+fn idc<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["idcs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == name))
+        .unwrap_or_else(|| panic!("IDC {name} in /status: {st}"))
+}
+
+/// The first backend of an IDC's pool for `set`, as /status shows it.
+fn backend<'a>(st: &'a Value, idc_name: &str, set: &str) -> &'a Value {
+    &idc(st, idc_name)["backends"][set][0]
+}
+
+/// Keys whose shard is pinned to gz by the default options (shards 0-63).
+fn gz_keys(n: usize) -> Vec<String> {
+    keys_where("gz-key", n, |s| s.0 < 64)
+}
+
+/// A breaker that never opens, so every request reaches the pools.
+fn no_breaker() -> IsolationSettings {
+    IsolationSettings {
+        breaker: BreakerSettings {
+            consecutive: 1_000_000,
+            min_requests: 1_000_000,
+            ..BreakerSettings::default()
+        },
+        ..IsolationSettings::default()
+    }
+}
+
+/// Writes the operator overrides (file mode keeps them in the cache dir) and reloads; returns
+/// once a newer snapshot than before is served.
+async fn apply_overrides(c: &Cluster, overrides: Value) {
+    let before = c.topology().revision;
+    let dir = c.dir.path().join("cache");
+    std::fs::create_dir_all(&dir).expect("create the cache dir");
+    std::fs::write(dir.join("overrides.json"), overrides.to_string()).expect("write overrides");
+    let doc = c.document(&[("0-63", "gz")]);
+    c.write_topology(&format!("{doc}\n# overrides at {}\n", unix_now_ms()));
+    eventually("the overrides to be applied", || async {
+        (c.topology().revision > before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_take_a_stopped_backend_out_after_fall_and_back_after_rise() {
+    let mut c = Cluster::start_with(Options {
+        idc_toml: FAST_PROBES.into(),
+        ..Options::default()
+    })
+    .await;
+    let gz_core = c.sim_addr("gz", "core");
+    let mut changes = c.running().health.subscribe();
+    changes.mark_unchanged();
+    assert_eq!(c.running().health.idc_view().get("gz"), Some(&true));
+    assert_eq!(idc(&status(&c).await, "gz")["healthy"], true);
+
+    c.stop_sim("gz", "core").await;
+    eventually("the probes to take gz's core backend out", || async {
+        let st = status(&c).await;
+        (backend(&st, "gz", "core")["healthy"] == false && idc(&st, "gz")["healthy"] == false)
+            .then_some(())
+    })
+    .await;
+    // The other IDCs are untouched; the view and its subscribers saw the change.
+    let st = status(&c).await;
+    assert_eq!(idc(&st, "sh")["healthy"], true);
+    assert_eq!(idc(&st, "bj")["healthy"], true);
+    assert_eq!(backend(&st, "gz", "noncore")["healthy"], true);
+    assert_eq!(c.running().health.idc_view().get("gz"), Some(&false));
+    assert!(changes.has_changed().expect("the view's channel is open"));
+    let metrics = c.admin_get("/metrics").await.text();
+    assert!(
+        metrics.contains(r#"shardgate_idc_healthy{idc="gz"} 0"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"shardgate_idc_healthy{idc="sh"} 1"#));
+    assert!(
+        metrics.contains(&format!(
+            r#"shardgate_backend_healthy{{idc="gz",set="core",backend="{gz_core}"}} 0"#
+        )),
+        "{metrics}"
+    );
+
+    // The dead pool gets no traffic: a read spills to the next IDC, a write gets 502.
+    let key = &gz_keys(1)[0];
+    let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(r.idc(), "gz");
+    assert_eq!(r.upstream_header("x-shardgate-spill").as_deref(), Some("1"));
+    let r = c
+        .send(request(
+            Method::POST,
+            "/orders",
+            &[("x-user-id", key)],
+            "{}",
+        ))
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_connect");
+    assert!(r.json()["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("in service")));
+
+    c.restart_sim("gz", "core").await;
+    eventually("the probes to bring gz's core backend back", || async {
+        let st = status(&c).await;
+        (backend(&st, "gz", "core")["healthy"] == true && idc(&st, "gz")["healthy"] == true)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(c.running().health.idc_view().get("gz"), Some(&true));
+    let metrics = c.admin_get("/metrics").await.text();
+    assert!(metrics.contains(r#"shardgate_idc_healthy{idc="gz"} 1"#));
+    let r = c
+        .send(request(
+            Method::POST,
+            "/orders",
+            &[("x-user-id", key)],
+            "{}",
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.idc(), "gz");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_state_survives_a_reload_that_keeps_the_backend() {
+    // Slow to fall (5 × 100 ms): a reload that forgot the state would show the backend
+    // healthy again for half a second.
+    let mut c = Cluster::start_with(Options {
+        idc_toml: "health.interval_ms = 100\nhealth.fall = 5\nhealth.rise = 2\n".into(),
+        ..Options::default()
+    })
+    .await;
+    c.stop_sim("gz", "core").await;
+    eventually("gz's core backend to be unhealthy", || async {
+        (backend(&status(&c).await, "gz", "core")["healthy"] == false).then_some(())
+    })
+    .await;
+    let before = c.topology().revision;
+    // A reload that adds a route and keeps every backend.
+    let doc = c.document(&[("0-63", "gz")]);
+    c.write_topology(&format!(
+        "{doc}\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nset = \"core\"\nsharded = false\n"
+    ));
+    eventually("the reload", || async {
+        (c.topology().revision > before).then_some(())
+    })
+    .await;
+    let st = status(&c).await;
+    assert!(st["revision"].as_u64() > Some(before));
+    assert_eq!(backend(&st, "gz", "core")["healthy"], false, "{st}");
+    assert_eq!(idc(&st, "gz")["healthy"], false, "{st}");
+    assert_eq!(c.running().health.idc_view().get("gz"), Some(&false));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_ejects_backends_for_growing_periods_and_a_dead_pool_gets_none() {
+    let c = Cluster::start_with(Options {
+        idc_toml: SLOW_PROBES.into(),
+        isolation: no_breaker(),
+        ..Options::default()
+    })
+    .await;
+    let key = &gz_keys(1)[0];
+
+    // 5xx answers: the backend's own 500s pass through, and the fifth in a row ejects it.
+    for i in 0..shardgate::health::CONSECUTIVE_FAILURES {
+        let st = status(&c).await;
+        assert_eq!(backend(&st, "gz", "core")["ejected"], false, "after {i}");
+        let r = c
+            .send(get(
+                "/orders",
+                &[("x-user-id", key), ("x-sim-status", "500")],
+            ))
+            .await;
+        assert_eq!(r.status, 500);
+        assert_eq!(r.idc(), "gz");
+    }
+    let st = status(&c).await;
+    let b = backend(&st, "gz", "core");
+    assert_eq!(b["ejected"], true, "{b}");
+    assert_eq!(b["ejections"], 1);
+    assert_eq!(
+        b["ejection_ms"].as_u64(),
+        Some(shardgate::health::BASE_EJECTION_MS)
+    );
+    // The core pool is all ejected: gz is unhealthy, and its pool gets no traffic at all.
+    eventually("gz to be unhealthy", || async {
+        (idc(&status(&c).await, "gz")["healthy"] == false).then_some(())
+    })
+    .await;
+    let hits = c.sim("gz", "core").hits();
+    let r = c
+        .send(request(Method::PUT, "/orders", &[("x-user-id", key)], "{}"))
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_connect");
+    let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.idc(), "gz");
+    assert_eq!(r.upstream_header("x-shardgate-spill").as_deref(), Some("1"));
+    assert_eq!(
+        c.sim("gz", "core").hits(),
+        hits,
+        "an ejected backend got traffic"
+    );
+
+    // Connect errors eject at once, and each ejection in a row lasts longer.
+    let dead_of_gz = |st: &Value| backend(st, "gz", "dead").clone();
+    let r = c
+        .send(request(
+            Method::POST,
+            "/dead/1",
+            &[("x-user-id", key)],
+            "{}",
+        ))
+        .await;
+    assert_eq!(r.status, 502);
+    let first = dead_of_gz(&status(&c).await);
+    assert_eq!(first["ejected"], true, "{first}");
+    assert_eq!(first["ejections"], 1);
+    eventually("the first ejection to run out", || async {
+        (dead_of_gz(&status(&c).await)["ejected"] == false).then_some(())
+    })
+    .await;
+    let r = c
+        .send(request(
+            Method::POST,
+            "/dead/1",
+            &[("x-user-id", key)],
+            "{}",
+        ))
+        .await;
+    assert_eq!(r.status, 502);
+    let second = dead_of_gz(&status(&c).await);
+    assert_eq!(second["ejected"], true, "{second}");
+    assert_eq!(second["ejections"], 2);
+    assert!(
+        second["ejection_ms"].as_u64() > first["ejection_ms"].as_u64(),
+        "{first} then {second}"
+    );
+    c.stop().await;
+}
+
+/// gz warming from now over `warmup_s`.
+fn warming(warmup_s: u64) -> Value {
+    serde_json::json!({"idcs": {"gz": {
+        "state": "warming", "reason": "test", "by": "tests",
+        "at": unix_now(), "at_ms": unix_now_ms(), "warmup_s": warmup_s,
+    }}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_steps_advance_on_their_own() {
+    let c = Cluster::start_with(Options {
+        cache_dir: true,
+        ..Options::default()
+    })
+    .await;
+    let home = idc(&status(&c).await, "gz")["shards_home"]
+        .as_u64()
+        .expect("shards_home");
+    apply_overrides(&c, warming(2)).await;
+    let revision = c.topology().revision;
+    // Sample what gz serves until it serves all its home shards, with no reload meanwhile.
+    let mut samples: Vec<u64> = Vec::new();
+    within(Duration::from_secs(10), "the warm-up to complete", async {
+        loop {
+            let st = status(&c).await;
+            let gz = idc(&st, "gz");
+            assert_eq!(gz["state"], "warming");
+            let served = gz["shards_served"].as_u64().expect("shards_served");
+            if samples.last() != Some(&served) {
+                samples.push(served);
+            }
+            if served == home {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        samples.windows(2).all(|w| w[0] < w[1]),
+        "served shards went down: {samples:?}"
+    );
+    assert!(
+        samples.len() >= 4,
+        "expected the fraction to rise in steps: {samples:?} of {home}"
+    );
+    assert!(samples[0] < home / 2, "{samples:?} of {home}");
+    assert_eq!(
+        c.topology().revision,
+        revision,
+        "the steps came from a reload"
+    );
+    // A key of gz's is served by gz again, and the table always gives it one IDC.
+    let key = &gz_keys(1)[0];
+    assert_eq!(c.serving_idc_of(key), "gz");
+    let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+    assert_eq!(r.idc(), "gz");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_request_is_retried_on_another_backend_when_its_backend_dies() {
+    let loopback = "127.0.0.1:0".parse().expect("loopback address");
+    let mut pair = Vec::new();
+    for name in ["pa", "pb"] {
+        pair.push(Some(
+            SimBackend::start(loopback, name, "pair")
+                .await
+                .expect("start a pair backend"),
+        ));
+    }
+    let addrs: Vec<_> = pair.iter().flatten().map(|s| s.addr).collect();
+    let c = Cluster::start_with(Options {
+        extra_sets: "[sets.pair]\npriority = 1\n".into(),
+        extra_pools: vec![("pair".into(), addrs[0]), ("pair".into(), addrs[1])],
+        extra_toml: "\n[[routes]]\nname = \"pair\"\npath_prefix = \"/pair\"\nset = \"pair\"\nsharded = false\ntimeout_ms = 10000\nretries = 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let proxy = c.proxy();
+    let inflight =
+        tokio::spawn(async move { send(proxy, get("/pair", &[("x-sim-delay-ms", "3000")])).await });
+    let first = eventually("the request to reach a backend", || {
+        let hit = pair
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.hits() == 1));
+        async move { hit }
+    })
+    .await;
+    // The backend dies with the request in flight (its connections close after 1 s, before
+    // it would have answered).
+    let dying = pair[first].take().expect("running");
+    within(Duration::from_secs(5), "the backend to stop", dying.stop()).await;
+    let r = within(REQUEST_DEADLINE, "the request", inflight)
+        .await
+        .expect("the request task");
+    let other = ["pa", "pb"][1 - first];
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.idc(), other, "answered by the surviving backend");
+    let survivor = pair[1 - first].as_ref().expect("running");
+    assert_eq!(survivor.hits(), 1);
+    c.stop().await;
+    for sim in pair.into_iter().flatten() {
+        sim.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_follow_their_shard_to_a_new_serving_idc() {
+    // `ledger`: like `orders`, with time for a replay after a 3 s answer was cut short.
+    let mut c = Cluster::start_with(Options {
+        cache_dir: true,
+        extra_toml: "\n[[routes]]\nname = \"ledger\"\npath_prefix = \"/ledger\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\ntimeout_ms = 15000\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let key = gz_keys(1)[0].clone();
+    let proxy = c.proxy();
+    let slow = |method: Method| {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let headers = [("x-user-id", key.as_str()), ("x-sim-delay-ms", "3000")];
+            send(proxy, request(method, "/ledger", &headers, "")).await
+        })
+    };
+    let put = slow(Method::PUT);
+    let post = slow(Method::POST);
+    eventually("both requests to reach gz", || async {
+        (c.sim("gz", "core").hits() == 2).then_some(())
+    })
+    .await;
+    // Failover while they are in flight: gz goes down, then its backend dies.
+    let down = serde_json::json!({"idcs": {"gz": {
+        "state": "down", "reason": "test", "by": "tests", "at": unix_now(),
+    }}});
+    apply_overrides(&c, down).await;
+    let owner = c.serving_idc_of(&key);
+    assert_ne!(owner, "gz");
+    c.stop_sim("gz", "core").await;
+
+    let put = within(REQUEST_DEADLINE, "the PUT", put)
+        .await
+        .expect("task");
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert_eq!(put.idc(), owner, "the PUT was replayed in the new owner");
+    assert_eq!(put.header("x-shardgate-idc"), Some(owner.as_str()));
+    assert_eq!(put.upstream_header("x-shardgate-idc"), Some(owner.clone()));
+    // A POST is never replayed anywhere.
+    let post = within(REQUEST_DEADLINE, "the POST", post)
+        .await
+        .expect("task");
+    assert_eq!(post.status, 502, "{}", post.text());
+    assert_eq!(post.json()["error"], "upstream_protocol");
+    assert_eq!(
+        c.sim(&owner, "core").hits(),
+        1,
+        "only the PUT reached the new owner"
+    );
+    c.stop().await;
+}
