@@ -165,6 +165,9 @@ pub enum ForwardError {
     /// The exchange failed after the request was (possibly) sent.
     #[error("upstream exchange failed: {0}")]
     Protocol(String),
+    /// No backend of the pool is in service: nothing was tried (no fail-open).
+    #[error("no backend of the pool is in service (failing health checks or ejected)")]
+    NoneInService,
     /// No response head before the route's deadline.
     #[error("the upstream did not answer in time")]
     Timeout,
@@ -284,11 +287,11 @@ pub async fn forward(
 ) -> Result<(Response<Incoming>, Lease), (ForwardError, Option<Request<RequestBody>>)> {
     let mut tried: u64 = 0;
     let mut attempts_left = policy.retries + 1;
-    let mut last_err = ForwardError::Connect(if pool.is_empty() {
-        "the pool has no backends".into()
+    let mut last_err = if pool.is_empty() {
+        ForwardError::Connect("the pool has no backends".into())
     } else {
-        "no backend of the pool is in service (failing health checks or ejected)".into()
-    });
+        ForwardError::NoneInService
+    };
     // A request without a body can be rebuilt for a retry after it was sent.
     let replayable = policy.idempotent && req.body().is_end_stream();
     while attempts_left > 0 {

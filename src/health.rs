@@ -121,7 +121,11 @@ impl Health {
                     }
                     self.sync(&mut probes);
                 }
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
             }
             if *shutdown.borrow() {
                 break;

@@ -200,6 +200,8 @@ impl Gateway {
             retry_budget: Some(&budget),
         };
 
+        // Set when the serving IDC's pool had no backend in service: nothing was sent there.
+        let mut serving_dead = false;
         let exchange = async {
             let mut idc = decision.idc;
             let mut set = route.set;
@@ -229,13 +231,16 @@ impl Gateway {
                         return Ok((ok, landed));
                     }
                     Err((err, unsent)) => {
+                        if !spilled && moved.is_none() {
+                            serving_dead = matches!(err, ForwardError::NoneInService);
+                        }
                         let Some(mut r) = unsent else {
                             return Err(err);
                         };
                         // Reads spill, writes never do (§5): only a safe request whose serving
                         // IDC could not be reached at all may go to the next IDC, once.
                         let spill = match &err {
-                            ForwardError::Connect(_)
+                            ForwardError::Connect(_) | ForwardError::NoneInService
                                 if !spilled && moved.is_none() && is_safe(&method) =>
                             {
                                 spill_target(t, &decision, idc, set)
@@ -280,15 +285,22 @@ impl Gateway {
         // System failures only trip the breaker of the serving IDC's set: no connection,
         // a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the business
         // answering, a body over the route's limit is the client's doing, and an answer from
-        // another IDC means the serving IDC could not serve it.
-        permit.record(match &result {
-            Ok(Ok(((resp, _), landed))) => landed.elsewhere || resp.status().is_server_error(),
-            Ok(Err(ForwardError::BodyTooLarge(_))) => false,
-            _ => true,
-        });
+        // another IDC means the serving IDC could not serve it. A pool with no backend in
+        // service was not called at all: health already keeps traffic off it, and counting its
+        // spilled reads would open the breaker and refuse reads that the spill serves.
+        if !serving_dead {
+            permit.record(match &result {
+                Ok(Ok(((resp, _), landed))) => landed.elsewhere || resp.status().is_server_error(),
+                Ok(Err(ForwardError::BodyTooLarge(_))) => false,
+                _ => true,
+            });
+        }
         let ((resp, lease), landed) = match result {
             Ok(Ok(done)) => done,
             Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
+            Ok(Err(e @ ForwardError::NoneInService)) => {
+                return Err(ProxyError::UpstreamConnect(e.to_string()))
+            }
             Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
             Ok(Err(ForwardError::BodyTooLarge(max))) => {
                 return Err(ProxyError::PayloadTooLarge(max))
