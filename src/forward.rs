@@ -335,7 +335,9 @@ pub async fn forward(
         let sent = tokio::time::timeout_at(policy.deadline, sender.try_send_request(req)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
-            backend.health.record_failure();
+            backend
+                .health
+                .record_failure(last_in_service(pool, backend));
             return Err((ForwardError::Timeout, None));
         };
         match sent {
@@ -343,7 +345,9 @@ pub async fn forward(
                 // Passive outlier detection: a 5xx is a failure of the backend, anything else
                 // (4xx included: the business answering) ends a run of failures.
                 if resp.status().is_server_error() {
-                    backend.health.record_failure();
+                    backend
+                        .health
+                        .record_failure(last_in_service(pool, backend));
                 } else {
                     backend.health.record_success();
                 }
@@ -369,7 +373,9 @@ pub async fn forward(
                     }
                     None => {
                         if backend_failed {
-                            backend.health.record_failure();
+                            backend
+                                .health
+                                .record_failure(last_in_service(pool, backend));
                         }
                         match copy {
                             Some(c) => req = c,
@@ -383,6 +389,13 @@ pub async fn forward(
     }
     // Whatever failed last, `req` was not sent (or is a fresh copy): hand it back.
     Err((last_err, Some(req)))
+}
+
+/// No other backend of `pool` is in service (answers never eject the last one).
+fn last_in_service(pool: &[Arc<Backend>], backend: &Arc<Backend>) -> bool {
+    !pool
+        .iter()
+        .any(|b| !Arc::ptr_eq(&b.health, &backend.health) && !b.avoided())
 }
 
 fn clone_head(req: &Request<RequestBody>) -> Request<RequestBody> {

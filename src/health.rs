@@ -16,7 +16,8 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 pub use backend::{
-    clock_ms, BackendHealth, EjectionCause, BASE_EJECTION_MS, CONSECUTIVE_FAILURES, MAX_EJECTION_MS,
+    clock_ms, BackendHealth, EjectionCause, BASE_EJECTION_MS, CONNECT_BASE_EJECTION_MS,
+    CONSECUTIVE_FAILURES, MAX_EJECTION_MS,
 };
 pub use probe::probe;
 

@@ -13,7 +13,7 @@ use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Refusal};
 use crate::body::{RequestBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::forward::{forward, ForwardError, ForwardPolicy};
@@ -60,9 +60,10 @@ struct Outcome {
 struct Landed {
     idc: Arc<String>,
     idc_header: HeaderValue,
-    /// Not in the serving IDC of the request's own snapshot: spilled, or re-routed.
-    elsewhere: bool,
+    /// Spilled to the next IDC (a read).
     spilled: bool,
+    /// Replayed in the shard's new serving IDC (a newer snapshot).
+    moved: bool,
 }
 
 const EMPTY: &str = "";
@@ -184,14 +185,40 @@ impl Gateway {
         // until the response head is handed to the client: the budget bounds requests waiting
         // on backends (what a slow set piles up); streaming bodies are bounded by the backend
         // connection they hold, not by the set budget.
-        let permit = self
-            .admission
-            .admit(topo, decision.route, decision.idc)
-            .map_err(ProxyError::Refused)?;
+        // A read whose serving IDC's breaker is open while its pool has no backend in service
+        // at all spills at once (§5: reads spill when the serving pool is known dead), admitted
+        // by the target's breaker instead. An open breaker over a pool that still answers
+        // refuses (503 `circuit_open`), as does every other refusal.
+        let (permit, spill_first) = match self.admission.admit(topo, decision.route, decision.idc) {
+            Ok(p) => (p, None),
+            Err(refusal @ Refusal::CircuitOpen { .. }) => {
+                let dead = || {
+                    let pool = topo.idc(decision.idc).pool(route.set);
+                    pool.iter().all(|b| b.avoided())
+                };
+                let target = (is_safe(req.method()) && dead())
+                    .then(|| spill_target(topo, &decision, decision.idc, route.set))
+                    .flatten();
+                let Some(n) = target else {
+                    return Err(ProxyError::Refused(refusal));
+                };
+                let permit = self
+                    .admission
+                    .admit(topo, decision.route, n)
+                    .map_err(ProxyError::Refused)?;
+                (permit, Some(n))
+            }
+            Err(refusal) => return Err(ProxyError::Refused(refusal)),
+        };
         let budget = permit.retry_budget();
 
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
+        if let Some(n) = spill_first {
+            let h = upstream.headers_mut();
+            h.insert(headers::IDC, topo.idc(n).header.clone());
+            h.insert(headers::SPILL, HeaderValue::from_static("1"));
+        }
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
             deadline: tokio::time::Instant::now() + route.timeout,
@@ -203,9 +230,9 @@ impl Gateway {
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
         let mut serving_dead = false;
         let exchange = async {
-            let mut idc = decision.idc;
+            let mut idc = spill_first.unwrap_or(decision.idc);
             let mut set = route.set;
-            let mut spilled = false;
+            let mut spilled = spill_first.is_some();
             // A newer snapshot this request was re-routed by (see below), once.
             let mut moved: Option<Arc<Topology>> = None;
             loop {
@@ -225,8 +252,8 @@ impl Gateway {
                         let landed = Landed {
                             idc: at.name.clone(),
                             idc_header: at.header.clone(),
-                            elsewhere: spilled || moved.is_some(),
                             spilled,
+                            moved: moved.is_some(),
                         };
                         return Ok((ok, landed));
                     }
@@ -234,19 +261,24 @@ impl Gateway {
                         if !spilled && moved.is_none() {
                             serving_dead = matches!(err, ForwardError::NoneInService);
                         }
+                        // Nothing of the answer reached the client yet: a read that failed in
+                        // its serving IDC (no connection, or a broken exchange it can be sent
+                        // again after, being bodiless) is served by the next IDC.
+                        let unreachable = matches!(
+                            err,
+                            ForwardError::Connect(_)
+                                | ForwardError::NoneInService
+                                | ForwardError::Protocol(_)
+                        );
                         let Some(mut r) = unsent else {
                             return Err(err);
                         };
                         // Reads spill, writes never do (§5): only a safe request whose serving
                         // IDC could not be reached at all may go to the next IDC, once.
-                        let spill = match &err {
-                            ForwardError::Connect(_) | ForwardError::NoneInService
-                                if !spilled && moved.is_none() && is_safe(&method) =>
-                            {
-                                spill_target(t, &decision, idc, set)
-                            }
-                            _ => None,
-                        };
+                        let spill =
+                            (unreachable && !spilled && moved.is_none() && is_safe(&method))
+                                .then(|| spill_target(t, &decision, idc, set))
+                                .flatten();
                         if let Some(n) = spill {
                             tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
                             r.headers_mut()
@@ -288,9 +320,14 @@ impl Gateway {
         // another IDC means the serving IDC could not serve it. A pool with no backend in
         // service was not called at all: health already keeps traffic off it, and counting its
         // spilled reads would open the breaker and refuse reads that the spill serves.
+        // (A read spilled at once past an open breaker answers to the target's breaker.)
         if !serving_dead {
             permit.record(match &result {
-                Ok(Ok(((resp, _), landed))) => landed.elsewhere || resp.status().is_server_error(),
+                Ok(Ok(((resp, _), landed))) => {
+                    (landed.spilled && spill_first.is_none())
+                        || landed.moved
+                        || resp.status().is_server_error()
+                }
                 Ok(Err(ForwardError::BodyTooLarge(_))) => false,
                 _ => true,
             });
@@ -309,7 +346,7 @@ impl Gateway {
                 return Err(ProxyError::UpstreamTimeout(timeout_ms))
             }
         };
-        if landed.elsewhere {
+        if landed.spilled || landed.moved {
             outcome.idc = Some(landed.idc);
             outcome.idc_header = Some(landed.idc_header);
             outcome.spilled = landed.spilled;

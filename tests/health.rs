@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Method;
@@ -186,59 +188,150 @@ async fn probe_state_survives_a_reload_that_keeps_the_backend() {
     c.stop().await;
 }
 
+/// Two simulated backends (`pa`, `pb`) forming the `pair` set's pool in every IDC, and the
+/// route `/pair` (not sharded: served by the local IDC, bj).
+async fn pair_backends() -> (Vec<SimBackend>, Options) {
+    let loopback = "127.0.0.1:0".parse().expect("loopback address");
+    let mut pair = Vec::new();
+    for name in ["pa", "pb"] {
+        pair.push(
+            SimBackend::start(loopback, name, "pair")
+                .await
+                .expect("start a pair backend"),
+        );
+    }
+    let options = Options {
+        extra_sets: "[sets.pair]\npriority = 1\n".into(),
+        extra_pools: vec![("pair".into(), pair[0].addr), ("pair".into(), pair[1].addr)],
+        extra_toml: "\n[[routes]]\nname = \"pair\"\npath_prefix = \"/pair\"\nset = \"pair\"\nsharded = false\ntimeout_ms = 10000\nretries = 1\n".into(),
+        ..Options::default()
+    };
+    (pair, options)
+}
+
+/// Which of bj's `pair` backends are ejected, by name.
+fn ejected_pair(st: &Value, pair: &[SimBackend]) -> Vec<&'static str> {
+    let backends = idc(st, "bj")["backends"]["pair"]
+        .as_array()
+        .expect("bj's pair pool in /status");
+    ["pa", "pb"]
+        .into_iter()
+        .zip(pair)
+        .filter(|(_, sim)| {
+            backends
+                .iter()
+                .any(|b| b["addr"] == sim.addr.to_string() && b["ejected"] == true)
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_ejects_backends_for_growing_periods_and_a_dead_pool_gets_none() {
+async fn failing_answers_eject_a_backend_but_never_the_last_one_in_service() {
+    let (pair, options) = pair_backends().await;
     let c = Cluster::start_with(Options {
+        idc_toml: SLOW_PROBES.into(),
+        isolation: no_breaker(),
+        ..options
+    })
+    .await;
+    let fail = || get("/pair", &[("x-sim-status", "500")]);
+    // 5xx answers pass through; five in a row from one backend eject it.
+    let mut sent = 0;
+    let ejected = within(POLL_DEADLINE, "a pair backend to be ejected", async {
+        loop {
+            let r = c.send(fail()).await;
+            assert_eq!(r.status, 500, "the backend's own 500 passes through");
+            sent += 1;
+            let ejected = ejected_pair(&status(&c).await, &pair);
+            if !ejected.is_empty() {
+                return ejected;
+            }
+        }
+    })
+    .await;
+    assert_eq!(ejected.len(), 1, "{ejected:?}");
+    assert!(sent >= shardgate::health::CONSECUTIVE_FAILURES);
+    let st = status(&c).await;
+    let b = idc(&st, "bj")["backends"]["pair"]
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["ejected"] == true))
+        .expect("the ejected backend in /status")
+        .clone();
+    assert_eq!(b["ejections"], 1);
+    assert_eq!(
+        b["ejection_ms"].as_u64(),
+        Some(shardgate::health::BASE_EJECTION_MS)
+    );
+    // The other one is the last in service: it keeps every request, failing or not.
+    let survivor = if ejected[0] == "pa" { "pb" } else { "pa" };
+    for _ in 0..2 * shardgate::health::CONSECUTIVE_FAILURES {
+        let r = c.send(fail()).await;
+        assert_eq!(r.status, 500);
+        assert_eq!(r.idc(), survivor, "an ejected backend got traffic");
+    }
+    assert_eq!(ejected_pair(&status(&c).await, &pair), ejected);
+    c.stop().await;
+    for sim in pair {
+        sim.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_errors_take_a_pool_out_for_growing_periods_and_a_dead_pool_gets_nothing() {
+    let mut c = Cluster::start_with(Options {
         idc_toml: SLOW_PROBES.into(),
         isolation: no_breaker(),
         ..Options::default()
     })
     .await;
     let key = &gz_keys(1)[0];
+    let gz_core = c.sim_addr("gz", "core");
 
-    // 5xx answers: the backend's own 500s pass through, and the fifth in a row ejects it.
-    for i in 0..shardgate::health::CONSECUTIVE_FAILURES {
-        let st = status(&c).await;
-        assert_eq!(backend(&st, "gz", "core")["ejected"], false, "after {i}");
-        let r = c
-            .send(get(
-                "/orders",
-                &[("x-user-id", key), ("x-sim-status", "500")],
-            ))
-            .await;
-        assert_eq!(r.status, 500);
-        assert_eq!(r.idc(), "gz");
-    }
+    // gz's only core backend crashes: the first read finds it refusing, ejects it and spills.
+    c.stop_sim("gz", "core").await;
+    let r = c.send(get("/orders", &[("x-user-id", key)])).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(r.idc(), "gz");
+    assert_eq!(r.upstream_header("x-shardgate-spill").as_deref(), Some("1"));
     let st = status(&c).await;
     let b = backend(&st, "gz", "core");
     assert_eq!(b["ejected"], true, "{b}");
-    assert_eq!(b["ejections"], 1);
+    assert_eq!(
+        b["healthy"], true,
+        "ejected by traffic, not by the probes: {b}"
+    );
     assert_eq!(
         b["ejection_ms"].as_u64(),
-        Some(shardgate::health::BASE_EJECTION_MS)
+        Some(shardgate::health::CONNECT_BASE_EJECTION_MS)
     );
-    // The core pool is all ejected: gz is unhealthy, and its pool gets no traffic at all.
+    // The whole pool is out (loudly): gz is unhealthy, and nothing is tried there any more.
     eventually("gz to be unhealthy", || async {
         (idc(&status(&c).await, "gz")["healthy"] == false).then_some(())
     })
     .await;
-    let hits = c.sim("gz", "core").hits();
+    let metrics = c.admin_get("/metrics").await.text();
+    assert!(
+        metrics.contains(&format!(
+            r#"shardgate_backend_healthy{{idc="gz",set="core",backend="{gz_core}"}} 0"#
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"shardgate_idc_healthy{idc="gz"} 0"#));
     let r = c
         .send(request(Method::PUT, "/orders", &[("x-user-id", key)], "{}"))
         .await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"], "upstream_connect");
-    let r = c.send(get("/orders", &[("x-user-id", key)])).await;
-    assert_eq!(r.status, 200);
-    assert_ne!(r.idc(), "gz");
-    assert_eq!(r.upstream_header("x-shardgate-spill").as_deref(), Some("1"));
-    assert_eq!(
-        c.sim("gz", "core").hits(),
-        hits,
-        "an ejected backend got traffic"
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("in service")),
+        "{}",
+        r.text()
     );
 
-    // Connect errors eject at once, and each ejection in a row lasts longer.
+    // Each ejection in a row lasts longer.
     let dead_of_gz = |st: &Value| backend(st, "gz", "dead").clone();
     let r = c
         .send(request(
@@ -271,6 +364,71 @@ async fn traffic_ejects_backends_for_growing_periods_and_a_dead_pool_gets_none()
     assert!(
         second["ejection_ms"].as_u64() > first["ejection_ms"].as_u64(),
         "{first} then {second}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_under_read_load_fails_no_read() {
+    // Default probes and breaker: what a crash looks like with the shipped settings.
+    let mut c = Cluster::start().await;
+    let keys = gz_keys(50);
+    let proxy = c.proxy();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let served = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, failed, served, keys) =
+                (stop.clone(), failed.clone(), served.clone(), keys.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = &keys[i % keys.len()];
+                    i += 1;
+                    match try_send(proxy, get("/orders", &[("x-user-id", key)])).await {
+                        Ok(r) if r.status == 200 => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failed
+                            .lock()
+                            .expect("the list of failed reads")
+                            .push(format!("{}: {}", r.status, r.text())),
+                        Err(e) => failed.lock().expect("the list of failed reads").push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let more_than = |n: u64| {
+        let served = served.clone();
+        async move {
+            eventually("reads to be served", || async {
+                (served.load(Ordering::Relaxed) > n).then_some(())
+            })
+            .await
+        }
+    };
+    more_than(100).await;
+    c.stop_sim("gz", "core").await;
+    // Through the ejection, the probes taking over and the breaker: every read is served.
+    eventually("the probes to call gz's core backend down", || async {
+        (backend(&status(&c).await, "gz", "core")["healthy"] == false).then_some(())
+    })
+    .await;
+    more_than(served.load(Ordering::Relaxed) + 200).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        within(REQUEST_DEADLINE, "a reader to stop", r)
+            .await
+            .expect("the reader task");
+    }
+    let failed = failed.lock().expect("the list of failed reads").clone();
+    assert!(
+        failed.is_empty(),
+        "{} reads failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
     );
     c.stop().await;
 }
@@ -337,23 +495,9 @@ async fn warm_up_steps_advance_on_their_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_request_is_retried_on_another_backend_when_its_backend_dies() {
-    let loopback = "127.0.0.1:0".parse().expect("loopback address");
-    let mut pair = Vec::new();
-    for name in ["pa", "pb"] {
-        pair.push(Some(
-            SimBackend::start(loopback, name, "pair")
-                .await
-                .expect("start a pair backend"),
-        ));
-    }
-    let addrs: Vec<_> = pair.iter().flatten().map(|s| s.addr).collect();
-    let c = Cluster::start_with(Options {
-        extra_sets: "[sets.pair]\npriority = 1\n".into(),
-        extra_pools: vec![("pair".into(), addrs[0]), ("pair".into(), addrs[1])],
-        extra_toml: "\n[[routes]]\nname = \"pair\"\npath_prefix = \"/pair\"\nset = \"pair\"\nsharded = false\ntimeout_ms = 10000\nretries = 1\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let (pair, options) = pair_backends().await;
+    let mut pair: Vec<Option<SimBackend>> = pair.into_iter().map(Some).collect();
+    let c = Cluster::start_with(options).await;
     let proxy = c.proxy();
     let inflight =
         tokio::spawn(async move { send(proxy, get("/pair", &[("x-sim-delay-ms", "3000")])).await });

@@ -6,15 +6,25 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// First ejection period; the n-th consecutive ejection lasts n times this (Envoy's
-/// `base_ejection_time × ejection count`). One second keeps a transient blip cheap while a
-/// backend that keeps failing is left alone for longer and longer.
+/// First ejection period after failing answers; the n-th consecutive ejection lasts n times its
+/// base (Envoy's `base_ejection_time × ejection count`). One second keeps a transient blip cheap
+/// while a backend that keeps failing is left alone for longer and longer.
 pub const BASE_EJECTION_MS: u64 = 1_000;
+/// First ejection period after a failed connect. Longer than the probes take to call a dead
+/// backend unhealthy (3 × 500 ms by default), so a crashed backend goes from ejected to
+/// unhealthy without coming back in between; a backend that accepts connections again is back
+/// at its next good probe, whatever is left of the period.
+pub const CONNECT_BASE_EJECTION_MS: u64 = 5_000;
 /// Longest ejection period.
 pub const MAX_EJECTION_MS: u64 = 30_000;
 /// Consecutive 5xx answers or timeouts that eject a backend (Envoy's `consecutive_5xx`). A
 /// refused or failed connect ejects at once: it is unambiguous, and it is what a crash looks
 /// like, so the first one already takes the backend out of rotation.
+///
+/// Answers never eject the last backend in service of a pool (Envoy's `max_ejection_percent`,
+/// for this cause only): a pool that answers is alive, and an application failing everywhere
+/// is the circuit breaker's business (503 `circuit_open`), not a reason to call the pool dead.
+/// Connect failures and probes may take a whole pool out; that is logged loudly (`health`).
 pub const CONSECUTIVE_FAILURES: u32 = 5;
 
 /// Why a backend was last ejected.
@@ -101,14 +111,19 @@ impl BackendHealth {
         self.eject(clock_ms(), EjectionCause::Connect)
     }
 
-    /// The backend answered 5xx or did not answer in time. True when this ejected it.
-    pub fn record_failure(&self) -> bool {
-        self.record_failure_at(clock_ms())
+    /// The backend answered 5xx, did not answer in time, or broke the exchange. True when
+    /// this ejected it; `last_in_service` (no other backend of the pool is in service) keeps it.
+    pub fn record_failure(&self, last_in_service: bool) -> bool {
+        self.record_failure_at(clock_ms(), last_in_service)
     }
 
-    fn record_failure_at(&self, now: u64) -> bool {
+    fn record_failure_at(&self, now: u64, last_in_service: bool) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < CONSECUTIVE_FAILURES {
+            return false;
+        }
+        if last_in_service {
+            tracing::debug!(idc = %self.idc, backend = %self.addr, "failing answers, but the last backend in service of its pool: not ejected");
             return false;
         }
         self.failures.store(0, Ordering::Relaxed);
@@ -134,9 +149,11 @@ impl BackendHealth {
         } else {
             self.ejections.load(Ordering::Relaxed).saturating_add(1)
         };
-        let period = BASE_EJECTION_MS
-            .saturating_mul(u64::from(count))
-            .min(MAX_EJECTION_MS);
+        let base = match cause {
+            EjectionCause::Connect => CONNECT_BASE_EJECTION_MS,
+            EjectionCause::Answers => BASE_EJECTION_MS,
+        };
+        let period = base.saturating_mul(u64::from(count)).min(MAX_EJECTION_MS);
         // Concurrent failures race here: exactly one of them ejects.
         if self
             .ejected_until_ms
@@ -234,12 +251,12 @@ mod tests {
             now += b.ejection_ms();
             assert!(!b.ejected_at(now));
         }
-        assert_eq!(&periods[..3], &[1_000, 2_000, 3_000]);
+        assert_eq!(&periods[..3], &[5_000, 10_000, 15_000]);
         assert!(periods.windows(2).all(|w| w[1] >= w[0]));
         assert_eq!(*periods.last().unwrap(), MAX_EJECTION_MS);
         // A long quiet period resets the multiplier.
         now += MAX_EJECTION_MS + 1;
-        assert!(b.eject(now, EjectionCause::Connect));
+        assert!(b.eject(now, EjectionCause::Answers));
         assert_eq!(b.ejection_ms(), BASE_EJECTION_MS);
         assert_eq!(b.ejections(), 1);
     }
@@ -249,14 +266,17 @@ mod tests {
         let b = backend();
         let now = 5_000;
         for _ in 0..CONSECUTIVE_FAILURES - 1 {
-            assert!(!b.record_failure_at(now));
+            assert!(!b.record_failure_at(now, false));
         }
         b.record_success();
         for _ in 0..CONSECUTIVE_FAILURES - 1 {
-            assert!(!b.record_failure_at(now));
+            assert!(!b.record_failure_at(now, false));
         }
         assert!(!b.ejected_at(now));
-        assert!(b.record_failure_at(now));
+        // The last backend in service of its pool is kept, however it answers.
+        assert!(!b.record_failure_at(now, true));
+        assert!(!b.ejected_at(now));
+        assert!(b.record_failure_at(now, false));
         assert!(b.ejected_at(now));
     }
 
@@ -269,7 +289,7 @@ mod tests {
         assert!(!b.ejected());
         let b = backend();
         for _ in 0..CONSECUTIVE_FAILURES {
-            b.record_failure_at(now);
+            b.record_failure_at(now, false);
         }
         b.record_probe(true, 2, 3);
         assert!(b.ejected());
