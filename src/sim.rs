@@ -24,11 +24,13 @@ pub struct SimIdc {
     pub idc: String,
     pub set: String,
     hits: AtomicU64,
+    health_checks: AtomicU64,
 }
 
 impl SimIdc {
     async fn answer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         if req.uri().path() == "/healthz" {
+            self.health_checks.fetch_add(1, Ordering::Relaxed);
             return Response::new(ResponseBody::full("ok\n"));
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
@@ -126,6 +128,7 @@ impl SimBackend {
             idc: idc.to_owned(),
             set: set.to_owned(),
             hits: AtomicU64::new(0),
+            health_checks: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let settings = ListenerSettings::plain(
@@ -145,6 +148,11 @@ impl SimBackend {
     /// Requests answered (health checks not counted).
     pub fn hits(&self) -> u64 {
         self.sim.hits.load(Ordering::Relaxed)
+    }
+
+    /// Health checks (`GET /healthz`) answered.
+    pub fn health_checks(&self) -> u64 {
+        self.sim.health_checks.load(Ordering::Relaxed)
     }
 
     /// Stops accepting and closes its connections (a crashed IDC, as seen from the gateway).

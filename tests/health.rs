@@ -171,8 +171,14 @@ async fn probe_state_survives_a_reload_that_keeps_the_backend() {
     })
     .await;
     let before = c.topology().revision;
-    // A reload that adds a route and keeps every backend.
-    let doc = c.document(&[("0-63", "gz")]);
+    // A reload that adds a route, keeps gz's core backend, and gives gz's noncore pool another
+    // address (sh's noncore backend).
+    let (old_noncore, new_noncore) = (c.sim_addr("gz", "noncore"), c.sim_addr("sh", "noncore"));
+    let doc = c.document(&[("0-63", "gz")]).replacen(
+        &format!("pools.noncore = [\"{old_noncore}\"]"),
+        &format!("pools.noncore = [\"{new_noncore}\"]"),
+        1,
+    );
     c.write_topology(&format!(
         "{doc}\n[[routes]]\nname = \"extra\"\npath_prefix = \"/extra\"\nset = \"core\"\nsharded = false\n"
     ));
@@ -185,6 +191,25 @@ async fn probe_state_survives_a_reload_that_keeps_the_backend() {
     assert_eq!(backend(&st, "gz", "core")["healthy"], false, "{st}");
     assert_eq!(idc(&st, "gz")["healthy"], false, "{st}");
     assert_eq!(c.running().health.idc_view().get("gz"), Some(&false));
+    // The backend no snapshot names any more is no longer probed or reported; its
+    // replacement is (it is now probed as sh's and as gz's).
+    let gone = format!(r#"backend_healthy{{idc="gz",set="noncore",backend="{old_noncore}"}}"#);
+    let new = format!(r#"backend_healthy{{idc="gz",set="noncore",backend="{new_noncore}"}} 1"#);
+    eventually("the metrics to follow the reload", || async {
+        let m = c.admin_get("/metrics").await.text();
+        (!m.contains(&gone) && m.contains(&new)).then_some(())
+    })
+    .await;
+    let unnamed = c.sim("gz", "noncore").health_checks();
+    let named = c.sim("sh", "noncore").health_checks();
+    eventually("more probes of the backends still named", || async {
+        (c.sim("sh", "noncore").health_checks() >= named + 20).then_some(())
+    })
+    .await;
+    assert!(
+        c.sim("gz", "noncore").health_checks() <= unnamed + 1,
+        "a backend no snapshot names is still probed"
+    );
     c.stop().await;
 }
 
