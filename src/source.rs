@@ -149,15 +149,24 @@ impl Snapshots {
     /// alike, and it goes on while etcd is unreachable. Runs until `shutdown` turns true.
     pub async fn run_timed_rebuilds(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut revisions = self.subscribe();
+        // The instant last rebuilt for: a rebuild that did not move it on (it failed) is not
+        // retried in a loop, only after the next publish.
+        let mut done: Option<u64> = None;
         loop {
-            let due = self.current().and_then(|t| t.next_change_ms);
+            let due = self
+                .current()
+                .and_then(|t| t.next_change_ms)
+                .filter(|&at| done != Some(at));
             // One millisecond late rather than early: the table changes at the instant itself.
             let wait = due.map(|at| Duration::from_millis(at.saturating_sub(unix_now_ms()) + 1));
             tokio::select! {
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
                     let snapshots = self.clone();
                     // Building a large snapshot takes milliseconds of CPU: off the workers.
-                    let _ = tokio::task::spawn_blocking(move || snapshots.rebuild_due()).await;
+                    let tried = tokio::task::spawn_blocking(move || snapshots.rebuild_due()).await;
+                    if tried.unwrap_or(true) {
+                        done = due;
+                    }
                 }
                 changed = revisions.changed() => {
                     if changed.is_err() {
@@ -169,15 +178,15 @@ impl Snapshots {
         }
     }
 
-    /// Rebuilds the current snapshot if its next timed change is due; a publish that got in
-    /// first (holding the lock) already did it.
-    fn rebuild_due(&self) {
+    /// Rebuilds the current snapshot if its next timed change is due (false when it is not
+    /// due yet: a publish that got in first did it, or the clock woke us early).
+    fn rebuild_due(&self) -> bool {
         let _guard = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(current) = self.current() else {
-            return;
+            return false;
         };
         if current.next_change_ms.is_none_or(|at| at > unix_now_ms()) {
-            return;
+            return false;
         }
         tracing::debug!(
             revision = current.revision,
@@ -188,6 +197,7 @@ impl Snapshots {
             &current.overrides,
             current.revision,
         );
+        true
     }
 
     /// Notified with the revision of every snapshot published from now on.
