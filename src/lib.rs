@@ -119,14 +119,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             snapshots
         }
-        SourceConfig::Etcd { endpoints, cluster } => {
+        SourceConfig::Etcd { access, cluster } => {
             let snapshots = Arc::new(Snapshots::new(
                 "etcd",
                 config.local_idc.clone(),
                 metrics.clone(),
             ));
             let settings = etcd::source::EtcdSettings {
-                endpoints: endpoints.clone(),
+                access: access.clone(),
                 cluster: cluster.clone(),
                 timeout: config.timeouts.etcd,
                 cache_dir: config.cache_dir.clone(),
@@ -163,9 +163,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    if let SourceConfig::Etcd { endpoints, cluster } = &config.source {
+    if let SourceConfig::Etcd { access, cluster } = &config.source {
         let registration = etcd::registry::Registration {
-            endpoints: endpoints.clone(),
+            access: access.clone(),
             cluster: cluster.clone(),
             instance: config
                 .instance
