@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::admission::RetryBudget;
 use crate::body::RequestBody;
+use crate::tls::upstream::UpstreamTls;
 
 type Sender = SendRequest<RequestBody>;
 
@@ -29,6 +30,8 @@ pub struct Backend {
     pub idc: Arc<String>,
     pub set: Arc<String>,
     pub addr: SocketAddr,
+    /// TLS to this backend (its IDC's `tls`), or plain TCP.
+    tls: Option<Arc<UpstreamTls>>,
     inflight: AtomicU32,
     /// Passive outlier state: consecutive connect failures and the time (ms since the
     /// process epoch) until which the backend is avoided.
@@ -43,17 +46,19 @@ impl std::fmt::Debug for Backend {
             .field("idc", &self.idc)
             .field("set", &self.set)
             .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
             .field("inflight", &self.inflight.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 impl Backend {
-    fn new(idc: &str, set: &str, addr: SocketAddr) -> Backend {
+    fn new(idc: &str, set: &str, addr: SocketAddr, tls: Option<Arc<UpstreamTls>>) -> Backend {
         Backend {
             idc: Arc::new(idc.to_owned()),
             set: Arc::new(set.to_owned()),
             addr,
+            tls,
             inflight: AtomicU32::new(0),
             connect_failures: AtomicU32::new(0),
             avoid_until_ms: AtomicU64::new(0),
@@ -110,30 +115,55 @@ impl Backend {
         }
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Sender, ForwardError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
-            Err(_) => return Err(ForwardError::Connect("connect timed out".into())),
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = match tokio::time::timeout(
-            timeout,
-            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
-        )
-        .await
-        {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
-            Err(_) => return Err(ForwardError::Connect("handshake timed out".into())),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
+
+    /// A new connection: TCP, then the TLS handshake when the IDC asks for it, both within
+    /// one connect timeout (a backend that accepts but never finishes the handshake is as
+    /// unreachable as one that refuses).
+    async fn connect(&self, timeout: Duration) -> Result<Sender, ForwardError> {
+        match tokio::time::timeout(timeout, self.open()).await {
+            Ok(result) => result,
+            Err(_) if self.tls.is_some() => Err(ForwardError::Connect(
+                "connect and TLS handshake timed out".into(),
+            )),
+            Err(_) => Err(ForwardError::Connect("connect timed out".into())),
+        }
+    }
+
+    async fn open(&self) -> Result<Sender, ForwardError> {
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            Some(tls) => {
+                let stream = tls.connect(stream, self.addr).await.map_err(|e| {
+                    ForwardError::Connect(format!("TLS handshake with {}: {e}", self.addr))
+                })?;
+                handshake(stream).await
+            }
+            None => handshake(stream).await,
+        }
+    }
+}
+
+/// The HTTP/1.1 client handshake over any connection; the connection task is spawned.
+async fn handshake<IO>(io: IO) -> Result<Sender, ForwardError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ForwardError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 fn clock_ms() -> u64 {
@@ -205,10 +235,13 @@ fn body_too_large(e: &hyper::Error) -> Option<u64> {
     None
 }
 
-/// Registry of backends by (IDC, set, address), so that snapshots share pools.
+/// A backend's identity: (IDC, set, address, TLS identity or 0 for plain TCP).
+type BackendKey = (String, String, SocketAddr, u64);
+
+/// Registry of backends by identity, so that snapshots share pools.
 #[derive(Default)]
 pub struct Upstreams {
-    backends: Mutex<HashMap<(String, String, SocketAddr), Weak<Backend>>>,
+    backends: Mutex<HashMap<BackendKey, Weak<Backend>>>,
 }
 
 impl Upstreams {
@@ -217,16 +250,28 @@ impl Upstreams {
     }
 
     /// The backend for this identity: the existing one while any snapshot holds it.
-    pub fn backend(&self, idc: &str, set: &str, addr: SocketAddr) -> Arc<Backend> {
+    pub fn backend(
+        &self,
+        idc: &str,
+        set: &str,
+        addr: SocketAddr,
+        tls: Option<&Arc<UpstreamTls>>,
+    ) -> Arc<Backend> {
+        let tls = tls.cloned();
         let Ok(mut map) = self.backends.lock() else {
-            return Arc::new(Backend::new(idc, set, addr));
+            return Arc::new(Backend::new(idc, set, addr, tls));
         };
-        let key = (idc.to_owned(), set.to_owned(), addr);
+        let key = (
+            idc.to_owned(),
+            set.to_owned(),
+            addr,
+            tls.as_ref().map_or(0, |t| t.id()),
+        );
         if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
             return b;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let b = Arc::new(Backend::new(idc, set, addr));
+        let b = Arc::new(Backend::new(idc, set, addr, tls));
         map.insert(key, Arc::downgrade(&b));
         b
     }

@@ -10,7 +10,8 @@
 //! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
 //!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
-//! - [`forward`]: pooled upstream connections per (IDC, set, backend), retries.
+//! - [`forward`]: pooled upstream connections per (IDC, set, backend), TLS to an IDC that asks
+//!   for it ([`tls::upstream`]), retries.
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
 //! - [`headers`]: the gateway's headers, hop-by-hop stripping, ids and tracing headers.
 //! - [`error`]: the one request-path error and its status mapping.
