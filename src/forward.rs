@@ -122,8 +122,8 @@ impl Backend {
     /// A new connection: TCP, then the TLS handshake when the IDC asks for it, both within
     /// one connect timeout (a backend that accepts but never finishes the handshake is as
     /// unreachable as one that refuses).
-    async fn connect(&self, timeout: Duration) -> Result<Sender, ForwardError> {
-        match tokio::time::timeout(timeout, self.open()).await {
+    async fn connect(&self, timeout: Duration, upgrades: bool) -> Result<Sender, ForwardError> {
+        match tokio::time::timeout(timeout, self.open(upgrades)).await {
             Ok(result) => result,
             Err(_) if self.tls.is_some() => Err(ForwardError::Connect(
                 "connect and TLS handshake timed out".into(),
@@ -132,7 +132,7 @@ impl Backend {
         }
     }
 
-    async fn open(&self) -> Result<Sender, ForwardError> {
+    async fn open(&self, upgrades: bool) -> Result<Sender, ForwardError> {
         let stream = TcpStream::connect(self.addr)
             .await
             .map_err(|e| ForwardError::Connect(e.to_string()))?;
@@ -142,15 +142,16 @@ impl Backend {
                 let stream = tls.connect(stream, self.addr).await.map_err(|e| {
                     ForwardError::Connect(format!("TLS handshake with {}: {e}", self.addr))
                 })?;
-                handshake(stream).await
+                handshake(stream, upgrades).await
             }
-            None => handshake(stream).await,
+            None => handshake(stream, upgrades).await,
         }
     }
 }
 
-/// The HTTP/1.1 client handshake over any connection; the connection task is spawned.
-async fn handshake<IO>(io: IO) -> Result<Sender, ForwardError>
+/// The HTTP/1.1 client handshake over any connection; the connection task is spawned. With
+/// `upgrades`, a 101 hands the connection over (`hyper::upgrade::on`) instead of ending it.
+async fn handshake<IO>(io: IO, upgrades: bool) -> Result<Sender, ForwardError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -159,7 +160,12 @@ where
         .await
         .map_err(|e| ForwardError::Connect(e.to_string()))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let result = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = result {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
@@ -180,6 +186,8 @@ fn clock_ms() -> u64 {
 pub struct Lease {
     backend: Arc<Backend>,
     sender: Option<Sender>,
+    /// An upgraded connection belongs to its relay: it never goes back to the pool.
+    reusable: bool,
 }
 
 impl Lease {
@@ -188,12 +196,13 @@ impl Lease {
         Lease {
             backend,
             sender: None,
+            reusable: true,
         }
     }
 
     /// The response ended cleanly: the connection can carry another request.
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
+        if let Some(sender) = self.sender.take().filter(|_| self.reusable) {
             self.backend.put_idle(sender);
         }
     }
@@ -288,6 +297,9 @@ pub struct ForwardPolicy<'a> {
     /// The set's retry budget: every retry spends from it, and none is made when it is empty,
     /// so a failing set cannot multiply its own load.
     pub retry_budget: Option<&'a RetryBudget<'a>>,
+    /// An upgrade handshake: always a new connection, able to hand itself over on a 101,
+    /// never pooled afterwards.
+    pub upgrade: bool,
 }
 
 /// Picks the backend with fewer requests in flight out of two random ones, skipping those
@@ -351,9 +363,18 @@ pub async fn forward(
         attempts_left -= 1;
         let backend = &pool[i];
         let mut lease = Lease::new(backend.clone());
-        let (mut sender, reused) = match backend.take_idle() {
+        lease.reusable = !policy.upgrade;
+        let idle = if policy.upgrade {
+            None
+        } else {
+            backend.take_idle()
+        };
+        let (mut sender, reused) = match idle {
             Some(s) => (s, true),
-            None => match backend.connect(policy.connect_timeout).await {
+            None => match backend
+                .connect(policy.connect_timeout, policy.upgrade)
+                .await
+            {
                 Ok(s) => {
                     backend.record_connect_success();
                     (s, false)

@@ -12,6 +12,7 @@
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
 //! - [`forward`]: pooled upstream connections per (IDC, set, backend), TLS to an IDC that asks
 //!   for it ([`tls::upstream`]), retries.
+//! - [`upgrade`]: WebSocket upgrades on routes that allow them: 101, then bytes both ways.
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
 //! - [`headers`]: the gateway's headers, hop-by-hop stripping, ids and tracing headers.
 //! - [`error`]: the one request-path error and its status mapping.
@@ -47,6 +48,7 @@ pub mod source;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -207,6 +209,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         settings: ProxySettings {
             connect_timeout: config.timeouts.upstream_connect,
             body_timeout: config.timeouts.request_body,
+            upgrade_idle: config.timeouts.idle,
             scheme,
         },
     });

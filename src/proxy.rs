@@ -20,6 +20,7 @@ use crate::forward::{forward, ForwardError, ForwardPolicy};
 use crate::headers;
 use crate::telemetry::{IdcSetLabels, Metrics, RequestLabels, RouteLabels};
 use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, Topology};
+use crate::upgrade;
 
 /// Settings of the data path that do not come from the topology.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// Idle time allowed between frames of a client's request body.
     pub body_timeout: Duration,
+    /// An upgraded (WebSocket) connection with no byte moving either way is closed after
+    /// this long (`timeouts.idle_ms`).
+    pub upgrade_idle: Duration,
     /// `x-forwarded-proto` for requests on this listener.
     pub scheme: &'static str,
 }
@@ -143,7 +147,7 @@ impl Gateway {
     async fn route_and_forward(
         &self,
         topo: &Topology,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
@@ -181,13 +185,28 @@ impl Gateway {
             .map_err(ProxyError::Refused)?;
         let budget = permit.retry_budget();
 
+        // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
+        // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
+        // and the request goes upstream as a plain GET.
+        let upgrade = if route.websocket && upgrade::is_websocket_upgrade(&req) {
+            req.headers()
+                .get(http::header::UPGRADE)
+                .cloned()
+                .map(|v| (v, hyper::upgrade::on(&mut req)))
+        } else {
+            None
+        };
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
+        if let Some((value, _)) = &upgrade {
+            upgrade::keep_upgrade_headers(upstream.headers_mut(), value.clone());
+        }
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
             retries: route.retries,
             idempotent: is_idempotent(&method),
             retry_budget: Some(&budget),
+            upgrade: upgrade.is_some(),
         };
 
         let exchange = async {
@@ -259,6 +278,11 @@ impl Gateway {
             outcome.spilled = true;
         }
 
+        if let Some((_, client)) = upgrade {
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(self.switch_protocols(resp, client, lease));
+            }
+        }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
@@ -266,6 +290,31 @@ impl Gateway {
             parts,
             ResponseBody::upstream(body, route.timeout, lease),
         ))
+    }
+
+    /// The backend switched protocols: answer the client's handshake with its 101 and relay
+    /// bytes between the two connections once hyper hands them over.
+    fn switch_protocols(
+        &self,
+        mut resp: Response<Incoming>,
+        client: hyper::upgrade::OnUpgrade,
+        lease: crate::forward::Lease,
+    ) -> Response<ResponseBody> {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        let protocol = parts.headers.get(http::header::UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = protocol {
+            upgrade::keep_upgrade_headers(&mut parts.headers, protocol);
+        }
+        parts.version = Version::HTTP_11;
+        tokio::spawn(upgrade::relay(
+            client,
+            upstream,
+            self.settings.upgrade_idle,
+            lease,
+        ));
+        Response::from_parts(parts, ResponseBody::empty())
     }
 
     /// A clean re-serialisation of the client's request for the upstream: origin-form URI,

@@ -457,6 +457,7 @@ fn check_route(
         timeout: Duration::from_millis(raw.timeout_ms),
         retries: raw.retries,
         max_body_bytes: raw.max_body_bytes,
+        websocket: raw.websocket,
         rate_limit,
         fallback,
         degraded_by: None,

@@ -217,6 +217,10 @@ pub struct RawRoute {
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub fallback: Option<RawFallback>,
+    /// Proxies WebSocket upgrades (HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket`).
+    /// Off: the upgrade headers are stripped and the request goes upstream as a plain GET.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 fn default_host() -> String {
