@@ -190,11 +190,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         drain: config.timeouts.drain,
         limits: config.limits.clone(),
         tls: None,
+        head_gate: false,
     };
     let certificates = tls.as_ref().map(tls::Tls::certificates);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let proxy_settings = ListenerSettings {
         tls,
+        head_gate: true,
         ..settings.clone()
     };
     let admission = Arc::new(admission::Admission::new(config.isolation, metrics.clone()));

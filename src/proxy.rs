@@ -80,6 +80,12 @@ impl Gateway {
         let start = Instant::now();
         let ids = headers::Ids::for_request(req.headers());
         let request_id = ids.request_id.clone();
+        // A head the connection's gate refused arrives as a stand-in carrying the reason
+        // (checked before the client's `x-shardgate-*` headers are stripped).
+        let refused = req
+            .headers()
+            .get(crate::server::gate::REFUSED)
+            .map(|v| refusal_error(crate::server::gate::Refusal::from_marker(v.as_bytes())));
         headers::strip_gateway_headers(req.headers_mut());
         let mut outcome = Outcome {
             route: None,
@@ -92,8 +98,9 @@ impl Gateway {
             reason: None,
         };
         let topo = self.topology.load_full();
-        let (mut resp, revision) = match topo {
-            Some(topo) => {
+        let (mut resp, revision) = match (refused, topo) {
+            (Some(refusal), _) => (refusal.to_response(&request_id), None),
+            (None, Some(topo)) => {
                 let rev = topo.revision;
                 let resp = match self
                     .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
@@ -107,7 +114,7 @@ impl Gateway {
                 };
                 (resp, Some(rev))
             }
-            None => (
+            (None, None) => (
                 ProxyError::NoServingIdc("any request: no topology snapshot is loaded yet".into())
                     .to_response(&request_id),
                 None,
@@ -448,6 +455,20 @@ impl Gateway {
             spilled = o.spilled,
             reason = o.reason.unwrap_or(EMPTY),
         );
+    }
+}
+
+/// The answer to a head the gate refused.
+fn refusal_error(refusal: crate::server::gate::Refusal) -> ProxyError {
+    use crate::server::gate::Refusal;
+    match refusal {
+        Refusal::HeadTooLarge => ProxyError::HeaderTooLarge,
+        Refusal::BothLengths => ProxyError::BadRequest(
+            "the request has both Content-Length and Transfer-Encoding (a request smuggling pattern)",
+        ),
+        Refusal::ConflictingLengths => {
+            ProxyError::BadRequest("the request has conflicting Content-Length values")
+        }
     }
 }
 
