@@ -115,10 +115,6 @@ impl Backend {
         }
     }
 
-    pub fn tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// A new connection: TCP, then the TLS handshake when the IDC asks for it, both within
     /// one connect timeout (a backend that accepts but never finishes the handshake is as
     /// unreachable as one that refuses).

@@ -3,8 +3,9 @@
 //! the IDC that serves that shard now.
 //!
 //! The request path, module by module:
-//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → hyper
-//!   (HTTP/1.1, h2) with connection, header and stream limits and graceful drain.
+//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → the
+//!   request-head gate ([`server::gate`]: both lengths, oversized heads) → hyper (HTTP/1.1,
+//!   h2) with connection, header and stream limits and graceful drain.
 //! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
 //! - [`route`]: route matching and sharding-key extraction (pure).
 //! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
