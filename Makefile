@@ -5,7 +5,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test deps fmt-check clippy unit bench bench-proxy release fuzz
+.PHONY: demo test deps fmt-check clippy unit bench bench-proxy bench-tls release fuzz
 
 demo:
 	$(CARGO) run --release --bin shardgate -- demo
@@ -43,6 +43,10 @@ bench:
 # The whole proxy side by side with nginx and HAProxy (see benches/proxy/README.md).
 bench-proxy: release
 	benches/proxy/run.sh
+
+# TLS handshakes/s and TLS request throughput beside nginx terminating TLS (benches/proxy/tls.sh).
+bench-tls: release
+	benches/proxy/tls.sh
 
 # Coverage-guided fuzzing (libFuzzer) of the topology parser/validator and request routing,
 # 60 s each. Needs cargo-fuzz; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.

@@ -15,7 +15,7 @@ use crate::topology::{self, BuildContext, Overrides};
 
 mod admin;
 mod etcd;
-pub use etcd::{DegradeArgs, EtcdArgs, PushArgs};
+pub use etcd::{DegradeArgs, EtcdArgs, EtcdSecurityArgs, PushArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,6 +72,8 @@ pub struct ServeArgs {
     /// Cluster name under /shardgate/ in etcd.
     #[arg(long)]
     pub cluster: Option<String>,
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
     /// This instance's name in etcd's gateway registry [default: <hostname>:<proxy port>].
     #[arg(long)]
     pub instance: Option<String>,
@@ -217,6 +219,22 @@ impl ServeArgs {
         if self.cluster.is_some() {
             raw.cluster = self.cluster;
         }
+        let s = self.etcd_security;
+        match (s.etcd_cert, s.etcd_key) {
+            (Some(cert), Some(key)) => {
+                raw.etcd_cert = Some(cert);
+                raw.etcd_key = Some(key);
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--etcd-cert and --etcd-key go together"),
+        }
+        if s.etcd_ca.is_some() {
+            raw.etcd_ca = s.etcd_ca;
+        }
+        if s.etcd_user.is_some() {
+            raw.etcd_user = s.etcd_user;
+        }
+        raw.etcd_password = etcd::password_from_env();
         if self.instance.is_some() {
             raw.instance = self.instance;
         }

@@ -15,7 +15,8 @@ use crate::telemetry::LogFormat;
 pub enum SourceConfig {
     File(PathBuf),
     Etcd {
-        endpoints: Vec<String>,
+        /// Endpoints, TLS and credentials.
+        access: crate::etcd::EtcdAccess,
         cluster: String,
     },
 }
@@ -111,6 +112,18 @@ pub struct RawConfig {
     #[serde(default)]
     pub etcd: Vec<String>,
     pub cluster: Option<String>,
+    /// TLS to etcd: the CA bundle that signs its certificate, and a client certificate + key.
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    /// etcd auth: the user; the password comes from `SHARDGATE_ETCD_PASSWORD` or, for
+    /// service managers that hand secrets over as files, `etcd_password_file`.
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
+    /// Filled from the environment by `serve`, never from the file (a password in the
+    /// bootstrap config would be one more copy of it).
+    #[serde(skip)]
+    pub etcd_password: Option<crate::etcd::Password>,
     pub cache_dir: Option<PathBuf>,
     pub instance: Option<String>,
     pub admin_token: Option<String>,
@@ -257,16 +270,45 @@ impl RawConfig {
         };
         let listen = addr("listen", self.listen, DEFAULT_LISTEN, &mut problems);
         let admin = addr("admin", self.admin, DEFAULT_ADMIN, &mut problems);
+        let etcd_tls_given = self.etcd_ca.is_some()
+            || self.etcd_cert.is_some()
+            || self.etcd_user.is_some()
+            || self.etcd_password_file.is_some();
+        if etcd_tls_given && self.etcd.is_empty() {
+            problems.push(
+                "etcd_ca/etcd_cert/etcd_key/etcd_user: only used with the etcd source (--etcd)"
+                    .into(),
+            );
+        }
+        let mut password = self.etcd_password.filter(|p| !p.0.is_empty());
+        if let (None, Some(file)) = (&password, &self.etcd_password_file) {
+            match std::fs::read_to_string(file) {
+                Ok(text) => {
+                    password = Some(crate::etcd::Password(
+                        text.trim_end_matches(['\r', '\n']).to_owned(),
+                    ))
+                }
+                Err(e) => problems.push(format!("etcd_password_file {}: {e}", file.display())),
+            }
+        }
+        let access = crate::etcd::EtcdAccess {
+            endpoints: self.etcd.clone(),
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+            user: self.etcd_user.filter(|u| !u.is_empty()),
+            password,
+        };
+        if !self.etcd.is_empty() {
+            problems.extend(access.problems());
+        }
         let source = match (self.topology, self.etcd.is_empty(), self.cluster) {
             (Some(_), false, _) => {
                 problems.push("topology and etcd: choose one topology source".into());
                 SourceConfig::File(PathBuf::new())
             }
             (Some(file), true, _) => SourceConfig::File(file),
-            (None, false, Some(cluster)) => SourceConfig::Etcd {
-                endpoints: self.etcd,
-                cluster,
-            },
+            (None, false, Some(cluster)) => SourceConfig::Etcd { access, cluster },
             (None, false, None) => {
                 problems.push("etcd needs a cluster name (--cluster)".into());
                 SourceConfig::File(PathBuf::new())
@@ -426,6 +468,36 @@ mod tests {
                 .unwrap();
         let err = raw.into_config().unwrap_err().to_string();
         assert!(err.contains("need TLS"), "{err}");
+    }
+
+    #[test]
+    fn etcd_tls_and_auth_problems_are_listed() {
+        let raw: RawConfig = toml::from_str(
+            "etcd = ['https://127.0.0.1:2379']\ncluster = 'c'\netcd_cert = 'c.pem'\n",
+        )
+        .unwrap();
+        let raw = RawConfig {
+            etcd_password: Some(crate::etcd::Password("pw".into())),
+            ..raw
+        };
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(err.contains("etcd_cert and etcd_key"), "{err}");
+        assert!(err.contains("needs etcd_ca"), "{err}");
+        assert!(err.contains("is https"), "{err}");
+        assert!(err.contains("without a user"), "{err}");
+        assert!(!err.contains("pw"), "the password is never shown: {err}");
+
+        let raw: RawConfig =
+            toml::from_str("topology = 't.toml'\netcd_ca = '/nonexistent/ca.pem'\n").unwrap();
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(err.contains("only used with the etcd source"), "{err}");
+
+        let raw: RawConfig = toml::from_str(
+            "etcd = ['https://127.0.0.1:2379']\ncluster = 'c'\netcd_ca = '/nonexistent/ca.pem'\n",
+        )
+        .unwrap();
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(err.contains("etcd_ca /nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

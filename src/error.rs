@@ -20,6 +20,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the request body is larger than this route's limit of {0} bytes")]
     PayloadTooLarge(u64),
+    #[error("the request head is larger than the gateway's limit (limits.max_header_bytes, at most 100 fields)")]
+    HeaderTooLarge,
     #[error("no IDC can serve {0} now")]
     NoServingIdc(String),
     #[error("{0}")]
@@ -44,6 +46,7 @@ impl ProxyError {
             | ProxyError::InvalidKey { .. }
             | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Refused(Refusal::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoServingIdc(_) | ProxyError::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
@@ -62,6 +65,7 @@ impl ProxyError {
             ProxyError::InvalidKey { .. } => "invalid_key",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::PayloadTooLarge(_) => "payload_too_large",
+            ProxyError::HeaderTooLarge => "header_too_large",
             ProxyError::NoServingIdc(_) => "no_idc",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamProtocol(_) => "upstream_protocol",

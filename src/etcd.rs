@@ -15,9 +15,13 @@ pub mod source;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, WatchOptions, WatchStream};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions,
+    WatchStream,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::topology::overrides::{MovePhase, MoveRecord};
@@ -289,6 +293,105 @@ impl ClusterKeys {
 #[error("{0}")]
 pub struct EtcdError(pub String);
 
+/// How to reach etcd: its endpoints, TLS (a CA bundle to trust, a client certificate to
+/// present) and a user/password for etcd's auth. The same value serves the gateway's source,
+/// its registration and the operator commands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    /// PEM bundle of the CAs that sign etcd's server certificate; TLS is on when it is set.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain and key, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<Password>,
+}
+
+/// A password: `Debug` prints `***`, so it never reaches a log line.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The environment variable that carries the etcd password: a flag's value would be visible
+/// to every user of the machine in `ps`.
+pub const PASSWORD_ENV: &str = "SHARDGATE_ETCD_PASSWORD";
+
+impl EtcdAccess {
+    pub fn new(endpoints: Vec<String>) -> EtcdAccess {
+        EtcdAccess {
+            endpoints,
+            ..EtcdAccess::default()
+        }
+    }
+
+    /// Everything wrong with it, listed at once (files are read here, so a bad path or a bad
+    /// PEM is reported at start-up rather than on the first reconnect).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let tls = self.ca.is_some() || self.cert.is_some();
+        if self.cert.is_some() != self.key.is_some() {
+            problems.push("etcd_cert and etcd_key: give both or neither".into());
+        }
+        if self.cert.is_some() && self.ca.is_none() {
+            problems.push("etcd_cert: a client certificate needs etcd_ca (TLS to etcd)".into());
+        }
+        for e in &self.endpoints {
+            let e = e.trim();
+            if tls && e.starts_with("http://") {
+                problems.push(format!(
+                    "etcd: `{e}` is plain http but etcd_ca/etcd_cert ask for TLS (use https://)"
+                ));
+            }
+            if self.ca.is_none() && e.starts_with("https://") {
+                problems.push(format!(
+                    "etcd: `{e}` is https; give the CA bundle that signs etcd's certificate (etcd_ca, --etcd-ca)"
+                ));
+            }
+        }
+        if self.password.is_some() && self.user.as_deref().is_none_or(str::is_empty) {
+            problems.push(format!(
+                "etcd password given ({PASSWORD_ENV}) without a user (etcd_user, --etcd-user)"
+            ));
+        }
+        if let Err(e) = self.tls_options() {
+            problems.push(e.0);
+        }
+        problems
+    }
+
+    /// The rustls client configuration (through tonic), when TLS is on.
+    fn tls_options(&self) -> Result<Option<TlsOptions>, EtcdError> {
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let read = |what: &str, path: &PathBuf| {
+            let pem = std::fs::read(path)
+                .map_err(|e| EtcdError(format!("{what} {}: {e}", path.display())))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+                return Err(EtcdError(format!(
+                    "{what} {}: not a PEM file",
+                    path.display()
+                )));
+            }
+            Ok(pem)
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("etcd_ca", ca)?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(Identity::from_pem(
+                read("etcd_cert", cert)?,
+                read("etcd_key", key)?,
+            ));
+        }
+        Ok(Some(tls))
+    }
+}
+
 /// A connection to etcd whose every call has the same deadline.
 #[derive(Clone)]
 pub struct Etcd {
@@ -299,8 +402,10 @@ pub struct Etcd {
 
 impl Etcd {
     /// Connects lazily: an unreachable etcd shows up on the first call, within its deadline.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Etcd, EtcdError> {
-        let endpoints: Vec<&str> = endpoints
+    /// With a user it authenticates at once, so a wrong password is this call's error.
+    pub async fn connect(access: &EtcdAccess, timeout: Duration) -> Result<Etcd, EtcdError> {
+        let endpoints: Vec<&str> = access
+            .endpoints
             .iter()
             .map(|e| e.trim())
             .filter(|e| !e.is_empty())
@@ -309,13 +414,23 @@ impl Etcd {
         if endpoints.is_empty() {
             return Err(EtcdError("no etcd endpoint given (--etcd URL)".into()));
         }
-        let options = ConnectOptions::default()
+        let mut options = ConnectOptions::default()
             .with_connect_timeout(timeout)
             .with_keep_alive(PING_INTERVAL, timeout);
+        if let Some(tls) = access.tls_options()? {
+            options = options.with_tls(tls);
+        }
+        if let Some(user) = access.user.as_deref().filter(|u| !u.is_empty()) {
+            // etcd's auth tokens expire (5 min by default): a long-running gateway must get a
+            // new one rather than fail every call after that.
+            options = options
+                .with_user(user, access.password.clone().unwrap_or_default().0)
+                .with_auto_token_refresh(true);
+        }
         let client =
             match tokio::time::timeout(timeout, Client::connect(&endpoints, Some(options))).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(EtcdError(format!("cannot reach etcd at {shown}: {e}"))),
+                Ok(Err(e)) => return Err(EtcdError(connect_failure(&shown, access, &e))),
                 Err(_) => {
                     return Err(EtcdError(format!(
                         "cannot reach etcd at {shown}: no answer within {} ms",
@@ -419,6 +534,20 @@ impl Etcd {
         )
         .await
     }
+}
+
+/// Says whether etcd refused the credentials or could not be reached at all: the operator's
+/// fix differs (the password, or the network).
+fn connect_failure(shown: &str, access: &EtcdAccess, e: &etcd_client::Error) -> String {
+    if let (Some(user), etcd_client::Error::GRpcStatus(status)) = (&access.user, e) {
+        let m = status.message();
+        if m.contains("authentication failed") || m.contains("user name") || m.contains("auth") {
+            return format!(
+                "etcd at {shown} refused user `{user}`: {m} (check --etcd-user and {PASSWORD_ENV})"
+            );
+        }
+    }
+    format!("cannot reach etcd at {shown}: {e}")
 }
 
 /// Capped exponential backoff with jitter between reconnect attempts (cap 2 s, DESIGN.md §6).

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use crate::admission::RetryBudget;
 use crate::body::RequestBody;
 use crate::health::BackendHealth;
+use crate::tls::upstream::UpstreamTls;
 
 type Sender = SendRequest<RequestBody>;
 
@@ -32,6 +33,8 @@ pub struct Backend {
     pub idc: Arc<String>,
     pub set: Arc<String>,
     pub addr: SocketAddr,
+    /// TLS to this backend (its IDC's `tls`), or plain TCP.
+    tls: Option<Arc<UpstreamTls>>,
     inflight: AtomicU32,
     /// Probe verdict and passive ejection, shared with every pool listing this address in
     /// this IDC.
@@ -45,17 +48,19 @@ impl std::fmt::Debug for Backend {
             .field("idc", &self.idc)
             .field("set", &self.set)
             .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
             .field("inflight", &self.inflight.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 impl Backend {
-    fn new(set: &str, health: Arc<BackendHealth>) -> Backend {
+    fn new(set: &str, health: Arc<BackendHealth>, tls: Option<Arc<UpstreamTls>>) -> Backend {
         Backend {
             idc: health.idc.clone(),
             set: Arc::new(set.to_owned()),
             addr: health.addr,
+            tls,
             inflight: AtomicU32::new(0),
             health,
             idle: Mutex::new(Vec::new()),
@@ -97,30 +102,57 @@ impl Backend {
         }
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Sender, ForwardError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
-            Err(_) => return Err(ForwardError::Connect("connect timed out".into())),
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = match tokio::time::timeout(
-            timeout,
-            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
-        )
-        .await
-        {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(ForwardError::Connect(e.to_string())),
-            Err(_) => return Err(ForwardError::Connect("handshake timed out".into())),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+    /// A new connection: TCP, then the TLS handshake when the IDC asks for it, both within
+    /// one connect timeout (a backend that accepts but never finishes the handshake is as
+    /// unreachable as one that refuses).
+    async fn connect(&self, timeout: Duration, upgrades: bool) -> Result<Sender, ForwardError> {
+        match tokio::time::timeout(timeout, self.open(upgrades)).await {
+            Ok(result) => result,
+            Err(_) if self.tls.is_some() => Err(ForwardError::Connect(
+                "connect and TLS handshake timed out".into(),
+            )),
+            Err(_) => Err(ForwardError::Connect("connect timed out".into())),
+        }
     }
+
+    async fn open(&self, upgrades: bool) -> Result<Sender, ForwardError> {
+        let stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            Some(tls) => {
+                let stream = tls.connect(stream, self.addr).await.map_err(|e| {
+                    ForwardError::Connect(format!("TLS handshake with {}: {e}", self.addr))
+                })?;
+                handshake(stream, upgrades).await
+            }
+            None => handshake(stream, upgrades).await,
+        }
+    }
+}
+
+/// The HTTP/1.1 client handshake over any connection; the connection task is spawned. With
+/// `upgrades`, a 101 hands the connection over (`hyper::upgrade::on`) instead of ending it.
+async fn handshake<IO>(io: IO, upgrades: bool) -> Result<Sender, ForwardError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ForwardError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        let result = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// A backend's in-flight slot and, once the response head arrived, its connection. Dropping it
@@ -128,6 +160,8 @@ impl Backend {
 pub struct Lease {
     backend: Arc<Backend>,
     sender: Option<Sender>,
+    /// An upgraded connection belongs to its relay: it never goes back to the pool.
+    reusable: bool,
 }
 
 impl Lease {
@@ -136,12 +170,13 @@ impl Lease {
         Lease {
             backend,
             sender: None,
+            reusable: true,
         }
     }
 
     /// The response ended cleanly: the connection can carry another request.
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
+        if let Some(sender) = self.sender.take().filter(|_| self.reusable) {
             self.backend.put_idle(sender);
         }
     }
@@ -189,11 +224,14 @@ fn body_too_large(e: &hyper::Error) -> Option<u64> {
     None
 }
 
-/// Registry of backends by (IDC, set, address), so that snapshots share pools, and of their
-/// health by (IDC, address), so that the sets listing one address share one verdict.
+/// A backend's identity: (IDC, set, address, TLS identity or 0 for plain TCP).
+type BackendKey = (String, String, SocketAddr, u64);
+
+/// Registry of backends by identity, so that snapshots share pools, and of their health by
+/// (IDC, address), so that the sets listing one address share one verdict.
 #[derive(Default)]
 pub struct Upstreams {
-    backends: Mutex<HashMap<(String, String, SocketAddr), Weak<Backend>>>,
+    backends: Mutex<HashMap<BackendKey, Weak<Backend>>>,
     health: Mutex<HashMap<(String, SocketAddr), Weak<BackendHealth>>>,
 }
 
@@ -203,16 +241,28 @@ impl Upstreams {
     }
 
     /// The backend for this identity: the existing one while any snapshot holds it.
-    pub fn backend(&self, idc: &str, set: &str, addr: SocketAddr) -> Arc<Backend> {
+    pub fn backend(
+        &self,
+        idc: &str,
+        set: &str,
+        addr: SocketAddr,
+        tls: Option<&Arc<UpstreamTls>>,
+    ) -> Arc<Backend> {
+        let tls = tls.cloned();
         let Ok(mut map) = self.backends.lock() else {
-            return Arc::new(Backend::new(set, self.health(idc, addr)));
+            return Arc::new(Backend::new(set, self.health(idc, addr), tls));
         };
-        let key = (idc.to_owned(), set.to_owned(), addr);
+        let key = (
+            idc.to_owned(),
+            set.to_owned(),
+            addr,
+            tls.as_ref().map_or(0, |t| t.id()),
+        );
         if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
             return b;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let b = Arc::new(Backend::new(set, self.health(idc, addr)));
+        let b = Arc::new(Backend::new(set, self.health(idc, addr), tls));
         map.insert(key, Arc::downgrade(&b));
         b
     }
@@ -247,6 +297,9 @@ pub struct ForwardPolicy<'a> {
     /// The set's retry budget: every retry spends from it, and none is made when it is empty,
     /// so a failing set cannot multiply its own load.
     pub retry_budget: Option<&'a RetryBudget<'a>>,
+    /// An upgrade handshake: always a new connection, able to hand itself over on a 101,
+    /// never pooled afterwards.
+    pub upgrade: bool,
 }
 
 /// Picks the backend with fewer requests in flight out of two random ones, among those in
@@ -309,9 +362,18 @@ pub async fn forward(
         attempts_left -= 1;
         let backend = &pool[i];
         let mut lease = Lease::new(backend.clone());
-        let (mut sender, reused) = match backend.take_idle() {
+        lease.reusable = !policy.upgrade;
+        let idle = if policy.upgrade {
+            None
+        } else {
+            backend.take_idle()
+        };
+        let (mut sender, reused) = match idle {
             Some(s) => (s, true),
-            None => match backend.connect(policy.connect_timeout).await {
+            None => match backend
+                .connect(policy.connect_timeout, policy.upgrade)
+                .await
+            {
                 Ok(s) => (s, false),
                 Err(e) => {
                     backend.health.record_connect_failure();
@@ -415,7 +477,7 @@ mod tests {
     fn pick_skips_backends_out_of_service_and_never_fails_open() {
         let up = Upstreams::new();
         let pool: Vec<Arc<Backend>> = (1..=3)
-            .map(|p| up.backend("sh", "core", SocketAddr::from(([127, 0, 0, 1], p))))
+            .map(|p| up.backend("sh", "core", SocketAddr::from(([127, 0, 0, 1], p)), None))
             .collect();
         pool[0].health.record_connect_failure();
         for _ in 0..50 {
@@ -434,9 +496,9 @@ mod tests {
     fn sets_listing_one_address_share_its_health() {
         let up = Upstreams::new();
         let addr = SocketAddr::from(([127, 0, 0, 1], 9));
-        let core = up.backend("sh", "core", addr);
-        let noncore = up.backend("sh", "noncore", addr);
-        let other_idc = up.backend("bj", "core", addr);
+        let core = up.backend("sh", "core", addr, None);
+        let noncore = up.backend("sh", "noncore", addr, None);
+        let other_idc = up.backend("bj", "core", addr, None);
         assert!(Arc::ptr_eq(&core.health, &noncore.health));
         assert!(!Arc::ptr_eq(&core.health, &other_idc.health));
         core.health.record_connect_failure();

@@ -3,15 +3,18 @@
 //! the IDC that serves that shard now.
 //!
 //! The request path, module by module:
-//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → hyper
-//!   (HTTP/1.1, h2) with connection, header and stream limits and graceful drain.
+//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → the
+//!   request-head gate ([`server::gate`]: both lengths, oversized heads) → hyper (HTTP/1.1,
+//!   h2) with connection, header and stream limits and graceful drain.
 //! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
 //! - [`route`]: route matching and sharding-key extraction (pure).
 //! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
 //!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
 //! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
 //! - [`forward`]: pooled upstream connections per (IDC, set, backend) among the backends in
-//!   service, retries, passive outlier signals.
+//!   service, TLS to an IDC that asks for it ([`tls::upstream`]), retries, passive outlier
+//!   signals.
+//! - [`upgrade`]: WebSocket upgrades on routes that allow them: 101, then bytes both ways.
 //! - [`health`]: active probes + passive ejection → which backends get traffic, and this
 //!   gateway's IDC health view (`/status`, metrics, the etcd registration).
 //! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
@@ -50,6 +53,7 @@ pub mod source;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -125,14 +129,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             snapshots
         }
-        SourceConfig::Etcd { endpoints, cluster } => {
+        SourceConfig::Etcd { access, cluster } => {
             let snapshots = Arc::new(Snapshots::new(
                 "etcd",
                 config.local_idc.clone(),
                 metrics.clone(),
             ));
             let settings = etcd::source::EtcdSettings {
-                endpoints: endpoints.clone(),
+                access: access.clone(),
                 cluster: cluster.clone(),
                 timeout: config.timeouts.etcd,
                 cache_dir: config.cache_dir.clone(),
@@ -176,9 +180,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    if let SourceConfig::Etcd { endpoints, cluster } = &config.source {
+    if let SourceConfig::Etcd { access, cluster } = &config.source {
         let registration = etcd::registry::Registration {
-            endpoints: endpoints.clone(),
+            access: access.clone(),
             cluster: cluster.clone(),
             instance: config
                 .instance
@@ -201,11 +205,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         drain: config.timeouts.drain,
         limits: config.limits.clone(),
         tls: None,
+        head_gate: false,
     };
     let certificates = tls.as_ref().map(tls::Tls::certificates);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let proxy_settings = ListenerSettings {
         tls,
+        head_gate: true,
         ..settings.clone()
     };
     let admission = Arc::new(admission::Admission::new(config.isolation, metrics.clone()));
@@ -220,6 +226,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         settings: ProxySettings {
             connect_timeout: config.timeouts.upstream_connect,
             body_timeout: config.timeouts.request_body,
+            upgrade_idle: config.timeouts.idle,
             scheme,
         },
     });

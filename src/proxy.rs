@@ -20,6 +20,7 @@ use crate::forward::{forward, ForwardError, ForwardPolicy};
 use crate::headers;
 use crate::telemetry::{IdcSetLabels, Metrics, RequestLabels, RouteLabels};
 use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, Topology};
+use crate::upgrade;
 
 /// Settings of the data path that do not come from the topology.
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// Idle time allowed between frames of a client's request body.
     pub body_timeout: Duration,
+    /// An upgraded (WebSocket) connection with no byte moving either way is closed after
+    /// this long (`timeouts.idle_ms`).
+    pub upgrade_idle: Duration,
     /// `x-forwarded-proto` for requests on this listener.
     pub scheme: &'static str,
 }
@@ -86,6 +90,12 @@ impl Gateway {
         let start = Instant::now();
         let ids = headers::Ids::for_request(req.headers());
         let request_id = ids.request_id.clone();
+        // A head the connection's gate refused arrives as a stand-in carrying the reason
+        // (checked before the client's `x-shardgate-*` headers are stripped).
+        let refused = req
+            .headers()
+            .get(crate::server::gate::REFUSED)
+            .map(|v| refusal_error(crate::server::gate::Refusal::from_marker(v.as_bytes())));
         headers::strip_gateway_headers(req.headers_mut());
         let mut outcome = Outcome {
             route: None,
@@ -98,8 +108,9 @@ impl Gateway {
             reason: None,
         };
         let topo = self.topology.load_full();
-        let (mut resp, revision) = match topo {
-            Some(topo) => {
+        let (mut resp, revision) = match (refused, topo) {
+            (Some(refusal), _) => (refusal.to_response(&request_id), None),
+            (None, Some(topo)) => {
                 let rev = topo.revision;
                 let resp = match self
                     .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
@@ -113,7 +124,7 @@ impl Gateway {
                 };
                 (resp, Some(rev))
             }
-            None => (
+            (None, None) => (
                 ProxyError::NoServingIdc("any request: no topology snapshot is loaded yet".into())
                     .to_response(&request_id),
                 None,
@@ -153,7 +164,7 @@ impl Gateway {
     async fn route_and_forward(
         &self,
         topo: &Topology,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
@@ -212,6 +223,17 @@ impl Gateway {
         };
         let budget = permit.retry_budget();
 
+        // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
+        // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
+        // and the request goes upstream as a plain GET.
+        let upgrade = if route.websocket && upgrade::is_websocket_upgrade(&req) {
+            req.headers()
+                .get(http::header::UPGRADE)
+                .cloned()
+                .map(|v| (v, hyper::upgrade::on(&mut req)))
+        } else {
+            None
+        };
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
         if let Some(n) = spill_first {
@@ -219,12 +241,16 @@ impl Gateway {
             h.insert(headers::IDC, topo.idc(n).header.clone());
             h.insert(headers::SPILL, HeaderValue::from_static("1"));
         }
+        if let Some((value, _)) = &upgrade {
+            upgrade::keep_upgrade_headers(upstream.headers_mut(), value.clone());
+        }
         let policy = ForwardPolicy {
             connect_timeout: self.settings.connect_timeout,
             deadline: tokio::time::Instant::now() + route.timeout,
             retries: route.retries,
             idempotent: is_idempotent(&method),
             retry_budget: Some(&budget),
+            upgrade: upgrade.is_some(),
         };
 
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
@@ -352,6 +378,11 @@ impl Gateway {
             outcome.spilled = landed.spilled;
         }
 
+        if let Some((_, client)) = upgrade {
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(self.switch_protocols(resp, client, lease));
+            }
+        }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
@@ -383,6 +414,31 @@ impl Gateway {
         }
         let set = latest.route(latest.route_by_name(&route.name)?).set;
         (latest.set(set).name == topo.set(route.set).name).then_some((latest.clone(), now, set))
+    }
+
+    /// The backend switched protocols: answer the client's handshake with its 101 and relay
+    /// bytes between the two connections once hyper hands them over.
+    fn switch_protocols(
+        &self,
+        mut resp: Response<Incoming>,
+        client: hyper::upgrade::OnUpgrade,
+        lease: crate::forward::Lease,
+    ) -> Response<ResponseBody> {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let (mut parts, _) = resp.into_parts();
+        let protocol = parts.headers.get(http::header::UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = protocol {
+            upgrade::keep_upgrade_headers(&mut parts.headers, protocol);
+        }
+        parts.version = Version::HTTP_11;
+        tokio::spawn(upgrade::relay(
+            client,
+            upstream,
+            self.settings.upgrade_idle,
+            lease,
+        ));
+        Response::from_parts(parts, ResponseBody::empty())
     }
 
     /// A clean re-serialisation of the client's request for the upstream: origin-form URI,
@@ -516,6 +572,20 @@ impl Gateway {
             spilled = o.spilled,
             reason = o.reason.unwrap_or(EMPTY),
         );
+    }
+}
+
+/// The answer to a head the gate refused.
+fn refusal_error(refusal: crate::server::gate::Refusal) -> ProxyError {
+    use crate::server::gate::Refusal;
+    match refusal {
+        Refusal::HeadTooLarge => ProxyError::HeaderTooLarge,
+        Refusal::BothLengths => ProxyError::BadRequest(
+            "the request has both Content-Length and Transfer-Encoding (a request smuggling pattern)",
+        ),
+        Refusal::ConflictingLengths => {
+            ProxyError::BadRequest("the request has conflicting Content-Length values")
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! ALPN or prior knowledge) → a service, with a connection limit, header-read and header-size
 //! limits, HTTP/2 stream limits, and graceful drain on shutdown.
 
+pub mod gate;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -44,6 +46,10 @@ pub struct ListenerSettings {
     pub limits: Limits,
     /// TLS termination; `None` serves plain HTTP.
     pub tls: Option<Tls>,
+    /// Request heads go through the [`gate`] (the proxy listener): both `Content-Length` and
+    /// `Transfer-Encoding`, conflicting lengths and oversized heads become a refusal the
+    /// handler answers with its JSON body.
+    pub head_gate: bool,
 }
 
 impl ListenerSettings {
@@ -56,6 +62,7 @@ impl ListenerSettings {
             drain,
             limits: Limits::default(),
             tls: None,
+            head_gate: false,
         }
     }
 }
@@ -94,7 +101,14 @@ fn builder(settings: &ListenerSettings) -> auto::Builder<TokioExecutor> {
         // every idle connection close at the header limit; the connection watchdog below
         // enforces both limits instead.
         .header_read_timeout(None)
-        .max_buf_size(settings.max_header_bytes)
+        // Behind the gate, heads past the limit never reach hyper (the gate refuses them with
+        // the JSON body); hyper's buffer then only needs room for a head and what follows it.
+        .max_buf_size(if settings.head_gate {
+            settings.max_header_bytes * 2
+        } else {
+            settings.max_header_bytes
+        })
+        .max_headers(gate::MAX_HEADERS)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -178,6 +192,7 @@ pub async fn serve<H: Handler>(
             head: settings.header_read_timeout,
             idle: settings.idle_timeout,
             peer,
+            gate: settings.head_gate.then_some(settings.max_header_bytes),
         };
         let tls = settings.tls.clone();
         connections.spawn(async move {
@@ -226,10 +241,30 @@ struct Connection {
     head: Duration,
     idle: Duration,
     peer: SocketAddr,
+    /// The head limit when request heads go through the gate.
+    gate: Option<usize>,
 }
 
 impl Connection {
     async fn serve<I, S, B>(self, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.gate {
+            Some(max_head) => self.serve_io(gate::Gate::new(io, max_head), service).await,
+            None => self.serve_io(io, service).await,
+        }
+    }
+
+    async fn serve_io<I, S, B>(self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>

@@ -3,6 +3,8 @@
 //! change and on SIGHUP: a resolver reads the current set from one `ArcSwap`, so a reload
 //! changes only later handshakes and never touches an open connection.
 
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -121,6 +121,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub rate_limit: Option<RateLimitSpec>,
     pub fallback: Option<Fallback>,
+    /// WebSocket upgrades are proxied (`websocket = true`).
+    pub websocket: bool,
     /// The degrade switch (`<set>` or `route:<name>`) that is on for this route, if any:
     /// resolved when the snapshot is built, since every override change rebuilds it.
     pub degraded_by: Option<String>,

@@ -1,5 +1,6 @@
 //! Hostile clients on a real socket: request-smuggling payloads and invalid bytes (400, nothing
-//! forwarded), oversized headers (431), slowloris (closed by the header deadline), the
+//! forwarded), both Content-Length and Transfer-Encoding (400 with the JSON body, the
+//! connection closed), oversized headers (431 with the JSON body), slowloris (closed by the header deadline), the
 //! connection limit, and the admin token.
 
 mod support;
@@ -85,22 +86,89 @@ async fn smuggling_payloads_and_invalid_bytes_get_400_and_nothing_is_forwarded()
     c.stop().await;
 }
 
+/// Sends `payload` on a fresh connection and reads until the gateway closes it: every
+/// answer, as text.
+async fn raw_exchange(addr: std::net::SocketAddr, payload: &[u8]) -> String {
+    within(REQUEST_DEADLINE, "a raw exchange", async {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(payload).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+}
+
+/// The JSON body of a single gateway-made answer.
+fn json_body(answer: &str) -> serde_json::Value {
+    let body = &answer[answer.find("\r\n\r\n").expect("a head") + 4..];
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn content_length_with_transfer_encoding_is_forwarded_clean() {
-    // hyper follows RFC 9112 §6.1 here: Transfer-Encoding wins and Content-Length is dropped,
-    // so what goes upstream is one clean chunked message, never the two framings.
+async fn content_length_with_transfer_encoding_is_refused_and_never_forwarded() {
     let c = Cluster::start().await;
-    let mut s = TcpStream::connect(c.proxy()).await.expect("connect");
-    let payload = b"POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nConnection: close\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
-    s.write_all(payload).await.expect("send");
-    let mut got = Vec::new();
-    within(REQUEST_DEADLINE, "the answer", s.read_to_end(&mut got))
-        .await
-        .expect("read the answer");
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    let body = &text[text.find("\r\n\r\n").expect("a head") + 4..];
-    assert!(!body.contains("\"content-length\""), "{body}");
+    let payloads: [(&str, &[u8]); 3] = [
+        (
+            "Content-Length first (CL.TE)",
+            b"POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /orders/smuggled HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n",
+        ),
+        (
+            "Transfer-Encoding first (TE.CL)",
+            b"POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n5c\r\nGET /orders/smuggled HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "obfuscated coding name and spacing",
+            b"POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\ncontent-length:  3\r\ntransfer-encoding: CHUNKED\r\n\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, payload) in payloads {
+        let answer = raw_exchange(c.proxy(), payload).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{what}: {answer}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "{what}: one answer, then the connection is closed: {answer}"
+        );
+        let v = json_body(&answer);
+        assert_eq!(v["error"], "bad_request", "{what}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Transfer-Encoding"),
+            "{what}: {v}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-request-id:"),
+            "{answer}"
+        );
+    }
+    assert_eq!(c.total_hits(), 0, "a refused request reached a backend");
+
+    // Behind a clean keep-alive request on the same connection: the first is served, the
+    // smuggling one refused, and nothing after it is read.
+    let answer = raw_exchange(
+        c.proxy(),
+        b"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n\
+          POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /orders/smuggled HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{answer}");
+    assert_eq!(
+        c.total_hits(),
+        1,
+        "only the clean request reached a backend"
+    );
     c.stop().await;
 }
 
@@ -111,6 +179,18 @@ async fn oversized_headers_get_431() {
     payload.extend(std::iter::repeat_n(b'a', 70 * 1024));
     payload.extend_from_slice(b"\r\n\r\n");
     assert_eq!(raw_status(c.proxy(), &payload).await, Some(431));
+    // With the standard JSON body, for a head past the byte limit and for too many fields.
+    let answer = raw_exchange(c.proxy(), &payload).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(json_body(&answer)["error"], "header_too_large");
+    let mut many = b"GET /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n".to_vec();
+    for i in 0..120 {
+        many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let answer = raw_exchange(c.proxy(), &many).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(json_body(&answer)["error"], "header_too_large");
     assert_eq!(c.total_hits(), 0);
     c.stop().await;
 }

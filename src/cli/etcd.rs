@@ -14,7 +14,7 @@ use crate::etcd::ops::{
     self, build_effective, check_degrade_target, live_topology, plan_push, EtcdCluster, OpError,
     PushPlan,
 };
-use crate::etcd::{ClusterKeys, DEFAULT_TIMEOUT};
+use crate::etcd::{ClusterKeys, EtcdAccess, DEFAULT_TIMEOUT};
 use crate::topology::overrides::unix_now;
 use crate::topology::{DegradeOverride, Overrides, RawTopology, Shard};
 
@@ -27,11 +27,59 @@ pub struct EtcdArgs {
     /// Cluster name under /shardgate/ in etcd.
     #[arg(long, env = "SHARDGATE_CLUSTER")]
     pub cluster: Option<String>,
+    #[command(flatten)]
+    pub security: EtcdSecurityArgs,
+}
+
+/// TLS and auth towards etcd, shared by `serve` and the operator commands.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EtcdSecurityArgs {
+    /// CA bundle (PEM) that signs etcd's server certificate: turns on TLS to etcd
+    /// (https:// endpoints).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for etcd's client-certificate auth.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd auth); the password is read from SHARDGATE_ETCD_PASSWORD, never from a
+    /// flag (flags are visible to every user in `ps`).
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+}
+
+/// The etcd password from the environment, if set and not empty.
+pub fn password_from_env() -> Option<crate::etcd::Password> {
+    std::env::var(crate::etcd::PASSWORD_ENV)
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(crate::etcd::Password)
 }
 
 impl EtcdArgs {
     pub fn given(&self) -> bool {
         !self.etcd.is_empty()
+    }
+
+    /// Endpoints, TLS and credentials, with every problem in them listed.
+    pub fn access(&self) -> Result<EtcdAccess, String> {
+        let s = &self.security;
+        let access = EtcdAccess {
+            endpoints: self.etcd.clone(),
+            ca: s.etcd_ca.clone(),
+            cert: s.etcd_cert.clone(),
+            key: s.etcd_key.clone(),
+            user: s.etcd_user.clone().filter(|u| !u.is_empty()),
+            password: password_from_env(),
+        };
+        let problems = access.problems();
+        if problems.is_empty() {
+            Ok(access)
+        } else {
+            Err(problems.join("; "))
+        }
     }
 }
 
@@ -151,6 +199,13 @@ where
         eprintln!("shardgate {command}: give --etcd URL (and --cluster NAME)");
         return exit::USAGE;
     }
+    let access = match args.access() {
+        Ok(a) => a,
+        Err(problems) => {
+            eprintln!("shardgate {command}: {problems}");
+            return exit::USAGE;
+        }
+    };
     let rt = match runtime(1) {
         Ok(rt) => rt,
         Err(e) => {
@@ -159,7 +214,7 @@ where
         }
     };
     rt.block_on(async {
-        match EtcdCluster::open(&args.etcd, cluster, DEFAULT_TIMEOUT).await {
+        match EtcdCluster::open(&access, cluster, DEFAULT_TIMEOUT).await {
             Ok(c) => f(c).await,
             Err(e) => code(command, &e),
         }

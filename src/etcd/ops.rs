@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 
-use super::{ClusterKeys, Etcd, EtcdError, GatewayRecord, Keys};
+use super::{ClusterKeys, Etcd, EtcdAccess, EtcdError, GatewayRecord, Keys};
 use crate::forward::Upstreams;
 use crate::topology::{
     self, BuildContext, DegradeOverride, Overrides, Problems, RawTopology, Shard, Topology,
@@ -208,11 +208,11 @@ pub struct WaitProgress {
 
 impl EtcdCluster {
     pub async fn open(
-        endpoints: &[String],
+        access: &EtcdAccess,
         cluster: &str,
         timeout: Duration,
     ) -> Result<EtcdCluster, OpError> {
-        let etcd = Etcd::connect(endpoints, timeout).await?;
+        let etcd = Etcd::connect(access, timeout).await?;
         Ok(EtcdCluster {
             etcd,
             keys: Keys::new(cluster),

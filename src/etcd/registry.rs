@@ -25,7 +25,7 @@ const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
 /// What this gateway registers as.
 #[derive(Debug, Clone)]
 pub struct Registration {
-    pub endpoints: Vec<String>,
+    pub access: super::EtcdAccess,
     pub cluster: String,
     pub instance: String,
     pub idc: Option<String>,
@@ -132,7 +132,7 @@ impl Registry {
         backoff: &mut Backoff,
     ) -> EtcdError {
         let r = &self.registration;
-        let etcd = match Etcd::connect(&r.endpoints, r.timeout).await {
+        let etcd = match Etcd::connect(&r.access, r.timeout).await {
             Ok(e) => e,
             Err(e) => return e,
         };

@@ -21,7 +21,7 @@ use crate::topology::RawTopology;
 /// Where the source reads from and how.
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
-    pub endpoints: Vec<String>,
+    pub access: super::EtcdAccess,
     pub cluster: String,
     /// Deadline of every etcd call.
     pub timeout: Duration,
@@ -150,7 +150,7 @@ impl EtcdSource {
 
     /// One connection: (re-)list if needed, then one watch; returns why it broke.
     async fn session(&mut self, backoff: &mut Backoff) -> EtcdError {
-        let etcd = match Etcd::connect(&self.settings.endpoints, self.settings.timeout).await {
+        let etcd = match Etcd::connect(&self.settings.access, self.settings.timeout).await {
             Ok(e) => e,
             Err(e) => return e,
         };
@@ -239,7 +239,7 @@ impl EtcdSource {
 
     fn mark_up(&mut self) {
         if !self.snapshots.source_up() {
-            tracing::info!(endpoints = ?self.settings.endpoints, revision = self.seen, "etcd reachable; watching the cluster");
+            tracing::info!(endpoints = ?self.settings.access.endpoints, revision = self.seen, "etcd reachable; watching the cluster");
         }
         self.snapshots.set_source_up(true);
         if let Some(first) = self.first.take() {

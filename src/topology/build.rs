@@ -466,6 +466,7 @@ fn check_route(
         timeout: Duration::from_millis(raw.timeout_ms),
         retries: raw.retries,
         max_body_bytes: raw.max_body_bytes,
+        websocket: raw.websocket,
         rate_limit,
         fallback,
         degraded_by: None,
@@ -508,6 +509,15 @@ fn check_idc(
     c.positive(at("health.rise"), h.rise.into());
     c.positive(at("health.fall"), h.fall.into());
 
+    let tls = raw.tls.as_ref().and_then(|t| {
+        match crate::tls::upstream::UpstreamTls::load(&t.ca, t.server_name.as_deref()) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err((field, problem)) => {
+                c.fail(at(field), problem);
+                None
+            }
+        }
+    });
     let mut pools: Vec<Arc<[Arc<Backend>]>> = vec![Arc::from(Vec::new()); doc.sets.len()];
     for (set_name, addrs) in &raw.pools {
         let Some(set) = set_ids.get(set_name.as_str()) else {
@@ -522,7 +532,7 @@ fn check_idc(
         for addr in addrs {
             match addr.parse::<SocketAddr>() {
                 Ok(sa) if seen.insert(sa) => {
-                    backends.push(upstreams.backend(&raw.name, set_name, sa))
+                    backends.push(upstreams.backend(&raw.name, set_name, sa, tls.as_ref()))
                 }
                 Ok(_) => c.fail(
                     at(&format!("pools.{set_name}")),

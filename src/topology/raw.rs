@@ -62,6 +62,21 @@ pub struct RawIdc {
     /// set name → backend addresses (`host:port`).
     #[serde(default)]
     pub pools: BTreeMap<String, Vec<String>>,
+    /// TLS to this IDC's backends (cross-IDC links), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawUpstreamTls>,
+}
+
+/// `tls = { ca = "/path/ca.pem", server_name = "..." }` on an IDC.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// PEM bundle of the CAs that sign the backends' certificates (the only ones trusted).
+    pub ca: String,
+    /// The name checked against the backends' certificates (and sent as SNI); default: each
+    /// backend's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -202,6 +217,10 @@ pub struct RawRoute {
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub fallback: Option<RawFallback>,
+    /// Proxies WebSocket upgrades (HTTP/1.1 `Connection: upgrade` + `Upgrade: websocket`).
+    /// Off: the upgrade headers are stripped and the request goes upstream as a plain GET.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 fn default_host() -> String {

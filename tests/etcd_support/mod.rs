@@ -74,6 +74,74 @@ fn etcd_binary() -> PathBuf {
     }
 }
 
+/// TLS material for an etcd that requires TLS and client certificates, made at test time
+/// (rcgen): a CA, etcd's server certificate for 127.0.0.1, and a client certificate whose
+/// common name is no etcd user (so that access comes from the password, not the certificate).
+pub struct EtcdTls {
+    _dir: TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTls {
+    pub fn generate() -> EtcdTls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let dir = tempfile::tempdir().expect("a temporary directory for certificates");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "shardgate etcd test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("a CA key"))
+            .expect("a self-signed CA");
+        let leaf = |names: &[&str], cn: &str, name: &str| {
+            let key = KeyPair::generate().expect("a leaf key");
+            let mut params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .expect("leaf parameters");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let cert = params.signed_by(&key, &ca).expect("a signed leaf");
+            let cert_path = dir.path().join(format!("{name}.pem"));
+            let key_path = dir.path().join(format!("{name}.key"));
+            std::fs::write(&cert_path, cert.pem()).expect("write a certificate");
+            std::fs::write(&key_path, key.serialize_pem()).expect("write a key");
+            (cert_path, key_path)
+        };
+        let (server_cert, server_key) = leaf(&["127.0.0.1", "localhost"], "etcd", "server");
+        let (client_cert, client_key) = leaf(&["shardgate-client"], "shardgate-client", "client");
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.pem()).expect("write the CA");
+        EtcdTls {
+            _dir: dir,
+            ca: ca_path,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
+
+    /// The etcdctl / shardgate flags that present this material.
+    pub fn etcdctl_flags(&self) -> Vec<String> {
+        vec![
+            format!("--cacert={}", self.ca.display()),
+            format!("--cert={}", self.client_cert.display()),
+            format!("--key={}", self.client_key.display()),
+        ]
+    }
+
+    pub fn shardgate_flags(&self) -> Vec<String> {
+        vec![
+            format!("--etcd-ca={}", self.ca.display()),
+            format!("--etcd-cert={}", self.client_cert.display()),
+            format!("--etcd-key={}", self.client_key.display()),
+        ]
+    }
+}
+
 /// A real etcd server of one member.
 pub struct Etcd {
     child: Option<Child>,
@@ -81,22 +149,99 @@ pub struct Etcd {
     pub client_addr: SocketAddr,
     peer_port: u16,
     dir: TempDir,
+    /// TLS with client certificates required, when set.
+    pub tls: Option<Arc<EtcdTls>>,
+    /// (user, password) once auth is enabled.
+    pub auth: Option<(String, String)>,
 }
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// An etcd that serves only TLS on its client port and requires client certificates.
+    pub async fn start_tls(tls: Arc<EtcdTls>) -> Etcd {
+        Etcd::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Arc<EtcdTls>>) -> Etcd {
         let client_port = free_port();
         let peer_port = free_port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
             child: None,
-            url: format!("http://127.0.0.1:{client_port}"),
+            url: format!("{scheme}://127.0.0.1:{client_port}"),
             client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)),
             peer_port,
             dir: tempfile::tempdir().expect("a temporary directory for etcd"),
+            tls,
+            auth: None,
         };
         etcd.spawn();
         etcd.wait_ready().await;
         etcd
+    }
+
+    /// Adds the `root` user with `password` and turns etcd's auth on, with etcdctl as an
+    /// operator would; from then on every client of this value signs in as root.
+    pub async fn enable_auth(&mut self, password: &str) {
+        let mut base = vec![format!("--endpoints={}", self.url)];
+        if let Some(tls) = &self.tls {
+            base.extend(tls.etcdctl_flags());
+        }
+        for args in [
+            vec![
+                "user".to_owned(),
+                "add".to_owned(),
+                "root".to_owned(),
+                format!("--new-user-password={password}"),
+            ],
+            vec!["auth".to_owned(), "enable".to_owned()],
+        ] {
+            let out = within(
+                Duration::from_secs(20),
+                "etcdctl",
+                tokio::process::Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args(&base)
+                    .args(&args)
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .expect("run etcdctl");
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.auth = Some(("root".to_owned(), password.to_owned()));
+    }
+
+    /// How a client of this etcd connects (TLS material, credentials).
+    pub fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        if self.tls.is_none() && self.auth.is_none() {
+            return None;
+        }
+        let mut o = etcd_client::ConnectOptions::new();
+        if let Some(tls) = &self.tls {
+            let read = |p: &Path| std::fs::read(p).expect("read TLS material");
+            o = o.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        read(&tls.client_cert),
+                        read(&tls.client_key),
+                    )),
+            );
+        }
+        if let Some((user, password)) = &self.auth {
+            o = o.with_user(user, password);
+        }
+        Some(o)
     }
 
     fn spawn(&mut self) {
@@ -106,7 +251,18 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .expect("open the etcd log");
-        let child = Command::new(etcd_binary())
+        let mut command = Command::new(etcd_binary());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg("itest")
             .arg("--data-dir")
@@ -133,10 +289,12 @@ impl Etcd {
     pub async fn wait_ready(&self) {
         let url = self.url.clone();
         let log = self.dir.path().join("etcd.log");
+        let options = self.connect_options();
         let ready = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 let attempt = tokio::time::timeout(Duration::from_secs(1), async {
-                    let mut c = etcd_client::Client::connect([url.as_str()], None).await?;
+                    let mut c =
+                        etcd_client::Client::connect([url.as_str()], options.clone()).await?;
                     c.get("ready-probe", None).await
                 })
                 .await;
@@ -184,7 +342,7 @@ impl Etcd {
         within(
             Duration::from_secs(5),
             "a connection to etcd",
-            etcd_client::Client::connect([self.url.as_str()], None),
+            etcd_client::Client::connect([self.url.as_str()], self.connect_options()),
         )
         .await
         .expect("connect to etcd")
@@ -509,10 +667,17 @@ pub struct Output {
 
 /// Runs the `shardgate` binary with `args`; killed if it runs over 60 s.
 pub async fn shardgate(args: &[&str]) -> Output {
+    shardgate_with_env(args, &[]).await
+}
+
+/// Runs the `shardgate` binary with `args` and these environment variables.
+pub async fn shardgate_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(args)
         .env_remove("SHARDGATE_ETCD")
         .env_remove("SHARDGATE_CLUSTER")
+        .env_remove("SHARDGATE_ETCD_PASSWORD")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();

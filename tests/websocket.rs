@@ -1,0 +1,192 @@
+//! WebSocket upgrades (HTTP/1.1): on a route with `websocket = true` the handshake goes
+//! upstream, the backend's 101 comes back, and raw bytes then flow both ways through the
+//! gateway; on a route without it the upgrade headers are stripped and the backend sees a
+//! plain GET. The backend is a raw TCP server on 127.0.0.1 that answers an upgrade with 101
+//! and then echoes.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{within, Cluster, ConfigTweak, Options};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Every request head the backend received.
+type Heads = Arc<Mutex<Vec<String>>>;
+
+/// A backend that upgrades any request carrying `Upgrade: websocket` (101, then a greeting,
+/// then an echo of every byte) and answers anything else with a plain 200.
+async fn upgrading_backend() -> (SocketAddr, Heads) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads: Heads = Arc::default();
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let upgrade = head.to_ascii_lowercase().contains("\r\nupgrade: websocket");
+                seen.lock().unwrap().push(head);
+                if !upgrade {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                          Upgrade: websocket\r\nSec-WebSocket-Accept: test\r\n\r\nhello from backend",
+                    )
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Reads up to the end of a request or response head (bounded by a deadline).
+async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !buf.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            buf.push(byte[0]);
+        }
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+    .ok()?
+}
+
+async fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    within(
+        Duration::from_secs(10),
+        "relayed bytes",
+        s.read_exact(&mut buf),
+    )
+    .await
+    .unwrap();
+    buf
+}
+
+async fn cluster(backend: SocketAddr, idle: Option<Duration>) -> Cluster {
+    Cluster::start_with(Options {
+        extra_sets: "[sets.live]\npriority = 1\n".into(),
+        extra_pools: vec![("live".into(), backend)],
+        extra_toml: "\n[[routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nset = \"live\"\n\
+                     sharded = false\nwebsocket = true\n\
+                     \n[[routes]]\nname = \"nows\"\npath_prefix = \"/nows\"\nset = \"live\"\n\
+                     sharded = false\n"
+            .into(),
+        tweak: idle.and_then(|idle| ConfigTweak::new(move |c| c.timeouts.idle = idle)),
+        ..Options::default()
+    })
+    .await
+}
+
+const HANDSHAKE: &str = "Host: gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_is_proxied_and_bytes_flow_both_ways() {
+    let (backend, heads) = upgrading_backend().await;
+    let c = cluster(backend, None).await;
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    assert!(lower.contains("sec-websocket-accept: test"), "{head}");
+
+    // Backend → client, then client → backend → client, several times, binary included.
+    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
+    for round in 0..5u8 {
+        let msg = [0u8, 0xff, round, b'\n', b'x'];
+        s.write_all(&msg).await.unwrap();
+        assert_eq!(read_exact(&mut s, msg.len()).await, msg);
+    }
+
+    // What the backend got was the handshake, with the gateway's headers.
+    let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(head.starts_with("get /ws/chat http/1.1"), "{head}");
+    assert!(
+        head.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        "{head}"
+    );
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("x-request-id:"), "{head}");
+
+    // Closing the client's side ends the relay: the backend's echo loop sees EOF and the
+    // gateway closes the client's connection.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within(
+        Duration::from_secs(10),
+        "the relay to close",
+        s.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_websocket_strips_the_upgrade() {
+    let (backend, heads) = upgrading_backend().await;
+    let c = cluster(backend, None).await;
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    s.write_all(format!("GET /nows/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(read_exact(&mut s, 5).await, b"plain");
+    let seen = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(!seen.contains("upgrade: websocket"), "{seen}");
+    assert!(!seen.contains("connection: upgrade"), "{seen}");
+    // End-to-end headers are untouched: the backend can tell what the client wanted.
+    assert!(seen.contains("sec-websocket-version: 13"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upgraded_connection_is_closed() {
+    let (backend, _) = upgrading_backend().await;
+    let c = cluster(backend, Some(Duration::from_millis(300))).await;
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact(&mut s, 4).await, b"ping");
+    // Then silence: the gateway closes the pair on its own (the read ends, at EOF or with a
+    // reset, well before the deadline; without the idle limit it would never end).
+    let mut rest = Vec::new();
+    let _ = within(
+        Duration::from_secs(10),
+        "the idle relay to be closed",
+        s.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(rest.is_empty(), "nothing more was relayed: {rest:?}");
+}
