@@ -2,10 +2,11 @@
 //! before forwarding, in this order: set budget (and priority shedding) · rate limit · degrade
 //! switch · circuit breaker. `Admission::admit` answers with a `Permit` or a `Refusal`.
 //!
-//! The decisions are pure functions (`shed_probability`, `Breaker`, `Bucket`); what depends
-//! only on the topology (capacity, shedding ranks, which routes a degrade switch covers) is
-//! resolved when the snapshot is built, not per request; the state they read lives here, beside the snapshot and keyed by stable names
-//! (set, route, (IDC, set)), so it survives reloads.
+//! The decisions are pure functions (`shed_probability`, `Breaker`, `Bucket`). What depends
+//! only on the topology (capacity, shedding ranks, the `[isolation]` knobs, which routes a
+//! degrade switch covers) is resolved when the snapshot is built; the state they act on lives
+//! here, beside the snapshot, keyed by stable names (set, route, (IDC, set)), so it survives
+//! reloads.
 
 mod breaker;
 mod bucket;
@@ -18,15 +19,16 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
 
-pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass};
+pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass, BREAKER_BUCKETS};
 pub use bucket::Bucket;
 
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
 use crate::topology::{Fallback, IdcId, RouteId, Topology};
 
-/// Isolation knobs that are not in the topology document (bootstrap config; defaults from
-/// DESIGN.md §5).
-#[derive(Debug, Clone, Copy)]
+/// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
+/// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
+/// reload changes them while the state they act on (breakers, budgets) carries on.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IsolationSettings {
     pub breaker: BreakerSettings,
     /// Retries allowed per request of a set (0.2: retries ≤ 20% of the set's requests).
@@ -169,7 +171,6 @@ impl Drop for Permit {
 
 /// The admission state of one gateway instance.
 pub struct Admission {
-    settings: IsolationSettings,
     metrics: Arc<Metrics>,
     total: Arc<AtomicU32>,
     sets: RwLock<HashMap<String, Arc<SetState>>>,
@@ -200,9 +201,8 @@ fn secs_ceil(d: Duration) -> u32 {
 }
 
 impl Admission {
-    pub fn new(settings: IsolationSettings, metrics: Arc<Metrics>) -> Admission {
+    pub fn new(metrics: Arc<Metrics>) -> Admission {
         Admission {
-            settings,
             metrics,
             total: Arc::new(AtomicU32::new(0)),
             sets: RwLock::new(HashMap::new()),
@@ -211,11 +211,8 @@ impl Admission {
         }
     }
 
-    pub fn settings(&self) -> &IsolationSettings {
-        &self.settings
-    }
-
-    fn set_state(&self, name: &Arc<String>) -> Arc<SetState> {
+    /// The set's state; a new set starts with a full retry reserve.
+    fn set_state(&self, name: &Arc<String>, retry_reserve: u32) -> Arc<SetState> {
         if let Some(s) = self
             .sets
             .read()
@@ -229,7 +226,7 @@ impl Admission {
                 inflight: AtomicU32::new(0),
                 requests: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
-                retry_tokens: AtomicI64::new(i64::from(self.settings.retry_reserve) * 1000),
+                retry_tokens: AtomicI64::new(i64::from(retry_reserve) * 1000),
                 gauge: self
                     .metrics
                     .inflight
@@ -298,7 +295,8 @@ impl Admission {
         let now = Instant::now();
         let r = topo.route(route);
         let spec = topo.set(r.set);
-        let set = self.set_state(&spec.name);
+        let settings = &topo.isolation;
+        let set = self.set_state(&spec.name, settings.retry_reserve);
 
         // 1. The set's own budget: never queue, never borrow.
         if set.inflight.fetch_add(1, Ordering::Relaxed) >= spec.max_inflight {
@@ -316,18 +314,18 @@ impl Admission {
             total: self.total.clone(),
             breaker,
             probe: false,
-            settings: self.settings,
+            settings: *settings,
         };
 
         // 1b. Priority shedding on the instance's load.
         let load = f64::from(total) / topo.inflight_capacity.max(1) as f64;
-        if spec.priority > 0 && load >= self.settings.shed_start {
+        if spec.priority > 0 && load >= settings.shed_start {
             let p = shed_probability(
                 load,
                 spec.priority,
                 spec.shed_rank,
                 topo.shed_tiers,
-                self.settings.shed_start,
+                settings.shed_start,
             );
             if fastrand::f64() < p {
                 return Err(Refusal::Shed {
@@ -365,7 +363,7 @@ impl Admission {
         // 4. The breaker of (serving IDC, set).
         let pass = match permit.breaker.breaker.lock() {
             Ok(mut b) => {
-                let pass = b.admit(now, &self.settings.breaker);
+                let pass = b.admit(now, &settings.breaker);
                 permit.breaker.gauge.set(b.state().gauge());
                 pass
             }
@@ -386,7 +384,7 @@ impl Admission {
         permit.set.requests.fetch_add(1, Ordering::Relaxed);
         permit
             .retry_budget()
-            .deposit((self.settings.retry_ratio * 1000.0) as i64);
+            .deposit((settings.retry_ratio * 1000.0) as i64);
         Ok(permit)
     }
 

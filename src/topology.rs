@@ -4,6 +4,7 @@
 
 mod build;
 mod diff;
+mod isolation;
 pub mod overrides;
 mod problems;
 pub mod raw;
@@ -148,6 +149,9 @@ pub struct Topology {
     pub idcs: Vec<Idc>,
     pub routes: Vec<Route>,
     pub failover: FailoverSpec,
+    /// Shedding threshold, retry budget and breaker knobs (`[isolation]`): a reload changes
+    /// them without touching the admission state they act on.
+    pub isolation: crate::admission::IsolationSettings,
     /// Sum of the sets' `max_inflight`: the instance load that shedding is measured against.
     pub inflight_capacity: u64,
     /// How many distinct non-zero set priorities there are (shedding tiers).

@@ -61,7 +61,7 @@ fn topo() -> Topology {
 }
 
 fn admission() -> Admission {
-    Admission::new(IsolationSettings::default(), Arc::new(Metrics::new()))
+    Admission::new(Arc::new(Metrics::new()))
 }
 
 fn route(t: &Topology, name: &str) -> RouteId {
@@ -277,4 +277,42 @@ fn shed_rank(t: &Topology, priority: u32) -> (usize, usize) {
         .find(|s| s.priority == priority)
         .map_or(0, |s| s.shed_rank);
     (rank, t.shed_tiers)
+}
+
+#[test]
+fn the_knobs_come_from_each_snapshot_and_the_state_carries_on() {
+    let a = admission();
+    let strict = topo_with(
+        &format!("{DOC}\n[isolation]\nretry_ratio = 0.0\nretry_reserve = 0\n[isolation.breaker]\nconsecutive = 2\n"),
+        &Overrides::default(),
+    );
+    // The sets are first seen under the strict snapshot: no reserve, no earned retries.
+    let (orders, recs) = (route(&strict, "orders"), route(&strict, "recs"));
+    for _ in 0..10 {
+        let p = a.admit(&strict, recs, SH).expect("admitted");
+        assert!(!p.retry_budget().try_retry());
+    }
+    // Two failures open the breaker under the strict knobs, where the default needs five.
+    a.admit(&strict, orders, SH).expect("closed").record(true);
+    a.admit(&strict, orders, SH).expect("closed").record(true);
+    assert_eq!(
+        a.admit(&strict, orders, SH).err().map(|r| r.reason()),
+        Some("circuit_open")
+    );
+    // A reload back to the defaults keeps the open breaker (same (IDC, set)) and the empty
+    // retry budget, which earns 0.2 of a retry per request from now on.
+    let t = topo();
+    assert_eq!(
+        a.admit(&t, route(&t, "orders"), SH)
+            .err()
+            .map(|r| r.reason()),
+        Some("circuit_open")
+    );
+    let recs = route(&t, "recs");
+    let mut retries = 0;
+    for _ in 0..10 {
+        let p = a.admit(&t, recs, SH).expect("noncore admitted");
+        retries += u32::from(p.retry_budget().try_retry());
+    }
+    assert_eq!(retries, 2, "two retries earned by ten requests");
 }

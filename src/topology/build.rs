@@ -252,6 +252,7 @@ pub fn build(
         warmup: Duration::from_secs(f.warmup_s),
         fence: Duration::from_millis(f.fence_ms),
     };
+    let isolation = super::isolation::resolve(&doc.isolation, &mut c.problems);
 
     // Pins.
     let shard_count = doc.shard_count.clamp(1, MAX_SHARD_COUNT);
@@ -343,6 +344,7 @@ pub fn build(
         idcs,
         routes,
         failover,
+        isolation,
         local_idc,
         document: doc,
         overrides: overrides.clone(),
