@@ -23,7 +23,7 @@ pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass, BREAKER_BUCKETS}
 pub use bucket::Bucket;
 
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
-use crate::topology::{Fallback, IdcId, RouteId, Topology};
+use crate::topology::{Fallback, IdcId, Route, RouteId, SetSpec, Topology};
 
 /// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
 /// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
@@ -59,7 +59,8 @@ pub enum Refusal {
     Shed { set: String },
     #[error("route `{route}` is over its rate limit")]
     RateLimited { route: String, retry_after_s: u32 },
-    #[error("`{target}` is degraded by an operator")]
+    /// By an operator's switch (`target` is the set or `route:<name>`), or automatically.
+    #[error("`{target}` is degraded")]
     Degraded {
         target: String,
         fallback: Option<Box<Fallback>>,
@@ -196,6 +197,24 @@ pub fn shed_probability(load: f64, priority: u32, rank: usize, tiers: usize, sta
     ((load - from) / width).clamp(0.0, 1.0)
 }
 
+/// Graceful degradation without an operator: a request of a `degradable` set that the gateway
+/// cannot serve under stress (set full, shed, breaker open) answers its route's `fallback`
+/// instead of a bare 503, when the route has one. Other sets, routes without a fallback, and
+/// rate limits (a contract with the client, not stress) keep the refusal.
+fn degrade_automatically(refusal: Refusal, spec: &SetSpec, route: &Route) -> Refusal {
+    let stress = matches!(
+        refusal,
+        Refusal::SetFull { .. } | Refusal::Shed { .. } | Refusal::CircuitOpen { .. }
+    );
+    match &route.fallback {
+        Some(fallback) if stress && spec.degradable => Refusal::Degraded {
+            target: format!("{} (automatically: {})", spec.name, refusal.reason()),
+            fallback: Some(Box::new(fallback.clone())),
+        },
+        _ => refusal,
+    }
+}
+
 fn secs_ceil(d: Duration) -> u32 {
     (d.as_millis().div_ceil(1000) as u32).max(1)
 }
@@ -274,21 +293,22 @@ impl Admission {
     }
 
     /// Admits a request of `route` to be served by `idc`, or says why not. Refusals are
-    /// counted in `shardgate_refused_total`.
+    /// counted in `shardgate_refused_total` under their cause.
     pub fn admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
+        let refusal = match self.try_admit(topo, route, idc) {
+            Ok(permit) => return Ok(permit),
+            Err(refusal) => refusal,
+        };
         let r = topo.route(route);
         let spec = topo.set(r.set);
-        let result = self.try_admit(topo, route, idc);
-        if let Err(refusal) = &result {
-            self.metrics
-                .refused
-                .get_or_create(&RefusedLabels {
-                    set: spec.name.clone(),
-                    reason: refusal.reason(),
-                })
-                .inc();
-        }
-        result
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                set: spec.name.clone(),
+                reason: refusal.reason(),
+            })
+            .inc();
+        Err(degrade_automatically(refusal, spec, r))
     }
 
     fn try_admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {

@@ -363,7 +363,7 @@ async fn the_retry_budget_caps_retries_under_a_failing_pool() {
 }
 
 /// `held`: a core route whose requests wait at the backend until released (`x-sim-hold`);
-/// `sub`: a subcore route.
+/// `sub`: a subcore route; `feed`: a noncore route with a fallback.
 const SHEDDING_ROUTES: &str = r#"
 [[routes]]
 name = "held"
@@ -377,6 +377,13 @@ name = "sub"
 path_prefix = "/sub"
 set = "subcore"
 sharded = false
+
+[[routes]]
+name = "feed"
+path_prefix = "/feed"
+set = "noncore"
+sharded = false
+fallback = { status = 200, body = '{"feed":[]}', content_type = "application/json" }
 "#;
 
 /// Sends `n` requests one after the other and counts (served, shed); anything else fails.
@@ -446,9 +453,18 @@ async fn overload_sheds_noncore_then_subcore_and_stops_by_itself() {
     assert_eq!(probe(&c, "/sub", &[], 20).await, (20, 0));
     assert_eq!(probe(&c, "/orders", &core, 20).await, (20, 0));
 
-    // Load 0.75: every noncore request is shed, subcore is not yet.
+    // Load 0.75: every noncore request is shed, subcore is not yet. Noncore is degradable:
+    // a route of it with a fallback answers the fallback instead, without a backend call.
     hold(&c, &mut held, 2).await;
     assert_eq!(probe(&c, "/catalog", &[], 20).await, (0, 20));
+    let hits = c.sim("bj", "noncore").hits();
+    let fb = c.send(get("/feed", &[])).await;
+    assert_eq!(
+        (fb.status.as_u16(), fb.text().as_str()),
+        (200, r#"{"feed":[]}"#)
+    );
+    assert_eq!(fb.header("x-shardgate-reason"), Some("degraded"));
+    assert_eq!(c.sim("bj", "noncore").hits(), hits);
     assert_eq!(probe(&c, "/sub", &[], 20).await, (20, 0));
     assert_eq!(probe(&c, "/orders", &core, 20).await, (20, 0));
 
