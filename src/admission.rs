@@ -10,10 +10,11 @@
 
 mod breaker;
 mod bucket;
+mod resolved;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,9 +22,10 @@ use serde_json::{json, Value};
 
 pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass, BREAKER_BUCKETS};
 pub use bucket::Bucket;
+pub use resolved::Resolved;
 
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
-use crate::topology::{Fallback, IdcId, Route, RouteId, SetSpec, Topology};
+use crate::topology::{Fallback, IdcId, RateLimitSpec, Route, RouteId, SetSpec, Topology};
 
 /// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
 /// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
@@ -172,10 +174,12 @@ impl Drop for Permit {
 
 /// The admission state of one gateway instance.
 pub struct Admission {
+    /// Tells apart the handles this instance resolved into a snapshot (`Resolved::owner`).
+    id: u64,
     metrics: Arc<Metrics>,
     total: Arc<AtomicU32>,
     sets: RwLock<HashMap<String, Arc<SetState>>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<String, Arc<Mutex<Bucket>>>>,
     /// IDC name → set name → breaker.
     breakers: RwLock<HashMap<String, HashMap<String, Arc<BreakerCell>>>>,
 }
@@ -221,7 +225,9 @@ fn secs_ceil(d: Duration) -> u32 {
 
 impl Admission {
     pub fn new(metrics: Arc<Metrics>) -> Admission {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Admission {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             metrics,
             total: Arc::new(AtomicU32::new(0)),
             sets: RwLock::new(HashMap::new()),
@@ -292,6 +298,40 @@ impl Admission {
         }
     }
 
+    /// The route's bucket: kept while its limit is unchanged, a new full one otherwise.
+    fn bucket(&self, route: &str, limit: &RateLimitSpec) -> Arc<Mutex<Bucket>> {
+        let fresh = || Arc::new(Mutex::new(Bucket::new(limit, Instant::now())));
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return fresh();
+        };
+        let bucket = buckets.entry(route.to_owned()).or_insert_with(fresh);
+        if !bucket.lock().is_ok_and(|b| b.same_limit(limit)) {
+            *bucket = fresh();
+        }
+        bucket.clone()
+    }
+
+    /// Looks up by name the state every set and rate-limited route of `topo` uses.
+    fn resolve(&self, topo: &Topology) -> Resolved {
+        let reserve = topo.isolation.retry_reserve;
+        Resolved {
+            owner: self.id,
+            sets: topo
+                .sets
+                .iter()
+                .map(|s| self.set_state(&s.name, reserve))
+                .collect(),
+            breakers: (0..topo.idcs.len() * topo.sets.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            buckets: topo
+                .routes
+                .iter()
+                .map(|r| r.rate_limit.as_ref().map(|l| self.bucket(&r.name, l)))
+                .collect(),
+        }
+    }
+
     /// Admits a request of `route` to be served by `idc`, or says why not. Refusals are
     /// counted in `shardgate_refused_total` under their cause.
     pub fn admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
@@ -312,11 +352,15 @@ impl Admission {
     }
 
     fn try_admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
-        let now = Instant::now();
         let r = topo.route(route);
         let spec = topo.set(r.set);
         let settings = &topo.isolation;
-        let set = self.set_state(&spec.name, settings.retry_reserve);
+        let resolved = topo.admission.get_or_init(|| self.resolve(topo));
+        let own = resolved.owner == self.id;
+        let set = match resolved.sets.get(r.set.0 as usize) {
+            Some(set) if own => set.clone(),
+            _ => self.set_state(&spec.name, settings.retry_reserve),
+        };
 
         // 1. The set's own budget: never queue, never borrow.
         if set.inflight.fetch_add(1, Ordering::Relaxed) >= spec.max_inflight {
@@ -327,7 +371,12 @@ impl Admission {
         }
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         set.gauge.inc();
-        let breaker = self.breaker(&topo.idc(idc).name, &spec.name);
+        let new_breaker = || self.breaker(&topo.idc(idc).name, &spec.name);
+        let slot = usize::from(idc.0) * topo.sets.len() + usize::from(r.set.0);
+        let breaker = match resolved.breakers.get(slot) {
+            Some(cell) if own => cell.get_or_init(new_breaker).clone(),
+            _ => new_breaker(),
+        };
         // From here on, dropping the permit gives the slot back.
         let mut permit = Permit {
             set,
@@ -356,19 +405,16 @@ impl Admission {
 
         // 2. The route's rate limit.
         if let Some(limit) = &r.rate_limit {
-            if let Ok(mut buckets) = self.buckets.lock() {
-                let bucket = buckets
-                    .entry(r.name.to_string())
-                    .or_insert_with(|| Bucket::new(limit, now));
-                if !bucket.same_limit(limit) {
-                    *bucket = Bucket::new(limit, now);
-                }
-                if let Err(wait) = bucket.take(now) {
-                    return Err(Refusal::RateLimited {
-                        route: r.name.to_string(),
-                        retry_after_s: secs_ceil(wait),
-                    });
-                }
+            let bucket = match resolved.buckets.get(route.0 as usize) {
+                Some(Some(bucket)) if own => bucket.clone(),
+                _ => self.bucket(&r.name, limit),
+            };
+            let taken = bucket.lock().map_or(Ok(()), |mut b| b.take(Instant::now()));
+            if let Err(wait) = taken {
+                return Err(Refusal::RateLimited {
+                    route: r.name.to_string(),
+                    retry_after_s: secs_ceil(wait),
+                });
             }
         }
 
@@ -382,8 +428,10 @@ impl Admission {
 
         // 4. The breaker of (serving IDC, set).
         let pass = match permit.breaker.breaker.lock() {
+            // Closed needs neither the clock nor a gauge update: the common case stays cheap.
+            Ok(b) if b.state() == BreakerState::Closed => Pass::Normal,
             Ok(mut b) => {
-                let pass = b.admit(now, &settings.breaker);
+                let pass = b.admit(Instant::now(), &settings.breaker);
                 permit.breaker.gauge.set(b.state().gauge());
                 pass
             }

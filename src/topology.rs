@@ -152,6 +152,9 @@ pub struct Topology {
     /// Shedding threshold, retry budget and breaker knobs (`[isolation]`): a reload changes
     /// them without touching the admission state they act on.
     pub isolation: crate::admission::IsolationSettings,
+    /// The admission state this snapshot's sets, breakers and buckets use, looked up by name
+    /// by the first request admitted with it (state outlives snapshots; lookups need not).
+    pub admission: std::sync::OnceLock<crate::admission::Resolved>,
     /// Sum of the sets' `max_inflight`: the instance load that shedding is measured against.
     pub inflight_capacity: u64,
     /// How many distinct non-zero set priorities there are (shedding tiers).

@@ -368,3 +368,30 @@ fn degradable_sets_answer_their_fallback_under_stress() {
         Some("rate_limited")
     );
 }
+
+#[test]
+fn a_snapshot_resolved_by_one_admission_does_not_leak_its_state_to_another() {
+    let t = topo();
+    let (a, b) = (admission(), admission());
+    let recs = route(&t, "recs");
+    let search = route(&t, "search");
+    let _held = [
+        a.admit(&t, recs, SH).expect("a's slot 1"),
+        a.admit(&t, recs, SH).expect("a's slot 2"),
+    ];
+    assert_eq!(
+        a.admit(&t, search, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    // `b` finds the snapshot resolved by `a` and looks its own state up by name.
+    let _b_held = [
+        b.admit(&t, recs, SH).expect("b's slot 1"),
+        b.admit(&t, search, SH).expect("b's slot 2"),
+    ];
+    assert_eq!(
+        b.admit(&t, search, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    assert_eq!(a.total_inflight(), 2);
+    assert_eq!(b.total_inflight(), 2);
+}

@@ -345,6 +345,7 @@ pub fn build(
         routes,
         failover,
         isolation,
+        admission: std::sync::OnceLock::new(),
         local_idc,
         document: doc,
         overrides: overrides.clone(),
