@@ -4,8 +4,8 @@
 # within 1.2x of its unloaded value and zero core errors.
 #
 # Runs `shardgate demo` on the demo topology (simulated IDCs on 127.0.0.1:7001-7009) with the
-# noncore budget set to NONCORE_BUDGET and its rate limit removed, so the flood meets the set
-# budget (503 set_full), not the rate limit. Needs wrk.
+# noncore budget set to NONCORE_BUDGET and its rate limit and fallback removed, so the flood
+# meets the set budget (503 set_full), not the rate limit or the automatic fallback. Needs wrk.
 #
 # The flood is paced by default: each of its connections waits DELAY_MS between requests, as
 # a client would that backs off, so it offers about flood/DELAY_MS requests per second.
@@ -32,7 +32,7 @@ command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 
 ulimit -n 65536 2>/dev/null || true
 
 work=$(mktemp -d /tmp/shardgate-isolation.XXXXXX)
-sed -e "s/^max_inflight = 256.*/max_inflight = $budget/" -e '/^rate_limit/d' \
+sed -e "s/^max_inflight = 256.*/max_inflight = $budget/" -e '/^rate_limit/d' -e '/^fallback/d' \
   "$repo/config/topology.toml" > "$work/topology.toml"
 RUST_LOG=warn "$bin" demo --listen "$listen" --admin "$admin" --topology "$work/topology.toml" \
   > "$work/demo.log" 2>&1 &

@@ -2,31 +2,35 @@
 //! before forwarding, in this order: set budget (and priority shedding) · rate limit · degrade
 //! switch · circuit breaker. `Admission::admit` answers with a `Permit` or a `Refusal`.
 //!
-//! The decisions are pure functions (`shed_probability`, `Breaker`, `Bucket`); what depends
-//! only on the topology (capacity, shedding ranks, which routes a degrade switch covers) is
-//! resolved when the snapshot is built, not per request; the state they read lives here, beside the snapshot and keyed by stable names
-//! (set, route, (IDC, set)), so it survives reloads.
+//! The decisions are pure functions (`shed_probability`, `Breaker`, `Bucket`). What depends
+//! only on the topology (capacity, shedding ranks, the `[isolation]` knobs, which routes a
+//! degrade switch covers) is resolved when the snapshot is built; the state they act on lives
+//! here, beside the snapshot, keyed by stable names (set, route, (IDC, set)), so it survives
+//! reloads.
 
 mod breaker;
 mod bucket;
+mod resolved;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
 
-pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass};
+pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass, BREAKER_BUCKETS};
 pub use bucket::Bucket;
+pub use resolved::Resolved;
 
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
-use crate::topology::{Fallback, IdcId, RouteId, Topology};
+use crate::topology::{Fallback, IdcId, RateLimitSpec, Route, RouteId, SetSpec, Topology};
 
-/// Isolation knobs that are not in the topology document (bootstrap config; defaults from
-/// DESIGN.md §5).
-#[derive(Debug, Clone, Copy)]
+/// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
+/// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
+/// reload changes them while the state they act on (breakers, budgets) carries on.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IsolationSettings {
     pub breaker: BreakerSettings,
     /// Retries allowed per request of a set (0.2: retries ≤ 20% of the set's requests).
@@ -57,7 +61,8 @@ pub enum Refusal {
     Shed { set: String },
     #[error("route `{route}` is over its rate limit")]
     RateLimited { route: String, retry_after_s: u32 },
-    #[error("`{target}` is degraded by an operator")]
+    /// By an operator's switch (`target` is the set or `route:<name>`), or automatically.
+    #[error("`{target}` is degraded")]
     Degraded {
         target: String,
         fallback: Option<Box<Fallback>>,
@@ -169,11 +174,12 @@ impl Drop for Permit {
 
 /// The admission state of one gateway instance.
 pub struct Admission {
-    settings: IsolationSettings,
+    /// Tells apart the handles this instance resolved into a snapshot (`Resolved::owner`).
+    id: u64,
     metrics: Arc<Metrics>,
     total: Arc<AtomicU32>,
     sets: RwLock<HashMap<String, Arc<SetState>>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<String, Arc<Mutex<Bucket>>>>,
     /// IDC name → set name → breaker.
     breakers: RwLock<HashMap<String, HashMap<String, Arc<BreakerCell>>>>,
 }
@@ -195,14 +201,33 @@ pub fn shed_probability(load: f64, priority: u32, rank: usize, tiers: usize, sta
     ((load - from) / width).clamp(0.0, 1.0)
 }
 
+/// Graceful degradation without an operator: a request of a `degradable` set that the gateway
+/// cannot serve under stress (set full, shed, breaker open) answers its route's `fallback`
+/// instead of a bare 503, when the route has one. Other sets, routes without a fallback, and
+/// rate limits (a contract with the client, not stress) keep the refusal.
+fn degrade_automatically(refusal: Refusal, spec: &SetSpec, route: &Route) -> Refusal {
+    let stress = matches!(
+        refusal,
+        Refusal::SetFull { .. } | Refusal::Shed { .. } | Refusal::CircuitOpen { .. }
+    );
+    match &route.fallback {
+        Some(fallback) if stress && spec.degradable => Refusal::Degraded {
+            target: format!("{} (automatically: {})", spec.name, refusal.reason()),
+            fallback: Some(Box::new(fallback.clone())),
+        },
+        _ => refusal,
+    }
+}
+
 fn secs_ceil(d: Duration) -> u32 {
     (d.as_millis().div_ceil(1000) as u32).max(1)
 }
 
 impl Admission {
-    pub fn new(settings: IsolationSettings, metrics: Arc<Metrics>) -> Admission {
+    pub fn new(metrics: Arc<Metrics>) -> Admission {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Admission {
-            settings,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             metrics,
             total: Arc::new(AtomicU32::new(0)),
             sets: RwLock::new(HashMap::new()),
@@ -211,11 +236,8 @@ impl Admission {
         }
     }
 
-    pub fn settings(&self) -> &IsolationSettings {
-        &self.settings
-    }
-
-    fn set_state(&self, name: &Arc<String>) -> Arc<SetState> {
+    /// The set's state; a new set starts with a full retry reserve.
+    fn set_state(&self, name: &Arc<String>, retry_reserve: u32) -> Arc<SetState> {
         if let Some(s) = self
             .sets
             .read()
@@ -229,7 +251,7 @@ impl Admission {
                 inflight: AtomicU32::new(0),
                 requests: AtomicU64::new(0),
                 retries: AtomicU64::new(0),
-                retry_tokens: AtomicI64::new(i64::from(self.settings.retry_reserve) * 1000),
+                retry_tokens: AtomicI64::new(i64::from(retry_reserve) * 1000),
                 gauge: self
                     .metrics
                     .inflight
@@ -276,29 +298,69 @@ impl Admission {
         }
     }
 
+    /// The route's bucket: kept while its limit is unchanged, a new full one otherwise.
+    fn bucket(&self, route: &str, limit: &RateLimitSpec) -> Arc<Mutex<Bucket>> {
+        let fresh = || Arc::new(Mutex::new(Bucket::new(limit, Instant::now())));
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return fresh();
+        };
+        let bucket = buckets.entry(route.to_owned()).or_insert_with(fresh);
+        if !bucket.lock().is_ok_and(|b| b.same_limit(limit)) {
+            *bucket = fresh();
+        }
+        bucket.clone()
+    }
+
+    /// Looks up by name the state every set and rate-limited route of `topo` uses.
+    fn resolve(&self, topo: &Topology) -> Resolved {
+        let reserve = topo.isolation.retry_reserve;
+        Resolved {
+            owner: self.id,
+            sets: topo
+                .sets
+                .iter()
+                .map(|s| self.set_state(&s.name, reserve))
+                .collect(),
+            breakers: (0..topo.idcs.len() * topo.sets.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            buckets: topo
+                .routes
+                .iter()
+                .map(|r| r.rate_limit.as_ref().map(|l| self.bucket(&r.name, l)))
+                .collect(),
+        }
+    }
+
     /// Admits a request of `route` to be served by `idc`, or says why not. Refusals are
-    /// counted in `shardgate_refused_total`.
+    /// counted in `shardgate_refused_total` under their cause.
     pub fn admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
+        let refusal = match self.try_admit(topo, route, idc) {
+            Ok(permit) => return Ok(permit),
+            Err(refusal) => refusal,
+        };
         let r = topo.route(route);
         let spec = topo.set(r.set);
-        let result = self.try_admit(topo, route, idc);
-        if let Err(refusal) = &result {
-            self.metrics
-                .refused
-                .get_or_create(&RefusedLabels {
-                    set: spec.name.clone(),
-                    reason: refusal.reason(),
-                })
-                .inc();
-        }
-        result
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                set: spec.name.clone(),
+                reason: refusal.reason(),
+            })
+            .inc();
+        Err(degrade_automatically(refusal, spec, r))
     }
 
     fn try_admit(&self, topo: &Topology, route: RouteId, idc: IdcId) -> Result<Permit, Refusal> {
-        let now = Instant::now();
         let r = topo.route(route);
         let spec = topo.set(r.set);
-        let set = self.set_state(&spec.name);
+        let settings = &topo.isolation;
+        let resolved = topo.admission.get_or_init(|| self.resolve(topo));
+        let own = resolved.owner == self.id;
+        let set = match resolved.sets.get(r.set.0 as usize) {
+            Some(set) if own => set.clone(),
+            _ => self.set_state(&spec.name, settings.retry_reserve),
+        };
 
         // 1. The set's own budget: never queue, never borrow.
         if set.inflight.fetch_add(1, Ordering::Relaxed) >= spec.max_inflight {
@@ -309,25 +371,30 @@ impl Admission {
         }
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         set.gauge.inc();
-        let breaker = self.breaker(&topo.idc(idc).name, &spec.name);
+        let new_breaker = || self.breaker(&topo.idc(idc).name, &spec.name);
+        let slot = usize::from(idc.0) * topo.sets.len() + usize::from(r.set.0);
+        let breaker = match resolved.breakers.get(slot) {
+            Some(cell) if own => cell.get_or_init(new_breaker).clone(),
+            _ => new_breaker(),
+        };
         // From here on, dropping the permit gives the slot back.
         let mut permit = Permit {
             set,
             total: self.total.clone(),
             breaker,
             probe: false,
-            settings: self.settings,
+            settings: *settings,
         };
 
         // 1b. Priority shedding on the instance's load.
         let load = f64::from(total) / topo.inflight_capacity.max(1) as f64;
-        if spec.priority > 0 && load >= self.settings.shed_start {
+        if spec.priority > 0 && load >= settings.shed_start {
             let p = shed_probability(
                 load,
                 spec.priority,
                 spec.shed_rank,
                 topo.shed_tiers,
-                self.settings.shed_start,
+                settings.shed_start,
             );
             if fastrand::f64() < p {
                 return Err(Refusal::Shed {
@@ -338,19 +405,16 @@ impl Admission {
 
         // 2. The route's rate limit.
         if let Some(limit) = &r.rate_limit {
-            if let Ok(mut buckets) = self.buckets.lock() {
-                let bucket = buckets
-                    .entry(r.name.to_string())
-                    .or_insert_with(|| Bucket::new(limit, now));
-                if !bucket.same_limit(limit) {
-                    *bucket = Bucket::new(limit, now);
-                }
-                if let Err(wait) = bucket.take(now) {
-                    return Err(Refusal::RateLimited {
-                        route: r.name.to_string(),
-                        retry_after_s: secs_ceil(wait),
-                    });
-                }
+            let bucket = match resolved.buckets.get(route.0 as usize) {
+                Some(Some(bucket)) if own => bucket.clone(),
+                _ => self.bucket(&r.name, limit),
+            };
+            let taken = bucket.lock().map_or(Ok(()), |mut b| b.take(Instant::now()));
+            if let Err(wait) = taken {
+                return Err(Refusal::RateLimited {
+                    route: r.name.to_string(),
+                    retry_after_s: secs_ceil(wait),
+                });
             }
         }
 
@@ -364,8 +428,10 @@ impl Admission {
 
         // 4. The breaker of (serving IDC, set).
         let pass = match permit.breaker.breaker.lock() {
+            // Closed needs neither the clock nor a gauge update: the common case stays cheap.
+            Ok(b) if b.state() == BreakerState::Closed => Pass::Normal,
             Ok(mut b) => {
-                let pass = b.admit(now, &self.settings.breaker);
+                let pass = b.admit(Instant::now(), &settings.breaker);
                 permit.breaker.gauge.set(b.state().gauge());
                 pass
             }
@@ -386,7 +452,7 @@ impl Admission {
         permit.set.requests.fetch_add(1, Ordering::Relaxed);
         permit
             .retry_budget()
-            .deposit((self.settings.retry_ratio * 1000.0) as i64);
+            .deposit((settings.retry_ratio * 1000.0) as i64);
         Ok(permit)
     }
 

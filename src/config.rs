@@ -98,8 +98,6 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// How often the file source and the TLS certificates looks at the file (it also reloads on SIGHUP).
     pub file_poll: Duration,
-    /// Breaker timings, retry budget and shedding threshold (defaults from DESIGN.md §5).
-    pub isolation: crate::admission::IsolationSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,8 +131,9 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub limits: RawLimits,
+    /// Moved to the topology document; kept here only to say so (see `into_config`).
     #[serde(default)]
-    pub isolation: RawIsolation,
+    pub isolation: Option<toml::Value>,
     #[serde(default)]
     pub tls: RawTls,
 }
@@ -166,86 +165,6 @@ pub struct RawLimits {
     pub h2_max_concurrent_streams: Option<u32>,
     pub h2_max_pending_accept_reset_streams: Option<usize>,
     pub h2_max_local_error_reset_streams: Option<usize>,
-}
-
-/// `[isolation]`: breaker timings, retry budget and shedding threshold (docs/isolation.md).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawIsolation {
-    pub breaker_consecutive: Option<u32>,
-    pub breaker_min_requests: Option<u32>,
-    pub breaker_failure_ratio: Option<f64>,
-    pub breaker_window_ms: Option<u64>,
-    pub breaker_open_ms: Option<u64>,
-    pub breaker_probes: Option<u32>,
-    pub retry_ratio: Option<f64>,
-    pub retry_reserve: Option<u32>,
-    pub shed_start: Option<f64>,
-}
-
-impl RawIsolation {
-    fn into_settings(self, problems: &mut Vec<String>) -> crate::admission::IsolationSettings {
-        let mut s = crate::admission::IsolationSettings::default();
-        let mut count = |field: &str, v: Option<u32>, into: &mut u32| {
-            if let Some(v) = v {
-                if v == 0 {
-                    problems.push(format!("isolation.{field}: must be at least 1"));
-                } else {
-                    *into = v;
-                }
-            }
-        };
-        count(
-            "breaker_consecutive",
-            self.breaker_consecutive,
-            &mut s.breaker.consecutive,
-        );
-        count(
-            "breaker_min_requests",
-            self.breaker_min_requests,
-            &mut s.breaker.min_requests,
-        );
-        count("breaker_probes", self.breaker_probes, &mut s.breaker.probes);
-        if let Some(v) = self.retry_reserve {
-            s.retry_reserve = v;
-        }
-        let mut fraction = |field: &str, v: Option<f64>, into: &mut f64| {
-            if let Some(v) = v {
-                if (0.0..=1.0).contains(&v) {
-                    *into = v;
-                } else {
-                    problems.push(format!("isolation.{field}: must be between 0 and 1"));
-                }
-            }
-        };
-        fraction(
-            "breaker_failure_ratio",
-            self.breaker_failure_ratio,
-            &mut s.breaker.failure_ratio,
-        );
-        fraction("retry_ratio", self.retry_ratio, &mut s.retry_ratio);
-        fraction("shed_start", self.shed_start, &mut s.shed_start);
-        let mut millis = |field: &str, v: Option<u64>, into: &mut Duration| {
-            if let Some(v) = v {
-                if v == 0 {
-                    problems.push(format!("isolation.{field}: must be at least 1"));
-                } else {
-                    *into = Duration::from_millis(v);
-                }
-            }
-        };
-        millis(
-            "breaker_window_ms",
-            self.breaker_window_ms,
-            &mut s.breaker.window,
-        );
-        millis(
-            "breaker_open_ms",
-            self.breaker_open_ms,
-            &mut s.breaker.open_for,
-        );
-        s
-    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -346,7 +265,16 @@ impl RawConfig {
             drain: ms(t.drain_ms, 30_000, "drain_ms", &mut problems),
             etcd: ms(t.etcd_ms, 3_000, "etcd_ms", &mut problems),
         };
-        let isolation = self.isolation.into_settings(&mut problems);
+        if self.isolation.is_some() {
+            // The knobs became part of the topology so that a reload (file or etcd) changes
+            // them on every gateway without a restart.
+            problems.push(
+                "isolation: moved to the topology document: put this table in the topology \
+                 (file or etcd) as [isolation] with [isolation.breaker] (docs/isolation.md), \
+                 and remove it here"
+                    .into(),
+            );
+        }
         let max_header_bytes = self.limits.max_header_bytes.unwrap_or(64 * 1024);
         if !(8192..=1 << 20).contains(&max_header_bytes) {
             problems.push("limits.max_header_bytes: must be between 8192 and 1048576".into());
@@ -413,7 +341,6 @@ impl RawConfig {
             limits,
             tls,
             file_poll: Duration::from_millis(500),
-            isolation,
         })
     }
 }
@@ -503,25 +430,19 @@ mod tests {
     #[test]
     fn the_example_config_parses() {
         let raw: RawConfig = toml::from_str(include_str!("../config/shardgate.toml")).unwrap();
-        assert_eq!(raw.isolation.breaker_probes, Some(3));
+        assert!(raw.isolation.is_none());
+        raw.into_config().unwrap();
     }
 
     #[test]
-    fn isolation_knobs() {
-        let raw: RawConfig = toml::from_str(
-            "topology = 't.toml'\n[isolation]\nbreaker_open_ms = 250\nretry_ratio = 0.1\n",
-        )
-        .unwrap();
-        let c = raw.into_config().unwrap();
-        assert_eq!(c.isolation.breaker.open_for, Duration::from_millis(250));
-        assert_eq!(c.isolation.retry_ratio, 0.1);
-        assert_eq!(c.isolation.breaker.consecutive, 5);
-        let raw: RawConfig = toml::from_str(
-            "topology = 't.toml'\n[isolation]\nshed_start = 2.0\nbreaker_probes = 0\n",
-        )
-        .unwrap();
+    fn an_isolation_table_says_where_it_moved() {
+        let raw: RawConfig =
+            toml::from_str("topology = 't.toml'\n[isolation]\nbreaker_open_ms = 250\n").unwrap();
         let err = raw.into_config().unwrap_err().to_string();
-        assert!(err.contains("isolation.shed_start"), "{err}");
-        assert!(err.contains("isolation.breaker_probes"), "{err}");
+        assert!(
+            err.contains("isolation: moved to the topology document"),
+            "{err}"
+        );
+        assert!(err.contains("docs/isolation.md"), "{err}");
     }
 }

@@ -214,7 +214,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         head_gate: true,
         ..settings.clone()
     };
-    let admission = Arc::new(admission::Admission::new(config.isolation, metrics.clone()));
+    let admission = Arc::new(admission::Admission::new(metrics.clone()));
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
         metrics: metrics.clone(),

@@ -2,7 +2,8 @@
 //! JSON naming its IDC and set and echoing what it received (method, path, headers, body size
 //! and CRC), so a caller can see where a request landed and what the gateway sent.
 //!
-//! Request knobs: `x-sim-delay-ms: N` (answer after N ms), `x-sim-status: N` (answer N).
+//! Request knobs: `x-sim-delay-ms: N` (answer after N ms), `x-sim-status: N` (answer N),
+//! `x-sim-hold: 1` (answer once `SimBackend::release_held` is called, or after 60 s).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +26,9 @@ pub struct SimIdc {
     pub set: String,
     hits: AtomicU64,
     health_checks: AtomicU64,
+    /// Requests waiting for `release_held`, and the release generation they wait on.
+    held: AtomicU64,
+    release: watch::Sender<u64>,
 }
 
 impl SimIdc {
@@ -58,6 +62,12 @@ impl SimIdc {
                     return r;
                 }
             }
+        }
+        if parts.headers.contains_key("x-sim-hold") {
+            let mut released = self.release.subscribe();
+            self.held.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::time::timeout(Duration::from_secs(60), released.changed()).await;
+            self.held.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(ms) = header("x-sim-delay-ms") {
             tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
@@ -129,6 +139,8 @@ impl SimBackend {
             set: set.to_owned(),
             hits: AtomicU64::new(0),
             health_checks: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            release: watch::channel(0).0,
         });
         let (stop, stop_rx) = watch::channel(false);
         let settings = ListenerSettings::plain(
@@ -153,6 +165,16 @@ impl SimBackend {
     /// Health checks (`GET /healthz`) answered.
     pub fn health_checks(&self) -> u64 {
         self.sim.health_checks.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting now because of `x-sim-hold`.
+    pub fn held(&self) -> u64 {
+        self.sim.held.load(Ordering::Relaxed)
+    }
+
+    /// Answers every request held by `x-sim-hold` now.
+    pub fn release_held(&self) {
+        self.sim.release.send_modify(|g| *g += 1);
     }
 
     /// Stops accepting and closes its connections (a crashed IDC, as seen from the gateway).

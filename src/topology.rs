@@ -4,6 +4,7 @@
 
 mod build;
 mod diff;
+mod isolation;
 pub mod overrides;
 mod problems;
 pub mod raw;
@@ -150,6 +151,12 @@ pub struct Topology {
     pub idcs: Vec<Idc>,
     pub routes: Vec<Route>,
     pub failover: FailoverSpec,
+    /// Shedding threshold, retry budget and breaker knobs (`[isolation]`): a reload changes
+    /// them without touching the admission state they act on.
+    pub isolation: crate::admission::IsolationSettings,
+    /// The admission state this snapshot's sets, breakers and buckets use, looked up by name
+    /// by the first request admitted with it (state outlives snapshots; lookups need not).
+    pub admission: std::sync::OnceLock<crate::admission::Resolved>,
     /// Sum of the sets' `max_inflight`: the instance load that shedding is measured against.
     pub inflight_capacity: u64,
     /// How many distinct non-zero set priorities there are (shedding tiers).

@@ -513,3 +513,76 @@ async fn lease_expiry_removes_a_dead_gateways_registration() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_knobs_and_degrade_switches_in_etcd_apply_without_a_restart() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    let doc = idcs.document(&[("0-127", "sh")]);
+    etcd.put("topology", &doc).await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(get(g.proxy_addr, "/recs", &key).await.unwrap().status, 200);
+    let t = g.snapshots.current().unwrap();
+    assert_eq!(t.isolation.breaker.consecutive, 5);
+
+    // The document's [isolation] tables change on every gateway through the watch.
+    let tight = format!(
+        "{doc}\n[isolation]\nshed_start = 0.6\n[isolation.breaker]\nconsecutive = 2\nopen_ms = 60000\n"
+    );
+    etcd.put("topology", &tight).await;
+    eventually("the new isolation knobs to be served", || async {
+        let t = g.snapshots.current()?;
+        (t.isolation.breaker.consecutive == 2).then_some(())
+    })
+    .await;
+    let t = g.snapshots.current().unwrap();
+    assert_eq!(t.isolation.shed_start, 0.6);
+    assert_eq!(t.isolation.breaker.open_for, Duration::from_secs(60));
+
+    // A bad value is refused whole; the last good knobs keep serving.
+    etcd.put(
+        "topology",
+        &format!("{doc}\n[isolation.breaker]\nwindow_ms = 5\n"),
+    )
+    .await;
+    eventually("the bad document to be reported", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        v["source"]["last_problem"]
+            .as_str()?
+            .contains("isolation.breaker.window_ms")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        g.snapshots.current().unwrap().isolation.breaker.consecutive,
+        2
+    );
+
+    // A degrade switch written to etcd answers without the backend at once. (Overrides are
+    // built with the document, so the bad one is replaced first.)
+    etcd.put("topology", &tight).await;
+    etcd.put(
+        "override/degrade/noncore",
+        r#"{"on":true,"reason":"drill"}"#,
+    )
+    .await;
+    let degraded = eventually("the degrade switch to apply", || async {
+        let a = get(g.proxy_addr, "/recs", &key).await.ok()?;
+        (a.status == 503).then_some(a)
+    })
+    .await;
+    assert_eq!(degraded.body["error"], "degraded", "{degraded:?}");
+    assert_eq!(
+        get(g.proxy_addr, "/orders/1", &key).await.unwrap().status,
+        200
+    );
+    etcd.put("override/degrade/noncore", r#"{"on":false}"#)
+        .await;
+    eventually("the degrade switch to turn off", || async {
+        let a = get(g.proxy_addr, "/recs", &key).await.ok()?;
+        (a.status == 200).then_some(())
+    })
+    .await;
+    g.shutdown().await;
+}

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
-use shardgate::admission::{BreakerSettings, IsolationSettings};
 use shardgate::sim::SimBackend;
 use shardgate::topology::overrides::{unix_now, unix_now_ms};
 use support::*;
@@ -44,15 +43,8 @@ fn gz_keys(n: usize) -> Vec<String> {
 }
 
 /// A breaker that never opens, so every request reaches the pools.
-fn no_breaker() -> IsolationSettings {
-    IsolationSettings {
-        breaker: BreakerSettings {
-            consecutive: 1_000_000,
-            min_requests: 1_000_000,
-            ..BreakerSettings::default()
-        },
-        ..IsolationSettings::default()
-    }
+fn no_breaker() -> String {
+    "[isolation.breaker]\nconsecutive = 1000000\nmin_requests = 1000000\n".into()
 }
 
 /// Writes the operator overrides (file mode keeps them in the cache dir) and reloads; returns

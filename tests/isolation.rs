@@ -1,13 +1,16 @@
 //! Isolation and degradation through real sockets (DESIGN.md §5): set budgets keep a noncore
-//! flood away from core, refusals come at once, degrade switches answer without backends,
-//! breakers trip on system failures only and recover, rate limits and the retry budget hold.
+//! flood away from core, refusals come at once, overload sheds noncore then subcore and stops
+//! by itself, degrade switches answer without backends, breakers trip on system failures only
+//! and recover, rate limits and the retry budget hold, and the `[isolation]` knobs of the
+//! topology change on a reload while the admission state carries on.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardgate::admission::{BreakerSettings, IsolationSettings};
+use shardgate::admission::IsolationSettings;
+use shardgate::sim::SimBackend;
 use support::*;
 
 /// How long the slow noncore backend takes: every refusal must come back well before it.
@@ -36,7 +39,7 @@ timeout_ms = 10000
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_noncore_flood_leaves_core_untouched_and_is_refused_fast() {
     let c = Cluster::start_with(Options {
-        noncore_max_inflight: Some(4),
+        max_inflight: vec![("noncore", 4)],
         extra_toml: SLOW_ROUTE.into(),
         ..Options::default()
     })
@@ -241,13 +244,7 @@ async fn the_cli_degrades_through_the_admin_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breakers_trip_on_5xx_not_4xx_and_recover() {
     let c = Cluster::start_with(Options {
-        isolation: IsolationSettings {
-            breaker: BreakerSettings {
-                open_for: Duration::from_millis(300),
-                ..BreakerSettings::default()
-            },
-            ..IsolationSettings::default()
-        },
+        isolation: "[isolation.breaker]\nopen_ms = 300\n".into(),
         ..Options::default()
     })
     .await;
@@ -342,14 +339,7 @@ async fn the_retry_budget_caps_retries_under_a_failing_pool() {
         extra_sets: "[sets.flaky]\npriority = 1\n".into(),
         extra_pools: vec![("flaky".into(), a), ("flaky".into(), b)],
         extra_toml: "\n[[routes]]\nname = \"flaky\"\npath_prefix = \"/flaky\"\nset = \"flaky\"\nsharded = false\nretries = 1\ntimeout_ms = 2000\n".into(),
-        isolation: IsolationSettings {
-            breaker: BreakerSettings {
-                consecutive: 1_000_000,
-                min_requests: 1_000_000,
-                ..BreakerSettings::default()
-            },
-            ..IsolationSettings::default()
-        },
+        isolation: "[isolation.breaker]\nconsecutive = 1000000\nmin_requests = 1000000\n".into(),
         ..Options::default()
     })
     .await;
@@ -369,5 +359,223 @@ async fn the_retry_budget_caps_retries_under_a_failing_pool() {
         "{retries} retries for {n} requests"
     );
     assert!(retries > 0);
+    c.stop().await;
+}
+
+/// `held`: a core route whose requests wait at the backend until released (`x-sim-hold`);
+/// `sub`: a subcore route; `feed`: a noncore route with a fallback.
+const SHEDDING_ROUTES: &str = r#"
+[[routes]]
+name = "held"
+path_prefix = "/held"
+set = "core"
+sharded = false
+timeout_ms = 60000
+
+[[routes]]
+name = "sub"
+path_prefix = "/sub"
+set = "subcore"
+sharded = false
+
+[[routes]]
+name = "feed"
+path_prefix = "/feed"
+set = "noncore"
+sharded = false
+fallback = { status = 200, body = '{"feed":[]}', content_type = "application/json" }
+"#;
+
+/// Sends `n` requests one after the other and counts (served, shed); anything else fails.
+async fn probe(c: &Cluster, path: &str, headers: &[(&str, &str)], n: usize) -> (usize, usize) {
+    let (mut served, mut shed) = (0, 0);
+    for _ in 0..n {
+        let r = c.send(get(path, headers)).await;
+        match r.status.as_u16() {
+            200 => served += 1,
+            503 => {
+                assert_eq!(r.header("x-shardgate-reason"), Some("shed"), "{path}");
+                assert_eq!(r.header("retry-after"), Some("1"));
+                assert_eq!(r.json()["error"], "shed");
+                shed += 1;
+            }
+            s => panic!("{path}: unexpected {s}: {}", r.text()),
+        }
+    }
+    (served, shed)
+}
+
+/// Starts `n` more core requests that wait at bj's core backend, and waits until the gateway
+/// counts every held request in flight.
+async fn hold(c: &Cluster, held: &mut Vec<tokio::task::JoinHandle<Reply>>, n: usize) {
+    let proxy = c.proxy();
+    for _ in 0..n {
+        let req = get("/held", &[("x-sim-hold", "1")]);
+        held.push(tokio::spawn(async move { send(proxy, req).await }));
+    }
+    let want = held.len() as u64;
+    let sim = c.sim("bj", "core");
+    eventually("the held core requests to reach the backend", || async {
+        let inflight = status(c).await["inflight_total"].as_u64();
+        (sim.held() == want && inflight == Some(want)).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_sheds_noncore_then_subcore_and_stops_by_itself() {
+    let subcore = SimBackend::start("127.0.0.1:0".parse().expect("addr"), "any", "subcore")
+        .await
+        .expect("a subcore backend");
+    // Budgets sum to 20 and shedding starts at load 0.5: noncore (priority 2) ramps from 0
+    // to 1 over load 0.50-0.75, then subcore and dead (priority 1) over 0.75-1.0. The probes
+    // go one at a time, so each sees load (held + 1) / 20.
+    let c = Cluster::start_with(Options {
+        max_inflight: vec![("core", 17), ("noncore", 1), ("dead", 1)],
+        extra_sets: "[sets.subcore]\npriority = 1\nmax_inflight = 1\n".into(),
+        extra_pools: vec![("subcore".into(), subcore.addr)],
+        isolation: "[isolation]\nshed_start = 0.5\n".into(),
+        extra_toml: SHEDDING_ROUTES.into(),
+        ..Options::default()
+    })
+    .await;
+    let core = [("x-user-id", "user-7")];
+    let mut held = Vec::new();
+    assert_eq!(probe(&c, "/catalog", &[], 10).await, (10, 0), "no load");
+
+    // Load 0.65: noncore is partly shed (about 60%), subcore and core not at all.
+    hold(&c, &mut held, 12).await;
+    let (served, shed) = probe(&c, "/catalog", &[], 40).await;
+    assert!(
+        served > 0 && shed > 0,
+        "noncore ramps: {served} served, {shed} shed"
+    );
+    assert_eq!(probe(&c, "/sub", &[], 20).await, (20, 0));
+    assert_eq!(probe(&c, "/orders", &core, 20).await, (20, 0));
+
+    // Load 0.75: every noncore request is shed, subcore is not yet. Noncore is degradable:
+    // a route of it with a fallback answers the fallback instead, without a backend call.
+    hold(&c, &mut held, 2).await;
+    assert_eq!(probe(&c, "/catalog", &[], 20).await, (0, 20));
+    let hits = c.sim("bj", "noncore").hits();
+    let fb = c.send(get("/feed", &[])).await;
+    assert_eq!(
+        (fb.status.as_u16(), fb.text().as_str()),
+        (200, r#"{"feed":[]}"#)
+    );
+    assert_eq!(fb.header("x-shardgate-reason"), Some("degraded"));
+    assert_eq!(c.sim("bj", "noncore").hits(), hits);
+    assert_eq!(probe(&c, "/sub", &[], 20).await, (20, 0));
+    assert_eq!(probe(&c, "/orders", &core, 20).await, (20, 0));
+
+    // Load 0.85: subcore is partly shed (about 40%); core is still served in full.
+    hold(&c, &mut held, 2).await;
+    assert_eq!(probe(&c, "/catalog", &[], 20).await, (0, 20));
+    let (served, shed) = probe(&c, "/sub", &[], 40).await;
+    assert!(
+        served > 0 && shed > 0,
+        "subcore ramps: {served} served, {shed} shed"
+    );
+    assert_eq!(probe(&c, "/orders", &core, 20).await, (20, 0));
+    let metrics = c.admin_get("/metrics").await.text();
+    for set in ["noncore", "subcore"] {
+        let line = format!(r#"shardgate_refused_total{{set="{set}",reason="shed"}}"#);
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    assert!(!metrics.contains(r#"shardgate_refused_total{set="core""#));
+
+    // The load falls: shedding stops without anyone touching the gateway.
+    c.sim("bj", "core").release_held();
+    for task in held {
+        let reply = within(REQUEST_DEADLINE, "a held request", task)
+            .await
+            .expect("the held request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    eventually("the in-flight count to fall", || async {
+        (status(&c).await["inflight_total"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(probe(&c, "/catalog", &[], 20).await, (20, 0));
+    assert_eq!(probe(&c, "/sub", &[], 20).await, (20, 0));
+    c.stop().await;
+    subcore.stop().await;
+}
+
+/// Rewrites the topology with these `[isolation]` tables and waits until it serves.
+async fn reload_isolation(c: &mut Cluster, isolation: &str) {
+    let before = c.topology().revision;
+    c.options.isolation = isolation.to_owned();
+    let pins = c.options.pins.clone();
+    let pins: Vec<(&str, &str)> = pins.iter().map(|(r, i)| (&r[..], &i[..])).collect();
+    let doc = c.document(&pins);
+    c.write_topology(&doc);
+    eventually("the reload to be served", || async {
+        (c.topology().revision > before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_knobs_change_on_reload_and_breakers_carry_on() {
+    let mut c = Cluster::start_with(Options {
+        isolation: "[isolation.breaker]\nopen_ms = 600000\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let t = c.topology();
+    assert_eq!(t.isolation.breaker.open_for, Duration::from_secs(600));
+    for _ in 0..5 {
+        let r = c.send(get("/catalog", &[("x-sim-status", "500")])).await;
+        assert_eq!(r.status, 500);
+    }
+    assert_eq!(c.send(get("/catalog", &[])).await.status, 503);
+
+    // A reload that leaves the breaker's knobs alone keeps it open (and only shedding moves).
+    reload_isolation(
+        &mut c,
+        "[isolation]\nshed_start = 0.8\n[isolation.breaker]\nopen_ms = 600000\n",
+    )
+    .await;
+    assert_eq!(c.topology().isolation.shed_start, 0.8);
+    let r = c.send(get("/catalog", &[])).await;
+    assert_eq!(r.header("x-shardgate-reason"), Some("circuit_open"));
+    assert_eq!(
+        breaker_state(&status(&c).await, "bj", "noncore").as_deref(),
+        Some("open")
+    );
+
+    // A shorter open time takes effect on the open breaker without a restart: it lets probes
+    // through and closes.
+    reload_isolation(&mut c, "[isolation.breaker]\nopen_ms = 200\n").await;
+    eventually("the breaker to close after good probes", || async {
+        let r = c.send(get("/catalog", &[])).await;
+        assert!(r.status == 200 || r.status == 503, "{}", r.status);
+        (breaker_state(&status(&c).await, "bj", "noncore").as_deref() == Some("closed"))
+            .then_some(())
+    })
+    .await;
+
+    // An invalid table is refused whole, with the field named; the last good one serves.
+    let revision = c.topology().revision;
+    c.options.isolation = "[isolation]\nretry_ratio = 2.0\n".into();
+    let pins = c.options.pins.clone();
+    let pins: Vec<(&str, &str)> = pins.iter().map(|(r, i)| (&r[..], &i[..])).collect();
+    let doc = c.document(&pins);
+    c.write_topology(&doc);
+    let problem = eventually("the invalid reload to be reported", || async {
+        let st = status(&c).await;
+        st["source"]["last_problem"]
+            .as_str()
+            .filter(|p| p.contains("isolation.retry_ratio"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(problem.contains("between 0.0 and 1.0"), "{problem}");
+    assert_eq!(c.topology().revision, revision);
+    assert_eq!(
+        c.topology().isolation.retry_ratio,
+        IsolationSettings::default().retry_ratio
+    );
     c.stop().await;
 }

@@ -3,16 +3,20 @@
 
 use std::time::{Duration, Instant};
 
-/// Breaker knobs (DESIGN.md §5 defaults).
-#[derive(Debug, Clone, Copy)]
+/// The counting window slides in this many buckets (ten 1-second buckets by default).
+pub const BREAKER_BUCKETS: usize = 10;
+
+/// Breaker knobs (`[isolation.breaker]` of the topology; DESIGN.md §5 defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerSettings {
     /// Consecutive system failures that open the breaker.
     pub consecutive: u32,
-    /// Requests a window needs before its failure ratio counts.
+    /// Requests the window needs before its failure ratio counts.
     pub min_requests: u32,
-    /// Failure ratio (of at least `min_requests` in one window) that opens the breaker.
+    /// Failure ratio (of at least `min_requests` in the window) that opens the breaker.
     pub failure_ratio: f64,
-    /// Length of the counting window (tumbling: counts restart when it ends).
+    /// Length of the sliding window, counted in `BREAKER_BUCKETS` buckets: an outcome stops
+    /// counting between `window - window/10` and `window` after it was recorded.
     pub window: Duration,
     /// How long an open breaker refuses before it lets probes through.
     pub open_for: Duration,
@@ -70,13 +74,23 @@ pub enum Pass {
     Refuse(Duration),
 }
 
+/// Outcomes recorded in one bucket of the window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u32,
+    failures: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Breaker {
     state: BreakerState,
     consecutive: u32,
-    window_start: Instant,
-    requests: u32,
-    failures: u32,
+    /// The window: bucket `n` holds the outcomes recorded `n` bucket widths after `origin`;
+    /// `head` is the newest bucket number, stored at `head % BREAKER_BUCKETS`.
+    origin: Instant,
+    window: Duration,
+    head: u64,
+    buckets: [Counts; BREAKER_BUCKETS],
     /// When it last opened, or went half-open.
     since: Instant,
     probes_out: u32,
@@ -88,9 +102,10 @@ impl Breaker {
         Breaker {
             state: BreakerState::Closed,
             consecutive: 0,
-            window_start: now,
-            requests: 0,
-            failures: 0,
+            origin: now,
+            window: Duration::ZERO,
+            head: 0,
+            buckets: [Counts::default(); BREAKER_BUCKETS],
             since: now,
             probes_out: 0,
             probes_ok: 0,
@@ -139,20 +154,18 @@ impl Breaker {
     pub fn record(&mut self, now: Instant, failure: bool, probe: bool, s: &BreakerSettings) {
         match (self.state, probe) {
             (BreakerState::Closed, false) => {
-                if now.saturating_duration_since(self.window_start) >= s.window {
-                    self.window_start = now;
-                    self.requests = 0;
-                    self.failures = 0;
-                }
-                self.requests += 1;
+                self.slide(now, s.window);
+                let bucket = &mut self.buckets[(self.head % BREAKER_BUCKETS as u64) as usize];
+                bucket.requests += 1;
                 if failure {
-                    self.failures += 1;
+                    bucket.failures += 1;
                     self.consecutive += 1;
                 } else {
                     self.consecutive = 0;
                 }
-                let ratio_tripped = self.requests >= s.min_requests
-                    && f64::from(self.failures) >= s.failure_ratio * f64::from(self.requests);
+                let (requests, failures) = self.window_counts();
+                let ratio_tripped = requests >= s.min_requests
+                    && f64::from(failures) >= s.failure_ratio * f64::from(requests);
                 if self.consecutive >= s.consecutive || ratio_tripped {
                     self.open(now);
                 }
@@ -171,11 +184,42 @@ impl Breaker {
         }
     }
 
+    /// Requests and failures in the window.
+    fn window_counts(&self) -> (u32, u32) {
+        self.buckets.iter().fold((0, 0), |(r, f), b| {
+            (r.saturating_add(b.requests), f.saturating_add(b.failures))
+        })
+    }
+
+    /// Moves the window to `now`: buckets that fell out of it are emptied. A changed window
+    /// length (a reload) restarts the counts; the state (open, half-open) is kept.
+    fn slide(&mut self, now: Instant, window: Duration) {
+        if window != self.window {
+            self.window = window;
+            self.origin = now;
+            self.head = 0;
+            self.buckets = [Counts::default(); BREAKER_BUCKETS];
+        }
+        let width = (window / BREAKER_BUCKETS as u32).as_nanos().max(1);
+        let n = (now.saturating_duration_since(self.origin).as_nanos() / width) as u64;
+        // An outcome timed just before the newest one (threads racing for the lock) goes
+        // into the newest bucket.
+        if n > self.head {
+            let stale = (n - self.head).min(BREAKER_BUCKETS as u64);
+            for i in 1..=stale {
+                self.buckets[((self.head + i) % BREAKER_BUCKETS as u64) as usize] =
+                    Counts::default();
+            }
+            self.head = n;
+        }
+    }
+
     fn open(&mut self, now: Instant) {
         self.state = BreakerState::Open;
         self.since = now;
     }
 
+    /// Closing starts afresh: the failures that opened it are not held against it again.
     fn close(&mut self, now: Instant) {
         *self = Breaker::new(now);
     }
@@ -226,19 +270,74 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open, "11 of 22");
     }
 
+    /// Twenty alternating outcomes (ten failures, never two in a row) at `at`.
+    fn alternate(b: &mut Breaker, at: Instant, n: u32, s: &BreakerSettings) {
+        for i in 0..n {
+            b.record(at, i % 2 == 0, false, s);
+        }
+    }
+
     #[test]
-    fn the_window_restarts() {
+    fn the_window_slides_across_bucket_boundaries() {
+        let s = BreakerSettings::default();
+        let t0 = Instant::now();
+        // Ten outcomes at 9.5 s and ten at 10.5 s are in one 10 s window: a window that
+        // restarted every 10 s would have split them.
+        let mut b = Breaker::new(t0);
+        alternate(&mut b, t0 + ms(9_500), 10, &s);
+        alternate(&mut b, t0 + ms(10_500), 9, &s);
+        assert_eq!(b.state(), BreakerState::Closed, "19 requests are too few");
+        b.record(t0 + ms(10_500), true, false, &s);
+        assert_eq!(b.state(), BreakerState::Open, "11 of 20 within 10 s");
+    }
+
+    #[test]
+    fn outcomes_age_out_of_the_window() {
+        let s = BreakerSettings::default();
+        let t0 = Instant::now();
+        // 19 outcomes (10 failures) at t0; one more failure makes 11 of 20 while they count.
+        let mut inside = Breaker::new(t0);
+        alternate(&mut inside, t0, 19, &s);
+        inside.record(t0 + ms(9_900), true, false, &s);
+        assert_eq!(inside.state(), BreakerState::Open);
+        // Once the window has moved past t0's bucket they no longer count.
+        let mut after = Breaker::new(t0);
+        alternate(&mut after, t0, 19, &s);
+        after.record(t0 + ms(10_000), true, false, &s);
+        assert_eq!(after.state(), BreakerState::Closed);
+        // Nor after a long quiet spell (more than a whole window of empty buckets).
+        let mut quiet = Breaker::new(t0);
+        alternate(&mut quiet, t0, 19, &s);
+        quiet.record(t0 + ms(95_000), true, false, &s);
+        assert_eq!(quiet.state(), BreakerState::Closed);
+        // Half of a steady trickle over many windows opens it only once 20 are in one window.
+        let mut steady = Breaker::new(t0);
+        for i in 0..200u64 {
+            // One outcome every 600 ms: 16 or 17 per window, never 20.
+            steady.record(t0 + ms(i * 600), i % 2 == 0, false, &s);
+        }
+        assert_eq!(steady.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_changed_window_restarts_the_counts() {
         let s = BreakerSettings::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
-        for i in 0..18 {
-            b.record(t0, i % 2 == 0, false, &s);
-        }
-        let later = t0 + s.window;
-        for i in 0..4 {
-            b.record(later, i % 2 == 0, false, &s);
-        }
+        alternate(&mut b, t0, 19, &s);
+        let longer = BreakerSettings {
+            window: Duration::from_secs(20),
+            ..s
+        };
+        b.record(t0 + ms(1), true, false, &longer);
         assert_eq!(b.state(), BreakerState::Closed);
+        // The state survives: an open breaker stays open across the change.
+        for _ in 0..5 {
+            b.record(t0 + ms(2), true, false, &longer);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        b.record(t0 + ms(3), true, false, &s);
+        assert!(matches!(b.admit(t0 + ms(4), &s), Pass::Refuse(_)));
     }
 
     #[test]

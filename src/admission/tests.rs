@@ -61,7 +61,7 @@ fn topo() -> Topology {
 }
 
 fn admission() -> Admission {
-    Admission::new(IsolationSettings::default(), Arc::new(Metrics::new()))
+    Admission::new(Arc::new(Metrics::new()))
 }
 
 fn route(t: &Topology, name: &str) -> RouteId {
@@ -77,7 +77,8 @@ fn a_full_set_refuses_at_once_and_never_borrows() {
     let recs = route(&t, "recs");
     let p1 = a.admit(&t, recs, SH).expect("first noncore slot");
     let _p2 = a.admit(&t, recs, SH).expect("second noncore slot");
-    let refused = a.admit(&t, recs, SH).err().expect("noncore is full");
+    let search = route(&t, "search");
+    let refused = a.admit(&t, search, SH).err().expect("noncore is full");
     assert_eq!(refused.reason(), "set_full");
     // Core has its own budget.
     let orders = route(&t, "orders");
@@ -253,9 +254,10 @@ fn overload_sheds_noncore_before_subcore_and_never_core() {
             .expect("subcore at load 0.8 is not shed"),
     );
     // Load 9/10 for noncore: past its ramp (0.7 → 0.85), always shed.
+    let search = route(&t, "search");
     for _ in 0..20 {
         assert_eq!(
-            a.admit(&t, recs, SH).err().map(|r| r.reason()),
+            a.admit(&t, search, SH).err().map(|r| r.reason()),
             Some("shed")
         );
     }
@@ -277,4 +279,119 @@ fn shed_rank(t: &Topology, priority: u32) -> (usize, usize) {
         .find(|s| s.priority == priority)
         .map_or(0, |s| s.shed_rank);
     (rank, t.shed_tiers)
+}
+
+#[test]
+fn the_knobs_come_from_each_snapshot_and_the_state_carries_on() {
+    let a = admission();
+    let strict = topo_with(
+        &format!("{DOC}\n[isolation]\nretry_ratio = 0.0\nretry_reserve = 0\n[isolation.breaker]\nconsecutive = 2\n"),
+        &Overrides::default(),
+    );
+    // The sets are first seen under the strict snapshot: no reserve, no earned retries.
+    let (orders, recs) = (route(&strict, "orders"), route(&strict, "recs"));
+    for _ in 0..10 {
+        let p = a.admit(&strict, recs, SH).expect("admitted");
+        assert!(!p.retry_budget().try_retry());
+    }
+    // Two failures open the breaker under the strict knobs, where the default needs five.
+    a.admit(&strict, orders, SH).expect("closed").record(true);
+    a.admit(&strict, orders, SH).expect("closed").record(true);
+    assert_eq!(
+        a.admit(&strict, orders, SH).err().map(|r| r.reason()),
+        Some("circuit_open")
+    );
+    // A reload back to the defaults keeps the open breaker (same (IDC, set)) and the empty
+    // retry budget, which earns 0.2 of a retry per request from now on.
+    let t = topo();
+    assert_eq!(
+        a.admit(&t, route(&t, "orders"), SH)
+            .err()
+            .map(|r| r.reason()),
+        Some("circuit_open")
+    );
+    let recs = route(&t, "recs");
+    let mut retries = 0;
+    for _ in 0..10 {
+        let p = a.admit(&t, recs, SH).expect("noncore admitted");
+        retries += u32::from(p.retry_budget().try_retry());
+    }
+    assert_eq!(retries, 2, "two retries earned by ten requests");
+}
+
+#[test]
+fn degradable_sets_answer_their_fallback_under_stress() {
+    // `orders` (core, not degradable) gets a fallback too: it must still be refused.
+    let doc = DOC.replace(
+        "name = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nsharded = false\n",
+        "name = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nsharded = false\nfallback = { status = 200 }\n",
+    );
+    let t = topo_with(&doc, &Overrides::default());
+    assert!(t.route(route(&t, "orders")).fallback.is_some());
+    let a = admission();
+    let (recs, search, orders) = (route(&t, "recs"), route(&t, "search"), route(&t, "orders"));
+    let _held = [
+        a.admit(&t, recs, SH).expect("noncore slot 1"),
+        a.admit(&t, recs, SH).expect("noncore slot 2"),
+    ];
+    match a.admit(&t, recs, SH) {
+        Err(Refusal::Degraded { target, fallback }) => {
+            assert_eq!(target, "noncore (automatically: set_full)");
+            assert_eq!(fallback.expect("recs' fallback").status, 200);
+        }
+        other => panic!("expected the fallback, got {:?}", other.map(|_| ())),
+    }
+    // No fallback: the refusal stays.
+    assert_eq!(
+        a.admit(&t, search, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    let _core: Vec<_> = (0..4).map(|_| a.admit(&t, orders, SH)).collect();
+    assert_eq!(
+        a.admit(&t, orders, SH).err().map(|r| r.reason()),
+        Some("set_full"),
+        "core is not degradable"
+    );
+    // Rate limits are not stress: 429 even with a fallback.
+    let limited = topo_with(
+        &DOC.replace(
+            "name = \"recs\"\n",
+            "name = \"recs\"\nrate_limit = { rps = 1, burst = 1 }\n",
+        ),
+        &Overrides::default(),
+    );
+    let b = admission();
+    let recs = route(&limited, "recs");
+    drop(b.admit(&limited, recs, SH).expect("the burst"));
+    assert_eq!(
+        b.admit(&limited, recs, SH).err().map(|r| r.reason()),
+        Some("rate_limited")
+    );
+}
+
+#[test]
+fn a_snapshot_resolved_by_one_admission_does_not_leak_its_state_to_another() {
+    let t = topo();
+    let (a, b) = (admission(), admission());
+    let recs = route(&t, "recs");
+    let search = route(&t, "search");
+    let _held = [
+        a.admit(&t, recs, SH).expect("a's slot 1"),
+        a.admit(&t, recs, SH).expect("a's slot 2"),
+    ];
+    assert_eq!(
+        a.admit(&t, search, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    // `b` finds the snapshot resolved by `a` and looks its own state up by name.
+    let _b_held = [
+        b.admit(&t, recs, SH).expect("b's slot 1"),
+        b.admit(&t, search, SH).expect("b's slot 2"),
+    ];
+    assert_eq!(
+        b.admit(&t, search, SH).err().map(|r| r.reason()),
+        Some("set_full")
+    );
+    assert_eq!(a.total_inflight(), 2);
+    assert_eq!(b.total_inflight(), 2);
 }

@@ -304,7 +304,7 @@ fn print_plan(c: &EtcdCluster, listed: &ClusterKeys, plan: &PushPlan) {
     };
     println!("against the live document (mod_revision {}):", plan.base);
     if diff.is_empty() {
-        println!("  no change in routes, IDCs or shard ownership");
+        println!("  no change in routes, IDCs, settings or shard ownership");
         return;
     }
     let list = |label: &str, v: &[String]| {
@@ -317,6 +317,7 @@ fn print_plan(c: &EtcdCluster, listed: &ClusterKeys, plan: &PushPlan) {
     list("routes changed", &diff.routes_changed);
     list("IDCs added", &diff.idcs_added);
     list("IDCs removed", &diff.idcs_removed);
+    list("settings changed", &diff.settings_changed);
     if let Some((a, b)) = diff.shard_count {
         println!("  shard_count: {a} -> {b} (every key moves)");
     }

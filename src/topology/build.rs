@@ -258,6 +258,7 @@ pub fn build(
         warmup: Duration::from_secs(f.warmup_s),
         fence: Duration::from_millis(f.fence_ms),
     };
+    let isolation = super::isolation::resolve(&doc.isolation, &mut c.problems);
 
     // Pins.
     let shard_count = doc.shard_count.clamp(1, MAX_SHARD_COUNT);
@@ -351,6 +352,8 @@ pub fn build(
         idcs,
         routes,
         failover,
+        isolation,
+        admission: std::sync::OnceLock::new(),
         local_idc,
         document: doc,
         overrides: overrides.clone(),

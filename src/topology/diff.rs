@@ -19,6 +19,8 @@ pub struct TopologyDiff {
     /// (from, to) → shards whose serving IDC changed that way. `-` stands for "none".
     pub moved: BTreeMap<(String, String), u32>,
     pub shard_count: Option<(u32, u32)>,
+    /// Top-level tables whose settings changed: `sets`, `failover`, `isolation`.
+    pub settings_changed: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -70,6 +72,16 @@ pub fn diff(old: &Topology, new: &Topology) -> TopologyDiff {
     if old.shard_count != new.shard_count {
         d.shard_count = Some((old.shard_count, new.shard_count));
     }
+    let (a, b) = (&old.document, &new.document);
+    for (table, changed) in [
+        ("sets", a.sets != b.sets),
+        ("failover", a.failover != b.failover),
+        ("isolation", a.isolation != b.isolation),
+    ] {
+        if changed {
+            d.settings_changed.push(table.to_owned());
+        }
+    }
     let name = |t: &Topology, s: Shard| {
         t.serving(s)
             .map_or_else(|| "-".to_owned(), |i| t.idc(i).name.to_string())
@@ -103,6 +115,7 @@ impl fmt::Display for TopologyDiff {
         parts.extend(list("routes changed", &self.routes_changed));
         parts.extend(list("IDCs added", &self.idcs_added));
         parts.extend(list("IDCs removed", &self.idcs_removed));
+        parts.extend(list("settings changed", &self.settings_changed));
         if let Some((a, b)) = self.shard_count {
             parts.push(format!("shard_count {a} -> {b}"));
         }

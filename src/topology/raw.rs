@@ -26,6 +26,8 @@ pub struct RawTopology {
     #[serde(default)]
     pub failover: RawFailover,
     #[serde(default)]
+    pub isolation: RawIsolation,
+    #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
 
@@ -185,6 +187,91 @@ fn default_warmup_s() -> u64 {
 }
 fn default_fence_ms() -> u64 {
     2000
+}
+
+/// `[isolation]`: shedding threshold, retry budget and breaker knobs (DESIGN.md §5 defaults).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawIsolation {
+    #[serde(default = "default_shed_start")]
+    pub shed_start: f64,
+    #[serde(default = "default_retry_ratio")]
+    pub retry_ratio: f64,
+    #[serde(default = "default_retry_reserve")]
+    pub retry_reserve: u32,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+}
+
+impl Default for RawIsolation {
+    fn default() -> Self {
+        RawIsolation {
+            shed_start: default_shed_start(),
+            retry_ratio: default_retry_ratio(),
+            retry_reserve: default_retry_reserve(),
+            breaker: RawBreaker::default(),
+        }
+    }
+}
+
+fn default_shed_start() -> f64 {
+    0.7
+}
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+fn default_retry_reserve() -> u32 {
+    10
+}
+
+/// `[isolation.breaker]`: the circuit breaker of every (IDC, set).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    #[serde(default = "default_consecutive")]
+    pub consecutive: u32,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_failure_ratio")]
+    pub failure_ratio: f64,
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    #[serde(default = "default_open_ms")]
+    pub open_ms: u64,
+    #[serde(default = "default_probes")]
+    pub probes: u32,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        RawBreaker {
+            consecutive: default_consecutive(),
+            min_requests: default_min_requests(),
+            failure_ratio: default_failure_ratio(),
+            window_ms: default_window_ms(),
+            open_ms: default_open_ms(),
+            probes: default_probes(),
+        }
+    }
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_failure_ratio() -> f64 {
+    0.5
+}
+fn default_window_ms() -> u64 {
+    10_000
+}
+fn default_open_ms() -> u64 {
+    5000
+}
+fn default_probes() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -91,12 +91,14 @@ pub struct Options {
     pub extra_pools: Vec<(String, SocketAddr)>,
     /// TOML appended to the document (extra sets and routes).
     pub extra_toml: String,
-    /// `max_inflight` of the `noncore` set (the document's default when `None`).
-    pub noncore_max_inflight: Option<u32>,
+    /// `max_inflight` of the harness's sets (`core`, `noncore`, `dead`) that should not have
+    /// the document's default.
+    pub max_inflight: Vec<(&'static str, u32)>,
     /// Extra `[sets.*]` tables, placed before the IDCs.
     pub extra_sets: String,
-    /// Breaker timings, retry budget and shedding threshold.
-    pub isolation: shardgate::admission::IsolationSettings,
+    /// The document's `[isolation]` tables (shedding threshold, retry budget, breaker), as
+    /// TOML; empty for the defaults.
+    pub isolation: String,
     /// `config.cache_dir`: `Some` puts it in the test's temporary directory.
     pub cache_dir: bool,
     /// Changes made to the gateway's configuration before it starts (TLS, limits, timeouts).
@@ -132,9 +134,9 @@ impl Default for Options {
             extra_toml: String::new(),
             tweak: None,
             idc_toml: String::new(),
-            noncore_max_inflight: None,
+            max_inflight: Vec::new(),
             extra_sets: String::new(),
-            isolation: shardgate::admission::IsolationSettings::default(),
+            isolation: String::new(),
             cache_dir: false,
         }
     }
@@ -258,7 +260,6 @@ impl Cluster {
         config.local_idc = cluster.options.local_idc.clone();
         config.file_poll = cluster.options.file_poll;
         config.timeouts.drain = cluster.options.drain;
-        config.isolation = cluster.options.isolation;
         if cluster.options.cache_dir {
             config.cache_dir = Some(cluster.dir.path().join("cache"));
         }
@@ -278,14 +279,17 @@ impl Cluster {
 
     /// The test topology with these pins, naming this cluster's backends.
     pub fn document(&self, pins: &[(&str, &str)]) -> String {
-        let mut s = String::from(
-            "cluster = \"itest\"\nshard_count = 1024\n\n\
-             [sets.core]\npriority = 0\n[sets.noncore]\npriority = 2\ndegradable = true\n",
-        );
-        if let Some(n) = self.options.noncore_max_inflight {
-            s.push_str(&format!("max_inflight = {n}\n"));
+        let mut s = String::from("cluster = \"itest\"\nshard_count = 1024\n\n");
+        for (set, fields) in [
+            ("core", "priority = 0\n"),
+            ("noncore", "priority = 2\ndegradable = true\n"),
+            ("dead", "priority = 1\n"),
+        ] {
+            s.push_str(&format!("[sets.{set}]\n{fields}"));
+            if let Some((_, n)) = self.options.max_inflight.iter().find(|(x, _)| *x == set) {
+                s.push_str(&format!("max_inflight = {n}\n"));
+            }
         }
-        s.push_str("[sets.dead]\npriority = 1\n");
         s.push_str(&self.options.extra_sets);
         for (i, idc) in IDCS.iter().enumerate() {
             s.push_str(&format!(
@@ -310,6 +314,8 @@ impl Cluster {
                 "\n[[shards.pins]]\nrange = \"{range}\"\nidc = \"{idc}\"\n"
             ));
         }
+        s.push('\n');
+        s.push_str(&self.options.isolation);
         s.push_str(ROUTES);
         s.push_str(&self.options.extra_toml);
         s
