@@ -21,6 +21,9 @@
 //! `Snapshots::publish`, the last good snapshot is cached on disk, and each gateway registers
 //! itself (`gateway/<instance>`) with the revision it serves.
 //!
+//! Planned moves and operator IDC control live in [`moves`]: the checks of `drain`, `move`,
+//! `failover`, `restore`, and the phase function of a fenced move with its file-mode driver.
+//!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
 //! backends for the demo and the tests), [`demo`].
@@ -38,6 +41,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod headers;
+pub mod moves;
 pub mod proxy;
 pub mod route;
 pub mod server;
@@ -110,13 +114,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             let mut file =
                 FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
-            file_overrides = Some(file.overrides_handle());
+            let store = file.overrides_handle();
+            file_overrides = Some(store.clone());
             file.load().map_err(|problems| {
                 anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
             })?;
             tasks.push(tokio::spawn(
                 file.run(config.file_poll, shutdown_rx.clone()),
             ));
+            // The single gateway drives its own fenced moves (in etcd mode the leader does).
+            let view: moves::driver::ViewFn = {
+                let s = snapshots.clone();
+                Arc::new(move || {
+                    s.current()
+                        .map(|t| etcd::registry::health_view(&t))
+                        .unwrap_or_default()
+                })
+            };
+            tasks.push(tokio::spawn(moves::driver::run(
+                snapshots.clone(),
+                store,
+                view,
+                shutdown_rx.clone(),
+            )));
             snapshots
         }
         SourceConfig::Etcd { endpoints, cluster } => {

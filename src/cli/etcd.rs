@@ -133,7 +133,7 @@ fn code(command: &str, e: &OpError) -> u8 {
     match e {
         OpError::Unreachable(_) => exit::UNREACHABLE,
         OpError::Refused(_) => exit::REFUSED,
-        OpError::Conflict { .. } => exit::CONFLICT,
+        OpError::Conflict { .. } | OpError::Changed(_) => exit::CONFLICT,
         OpError::TimedOut(_) => exit::TIMED_OUT,
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use consistent_hash_ring::{Ring, RingBuilder};
 use http::Method;
 
+use super::moves::ShardSet;
 use super::overrides::unix_now;
 use super::raw::{RawIdc, RawRoute, RawTopology};
 use super::{
@@ -318,8 +319,18 @@ pub fn build(
     let matcher = RouteMatcher::new(&rules);
 
     let ring = idc_ring(&doc.idcs);
-    let (home, order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
-    let serving = serving_table(&idcs, &home, &order, shard_count, &failover, overrides, now);
+    let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
+    let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
+    let serving = serving_table(
+        &idcs,
+        &home,
+        &order,
+        shard_count,
+        &failover,
+        overrides,
+        &moves.drain_serves,
+        now,
+    );
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
     for route in &mut routes {
@@ -350,6 +361,7 @@ pub fn build(
         home,
         order,
         serving,
+        fenced: moves.fenced,
         global,
     })
 }
@@ -645,14 +657,25 @@ pub fn warmed(shard: Shard, since: u64, now: u64, warmup: Duration) -> bool {
     slot < step
 }
 
-fn can_serve(idc: &Idc, shard: Shard, warmup: Duration, since: u64, now: u64) -> bool {
+/// A draining IDC keeps serving the shards of its drain while the drain is fenced (`drain`:
+/// what it served when the drain started), and nothing once it is applied.
+fn can_serve(
+    idc: &Idc,
+    shard: Shard,
+    warmup: Duration,
+    since: u64,
+    now: u64,
+    drain: Option<&ShardSet>,
+) -> bool {
     match idc.state {
         IdcState::Active => true,
         IdcState::Warming => warmed(shard, since, now, warmup),
-        IdcState::Draining | IdcState::Down => false,
+        IdcState::Draining => drain.is_some_and(|d| d.contains(shard.0)),
+        IdcState::Down => false,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serving_table(
     idcs: &[Idc],
     home: &[IdcId],
@@ -660,6 +683,7 @@ fn serving_table(
     shard_count: u32,
     failover: &FailoverSpec,
     overrides: &Overrides,
+    drain_serves: &[Option<ShardSet>],
     now: u64,
 ) -> Vec<Option<IdcId>> {
     let n = idcs.len();
@@ -685,7 +709,14 @@ fn serving_table(
             debug_assert_eq!(row[0], home[s as usize]);
             row.iter().copied().find(|id| {
                 let i = id.0 as usize;
-                can_serve(&idcs[i], shard, warmup[i], since[i], now)
+                can_serve(
+                    &idcs[i],
+                    shard,
+                    warmup[i],
+                    since[i],
+                    now,
+                    drain_serves[i].as_ref(),
+                )
             })
         })
         .collect()
