@@ -39,6 +39,13 @@ impl Handler for Admin {
                 let target = write::percent_decode(target);
                 return write::degrade(&self, &target, req).await;
             }
+            if let Some(idc) = req.uri().path().strip_prefix("/override/idc/") {
+                let idc = write::percent_decode(idc);
+                return write::idc(&self, &idc, req).await;
+            }
+            if req.uri().path() == "/move" {
+                return write::move_range(&self, req).await;
+            }
         }
         self.handle(&req)
     }
@@ -102,7 +109,7 @@ impl Admin {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>",
+                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>, /override/idc/<idc> and /move",
             );
         }
         let topo = self.snapshots.current();
@@ -246,7 +253,7 @@ impl Admin {
             "shard_count": t.shard_count,
             "idcs": idcs,
             "overrides": overrides,
-            "moves": [],
+            "moves": crate::moves::status_json(&t.overrides, crate::moves::unix_now_ms()),
             "gateways": self.snapshots.gateways(),
             "sets": sets,
             "tls": self.tls.as_ref().map(|c| c.status()),

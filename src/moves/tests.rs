@@ -275,9 +275,9 @@ fn finishing_a_drain_rolls_back_its_override_and_majority_views() {
     let b: HealthView = [("sh".to_owned(), false), ("bj".to_owned(), false)].into();
     let c: HealthView = [("sh".to_owned(), true)].into();
     let m = majority_view([&a, &b, &c]);
-    assert_eq!(m["sh"], true);
-    assert_eq!(m["bj"], false);
+    assert!(m["sh"]);
+    assert!(!m["bj"]);
     let tie = majority_view([&a, &b]);
-    assert_eq!(tie["sh"], false, "a tie is no majority");
+    assert!(!tie["sh"], "a tie is no majority");
     assert!(target_can_serve(&t, &rec, &m));
 }
