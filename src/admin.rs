@@ -306,6 +306,7 @@ pub fn explain_json(t: &Topology, key: &str, route: Option<&str>) -> Result<Valu
         "serving_idc": t.serving(shard).map(name),
         "failover_order": t.failover_order(shard).iter().map(|&i| name(i)).collect::<Vec<_>>(),
         "reason": t.serving_reason(shard),
+        "fenced": t.is_fenced(shard),
         "revision": t.revision,
     }))
 }

@@ -151,11 +151,26 @@ fn check_no_open_move(t: &Topology, shards: &ShardSet, what: &str) -> Result<(),
                     MoveKind::Move => "move",
                     MoveKind::Drain => "drain",
                 },
-                record.ranges.join(",")
+                shown(&record.ranges)
             )));
         }
     }
     Ok(())
+}
+
+/// A record's ranges for a message: the first few, then how many more.
+fn shown(ranges: &[String]) -> String {
+    const SHOWN: usize = 4;
+    let mut s = ranges
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if ranges.len() > SHOWN {
+        s.push_str(&format!(",… ({} ranges)", ranges.len()));
+    }
+    s
 }
 
 /// A new record's id: kind, IDC and the time, so `status` sorts and reads well.

@@ -287,8 +287,8 @@ async fn etcd_action(c: &EtcdCluster, action: &Action, wait: bool, args: &Operat
             };
             let line = format!(
                 "drain {idc}: state draining, move/{id} fencing {} shards ({}) at revision {revision}\n\
-                 writes to them get 503 fenced; reads stay with {idc} until the leader applies the move\n\
-                 (every live gateway acknowledged the fence and fence_ms {} ms passed)",
+                 writes to them get 503 fenced, reads stay with {idc}; the leader switches owners once\n\
+                 every live gateway acknowledged the fence and fence_ms ({} ms) passed",
                 count_shards(&record.ranges),
                 short_ranges(&record.ranges),
                 t.failover.fence.as_millis()
@@ -309,7 +309,8 @@ async fn etcd_action(c: &EtcdCluster, action: &Action, wait: bool, args: &Operat
             };
             let line = format!(
                 "move {range} -> {to}: move/{id} fencing {} shards (from {}) at revision {revision}\n\
-                 writes to them get 503 fenced; reads stay with the old owner until the leader applies the move",
+                 writes to them get 503 fenced, reads stay with the old owner; the leader switches\n\
+                 owners once every live gateway acknowledged the fence and fence_ms passed",
                 count_shards(&record.ranges),
                 record.from.as_deref().unwrap_or("several IDCs"),
             );
