@@ -94,7 +94,7 @@ fn printed_move_id(out: &Output) -> String {
 
 /// Acts as the elected leader: runs the driver pass until it decides `id`.
 async fn drive_until_decided(etcd: &Etcd, id: &str) -> Step {
-    let conn = EtcdConn::connect(&[etcd.url.clone()], Duration::from_secs(3))
+    let conn = EtcdConn::connect(std::slice::from_ref(&etcd.url), Duration::from_secs(3))
         .await
         .unwrap();
     let keys = Keys::new(CLUSTER);
