@@ -202,6 +202,13 @@ pub async fn wait_move(
 /// override in the same transaction. Returns the decisions that were written.
 pub async fn drive_once(etcd: &Etcd, keys: &Keys) -> Result<Vec<(String, Step)>, EtcdError> {
     let listed = etcd.list(keys).await?;
+    // The leader calls this on a timer: with no open record, skip building the snapshot.
+    let any_open = listed
+        .overrides(keys)
+        .is_ok_and(|o| o.moves.values().any(|r| r.phase.is_open()));
+    if !any_open {
+        return Ok(Vec::new());
+    }
     let Ok(t) = live_topology(keys, &listed) else {
         // No usable topology: nothing can be judged; the records wait (or time out later).
         return Ok(Vec::new());
