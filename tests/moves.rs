@@ -363,3 +363,96 @@ async fn overrides_and_open_moves_survive_a_restart() {
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_need_the_token_and_say_why_they_refuse() {
+    let c = Cluster::start_with(Options {
+        cache_dir: true,
+        tweak: support::ConfigTweak::new(|cfg| cfg.admin_token = Some("s3cret".into())),
+        ..Options::default()
+    })
+    .await;
+    let base = format!("http://{}", c.admin());
+    let post = |path: &'static str, token: Option<&'static str>, body: Value| {
+        let base = base.clone();
+        async move {
+            let (status, body) = shardgate::admin_client::post_json(
+                &base,
+                path,
+                token,
+                &body,
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            (
+                status,
+                serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let down = serde_json::json!({"state": "down", "reason": "r", "by": "b"});
+    assert_eq!(post("/override/idc/sh", None, down.clone()).await.0, 401);
+    assert_eq!(
+        post("/override/idc/sh", Some("wrong"), down.clone())
+            .await
+            .0,
+        401
+    );
+    let (status, v) = post(
+        "/override/idc/sh",
+        Some("s3cret"),
+        serde_json::json!({"state": "sideways"}),
+    )
+    .await;
+    assert_eq!((status, v["error"].as_str()), (422, Some("invalid")), "{v}");
+    let (status, v) = post("/override/idc/nowhere", Some("s3cret"), down.clone()).await;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = post(
+        "/override/idc/sh",
+        Some("s3cret"),
+        serde_json::json!({"state": "warming"}),
+    )
+    .await;
+    assert_eq!((status, v["error"].as_str()), (409, Some("refused")), "{v}");
+    let (status, v) = post(
+        "/move",
+        Some("s3cret"),
+        serde_json::json!({"range": "x-y", "to": "sh"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{v}");
+    let (status, _) = post("/move", Some("s3cret"), serde_json::json!({"to": "sh"})).await;
+    assert_eq!(status, 400, "a body without a range");
+    assert_eq!(
+        idc_status(
+            &support::send(
+                c.admin(),
+                get("/status", &[("authorization", "Bearer s3cret")])
+            )
+            .await
+            .json(),
+            "sh"
+        )["state"],
+        "active"
+    );
+
+    // The CLI passes the token along; without it the gateway refuses (exit 1).
+    let out = shardgate(&c, &["failover", "sh"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let out = shardgate(&c, &["failover", "sh", "--admin-token", "s3cret"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        idc_status(
+            &support::send(
+                c.admin(),
+                get("/status", &[("authorization", "Bearer s3cret")])
+            )
+            .await
+            .json(),
+            "sh"
+        )["state"],
+        "down"
+    );
+    c.stop().await;
+}
