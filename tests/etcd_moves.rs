@@ -331,3 +331,39 @@ async fn failover_restore_and_refusals_through_etcd() {
     g1.shutdown().await;
     g2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_nowhere_to_go_is_rolled_back_with_its_override() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let (g1, g2) = setup(&etcd, &idcs, 300).await;
+    let out = cli(&etcd, &["drain", "gz"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let id = printed_move_id(&out);
+    // Both other IDCs go down during the fence (as an automatic decision would write them).
+    let down = r#"{"state":"down","reason":"auto","by":"leader"}"#;
+    etcd.put("override/idc/sh", down).await;
+    etcd.put("override/idc/bj", down).await;
+    match drive_until_decided(&etcd, &id).await {
+        Step::RollBack(why) => assert!(why.contains("no other IDC"), "{why}"),
+        other => panic!("expected a rollback, got {other:?}"),
+    }
+    let stored = record(&etcd, &id).await;
+    assert_eq!(stored["phase"], "rolled_back");
+    assert!(stored["note"].as_str().unwrap().contains("no other IDC"));
+    assert!(
+        etcd.get("override/idc/gz").await.is_none(),
+        "rolling back a drain removes its draining override in the same transaction"
+    );
+    // gz serves again, writes included: the fence is lifted.
+    let key = key_in(0, 63);
+    for g in [&g1, &g2] {
+        eventually("gz to serve again", || async {
+            let (status, _, idc) = post(g.proxy_addr, &key).await;
+            (status == 200 && idc.as_deref() == Some("gz")).then_some(())
+        })
+        .await;
+    }
+    g1.shutdown().await;
+    g2.shutdown().await;
+}

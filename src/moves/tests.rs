@@ -281,3 +281,53 @@ fn finishing_a_drain_rolls_back_its_override_and_majority_views() {
     assert!(!tie["sh"], "a tie is no majority");
     assert!(target_can_serve(&t, &rec, &m));
 }
+
+proptest::proptest! {
+    /// Whatever the records and states, every shard has exactly one serving IDC while some IDC
+    /// is active, that IDC can serve it, and the fence is exactly the open records' shards.
+    #[test]
+    fn every_shard_keeps_one_owner_that_can_serve(
+        records in proptest::collection::vec(
+            (0u32..64, 0u32..16, 0usize..3, 0u8..3, proptest::bool::ANY),
+            0..6,
+        ),
+        states in proptest::collection::vec(0u8..4, 3),
+    ) {
+        let names = ["sh", "bj", "gz"];
+        let mut o = Overrides::default();
+        for (i, s) in states.iter().enumerate() {
+            let state = [IdcState::Active, IdcState::Down, IdcState::Draining, IdcState::Warming][*s as usize];
+            if state != IdcState::Active {
+                o.idcs.insert(names[i].into(), op().idc_override(state));
+            }
+        }
+        // At least one active IDC.
+        o.idcs.remove("bj");
+        let mut fenced = ShardSet::new(64);
+        for (n, (start, len, idc, phase, drain)) in records.into_iter().enumerate() {
+            let end = (start + len).min(63);
+            let mut r = if drain {
+                record(MoveKind::Drain, &[&format!("{start}-{end}")], Some(names[idc]), None)
+            } else {
+                record(MoveKind::Move, &[&format!("{start}-{end}")], None, Some(names[idc]))
+            };
+            r.phase = [MovePhase::Fencing, MovePhase::Applied, MovePhase::RolledBack][phase as usize];
+            r.fence_revision = n as u64;
+            if r.phase == MovePhase::Fencing {
+                fenced.insert_range((start, end));
+            }
+            o.moves.insert(format!("r{n}"), r);
+        }
+        let t = topo(&o);
+        proptest::prop_assert_eq!(t.shards_served().iter().sum::<u32>(), 64);
+        for s in 0..64 {
+            let idc = t.serving(Shard(s)).unwrap();
+            let state = t.idc(idc).state;
+            proptest::prop_assert!(state != IdcState::Down, "shard {} on a down IDC", s);
+            if state == IdcState::Draining {
+                proptest::prop_assert!(t.is_fenced(Shard(s)), "a draining IDC serves only fenced shards");
+            }
+            proptest::prop_assert_eq!(t.is_fenced(Shard(s)), fenced.contains(s));
+        }
+    }
+}
