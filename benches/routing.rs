@@ -41,6 +41,27 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(topo.decide(black_box(view))))
     });
 
+    // A POST while a move fences a quarter of the shards: the decision plus the one bit
+    // test the proxy adds for requests that may write.
+    let mut fencing = Overrides::default();
+    let record: shardgate::topology::overrides::MoveRecord = serde_json::from_str(
+        r#"{"kind":"move","ranges":["0-4095"],"to":"sh","phase":"fencing","fenced_at_ms":1}"#,
+    )
+    .expect("a move record");
+    fencing.moves.insert("bench".into(), record);
+    let fenced = build(raw.clone(), &fencing, &ctx, &upstreams).expect("valid");
+    let post = Method::POST;
+    let post_view = RequestView {
+        method: &post,
+        ..view
+    };
+    c.bench_function("decide/header_key_plus_fence_check_post", |b| {
+        b.iter(|| {
+            let d = fenced.decide(black_box(post_view));
+            black_box(d.map(|d| d.shard.is_some_and(|s| fenced.is_fenced(s))))
+        })
+    });
+
     let path_uri: Uri = "/svc333/v1/merchant-77/items".parse().expect("uri");
     let no_key_headers = {
         let mut h = HeaderMap::new();

@@ -41,6 +41,13 @@ impl Handler for Admin {
                 let target = write::percent_decode(target);
                 return write::degrade(&self, &target, req).await;
             }
+            if let Some(idc) = req.uri().path().strip_prefix("/override/idc/") {
+                let idc = write::percent_decode(idc);
+                return write::idc(&self, &idc, req).await;
+            }
+            if req.uri().path() == "/move" {
+                return write::move_range(&self, req).await;
+            }
         }
         self.handle(&req)
     }
@@ -104,7 +111,7 @@ impl Admin {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>",
+                "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>, /override/idc/<idc> and /move",
             );
         }
         let topo = self.snapshots.current();
@@ -254,7 +261,7 @@ impl Admin {
             "shard_count": t.shard_count,
             "idcs": idcs,
             "overrides": overrides,
-            "moves": [],
+            "moves": crate::moves::status_json(&t.overrides, crate::moves::unix_now_ms()),
             "gateways": self.snapshots.gateways(),
             "sets": sets,
             "tls": self.tls.as_ref().map(|c| c.status()),
@@ -307,6 +314,7 @@ pub fn explain_json(t: &Topology, key: &str, route: Option<&str>) -> Result<Valu
         "serving_idc": t.serving(shard).map(name),
         "failover_order": t.failover_order(shard).iter().map(|&i| name(i)).collect::<Vec<_>>(),
         "reason": t.serving_reason(shard),
+        "fenced": t.is_fenced(shard),
         "revision": t.revision,
     }))
 }

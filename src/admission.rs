@@ -73,6 +73,10 @@ pub enum Refusal {
         set: String,
         retry_after_s: u32,
     },
+    /// A write for a shard that a planned move has fenced (decided by the proxy from the
+    /// snapshot, not by `admit`, but counted and answered like every refusal).
+    #[error("shard {shard} is moving to a new owner: writes are fenced until it is published")]
+    Fenced { shard: u32, retry_after_s: u32 },
 }
 
 impl Refusal {
@@ -84,6 +88,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Degraded { .. } => "degraded",
             Refusal::CircuitOpen { .. } => "circuit_open",
+            Refusal::Fenced { .. } => "fenced",
         }
     }
 }

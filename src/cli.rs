@@ -15,7 +15,10 @@ use crate::topology::{self, BuildContext, Overrides};
 
 mod admin;
 mod etcd;
+mod operator;
+mod operator_admin;
 pub use etcd::{DegradeArgs, EtcdArgs, EtcdSecurityArgs, PushArgs};
+pub use operator::{DrainArgs, FailoverArgs, MoveArgs, OperatorArgs, RestoreArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +53,15 @@ pub enum Command {
     /// Turn the degrade switch of a set or `route:<name>` on or off (etcd, or a file-mode
     /// gateway's admin API).
     Degrade(DegradeArgs),
+    /// Planned drain of an IDC: its shards leave behind a write fence (etcd, or a file-mode
+    /// gateway's admin API).
+    Drain(DrainArgs),
+    /// Emergency failover: mark an IDC down, its shards leave at once.
+    Failover(FailoverArgs),
+    /// Bring an IDC back: `warming`, its home shards return in steps over --warmup.
+    Restore(RestoreArgs),
+    /// Planned move of a shard range to another IDC, behind a write fence.
+    Move(MoveArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -175,6 +187,10 @@ pub fn main() -> ExitCode {
         Command::Push(args) => etcd::push(args),
         Command::Degrade(args) if args.etcd.given() => etcd::degrade(args),
         Command::Degrade(args) => admin::degrade(&args),
+        Command::Drain(args) => operator::drain(args),
+        Command::Failover(args) => operator::failover(args),
+        Command::Restore(args) => operator::restore(args),
+        Command::Move(args) => operator::move_range(args),
     };
     ExitCode::from(code)
 }
@@ -518,16 +534,8 @@ fn status(args: StatusArgs) -> u8 {
             tripped.join(", ")
         }
     );
-    let overrides = v["overrides"].as_array().map_or(0, Vec::len);
     println!();
-    println!(
-        "overrides: {}",
-        if overrides == 0 {
-            "none".to_owned()
-        } else {
-            v["overrides"].to_string()
-        }
-    );
+    operator::print_overrides_and_moves(&v);
     exit::OK
 }
 

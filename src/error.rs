@@ -87,9 +87,8 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             ProxyError::Refused(Refusal::RateLimited { retry_after_s, .. })
-            | ProxyError::Refused(Refusal::CircuitOpen { retry_after_s, .. }) => {
-                Some(*retry_after_s)
-            }
+            | ProxyError::Refused(Refusal::CircuitOpen { retry_after_s, .. })
+            | ProxyError::Refused(Refusal::Fenced { retry_after_s, .. }) => Some(*retry_after_s),
             ProxyError::Refused(Refusal::Degraded {
                 fallback: Some(fb), ..
             }) => fb.retry_after_s,
@@ -159,6 +158,13 @@ mod tests {
         assert_eq!(full.status(), 503);
         assert_eq!(full.reason(), Some("set_full"));
         assert_eq!(full.retry_after(), Some(1));
+        let fenced = ProxyError::Refused(Refusal::Fenced {
+            shard: 7,
+            retry_after_s: 2,
+        });
+        assert_eq!(fenced.status(), 503);
+        assert_eq!(fenced.reason(), Some("fenced"));
+        assert_eq!(fenced.retry_after(), Some(2));
     }
 
     #[test]

@@ -27,6 +27,9 @@
 //! `Snapshots::publish`, the last good snapshot is cached on disk, and each gateway registers
 //! itself (`gateway/<instance>`) with the revision it serves.
 //!
+//! Planned moves and operator IDC control live in [`moves`]: the checks of `drain`, `move`,
+//! `failover`, `restore`, and the phase function of a fenced move with its file-mode driver.
+//!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
 //! backends for the demo and the tests), [`demo`].
@@ -45,6 +48,7 @@ pub mod forward;
 pub mod fuzz;
 pub mod headers;
 pub mod health;
+pub mod moves;
 pub mod proxy;
 pub mod route;
 pub mod server;
@@ -155,6 +159,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let health = health::Health::new(snapshots.clone(), metrics.clone());
     tasks.push(tokio::spawn(health.clone().run(shutdown_rx.clone())));
+    if let Some(store) = &file_overrides {
+        // The single gateway drives its own fenced moves (in etcd mode the leader does), and
+        // judges a move's target by its own health view.
+        let view: moves::driver::ViewFn = {
+            let health = health.clone();
+            Arc::new(move || health.idc_view())
+        };
+        tasks.push(tokio::spawn(moves::driver::run(
+            snapshots.clone(),
+            store.clone(),
+            view,
+            shutdown_rx.clone(),
+        )));
+    }
     // Warm-up steps (and override expiry) change the serving table with time alone.
     tasks.push(tokio::spawn(
         snapshots.clone().run_timed_rebuilds(shutdown_rx.clone()),

@@ -18,8 +18,8 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::forward::{forward, ForwardError, ForwardPolicy};
 use crate::headers;
-use crate::telemetry::{IdcSetLabels, Metrics, RequestLabels, RouteLabels};
-use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, Topology};
+use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, RequestLabels, RouteLabels};
+use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, SetId, Shard, Topology};
 use crate::upgrade;
 
 /// Settings of the data path that do not come from the topology.
@@ -183,6 +183,15 @@ impl Gateway {
         outcome.shard = decision.shard.map(|s| s.0);
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
+
+        // The write fence (§5): while a planned move is in phase 1 its shards take reads
+        // (at the old owner) but no writes, so the new owner never sees a write the old one
+        // has not replicated. One bit test, only for requests that may write.
+        if let Some(shard) = decision.shard {
+            if !is_safe(req.method()) && topo.is_fenced(shard) {
+                return Err(self.fenced(topo, route.set, shard));
+            }
+        }
 
         // A declared length past the limit is refused before anything is sent; a streamed
         // body is counted as it goes (`RequestBody`).
@@ -499,6 +508,22 @@ impl Gateway {
             RequestBody::client(body, self.settings.body_timeout, route_limit)
         };
         Ok(Request::from_parts(parts, body))
+    }
+
+    /// The refusal of a fenced write, counted in `shardgate_refused_total`.
+    fn fenced(&self, topo: &Topology, set: SetId, shard: Shard) -> ProxyError {
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                set: topo.set(set).name.clone(),
+                reason: "fenced",
+            })
+            .inc();
+        let retry_after_s = (topo.failover.fence.as_millis().div_ceil(1000) as u32).max(1);
+        ProxyError::Refused(Refusal::Fenced {
+            shard: shard.0,
+            retry_after_s,
+        })
     }
 
     fn route_error(&self, topo: &Topology, e: RouteError, outcome: &mut Outcome) -> ProxyError {

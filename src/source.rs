@@ -272,12 +272,20 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
 pub struct FileOverrides {
     path: Option<PathBuf>,
     reload: tokio::sync::Notify,
+    /// Held across read → change → write, so two writers (an operator's write, the move
+    /// driver) never lose each other's change.
+    writing: Mutex<()>,
 }
 
 impl FileOverrides {
     /// Where they are kept; `None` without `--cache-dir`.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Taken around a read-modify-write of the overrides.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The overrides on disk (none when the file is missing or unreadable).
@@ -338,6 +346,7 @@ impl FileSource {
             overrides: Arc::new(FileOverrides {
                 path: cache_dir.map(|d| d.join("overrides.json")),
                 reload: tokio::sync::Notify::new(),
+                writing: Mutex::new(()),
             }),
             snapshots,
             revision: 0,

@@ -163,7 +163,7 @@ impl Metrics {
         let refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "refused",
-            "Requests refused by admission, by set and reason (set_full, shed, rate_limited, degraded, circuit_open)",
+            "Requests the gateway refused, by set and reason (set_full, shed, rate_limited, degraded, circuit_open, fenced)",
             refused.clone(),
         );
         let breaker_state = Family::<IdcSetLabels, Gauge>::default();

@@ -5,6 +5,7 @@
 mod build;
 mod diff;
 mod isolation;
+pub mod moves;
 pub mod overrides;
 mod problems;
 pub mod raw;
@@ -14,8 +15,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, Uri};
 
-pub use build::{build, next_warmup_step, warmed, BuildContext};
+pub use build::{build, next_warmup_step, parse_range, warmed, BuildContext};
 pub use diff::{diff, TopologyDiff};
+pub use moves::ShardSet;
 pub use overrides::{DegradeOverride, IdcOverride, IdcState, Overrides};
 pub use problems::{Problem, Problems};
 pub use raw::RawTopology;
@@ -172,6 +174,8 @@ pub struct Topology {
     order: Vec<IdcId>,
     /// shard → serving IDC now; `None` when no IDC in its order can serve.
     serving: Vec<Option<IdcId>>,
+    /// Shards whose writes are fenced by a move in phase `fencing` (empty when none).
+    fenced: ShardSet,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
     /// When (unix ms) the serving table changes with time alone (next warm-up step, an
@@ -284,6 +288,17 @@ impl Topology {
         self.serving.get(shard.0 as usize).copied().flatten()
     }
 
+    /// Whether non-idempotent requests for `shard` are refused now (a move is fencing it).
+    #[inline]
+    pub fn is_fenced(&self, shard: Shard) -> bool {
+        self.fenced.contains(shard.0)
+    }
+
+    /// The shards under a write fence now.
+    pub fn fenced(&self) -> &ShardSet {
+        &self.fenced
+    }
+
     /// The shard's failover order, home first.
     pub fn failover_order(&self, shard: Shard) -> &[IdcId] {
         let n = self.idcs.len();
@@ -308,9 +323,18 @@ impl Topology {
     /// Why a shard is served where it is, in words for `explain`.
     pub fn serving_reason(&self, shard: Shard) -> String {
         let home = self.home(shard);
-        let pinned = self.is_pinned(shard);
-        let placed = if pinned { "pinned" } else { "ring" };
-        match self.serving(shard) {
+        let moved = moves::moved_by(&self.overrides, shard.0, self.shard_count);
+        let placed = match moved {
+            Some((id, _)) => format!("moved by move/{id}"),
+            None if self.is_pinned(shard) => "pinned".to_owned(),
+            None => "ring".to_owned(),
+        };
+        let fence = if self.is_fenced(shard) {
+            "; writes are fenced while it moves"
+        } else {
+            ""
+        };
+        let why = match self.serving(shard) {
             Some(idc) if idc == home => {
                 format!(
                     "home IDC {} ({placed}) is {}",
@@ -329,7 +353,8 @@ impl Topology {
                 self.idc(home).name,
                 self.idc(home).state
             ),
-        }
+        };
+        format!("{why}{fence}")
     }
 
     fn is_pinned(&self, shard: Shard) -> bool {

@@ -1,6 +1,8 @@
 //! Operator writes on the admin API in file mode (DESIGN.md §8): `POST /override/degrade/<target>`
-//! `{"on","reason","by","force"}` → checked against the live snapshot, kept atomically in the
-//! cache dir's `overrides.json`, then republished by the file source; answers once served.
+//! `{"on","reason","by","force"}`, and in [`idc`](self::idc) the IDC states and fenced moves
+//! (`POST /override/idc/<idc>`, `POST /move`) → checked against the live snapshot, kept
+//! atomically in the cache dir's `overrides.json`, then republished by the file source;
+//! answers once served.
 
 use std::time::Duration;
 
@@ -11,9 +13,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{error, json_response, Admin};
+
+mod idc;
 use crate::body::ResponseBody;
 use crate::topology::overrides::unix_now;
 use crate::topology::DegradeOverride;
+pub(super) use idc::{idc, move_range};
 
 /// Admin request bodies are a few fields of JSON.
 const MAX_BODY: usize = 64 * 1024;
@@ -57,6 +62,23 @@ pub(super) fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The request body, bounded in size and time; or the answer saying why not.
+async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, Response<ResponseBody>> {
+    match tokio::time::timeout(DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the body could not be read (or is over 64 KiB)",
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the body was too slow",
+        )),
+    }
+}
+
 pub(super) async fn degrade(
     admin: &Admin,
     target: &str,
@@ -69,26 +91,10 @@ pub(super) async fn degrade(
             "this gateway reads its topology from etcd: use `shardgate degrade --etcd …`",
         );
     };
-    let body =
-        match tokio::time::timeout(DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect())
-            .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(_)) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "the body could not be read (or is over 64 KiB)",
-                )
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "timeout",
-                    "the body was too slow",
-                )
-            }
-        };
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let write: DegradeWrite = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => {
@@ -125,9 +131,12 @@ pub(super) async fn degrade(
         by: write.by,
         at: unix_now(),
     };
+    let guard = store.lock();
     let mut overrides = store.read();
     overrides.degrade.insert(target.to_owned(), value.clone());
-    if let Err(e) = store.write(&overrides) {
+    let written = store.write(&overrides);
+    drop(guard);
+    if let Err(e) = written {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "write_failed",

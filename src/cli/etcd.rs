@@ -176,18 +176,18 @@ pub fn parse_percent(text: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("`{text}` is not a percentage between 0 and 100"))
 }
 
-fn code(command: &str, e: &OpError) -> u8 {
+pub(super) fn code(command: &str, e: &OpError) -> u8 {
     eprintln!("shardgate {command}: {e}");
     match e {
         OpError::Unreachable(_) => exit::UNREACHABLE,
         OpError::Refused(_) => exit::REFUSED,
-        OpError::Conflict { .. } => exit::CONFLICT,
+        OpError::Conflict { .. } | OpError::Changed(_) => exit::CONFLICT,
         OpError::TimedOut(_) => exit::TIMED_OUT,
     }
 }
 
 /// Runs an operator command against the cluster named by `args`.
-fn against_cluster<F>(command: &str, args: &EtcdArgs, f: F) -> u8
+pub(super) fn against_cluster<F>(command: &str, args: &EtcdArgs, f: F) -> u8
 where
     F: AsyncFnOnce(EtcdCluster) -> u8,
 {
@@ -373,7 +373,7 @@ fn show_ranges(ranges: &[(u32, u32)]) -> String {
     parts.join(", ")
 }
 
-async fn wait(c: &EtcdCluster, command: &str, revision: i64, limit: Duration) -> u8 {
+pub(super) async fn wait(c: &EtcdCluster, command: &str, revision: i64, limit: Duration) -> u8 {
     println!(
         "waiting up to {} ms for every registered gateway to serve revision {revision}",
         limit.as_millis()
@@ -522,11 +522,16 @@ pub fn status_json(c: &EtcdCluster, listed: &ClusterKeys) -> Value {
                 .map(|(t, o)| json!({"target": format!("degrade/{t}"), "value": o})),
         )
         .collect();
-    let moves: Vec<Value> = listed
-        .moves()
-        .into_iter()
-        .map(|(id, v)| json!({"id": id, "value": v}))
-        .collect();
+    let moves = listed.overrides(keys).map_or_else(
+        |_| {
+            listed
+                .moves()
+                .into_iter()
+                .map(|(id, v)| json!({"id": id, "value": v}))
+                .collect()
+        },
+        |o| crate::moves::status_json(&o, crate::moves::unix_now_ms()),
+    );
     let gateways: Vec<Value> = listed
         .gateways()
         .into_iter()
@@ -609,24 +614,7 @@ fn print_status(v: &Value) {
         }
     }
     println!();
-    let overrides = v["overrides"].as_array().cloned().unwrap_or_default();
-    if overrides.is_empty() {
-        println!("overrides: none");
-    } else {
-        println!("overrides:");
-        for o in &overrides {
-            println!("  {:<24} {}", s(&o["target"]), o["value"]);
-        }
-    }
-    let moves = v["moves"].as_array().cloned().unwrap_or_default();
-    if moves.is_empty() {
-        println!("moves in progress: none");
-    } else {
-        println!("moves in progress:");
-        for m in &moves {
-            println!("  {:<12} {}", s(&m["id"]), m["value"]);
-        }
-    }
+    super::operator::print_overrides_and_moves(v);
     println!();
     let gateways = v["gateways"].as_array().cloned().unwrap_or_default();
     if gateways.is_empty() {

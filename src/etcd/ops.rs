@@ -31,6 +31,9 @@ pub enum OpError {
         expected: i64,
         found: i64,
     },
+    /// A key the command was checked against changed before it wrote; nothing written (exit 3).
+    #[error("conflict: {0}")]
+    Changed(String),
     /// Waited too long (exit 5).
     #[error("{0}")]
     TimedOut(String),
@@ -230,6 +233,11 @@ impl EtcdCluster {
 
     pub fn endpoints(&self) -> &str {
         self.etcd.endpoints()
+    }
+
+    /// The connection, for writes made elsewhere (`moves::cluster`).
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
     }
 
     /// Every key of the cluster at one revision.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use consistent_hash_ring::{Ring, RingBuilder};
 use http::Method;
 
+use super::moves::ShardSet;
 use super::overrides::{unix_now, unix_now_ms};
 use super::raw::{RawIdc, RawRoute, RawTopology};
 use super::{
@@ -325,9 +326,18 @@ pub fn build(
     let matcher = RouteMatcher::new(&rules);
 
     let ring = idc_ring(&doc.idcs);
-    let (home, order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
+    let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
+    let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
     let timing = warmup_timing(&idcs, &failover, overrides);
-    let serving = serving_table(&idcs, &home, &order, shard_count, &timing, now_ms);
+    let serving = serving_table(
+        &idcs,
+        &home,
+        &order,
+        shard_count,
+        &timing,
+        &moves.drain_serves,
+        now_ms,
+    );
     let next_change_ms = next_change(&idcs, &timing, overrides, now_ms);
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
@@ -361,6 +371,7 @@ pub fn build(
         home,
         order,
         serving,
+        fenced: moves.fenced,
         global,
         next_change_ms,
     })
@@ -688,11 +699,21 @@ pub fn next_warmup_step(since_ms: u64, now_ms: u64, warmup: Duration) -> Option<
     Some(since_ms.saturating_add(offset as u64))
 }
 
-fn can_serve(idc: &Idc, shard: Shard, warmup: Duration, since_ms: u64, now_ms: u64) -> bool {
+/// A draining IDC keeps serving the shards of its drain while the drain is fenced (`drain`:
+/// what it served when the drain started), and nothing once it is applied.
+fn can_serve(
+    idc: &Idc,
+    shard: Shard,
+    warmup: Duration,
+    since_ms: u64,
+    now_ms: u64,
+    drain: Option<&ShardSet>,
+) -> bool {
     match idc.state {
         IdcState::Active => true,
         IdcState::Warming => warmed(shard, since_ms, now_ms, warmup),
-        IdcState::Draining | IdcState::Down => false,
+        IdcState::Draining => drain.is_some_and(|d| d.contains(shard.0)),
+        IdcState::Down => false,
     }
 }
 
@@ -752,6 +773,7 @@ fn serving_table(
     order: &[IdcId],
     shard_count: u32,
     timing: &WarmupTiming,
+    drain_serves: &[Option<ShardSet>],
     now_ms: u64,
 ) -> Vec<Option<IdcId>> {
     let n = idcs.len();
@@ -768,6 +790,7 @@ fn serving_table(
                     timing.warmup[i],
                     timing.since_ms[i],
                     now_ms,
+                    drain_serves[i].as_ref(),
                 )
             })
         })

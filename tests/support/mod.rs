@@ -254,27 +254,49 @@ impl Cluster {
         let doc = cluster.document(&pins);
         cluster.write_topology(&doc);
 
-        let mut config = Config::for_file(&cluster.topology_path);
+        cluster.running = Some(cluster.start_gateway().await);
+        cluster
+    }
+
+    /// The gateway's configuration: ports 0, this cluster's topology file and cache dir.
+    fn config(&self) -> Config {
+        let mut config = Config::for_file(&self.topology_path);
         config.listen = "127.0.0.1:0".parse().expect("loopback address");
         config.admin = "127.0.0.1:0".parse().expect("loopback address");
-        config.local_idc = cluster.options.local_idc.clone();
-        config.file_poll = cluster.options.file_poll;
-        config.timeouts.drain = cluster.options.drain;
-        if cluster.options.cache_dir {
-            config.cache_dir = Some(cluster.dir.path().join("cache"));
+        config.local_idc = self.options.local_idc.clone();
+        config.file_poll = self.options.file_poll;
+        config.timeouts.drain = self.options.drain;
+        if self.options.cache_dir {
+            config.cache_dir = Some(self.dir.path().join("cache"));
         }
-        if let Some(tweak) = &cluster.options.tweak {
+        if let Some(tweak) = &self.options.tweak {
             (tweak.0)(&mut config);
         }
-        let running = within(
+        config
+    }
+
+    async fn start_gateway(&self) -> Running {
+        within(
             Duration::from_secs(10),
             "the gateway to start",
-            shardgate::start(config),
+            shardgate::start(self.config()),
         )
         .await
-        .expect("the gateway starts on the test topology");
-        cluster.running = Some(running);
-        cluster
+        .expect("the gateway starts on the test topology")
+    }
+
+    /// Stops the gateway and starts a new one on the same topology file and cache dir (new
+    /// ports), as a restart of the process would.
+    pub async fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            within(
+                Duration::from_secs(15),
+                "the gateway to shut down",
+                running.shutdown(),
+            )
+            .await;
+        }
+        self.running = Some(self.start_gateway().await);
     }
 
     /// The test topology with these pins, naming this cluster's backends.
