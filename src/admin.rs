@@ -248,6 +248,7 @@ impl Admin {
             "overrides": overrides,
             "moves": [],
             "gateways": self.snapshots.gateways(),
+            "leader": self.snapshots.leader(),
             "sets": sets,
             "tls": self.tls.as_ref().map(|c| c.status()),
             "breakers": self.admission.breakers_status(),

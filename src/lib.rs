@@ -21,6 +21,10 @@
 //! `Snapshots::publish`, the last good snapshot is cached on disk, and each gateway registers
 //! itself (`gateway/<instance>`) with the revision it serves.
 //!
+//! Who decides IDC states: [`failover`] (pure rules with hysteresis; in file mode a
+//! controller on this gateway's own view), and in etcd mode the elected leader
+//! (`etcd::leader`) deciding from the majority of gateways' views and driving fenced moves.
+//!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
 //! backends for the demo and the tests), [`demo`].
@@ -34,6 +38,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod etcd;
+pub mod failover;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
@@ -111,6 +116,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let mut file =
                 FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
             file_overrides = Some(file.overrides_handle());
+            // The single instance decides alone from its own view. The view counts the
+            // backends passive outlier detection avoids.
+            let view_of = snapshots.clone();
+            let view: failover::controller::HealthView = Arc::new(move || {
+                view_of
+                    .current()
+                    .map(|t| etcd::registry::health_view(&t))
+                    .unwrap_or_default()
+            });
+            let controller = failover::controller::FileController::new(
+                snapshots.clone(),
+                file.overrides_handle(),
+                view,
+                None,
+            );
+            tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
             file.load().map_err(|problems| {
                 anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
             })?;
@@ -164,13 +185,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     if let SourceConfig::Etcd { endpoints, cluster } = &config.source {
+        let instance = config
+            .instance
+            .clone()
+            .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr));
+        let leader = etcd::leader::Leader::new(
+            etcd::leader::LeaderSettings {
+                endpoints: endpoints.clone(),
+                cluster: cluster.clone(),
+                instance: instance.clone(),
+                timeout: config.timeouts.etcd,
+            },
+            snapshots.clone(),
+        );
+        tasks.push(tokio::spawn(leader.run(shutdown_rx.clone())));
         let registration = etcd::registry::Registration {
             endpoints: endpoints.clone(),
             cluster: cluster.clone(),
-            instance: config
-                .instance
-                .clone()
-                .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr)),
+            instance,
             idc: config.local_idc.clone(),
             proxy_addr,
             admin_addr,

@@ -31,6 +31,8 @@ pub struct Snapshots {
     revisions: watch::Sender<u64>,
     /// The cluster's registered gateways as the source last saw them (etcd), for `/status`.
     gateways: Mutex<Vec<serde_json::Value>>,
+    /// The elected failover leader's instance (etcd), for `/status`.
+    leader: Mutex<Option<String>>,
 }
 
 impl Snapshots {
@@ -46,6 +48,7 @@ impl Snapshots {
             last_problem: Mutex::new(None),
             revisions: watch::channel(0).0,
             gateways: Mutex::new(Vec::new()),
+            leader: Mutex::new(None),
         }
     }
 
@@ -157,6 +160,17 @@ impl Snapshots {
         }
     }
 
+    /// The elected failover leader (etcd mode; `None` in file mode or while there is none).
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().ok().and_then(|l| l.clone())
+    }
+
+    pub fn set_leader(&self, leader: Option<String>) {
+        if let Ok(mut l) = self.leader.lock() {
+            *l = leader;
+        }
+    }
+
     /// Why there is no snapshot yet (shown by `/readyz`); ignored once one is published.
     pub fn note_not_ready(&self, why: String) {
         if self.current.load().is_some() {
@@ -203,6 +217,11 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
 pub struct FileOverrides {
     path: Option<PathBuf>,
     reload: tokio::sync::Notify,
+    /// Serialises read-modify-write cycles (`update`), so two writers never lose one's change.
+    lock: Mutex<()>,
+    /// Without `--cache-dir`, the overrides live here only (lost on restart): automatic
+    /// failover must not depend on a cache dir.
+    memory: Mutex<Overrides>,
 }
 
 impl FileOverrides {
@@ -214,7 +233,7 @@ impl FileOverrides {
     /// The overrides on disk (none when the file is missing or unreadable).
     pub fn read(&self) -> Overrides {
         let Some(path) = &self.path else {
-            return Overrides::default();
+            return self.memory.lock().map(|m| m.clone()).unwrap_or_default();
         };
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -226,11 +245,15 @@ impl FileOverrides {
     }
 
     /// Replaces the file atomically (write aside, fsync, rename), so a crash leaves the old
-    /// or the new overrides, never half of them.
+    /// or the new overrides, never half of them. Without `--cache-dir` they are kept in
+    /// memory only.
     pub fn write(&self, overrides: &Overrides) -> std::io::Result<()> {
         use std::io::Write as _;
         let Some(path) = &self.path else {
-            return Err(std::io::Error::other("no --cache-dir to keep overrides in"));
+            if let Ok(mut m) = self.memory.lock() {
+                *m = overrides.clone();
+            }
+            return Ok(());
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -241,6 +264,18 @@ impl FileOverrides {
         f.write_all(&text)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
+    }
+
+    /// Reads, lets `f` change, and writes back only when something changed, under one lock.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Overrides) -> T) -> std::io::Result<T> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.read();
+        let mut after = before.clone();
+        let out = f(&mut after);
+        if after != before {
+            self.write(&after)?;
+        }
+        Ok(out)
     }
 
     /// Asks the file source to rebuild and publish the snapshot with the overrides on disk.
@@ -269,6 +304,8 @@ impl FileSource {
             overrides: Arc::new(FileOverrides {
                 path: cache_dir.map(|d| d.join("overrides.json")),
                 reload: tokio::sync::Notify::new(),
+                lock: Mutex::new(()),
+                memory: Mutex::new(Overrides::default()),
             }),
             snapshots,
             revision: 0,
