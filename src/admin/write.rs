@@ -125,9 +125,11 @@ pub(super) async fn degrade(
         by: write.by,
         at: unix_now(),
     };
-    let mut overrides = store.read();
-    overrides.degrade.insert(target.to_owned(), value.clone());
-    if let Err(e) = store.write(&overrides) {
+    // Under the store's lock: the failover controller writes the same file.
+    let kept = store.update(|o| {
+        o.degrade.insert(target.to_owned(), value.clone());
+    });
+    if let Err(e) = kept {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "write_failed",
