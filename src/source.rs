@@ -402,3 +402,48 @@ pub(crate) async fn recv_hangup(h: &mut Hangup) {
     let _ = h;
     std::future::pending::<()>().await;
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+mod tests {
+    use super::*;
+    use crate::topology::{IdcOverride, IdcState};
+
+    fn down() -> IdcOverride {
+        IdcOverride {
+            state: IdcState::Down,
+            reason: "auto".into(),
+            by: "shardgate".into(),
+            at: 1,
+            expires_at: None,
+            at_ms: 1000,
+            warmup_s: None,
+        }
+    }
+
+    // A runtime, because the file source installs its SIGHUP handler when made.
+    #[tokio::test]
+    async fn overrides_are_kept_on_disk_or_in_memory_and_updated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        for cache in [Some(dir.path()), None] {
+            let file = FileSource::new(
+                dir.path().join("topology.toml"),
+                cache,
+                Arc::new(Snapshots::new("file", None, Arc::new(Metrics::new()))),
+            )
+            .overrides_handle();
+            assert_eq!(file.read(), Overrides::default());
+            let n = file
+                .update(|o| {
+                    o.idcs.insert("sh".into(), down());
+                    o.idcs.len()
+                })
+                .unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(file.read().idcs["sh"], down());
+            file.update(|o| o.idcs.remove("sh")).unwrap();
+            assert!(file.read().idcs.is_empty());
+        }
+        assert!(dir.path().join("overrides.json").exists());
+    }
+}
