@@ -263,6 +263,7 @@ impl Admin {
             "overrides": overrides,
             "moves": crate::moves::status_json(&t.overrides, crate::moves::unix_now_ms()),
             "gateways": self.snapshots.gateways(),
+            "leader": self.snapshots.leader(),
             "sets": sets,
             "tls": self.tls.as_ref().map(|c| c.status()),
             "breakers": self.admission.breakers_status(),

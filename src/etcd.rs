@@ -6,9 +6,11 @@
 //!   publish the whole snapshot on every change; reconnect, resume or re-list as needed.
 //! - [`cache`]: the last good snapshot on disk, so a gateway boots while etcd is down.
 //! - [`registry`]: `gateway/<instance>` under a lease, carrying the applied revision.
+//! - [`leader`]: the elected failover decider: majority health decisions, fenced moves.
 //! - [`ops`]: the operator side: read the cluster, push with compare-and-swap, degrade, wait.
 
 pub mod cache;
+pub mod leader;
 pub mod ops;
 pub mod registry;
 pub mod source;
@@ -58,7 +60,8 @@ impl KeyKind {
         if relative == "topology" {
             return KeyKind::Topology;
         }
-        if relative == "leader" {
+        // The election keeps one key per candidate under `leader/`.
+        if relative == "leader" || relative.starts_with("leader/") {
             return KeyKind::Leader;
         }
         let named = |prefix: &str| {
@@ -274,6 +277,16 @@ impl ClusterKeys {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The elected failover leader's instance name: the election's value on the candidate key
+    /// created first (a candidate key is written once, so its mod revision is its creation).
+    pub fn leader(&self) -> Option<String> {
+        self.keys
+            .iter()
+            .filter(|(name, _)| name.starts_with("leader/"))
+            .min_by_key(|(_, s)| s.mod_revision)
+            .map(|(_, s)| String::from_utf8_lossy(&s.value).into_owned())
     }
 
     /// The newest revision among the keys that shape the snapshot: a gateway that applied less
@@ -615,6 +628,7 @@ mod tests {
         assert_eq!(KeyKind::of("gateway/gw-1"), KeyKind::Gateway("gw-1".into()));
         assert_eq!(KeyKind::of("move/7"), KeyKind::Move("7".into()));
         assert_eq!(KeyKind::of("leader"), KeyKind::Leader);
+        assert_eq!(KeyKind::of("leader/694d7a1b"), KeyKind::Leader);
         assert_eq!(KeyKind::of("override/idc/"), KeyKind::Unknown);
         assert!(keys.relative(b"/shardgate/other/topology").is_none());
         assert!(KeyKind::Topology.shapes_snapshot());

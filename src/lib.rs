@@ -30,6 +30,10 @@
 //! Planned moves and operator IDC control live in [`moves`]: the checks of `drain`, `move`,
 //! `failover`, `restore`, and the phase function of a fenced move with its file-mode driver.
 //!
+//! Who decides IDC states: [`failover`] (pure rules with hysteresis; in file mode a
+//! controller on this gateway's own view), and in etcd mode the elected leader
+//! (`etcd::leader`) deciding from the majority of gateways' views and driving fenced moves.
+//!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
 //! backends for the demo and the tests), [`demo`].
@@ -43,6 +47,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod etcd;
+pub mod failover;
 pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
@@ -160,6 +165,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let health = health::Health::new(snapshots.clone(), metrics.clone());
     tasks.push(tokio::spawn(health.clone().run(shutdown_rx.clone())));
     if let Some(store) = &file_overrides {
+        // The single instance decides IDC states alone, from its own health view, woken by
+        // every change of that view.
+        let view: failover::controller::HealthView = {
+            let health = health.clone();
+            Arc::new(move || health.idc_view())
+        };
+        let controller = failover::controller::FileController::new(
+            snapshots.clone(),
+            store.clone(),
+            view,
+            Some(health.subscribe()),
+        );
+        tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
+    }
+    if let Some(store) = &file_overrides {
         // The single gateway drives its own fenced moves (in etcd mode the leader does), and
         // judges a move's target by its own health view.
         let view: moves::driver::ViewFn = {
@@ -199,13 +219,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     if let SourceConfig::Etcd { access, cluster } = &config.source {
+        let instance = config
+            .instance
+            .clone()
+            .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr));
+        let leader = etcd::leader::Leader::new(
+            etcd::leader::LeaderSettings {
+                access: access.clone(),
+                cluster: cluster.clone(),
+                instance: instance.clone(),
+                timeout: config.timeouts.etcd,
+            },
+            snapshots.clone(),
+        );
+        tasks.push(tokio::spawn(leader.run(shutdown_rx.clone())));
         let registration = etcd::registry::Registration {
             access: access.clone(),
             cluster: cluster.clone(),
-            instance: config
-                .instance
-                .clone()
-                .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr)),
+            instance,
             idc: config.local_idc.clone(),
             proxy_addr,
             admin_addr,

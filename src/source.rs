@@ -32,6 +32,8 @@ pub struct Snapshots {
     revisions: watch::Sender<u64>,
     /// The cluster's registered gateways as the source last saw them (etcd), for `/status`.
     gateways: Mutex<Vec<serde_json::Value>>,
+    /// The elected failover leader's instance (etcd), for `/status`.
+    leader: Mutex<Option<String>>,
 }
 
 impl Snapshots {
@@ -47,6 +49,7 @@ impl Snapshots {
             last_problem: Mutex::new(None),
             revisions: watch::channel(0).0,
             gateways: Mutex::new(Vec::new()),
+            leader: Mutex::new(None),
         }
     }
 
@@ -226,6 +229,17 @@ impl Snapshots {
         }
     }
 
+    /// The elected failover leader (etcd mode; `None` in file mode or while there is none).
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().ok().and_then(|l| l.clone())
+    }
+
+    pub fn set_leader(&self, leader: Option<String>) {
+        if let Ok(mut l) = self.leader.lock() {
+            *l = leader;
+        }
+    }
+
     /// Why there is no snapshot yet (shown by `/readyz`); ignored once one is published.
     pub fn note_not_ready(&self, why: String) {
         if self.current.load().is_some() {
@@ -272,9 +286,12 @@ pub(crate) fn stamp(path: &Path) -> Option<Stamp> {
 pub struct FileOverrides {
     path: Option<PathBuf>,
     reload: tokio::sync::Notify,
-    /// Held across read → change → write, so two writers (an operator's write, the move
-    /// driver) never lose each other's change.
+    /// Held across read → change → write (`lock`, `update`), so two writers (an operator's
+    /// write, the move driver, the failover controller) never lose each other's change.
     writing: Mutex<()>,
+    /// Without `--cache-dir`, the overrides live here only (lost on restart): automatic
+    /// failover must not depend on a cache dir.
+    memory: Mutex<Overrides>,
 }
 
 impl FileOverrides {
@@ -291,7 +308,7 @@ impl FileOverrides {
     /// The overrides on disk (none when the file is missing or unreadable).
     pub fn read(&self) -> Overrides {
         let Some(path) = &self.path else {
-            return Overrides::default();
+            return self.memory.lock().map(|m| m.clone()).unwrap_or_default();
         };
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -303,11 +320,15 @@ impl FileOverrides {
     }
 
     /// Replaces the file atomically (write aside, fsync, rename), so a crash leaves the old
-    /// or the new overrides, never half of them.
+    /// or the new overrides, never half of them. Without `--cache-dir` they are kept in
+    /// memory only.
     pub fn write(&self, overrides: &Overrides) -> std::io::Result<()> {
         use std::io::Write as _;
         let Some(path) = &self.path else {
-            return Err(std::io::Error::other("no --cache-dir to keep overrides in"));
+            if let Ok(mut m) = self.memory.lock() {
+                *m = overrides.clone();
+            }
+            return Ok(());
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -318,6 +339,18 @@ impl FileOverrides {
         f.write_all(&text)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
+    }
+
+    /// Reads, lets `f` change, and writes back only when something changed, under one lock.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Overrides) -> T) -> std::io::Result<T> {
+        let _guard = self.lock();
+        let before = self.read();
+        let mut after = before.clone();
+        let out = f(&mut after);
+        if after != before {
+            self.write(&after)?;
+        }
+        Ok(out)
     }
 
     /// Asks the file source to rebuild and publish the snapshot with the overrides on disk.
@@ -347,6 +380,7 @@ impl FileSource {
                 path: cache_dir.map(|d| d.join("overrides.json")),
                 reload: tokio::sync::Notify::new(),
                 writing: Mutex::new(()),
+                memory: Mutex::new(Overrides::default()),
             }),
             snapshots,
             revision: 0,
@@ -442,4 +476,49 @@ pub(crate) async fn recv_hangup(h: &mut Hangup) {
     }
     let _ = h;
     std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+mod tests {
+    use super::*;
+    use crate::topology::{IdcOverride, IdcState};
+
+    fn down() -> IdcOverride {
+        IdcOverride {
+            state: IdcState::Down,
+            reason: "auto".into(),
+            by: "shardgate".into(),
+            at: 1,
+            expires_at: None,
+            at_ms: 1000,
+            warmup_s: None,
+        }
+    }
+
+    // A runtime, because the file source installs its SIGHUP handler when made.
+    #[tokio::test]
+    async fn overrides_are_kept_on_disk_or_in_memory_and_updated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        for cache in [Some(dir.path()), None] {
+            let file = FileSource::new(
+                dir.path().join("topology.toml"),
+                cache,
+                Arc::new(Snapshots::new("file", None, Arc::new(Metrics::new()))),
+            )
+            .overrides_handle();
+            assert_eq!(file.read(), Overrides::default());
+            let n = file
+                .update(|o| {
+                    o.idcs.insert("sh".into(), down());
+                    o.idcs.len()
+                })
+                .unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(file.read().idcs["sh"], down());
+            file.update(|o| o.idcs.remove("sh")).unwrap();
+            assert!(file.read().idcs.is_empty());
+        }
+        assert!(dir.path().join("overrides.json").exists());
+    }
 }

@@ -131,12 +131,11 @@ pub(super) async fn degrade(
         by: write.by,
         at: unix_now(),
     };
-    let guard = store.lock();
-    let mut overrides = store.read();
-    overrides.degrade.insert(target.to_owned(), value.clone());
-    let written = store.write(&overrides);
-    drop(guard);
-    if let Err(e) = written {
+    // Under the store's lock: the failover controller writes the same file.
+    let kept = store.update(|o| {
+        o.degrade.insert(target.to_owned(), value.clone());
+    });
+    if let Err(e) = kept {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "write_failed",

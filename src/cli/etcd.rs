@@ -559,6 +559,7 @@ pub fn status_json(c: &EtcdCluster, listed: &ClusterKeys) -> Value {
         "overrides": overrides,
         "moves": moves,
         "gateways": gateways,
+        "leader": listed.leader(),
     })
 }
 
@@ -591,6 +592,7 @@ fn print_status(v: &Value) {
         s(&v["content_revision"]),
         s(&v["source"]["endpoints"])
     );
+    println!("failover leader: {}", s(&v["leader"]));
     if let Some(p) = v["problem"].as_str() {
         println!("no usable topology: {p}");
     }

@@ -279,7 +279,7 @@ impl EtcdSource {
                 );
             }
             match KeyKind::of(name) {
-                KeyKind::Gateway(_) => gateways = true,
+                KeyKind::Gateway(_) | KeyKind::Leader => gateways = true,
                 kind if kind.shapes_snapshot() => shaping = Some(revision),
                 _ => {}
             }
@@ -307,6 +307,7 @@ impl EtcdSource {
             })
             .collect();
         self.snapshots.set_gateways(gateways);
+        self.snapshots.set_leader(state.leader());
     }
 
     /// Rebuilds the whole effective snapshot from the keys and publishes it as `revision`.

@@ -1,0 +1,507 @@
+//! The cluster's failover leader (DESIGN.md §5, §6). Every gateway campaigns through etcd's
+//! election API on `leader`; the one elected marks IDCs `down`/`warming` from the MAJORITY
+//! of live gateways' registered views (`failover::decide`), and drives fenced moves from
+//! `fencing` to `applied` or `rolled_back`. Every write is a compare-and-swap on the key's
+//! mod revision that also checks the leader's own election key, so neither a concurrent
+//! operator write nor a deposed leader is ever overwritten.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, GetOptions, LeaderKey, LeaseKeepAliveStream, LeaseKeeper, ResignOptions,
+    Txn, TxnOp,
+};
+use tokio::sync::watch;
+
+use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
+use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
+use crate::moves::{next_step, Step};
+use crate::source::Snapshots;
+use crate::topology::overrides::{MoveKind, MovePhase, MoveRecord};
+use crate::topology::{IdcState, Overrides, Topology};
+
+/// TTL of the leader's lease: a leader that dies without resigning is replaced once it
+/// expires. Short, but long enough that a few lost keep-alives do not depose a live leader.
+pub const LEASE_TTL_S: i64 = 5;
+
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the leader reads the views and moves: a decision lands within a tick of its
+/// `detect_ms` deadline, and the read is small (the document is not part of it).
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the leader campaigns as.
+#[derive(Debug, Clone)]
+pub struct LeaderSettings {
+    pub access: crate::etcd::EtcdAccess,
+    pub cluster: String,
+    /// This gateway's instance name: the election's value and `by` of its decisions.
+    pub instance: String,
+    /// Deadline of every etcd call.
+    pub timeout: Duration,
+}
+
+/// Why a session ended.
+enum Ended {
+    Shutdown,
+    Lost(EtcdError),
+}
+
+pub struct Leader {
+    settings: LeaderSettings,
+    keys: Keys,
+    snapshots: Arc<Snapshots>,
+    /// Majority verdicts over time; fresh for every term, so a new leader judges only what it
+    /// has seen itself.
+    tracker: Tracker,
+    /// The last unusable-overrides problem, logged once.
+    problem: Option<String>,
+}
+
+impl Leader {
+    pub fn new(settings: LeaderSettings, snapshots: Arc<Snapshots>) -> Leader {
+        Leader {
+            keys: Keys::new(&settings.cluster),
+            settings,
+            snapshots,
+            tracker: Tracker::new(),
+            problem: None,
+        }
+    }
+
+    /// Campaigns, leads when elected, and campaigns again after losing etcd, until
+    /// `shutdown` turns true (then resigns).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.session(&mut shutdown, &mut backoff).await {
+                Ended::Shutdown => return,
+                Ended::Lost(e) => {
+                    tracing::warn!(instance = %self.settings.instance, error = %e, "failover election interrupted; campaigning again")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown_requested(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// One lease: campaign, lead, and on the way out resign and revoke (best effort, so a
+    /// successor does not wait for the TTL).
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Ended {
+        let s = &self.settings;
+        let etcd = match Etcd::connect(&s.access, s.timeout).await {
+            Ok(e) => e,
+            Err(e) => return Ended::Lost(e),
+        };
+        let mut client = etcd.client();
+        let lease = match etcd
+            .call("lease grant", client.lease_grant(LEASE_TTL_S, None))
+            .await
+        {
+            Ok(l) => l.id(),
+            Err(e) => return Ended::Lost(e),
+        };
+        let (mut keeper, mut responses) = match etcd
+            .call("lease keep-alive", client.lease_keep_alive(lease))
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => {
+                revoke(&etcd, lease).await;
+                return Ended::Lost(e);
+            }
+        };
+        let mut leader_key = None;
+        let ended = self
+            .campaign_and_lead(
+                &etcd,
+                lease,
+                &mut keeper,
+                &mut responses,
+                &mut leader_key,
+                shutdown,
+                backoff,
+            )
+            .await;
+        if let Some(key) = leader_key {
+            let mut election = etcd.client().election_client();
+            let resign = election.resign(Some(ResignOptions::new().with_leader(key)));
+            match etcd.call("resign", resign).await {
+                Ok(_) => {
+                    tracing::info!(instance = %self.settings.instance, "resigned as failover leader")
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not resign; the lease revoke ends the term")
+                }
+            }
+        }
+        revoke(&etcd, lease).await;
+        ended
+    }
+
+    #[allow(clippy::too_many_arguments)] // one session's pieces, borrowed for its length
+    async fn campaign_and_lead(
+        &mut self,
+        etcd: &Etcd,
+        lease: i64,
+        keeper: &mut LeaseKeeper,
+        responses: &mut LeaseKeepAliveStream,
+        leader_key: &mut Option<LeaderKey>,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> Ended {
+        let name = self.keys.leader();
+        let instance = self.settings.instance.clone();
+        let mut keep = tokio::time::interval(KEEP_ALIVE_EVERY);
+        keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A campaign waits in etcd until this candidate's key is the oldest. Each attempt
+        // has the call deadline; an attempt that runs out is simply made again (same lease,
+        // same key), while the lease is kept alive in between.
+        let key = loop {
+            let mut election = etcd.client().election_client();
+            let campaign = etcd.call(
+                "campaign",
+                election.campaign(name.clone(), instance.clone(), lease),
+            );
+            tokio::pin!(campaign);
+            let answer = loop {
+                tokio::select! {
+                    r = &mut campaign => break r,
+                    _ = keep.tick() => {
+                        if let Err(e) = keep_alive(etcd, keeper, responses).await {
+                            return Ended::Lost(e);
+                        }
+                    }
+                    _ = shutdown_requested(shutdown) => return Ended::Shutdown,
+                }
+            };
+            match answer {
+                Ok(mut resp) => match resp.take_leader() {
+                    Some(k) => break k,
+                    None => {
+                        return Ended::Lost(EtcdError("campaign answered without a key".into()))
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "campaign attempt ended; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shutdown_requested(shutdown) => return Ended::Shutdown,
+                    }
+                }
+            }
+        };
+        *leader_key = Some(key.clone());
+        backoff.reset();
+        self.tracker = Tracker::new();
+        tracing::info!(instance = %instance, key = %String::from_utf8_lossy(key.key()), "elected failover leader");
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match self.round(etcd, &key).await {
+                    Ok(()) => failing = None,
+                    Err(Round::NotLeader) => {
+                        return Ended::Lost(EtcdError("this gateway's election key is gone: no longer the leader".into()))
+                    }
+                    Err(Round::Etcd(e)) => {
+                        if failing.as_deref() != Some(e.0.as_str()) {
+                            tracing::warn!(error = %e, "failover leader cannot read the cluster; retrying");
+                        }
+                        failing = Some(e.0);
+                    }
+                },
+                _ = keep.tick() => {
+                    if let Err(e) = keep_alive(etcd, keeper, responses).await {
+                        return Ended::Lost(e);
+                    }
+                }
+                _ = shutdown_requested(shutdown) => return Ended::Shutdown,
+            }
+        }
+    }
+
+    /// Reads what decisions need: registrations, the election, moves and overrides, at one
+    /// revision (the range `gateway/` … `override/…`, without the document).
+    async fn read(&self, etcd: &Etcd) -> Result<ClusterKeys, EtcdError> {
+        let prefix = self.keys.prefix();
+        let mut client = etcd.client();
+        let resp = etcd
+            .call(
+                "read the cluster",
+                client.get(
+                    format!("{prefix}gateway/"),
+                    Some(GetOptions::new().with_range(format!("{prefix}topology"))),
+                ),
+            )
+            .await?;
+        let mut listed = ClusterKeys {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..ClusterKeys::default()
+        };
+        for kv in resp.kvs() {
+            if let Some(name) = self.keys.relative(kv.key()) {
+                listed.keys.insert(
+                    name.to_owned(),
+                    Stored {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                );
+            }
+        }
+        Ok(listed)
+    }
+
+    /// One round of the leader's work.
+    async fn round(&mut self, etcd: &Etcd, key: &LeaderKey) -> Result<(), Round> {
+        let listed = self.read(etcd).await.map_err(Round::Etcd)?;
+        let ours = self
+            .keys
+            .relative(key.key())
+            .and_then(|k| listed.keys.get(k))
+            .is_some_and(|s| s.mod_revision == key.rev());
+        if !ours {
+            return Err(Round::NotLeader);
+        }
+        let Some(topo) = self.snapshots.current() else {
+            return Ok(());
+        };
+        let overrides = match listed.overrides(&self.keys) {
+            Ok(o) => {
+                self.problem = None;
+                o
+            }
+            Err(p) => {
+                let p = p.to_string();
+                if self.problem.as_ref() != Some(&p) {
+                    tracing::error!(problems = %p, "unreadable overrides: no automatic decision until they are fixed");
+                }
+                self.problem = Some(p);
+                return Ok(());
+            }
+        };
+        let registered = listed.gateways();
+        let live = registered.len();
+        let records: Vec<_> = registered
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .collect();
+        let now = unix_now_ms();
+        let names: Vec<&str> = topo.idcs.iter().map(|i| i.name.as_str()).collect();
+        self.tracker.retain(&names);
+        for idc in &names {
+            let verdict = majority(idc, records.iter().map(|r| &r.view), live);
+            self.tracker.observe(idc, verdict, now);
+        }
+        let policy = Policy::of(&topo.failover);
+        let decisions = decide(
+            names.iter().copied(),
+            &overrides,
+            &self.tracker,
+            &policy,
+            &self.settings.instance,
+            now,
+        );
+        for d in &decisions {
+            self.write_decision(etcd, key, &listed, d).await;
+        }
+        let all_acked = |fence_revision: u64| {
+            live > 0
+                && records.len() == live
+                && records.iter().all(|r| r.applied_revision >= fence_revision)
+        };
+        for (id, record) in &overrides.moves {
+            if record.phase != MovePhase::Fencing {
+                continue;
+            }
+            let can_serve = self.target_can_serve(record, &topo, &overrides, now);
+            let step = next_step(
+                record,
+                now,
+                topo.failover.fence,
+                all_acked(record.fence_revision),
+                can_serve,
+            );
+            self.drive(etcd, key, &listed, &overrides, id, record, step)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Whether the shards of `record` have somewhere to go: a move's target is active and not
+    /// seen unhealthy by a majority; a drain has another such IDC.
+    fn target_can_serve(
+        &self,
+        record: &MoveRecord,
+        topo: &Topology,
+        overrides: &Overrides,
+        now_ms: u64,
+    ) -> bool {
+        let usable = |idc: &str| {
+            topo.idc_by_name(idc).is_some()
+                && overrides
+                    .idc_state(idc, now_ms / 1000)
+                    .is_none_or(|o| o.state == IdcState::Active)
+                && self.tracker.verdict(idc) != Some(false)
+        };
+        match record.kind {
+            MoveKind::Move => record.to.as_deref().is_some_and(usable),
+            MoveKind::Drain => topo
+                .idcs
+                .iter()
+                .map(|i| i.name.as_str())
+                .filter(|n| Some(*n) != record.from.as_deref())
+                .any(usable),
+        }
+    }
+
+    /// The transaction guard every leader write carries: still the leader.
+    fn still_leader(key: &LeaderKey) -> Compare {
+        Compare::create_revision(key.key().to_vec(), CompareOp::Equal, key.rev())
+    }
+
+    /// `Compare` that the key is as read (absent keys compare as revision 0).
+    fn unchanged(&self, listed: &ClusterKeys, relative: &str) -> Compare {
+        let rev = listed.keys.get(relative).map_or(0, |s| s.mod_revision);
+        Compare::mod_revision(
+            format!("{}{relative}", self.keys.prefix()),
+            CompareOp::Equal,
+            rev,
+        )
+    }
+
+    async fn write_decision(
+        &self,
+        etcd: &Etcd,
+        key: &LeaderKey,
+        listed: &ClusterKeys,
+        d: &Decision,
+    ) {
+        let relative = format!("override/idc/{}", d.idc);
+        let full = self.keys.idc_override(&d.idc);
+        let op = match &d.change {
+            Change::Set(o) => match serde_json::to_vec(o) {
+                Ok(v) => TxnOp::put(full, v, None),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode an IDC override");
+                    return;
+                }
+            },
+            Change::Clear => TxnOp::delete(full, None),
+        };
+        let txn = Txn::new()
+            .when([Self::still_leader(key), self.unchanged(listed, &relative)])
+            .and_then([op]);
+        let mut client = etcd.client();
+        match etcd.call("write an IDC decision", client.txn(txn)).await {
+            Ok(r) if r.succeeded() => match &d.change {
+                Change::Set(o) => {
+                    tracing::warn!(idc = %d.idc, state = %o.state, reason = %o.reason, why = %d.why, "automatic IDC decision (cluster-wide)")
+                }
+                Change::Clear => tracing::info!(idc = %d.idc, why = %d.why, "IDC active again"),
+            },
+            Ok(_) => {
+                tracing::debug!(idc = %d.idc, "override changed since it was read; deciding again")
+            }
+            Err(e) => tracing::warn!(idc = %d.idc, error = %e, "cannot write an IDC decision"),
+        }
+    }
+
+    /// Moves a `fencing` record on: phase 2, or a rollback (a drain's rollback also removes
+    /// its `draining` override, in the same transaction).
+    #[allow(clippy::too_many_arguments)] // the round's pieces
+    async fn drive(
+        &self,
+        etcd: &Etcd,
+        key: &LeaderKey,
+        listed: &ClusterKeys,
+        overrides: &Overrides,
+        id: &str,
+        record: &MoveRecord,
+        step: Step,
+    ) {
+        let mut next = record.clone();
+        next.finished_at = Some(unix_now_ms() / 1000);
+        let mut ops = Vec::new();
+        let mut guards = vec![
+            Self::still_leader(key),
+            self.unchanged(listed, &format!("move/{id}")),
+        ];
+        match &step {
+            Step::Wait => return,
+            Step::Apply => next.phase = MovePhase::Applied,
+            Step::RollBack(why) => {
+                next.phase = MovePhase::RolledBack;
+                next.note = why.clone();
+                if let (MoveKind::Drain, Some(from)) = (record.kind, record.from.as_deref()) {
+                    if overrides
+                        .idcs
+                        .get(from)
+                        .is_some_and(|o| o.state == IdcState::Draining)
+                    {
+                        let relative = format!("override/idc/{from}");
+                        guards.push(self.unchanged(listed, &relative));
+                        ops.push(TxnOp::delete(self.keys.idc_override(from), None));
+                    }
+                }
+            }
+        }
+        // The fence revision stays in the record: applied moves are ordered by it.
+        let value = match serde_json::to_vec(&next) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a move record");
+                return;
+            }
+        };
+        ops.push(TxnOp::put(self.keys.move_record(id), value, None));
+        let txn = Txn::new().when(guards).and_then(ops);
+        let mut client = etcd.client();
+        match etcd.call("drive a move", client.txn(txn)).await {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(id, phase = next.phase.as_str(), note = %next.note, "move record driven")
+            }
+            Ok(_) => tracing::debug!(id, "move record changed since it was read"),
+            Err(e) => tracing::warn!(id, error = %e, "cannot drive a move record"),
+        }
+    }
+}
+
+/// Why a round did not complete.
+enum Round {
+    NotLeader,
+    Etcd(EtcdError),
+}
+
+async fn keep_alive(
+    etcd: &Etcd,
+    keeper: &mut LeaseKeeper,
+    responses: &mut LeaseKeepAliveStream,
+) -> Result<(), EtcdError> {
+    let renewed = etcd
+        .call("lease keep-alive", async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        })
+        .await?;
+    match renewed {
+        Some(r) if r.ttl() > 0 => Ok(()),
+        _ => Err(EtcdError("the leader lease expired".into())),
+    }
+}
+
+async fn revoke(etcd: &Etcd, lease: i64) {
+    let mut client = etcd.client();
+    if let Err(e) = etcd.call("lease revoke", client.lease_revoke(lease)).await {
+        tracing::debug!(error = %e, "could not revoke the leader lease; it expires on its own");
+    }
+}
