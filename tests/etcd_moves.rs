@@ -1,6 +1,6 @@
 //! Operator IDC control and fenced moves against a real etcd with two gateways: `drain` with a
-//! write fence seen by both gateways, phase 2 driven the way the elected leader drives it
-//! (`shardgate::moves::cluster::drive_once`, run here by the test), `move --wait`, a rollback,
+//! write fence seen by both gateways, phase 2 driven by the leader the gateways elect
+//! (`etcd::leader`), `move --wait`, a rollback,
 //! `failover`/`restore`, and the refusals (exit 1) and an unreachable etcd (exit 4).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
@@ -16,8 +16,6 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use shardgate::etcd::{Etcd as EtcdConn, EtcdAccess, Keys};
-use shardgate::moves::cluster::drive_once;
 use shardgate::moves::Step;
 use shardgate::Running;
 use tokio::net::TcpStream;
@@ -92,25 +90,22 @@ fn printed_move_id(out: &Output) -> String {
         .to_owned()
 }
 
-/// Acts as the elected leader: runs the driver pass until it decides `id`.
+/// Waits until the elected leader (one of the two gateways) decides the move `id`: phase 2
+/// (`applied`) or a rollback, with its note.
 async fn drive_until_decided(etcd: &Etcd, id: &str) -> Step {
-    let conn = EtcdConn::connect(
-        &EtcdAccess::new(vec![etcd.url.clone()]),
-        Duration::from_secs(3),
-    )
-    .await
-    .unwrap();
-    let keys = Keys::new(CLUSTER);
     within(
         Duration::from_secs(45),
-        "the driver to decide the move",
+        "the leader to decide the move",
         async {
             loop {
-                let done = drive_once(&conn, &keys).await.unwrap();
-                if let Some((_, step)) = done.into_iter().find(|(i, _)| i == id) {
-                    return step;
+                let r = record(etcd, id).await;
+                match r["phase"].as_str() {
+                    Some("applied") => return Step::Apply,
+                    Some("rolled_back") => {
+                        return Step::RollBack(r["note"].as_str().unwrap_or("").to_owned())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         },
     )

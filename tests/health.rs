@@ -21,6 +21,9 @@ const FAST_PROBES: &str = "health.interval_ms = 100\nhealth.fall = 3\nhealth.ris
 /// Probes that stay out of the way of passive ejection (one probe a minute).
 const SLOW_PROBES: &str = "health.interval_ms = 60000\n";
 
+/// Keeps the gateway from failing an unhealthy IDC over within a test's lifetime.
+const NO_AUTO_FAILOVER: &str = "\n[failover]\ndetect_ms = 600000\n";
+
 async fn status(c: &Cluster) -> Value {
     c.admin_get("/status").await.json()
 }
@@ -299,6 +302,9 @@ async fn connect_errors_take_a_pool_out_for_growing_periods_and_a_dead_pool_gets
     let mut c = Cluster::start_with(Options {
         idc_toml: SLOW_PROBES.into(),
         isolation: no_breaker(),
+        // The pool's ejections are under test, not failover: gz must keep serving its shards
+        // (so the writes below reach its pools) while it is unhealthy.
+        extra_toml: NO_AUTO_FAILOVER.into(),
         ..Options::default()
     })
     .await;

@@ -1,17 +1,16 @@
 //! The etcd side of operator IDC control and fenced moves: the writes of `drain`, `failover`,
 //! `restore` and `move` (each one transaction that writes nothing, exit 3, if the keys it was
-//! checked against changed meanwhile), the `--wait` of a move, and one pass of the etcd-mode
-//! driver, which the elected leader runs (and the tests run in its place).
+//! checked against changed meanwhile) and the `--wait` of a move. Phase 2 of a move is driven
+//! by the elected leader (`etcd::leader`).
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
-use super::{finish, majority_view, next_step, target_can_serve, unix_now_ms, HealthView, Step};
-use crate::etcd::ops::{live_topology, EtcdCluster, OpError};
-use crate::etcd::{ClusterKeys, Etcd, EtcdError, KeyKind, Keys};
-use crate::topology::overrides::{unix_now, MovePhase, MoveRecord};
-use crate::topology::{IdcOverride, IdcState};
+use crate::etcd::ops::{EtcdCluster, OpError};
+use crate::etcd::{ClusterKeys, Etcd, EtcdError, Keys};
+use crate::topology::overrides::{MovePhase, MoveRecord};
+use crate::topology::IdcOverride;
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, OpError> {
     serde_json::to_vec(v).map_err(|e| OpError::Refused(format!("cannot encode: {e}")))
@@ -192,97 +191,4 @@ pub async fn wait_move(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// One pass of the etcd-mode driver (the elected leader calls it on a timer): every `fencing`
-/// record is decided with [`next_step`] — acknowledged when every registered gateway's
-/// `applied_revision` reaches the record's revision, the target judged by the majority of the
-/// gateways' health views — and a decision is written with a compare-and-swap on the record's
-/// mod_revision, so two drivers never both act. Rolling back a drain removes its `draining`
-/// override in the same transaction. Returns the decisions that were written.
-pub async fn drive_once(etcd: &Etcd, keys: &Keys) -> Result<Vec<(String, Step)>, EtcdError> {
-    let listed = etcd.list(keys).await?;
-    // The leader calls this on a timer: with no open record, skip building the snapshot.
-    let any_open = listed
-        .overrides(keys)
-        .is_ok_and(|o| o.moves.values().any(|r| r.phase.is_open()));
-    if !any_open {
-        return Ok(Vec::new());
-    }
-    let Ok(t) = live_topology(keys, &listed) else {
-        // No usable topology: nothing can be judged; the records wait (or time out later).
-        return Ok(Vec::new());
-    };
-    let gateways = listed.gateways();
-    let views: Vec<HealthView> = gateways
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.view.clone()))
-        .collect();
-    let view = majority_view(&views);
-    let now_ms = unix_now_ms();
-    let mut done = Vec::new();
-    for (name, stored) in &listed.keys {
-        let KeyKind::Move(id) = KeyKind::of(name) else {
-            continue;
-        };
-        let Some(record) = t.overrides.moves.get(&id) else {
-            continue;
-        };
-        if record.phase != MovePhase::Fencing {
-            continue;
-        }
-        let all_acked = gateways.iter().all(|(_, r)| {
-            r.as_ref()
-                .is_ok_and(|r| r.applied_revision as i64 >= stored.mod_revision)
-        });
-        let step = next_step(
-            record,
-            now_ms,
-            t.failover.fence,
-            all_acked,
-            target_can_serve(&t, record, &view),
-        );
-        if step == Step::Wait {
-            continue;
-        }
-        let mut after = t.overrides.clone();
-        if !finish(&mut after, &id, &step, unix_now()) {
-            continue;
-        }
-        let Some(new) = after.moves.get(&id) else {
-            continue;
-        };
-        let value = serde_json::to_vec(new).map_err(|e| EtcdError(e.to_string()))?;
-        let mut when = vec![Compare::mod_revision(
-            keys.move_record(&id),
-            CompareOp::Equal,
-            stored.mod_revision,
-        )];
-        let mut ops = vec![TxnOp::put(keys.move_record(&id), value, None)];
-        if let (Step::RollBack(_), Some(from)) = (&step, record.from.as_deref()) {
-            let was_draining = t
-                .overrides
-                .idcs
-                .get(from)
-                .is_some_and(|o| o.state == IdcState::Draining);
-            if was_draining && !after.idcs.contains_key(from) {
-                when.push(idc_unchanged(keys, &listed, from));
-                ops.push(TxnOp::delete(keys.idc_override(from), None));
-            }
-        }
-        let txn = Txn::new().when(when).and_then(ops);
-        if commit(etcd, "advance a move", txn).await?.is_some() {
-            match &step {
-                Step::Apply => {
-                    tracing::info!(id = %id, "move applied: the new owner is published and the fence lifted")
-                }
-                Step::RollBack(why) => {
-                    tracing::warn!(id = %id, why = %why, "move rolled back: the fence is lifted, the owner did not change")
-                }
-                Step::Wait => {}
-            }
-            done.push((id, step));
-        }
-    }
-    Ok(done)
 }
