@@ -210,6 +210,13 @@ impl Snapshots {
 
     /// A source's input that never reached `publish` (unparsable, or an unreadable override):
     /// logged, counted and shown like a rejected document; the last good snapshot keeps serving.
+    /// Shows `problems` in `/status` as the source's last problem, without counting a reload.
+    pub fn note_problem(&self, problems: &Problems) {
+        if let Ok(mut p) = self.last_problem.lock() {
+            *p = Some(problems.to_string());
+        }
+    }
+
     pub fn reject(&self, problems: &Problems, revision: u64) {
         self.metrics.reload("invalid");
         tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");

@@ -128,6 +128,29 @@ async fn invalid_direct_put_keeps_the_last_good_then_a_good_put_applies() {
         "{metrics}"
     );
 
+    // An operator's failover while the document is still invalid applies at once, on the last
+    // good document; the document's problem stays reported.
+    let down = etcd
+        .put(
+            "override/idc/sh",
+            r#"{"state":"down","reason":"incident","by":"oncall"}"#,
+        )
+        .await;
+    eventually(
+        "the override to apply over the last good document",
+        || async { (revision(&g) == down as u64).then_some(()) },
+    )
+    .await;
+    assert_ne!(routed_idc(&g, &key).await, "sh");
+    let (_, v) = admin(g.admin_addr, "/status").await;
+    assert!(
+        v["source"]["last_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("nowhere")),
+        "{v}"
+    );
+    etcd.delete("override/idc/sh").await;
+
     let fixed = etcd
         .put("topology", &idcs.document(&[("0-127", "bj")]))
         .await;

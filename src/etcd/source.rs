@@ -16,7 +16,7 @@ use super::cache::{CachedSnapshot, SnapshotCache};
 use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, KeyKind, Keys, Stored};
 use crate::source::Snapshots;
 use crate::topology::overrides::unix_now;
-use crate::topology::RawTopology;
+use crate::topology::{Overrides, Problems, RawTopology};
 
 /// Where the source reads from and how.
 #[derive(Debug, Clone)]
@@ -321,22 +321,26 @@ impl EtcdSource {
         // async workers, so the requests they serve are not held up (with `--threads 1` there
         // is only one). Awaited, so snapshots are still published in revision order.
         let published = tokio::task::spawn_blocking(move || {
-            let input = state.document(&keys).and_then(|(text, doc)| {
-                state
-                    .overrides(&keys)
-                    .map(|overrides| (text, doc, overrides))
-            });
-            match input {
-                Ok((text, doc, overrides)) => snapshots
-                    .publish(doc, &overrides, revision)
-                    // A rejected document is logged, counted and shown by `publish`.
-                    .ok()
-                    .map(|_| (text, overrides)),
+            let overrides = match state.overrides(&keys) {
+                Ok(o) => o,
                 Err(problems) => {
                     snapshots.reject(&problems, revision);
-                    None
+                    return None;
                 }
-            }
+            };
+            let problems = match state.document(&keys) {
+                Ok((text, doc)) => match snapshots.publish(doc, &overrides, revision) {
+                    Ok(_) => return Some((text, overrides)),
+                    // Logged, counted and shown by `publish`.
+                    Err(problems) => problems,
+                },
+                Err(problems) => {
+                    snapshots.reject(&problems, revision);
+                    problems
+                }
+            };
+            keep_document_apply_overrides(&snapshots, &overrides, revision, &problems);
+            None
         })
         .await;
         let Ok(Some((text, overrides))) = published else {
@@ -351,6 +355,33 @@ impl EtcdSource {
                 written_at: unix_now(),
             };
             store_cache(cache.clone(), snapshot).await;
+        }
+    }
+}
+
+/// The document in etcd is invalid, but the overrides may have changed with it or after it (an
+/// operator's `failover` during an incident must not wait for someone to fix the document):
+/// they are applied on top of the last good document, while the document's problems stay
+/// reported. Not cached: the cache holds a document and the overrides that were valid with it.
+fn keep_document_apply_overrides(
+    snapshots: &Snapshots,
+    overrides: &Overrides,
+    revision: u64,
+    problems: &Problems,
+) {
+    let Some(current) = snapshots.current() else {
+        return;
+    };
+    if current.overrides == *overrides {
+        return;
+    }
+    match snapshots.publish(current.document.clone(), overrides, revision) {
+        Ok(_) => {
+            tracing::warn!(revision, "overrides applied on the last good document; the document in etcd is still invalid");
+            snapshots.note_problem(problems);
+        }
+        Err(p) => {
+            tracing::error!(revision, problems = %p, "overrides rejected with the last good document too")
         }
     }
 }

@@ -361,6 +361,18 @@ impl Etcd {
         resp.header().expect("a response header").revision()
     }
 
+    /// Deletes `/shardgate/<CLUSTER>/<name>`.
+    pub async fn delete(&self, name: &str) {
+        let mut c = self.client().await;
+        within(
+            Duration::from_secs(5),
+            "an etcd delete",
+            c.delete(format!("/shardgate/{CLUSTER}/{name}"), None),
+        )
+        .await
+        .expect("delete from etcd");
+    }
+
     /// The value at `/shardgate/<CLUSTER>/<name>`.
     pub async fn get(&self, name: &str) -> Option<Vec<u8>> {
         let mut c = self.client().await;
