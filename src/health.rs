@@ -25,6 +25,11 @@ use crate::source::Snapshots;
 use crate::telemetry::{BackendLabels, IdcLabels, Metrics};
 use crate::topology::{HealthSpec, Topology};
 
+/// Where a decision reads this gateway's health view (IDC name → healthy) from: the file-mode
+/// failover controller and move driver ask it when they decide. `Health::idc_view` in the
+/// gateway; a plain closure in tests.
+pub type ViewSource = Arc<dyn Fn() -> BTreeMap<String, bool> + Send + Sync>;
+
 /// How often the view is re-evaluated besides probe flips and publishes: passive ejections
 /// and their expiry happen on the request path and are picked up within this.
 const EVALUATE_EVERY: Duration = Duration::from_millis(100);

@@ -165,27 +165,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let health = health::Health::new(snapshots.clone(), metrics.clone());
     tasks.push(tokio::spawn(health.clone().run(shutdown_rx.clone())));
     if let Some(store) = &file_overrides {
-        // The single instance decides IDC states alone, from its own health view, woken by
-        // every change of that view.
-        let view: failover::controller::HealthView = {
+        // The single instance decides alone, from its own health view: IDC states (woken by
+        // every change of the view) and its own fenced moves (in etcd mode the leader does
+        // both).
+        let view: health::ViewSource = {
             let health = health.clone();
             Arc::new(move || health.idc_view())
         };
         let controller = failover::controller::FileController::new(
             snapshots.clone(),
             store.clone(),
-            view,
+            view.clone(),
             Some(health.subscribe()),
         );
         tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
-    }
-    if let Some(store) = &file_overrides {
-        // The single gateway drives its own fenced moves (in etcd mode the leader does), and
-        // judges a move's target by its own health view.
-        let view: moves::driver::ViewFn = {
-            let health = health.clone();
-            Arc::new(move || health.idc_view())
-        };
         tasks.push(tokio::spawn(moves::driver::run(
             snapshots.clone(),
             store.clone(),

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 
 use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
 use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
-use crate::moves::{next_step, Step};
+use crate::moves::{self, next_step, HealthView, Step};
 use crate::source::Snapshots;
-use crate::topology::overrides::{MoveKind, MovePhase, MoveRecord};
-use crate::topology::{IdcState, Overrides, Topology};
+use crate::topology::overrides::{MovePhase, MoveRecord};
+use crate::topology::{Overrides, Topology};
 
 /// TTL of the leader's lease: a leader that dies without resigning is replaced once it
 /// expires. Short, but long enough that a few lost keep-alives do not depose a live leader.
@@ -323,7 +323,7 @@ impl Leader {
             if record.phase != MovePhase::Fencing {
                 continue;
             }
-            let can_serve = self.target_can_serve(record, &topo, &overrides, now);
+            let can_serve = self.target_can_serve(record, &topo);
             let step = next_step(
                 record,
                 now,
@@ -337,31 +337,19 @@ impl Leader {
         Ok(())
     }
 
-    /// Whether the shards of `record` have somewhere to go: a move's target is active and not
-    /// seen unhealthy by a majority; a drain has another such IDC.
-    fn target_can_serve(
-        &self,
-        record: &MoveRecord,
-        topo: &Topology,
-        overrides: &Overrides,
-        now_ms: u64,
-    ) -> bool {
-        let usable = |idc: &str| {
-            topo.idc_by_name(idc).is_some()
-                && overrides
-                    .idc_state(idc, now_ms / 1000)
-                    .is_none_or(|o| o.state == IdcState::Active)
-                && self.tracker.verdict(idc) != Some(false)
-        };
-        match record.kind {
-            MoveKind::Move => record.to.as_deref().is_some_and(usable),
-            MoveKind::Drain => topo
-                .idcs
-                .iter()
-                .map(|i| i.name.as_str())
-                .filter(|n| Some(*n) != record.from.as_deref())
-                .any(usable),
-        }
+    /// Whether the shards of `record` have somewhere to go (`moves::target_can_serve`), judged
+    /// by the majority verdicts: an IDC counts as healthy unless a majority sees it unhealthy.
+    fn target_can_serve(&self, record: &MoveRecord, topo: &Topology) -> bool {
+        let view: HealthView = topo
+            .idcs
+            .iter()
+            .map(|i| {
+                let name = i.name.to_string();
+                let healthy = self.tracker.verdict(&name) != Some(false);
+                (name, healthy)
+            })
+            .collect();
+        moves::target_can_serve(topo, record, &view)
     }
 
     /// The transaction guard every leader write carries: still the leader.
@@ -429,34 +417,28 @@ impl Leader {
         record: &MoveRecord,
         step: Step,
     ) {
-        let mut next = record.clone();
-        next.finished_at = Some(unix_now_ms() / 1000);
+        // The same ending as in file mode (`moves::finish`): the record's new phase, and for a
+        // drain rolled back, its `draining` override gone — written here in one transaction.
+        let mut after = overrides.clone();
+        if !moves::finish(&mut after, id, &step, unix_now_ms() / 1000) {
+            return;
+        }
+        let Some(next) = after.moves.get(id) else {
+            return;
+        };
         let mut ops = Vec::new();
         let mut guards = vec![
             Self::still_leader(key),
             self.unchanged(listed, &format!("move/{id}")),
         ];
-        match &step {
-            Step::Wait => return,
-            Step::Apply => next.phase = MovePhase::Applied,
-            Step::RollBack(why) => {
-                next.phase = MovePhase::RolledBack;
-                next.note = why.clone();
-                if let (MoveKind::Drain, Some(from)) = (record.kind, record.from.as_deref()) {
-                    if overrides
-                        .idcs
-                        .get(from)
-                        .is_some_and(|o| o.state == IdcState::Draining)
-                    {
-                        let relative = format!("override/idc/{from}");
-                        guards.push(self.unchanged(listed, &relative));
-                        ops.push(TxnOp::delete(self.keys.idc_override(from), None));
-                    }
-                }
+        if let Some(from) = record.from.as_deref() {
+            if overrides.idcs.contains_key(from) && !after.idcs.contains_key(from) {
+                guards.push(self.unchanged(listed, &format!("override/idc/{from}")));
+                ops.push(TxnOp::delete(self.keys.idc_override(from), None));
             }
         }
         // The fence revision stays in the record: applied moves are ordered by it.
-        let value = match serde_json::to_vec(&next) {
+        let value = match serde_json::to_vec(next) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a move record");

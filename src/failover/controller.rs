@@ -3,7 +3,6 @@
 //! what it decides in the file overrides (`overrides.json` in `--cache-dir`, `by =
 //! "shardgate"`) and asks the file source to republish.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +11,7 @@ use tokio::sync::watch;
 use super::{apply, decide, unix_now_ms, Change, Policy, Tracker};
 use crate::source::{FileOverrides, Snapshots};
 
-/// This gateway's health view: IDC name → healthy.
-pub type HealthView = Arc<dyn Fn() -> BTreeMap<String, bool> + Send + Sync>;
+pub use crate::health::ViewSource as HealthView;
 
 /// Who automatic decisions are written by in file mode.
 pub const FILE_MODE_BY: &str = "shardgate";

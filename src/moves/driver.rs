@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{finish, next_step, target_can_serve, unix_now_ms, HealthView, Step};
+use super::{finish, next_step, target_can_serve, unix_now_ms, Step};
 use crate::source::{FileOverrides, Snapshots};
 use crate::topology::overrides::unix_now;
 
@@ -16,7 +16,7 @@ use crate::topology::overrides::unix_now;
 const TICK: Duration = Duration::from_millis(100);
 
 /// This gateway's health view (IDC → healthy), asked for at phase-2 time.
-pub type ViewFn = Arc<dyn Fn() -> HealthView + Send + Sync>;
+pub use crate::health::ViewSource as ViewFn;
 
 /// Drives the open records until `shutdown` turns true.
 pub async fn run(
