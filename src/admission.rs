@@ -77,6 +77,14 @@ pub enum Refusal {
     /// snapshot, not by `admit`, but counted and answered like every refusal).
     #[error("shard {shard} is moving to a new owner: writes are fenced until it is published")]
     Fenced { shard: u32, retry_after_s: u32 },
+    /// This gateway cannot be sure the cluster waits for it (its etcd registration is lost,
+    /// unconfirmed or not caught up): it writes nothing until it is (`self_fence`).
+    #[error("shard {shard}: this gateway fences its writes: {why}")]
+    SelfFenced {
+        shard: u32,
+        why: &'static str,
+        retry_after_s: u32,
+    },
 }
 
 impl Refusal {
@@ -88,7 +96,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Degraded { .. } => "degraded",
             Refusal::CircuitOpen { .. } => "circuit_open",
-            Refusal::Fenced { .. } => "fenced",
+            Refusal::Fenced { .. } | Refusal::SelfFenced { .. } => "fenced",
         }
     }
 }

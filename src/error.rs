@@ -88,7 +88,10 @@ impl ProxyError {
         match self {
             ProxyError::Refused(Refusal::RateLimited { retry_after_s, .. })
             | ProxyError::Refused(Refusal::CircuitOpen { retry_after_s, .. })
-            | ProxyError::Refused(Refusal::Fenced { retry_after_s, .. }) => Some(*retry_after_s),
+            | ProxyError::Refused(Refusal::Fenced { retry_after_s, .. })
+            | ProxyError::Refused(Refusal::SelfFenced { retry_after_s, .. }) => {
+                Some(*retry_after_s)
+            }
             ProxyError::Refused(Refusal::Degraded {
                 fallback: Some(fb), ..
             }) => fb.retry_after_s,

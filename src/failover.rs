@@ -140,9 +140,11 @@ pub fn majority<'a>(
 /// What to do with one IDC's override.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// Write this override.
+    /// Write this override (a `down` one goes with a `failover` record fencing its shards'
+    /// writes: the writer adds it, `moves::failover_record`).
     Set(IdcOverride),
-    /// Remove the override: the IDC is `active` again (a finished warm-up).
+    /// The IDC is `active` again (a finished warm-up): written as an `active` override, never
+    /// a removal, so that the key's revision (and owner epochs) never go backwards.
     Clear,
 }
 
@@ -154,20 +156,16 @@ pub struct Decision {
     pub why: String,
 }
 
-/// When a warming override's warm-up ends, in unix ms.
-pub fn warmup_ends_ms(o: &IdcOverride, policy: &Policy) -> u64 {
-    let start = if o.at_ms != 0 { o.at_ms } else { o.at * 1000 };
-    let length = o.warmup_s.map_or(policy.warmup_ms, |s| s * 1000);
-    start.saturating_add(length)
-}
-
 /// The automatic decisions for `idcs` at `now_ms` (unix ms), given the overrides in force and
 /// what `tracker` has seen. Rules:
-/// - active (no override, an expired one, or an `active` one) or auto-`warming`, seen
-///   unhealthy for `detect_ms` → `down`, reason `auto`;
+/// - active (no override, or an `active` one) or auto-`warming`, seen unhealthy for
+///   `detect_ms` → `down`, reason `auto` — unless no other IDC could serve then: the last IDC
+///   that can serve is never marked down (its shards would have no owner at all);
 /// - auto-`down`, seen healthy for `recover_ms`, with `auto_failback` → `warming`, reason
-///   `auto`, timed from now;
-/// - any `warming` whose warm-up is over → cleared (active);
+///   `auto`, from step 0;
+/// - a `down` override past its `expires_at` → `warming` from step 0 (reason `expired`): its
+///   shards come home through fenced steps, never by a gateway's clock;
+/// - any `warming` whose every step has come home → active;
 /// - nothing else: an operator's `down`, `draining` or unfinished `warming` is theirs.
 pub fn decide<'a>(
     idcs: impl IntoIterator<Item = &'a str>,
@@ -178,51 +176,77 @@ pub fn decide<'a>(
     now_ms: u64,
 ) -> Vec<Decision> {
     let now_s = now_ms / 1000;
-    let auto = |state: IdcState| IdcOverride {
+    let auto = |state: IdcState, reason: &str| IdcOverride {
         state,
-        reason: AUTO.to_owned(),
+        reason: reason.to_owned(),
         by: by.to_owned(),
         at: now_s,
         expires_at: None,
         at_ms: now_ms,
         warmup_s: None,
+        warmup_step: (state == IdcState::Warming).then_some(0),
     };
+    let idcs: Vec<&str> = idcs.into_iter().collect();
+    let state_of = |idc: &str| {
+        overrides
+            .idc_state(idc)
+            .map_or(IdcState::Active, |o| o.state)
+    };
+    // IDCs that can serve (active or warming), as the decisions below leave them.
+    let mut serving = idcs
+        .iter()
+        .filter(|i| matches!(state_of(i), IdcState::Active | IdcState::Warming))
+        .count();
     let mut out = Vec::new();
     for idc in idcs {
-        let current = overrides.idc_state(idc, now_s);
+        let current = overrides.idc_state(idc);
         let unhealthy_for = tracker.held(idc, false, now_ms);
         let healthy_for = tracker.held(idc, true, now_ms);
-        let state = current.map_or(IdcState::Active, |o| o.state);
+        let state = state_of(idc);
         let is_auto = current.is_some_and(|o| o.reason == AUTO);
+        let mut down = |why: String, out: &mut Vec<Decision>| {
+            if serving <= 1 {
+                tracing::warn!(idc, why = %why, "not marking the last IDC that can serve down");
+                return;
+            }
+            serving -= 1;
+            out.push(Decision {
+                idc: idc.to_owned(),
+                change: Change::Set(auto(IdcState::Down, AUTO)),
+                why,
+            });
+        };
         match (state, current) {
             (IdcState::Active, _) if unhealthy_for >= policy.detect_ms => {
-                out.push(Decision {
-                    idc: idc.to_owned(),
-                    change: Change::Set(auto(IdcState::Down)),
-                    why: format!("seen unhealthy for {unhealthy_for} ms"),
-                });
+                down(format!("seen unhealthy for {unhealthy_for} ms"), &mut out);
             }
             (IdcState::Warming, Some(o)) => {
-                if now_ms >= warmup_ends_ms(o, policy) {
+                if o.warmed_up() {
                     out.push(Decision {
                         idc: idc.to_owned(),
                         change: Change::Clear,
-                        why: "warm-up finished".to_owned(),
+                        why: "every warm-up step is home".to_owned(),
                     });
                 } else if is_auto && unhealthy_for >= policy.detect_ms {
-                    out.push(Decision {
-                        idc: idc.to_owned(),
-                        change: Change::Set(auto(IdcState::Down)),
-                        why: format!("seen unhealthy for {unhealthy_for} ms while warming"),
-                    });
+                    down(
+                        format!("seen unhealthy for {unhealthy_for} ms while warming"),
+                        &mut out,
+                    );
                 }
+            }
+            (IdcState::Down, _) if overrides.expired(idc, now_s) => {
+                out.push(Decision {
+                    idc: idc.to_owned(),
+                    change: Change::Set(auto(IdcState::Warming, "expired")),
+                    why: "the down override expired".to_owned(),
+                });
             }
             (IdcState::Down, _)
                 if is_auto && policy.auto_failback && healthy_for >= policy.recover_ms =>
             {
                 out.push(Decision {
                     idc: idc.to_owned(),
-                    change: Change::Set(auto(IdcState::Warming)),
+                    change: Change::Set(auto(IdcState::Warming, AUTO)),
                     why: format!("seen healthy for {healthy_for} ms (auto_failback)"),
                 });
             }
@@ -232,17 +256,30 @@ pub fn decide<'a>(
     out
 }
 
-/// Applies decisions to overrides (file mode keeps them all in one file).
-pub fn apply(overrides: &mut Overrides, decisions: &[Decision]) {
+/// The override a `Clear` decision writes.
+pub fn active_again(by: &str, why: &str, now_ms: u64) -> IdcOverride {
+    IdcOverride {
+        state: IdcState::Active,
+        reason: why.to_owned(),
+        by: by.to_owned(),
+        at: now_ms / 1000,
+        expires_at: None,
+        at_ms: now_ms,
+        warmup_s: None,
+        warmup_step: None,
+    }
+}
+
+/// Applies decisions to overrides (file mode keeps them all in one file), a `Clear` as an
+/// `active` override. The `failover` record of a `down` is the caller's to add
+/// (`moves::failover_record`): it needs the snapshot.
+pub fn apply(overrides: &mut Overrides, decisions: &[Decision], by: &str, now_ms: u64) {
     for d in decisions {
-        match &d.change {
-            Change::Set(o) => {
-                overrides.idcs.insert(d.idc.clone(), o.clone());
-            }
-            Change::Clear => {
-                overrides.idcs.remove(&d.idc);
-            }
-        }
+        let value = match &d.change {
+            Change::Set(o) => o.clone(),
+            Change::Clear => active_again(by, &d.why, now_ms),
+        };
+        overrides.idcs.insert(d.idc.clone(), value);
     }
 }
 

@@ -56,6 +56,7 @@ pub mod health;
 pub mod moves;
 pub mod proxy;
 pub mod route;
+pub mod self_fence;
 pub mod server;
 pub mod sim;
 pub mod source;
@@ -139,11 +140,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             snapshots
         }
         SourceConfig::Etcd { access, cluster } => {
-            let snapshots = Arc::new(Snapshots::new(
-                "etcd",
-                config.local_idc.clone(),
-                metrics.clone(),
-            ));
+            let snapshots = Snapshots::new("etcd", config.local_idc.clone(), metrics.clone());
+            let snapshots = Arc::new(match config.cache_dir {
+                Some(_) => snapshots.with_cache(),
+                None => snapshots,
+            });
             let settings = etcd::source::EtcdSettings {
                 access: access.clone(),
                 cluster: cluster.clone(),
@@ -186,10 +187,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_rx.clone(),
         )));
     }
-    // Warm-up steps (and override expiry) change the serving table with time alone.
-    tasks.push(tokio::spawn(
-        snapshots.clone().run_timed_rebuilds(shutdown_rx.clone()),
-    ));
 
     // Certificates are loaded before any listener is bound, so a bad one fails the start.
     let tls = match &config.tls {
@@ -259,6 +256,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admission = Arc::new(admission::Admission::new(metrics.clone()));
     let gateway = Arc::new(Gateway {
         topology: snapshots.cell(),
+        self_fence: snapshots.self_fence(),
         metrics: metrics.clone(),
         admission: admission.clone(),
         local_idc_header: config

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod driver;
+pub mod pace;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,40 +32,55 @@ pub enum Step {
     RollBack(String),
 }
 
-/// What the driver of a `fencing` record should do now: wait until every live gateway
-/// acknowledged the fence and `fence` has passed since it was written, then apply, or roll
-/// back when the target cannot serve at that moment or the record has been fencing for longer
-/// than `fence + FENCE_GRACE`. Records in any other phase are done: `Wait`.
-pub fn next_step(
-    record: &MoveRecord,
-    now_ms: u64,
-    fence: Duration,
-    all_acked: bool,
-    target_can_serve: bool,
-) -> Step {
+/// What the driver of a `fencing` record knows of it, measured on the driver's own monotonic
+/// clock (never on wall clocks: the operator's, the leader's and each gateway's may disagree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceFacts {
+    /// How long this driver has seen the record fencing.
+    pub fencing_for: Duration,
+    /// How long every live gateway has acknowledged the fence (`None`: not every one yet).
+    /// A gateway acknowledges only once no write it admitted before the fence is in flight.
+    pub acked_for: Option<Duration>,
+    /// A gateway this driver cannot see may still be writing: a registration vanished less
+    /// than the lease TTL plus the hold ago, or this driver took over less than that ago.
+    pub unseen_writer: bool,
+    /// The record's shards have somewhere to go now (see `target_can_serve`).
+    pub target_can_serve: bool,
+}
+
+/// What the driver of a `fencing` record should do now: wait until every live gateway has
+/// acknowledged the fence, then hold it for `hold` (replication catch-up: `fence_ms`) with no
+/// gateway unaccounted for, then apply; or roll back when the target cannot serve at that
+/// moment, or when the record has been fencing for longer than `hold + FENCE_GRACE`. A
+/// `failover` record is never rolled back: its IDC is down already, and lifting the fence
+/// early would let the new owner take writes while the old one may still get some; it
+/// applies once acknowledged and held, whatever the target. Records in any other phase are
+/// done: `Wait`.
+pub fn next_step(record: &MoveRecord, facts: &FenceFacts, hold: Duration) -> Step {
     if record.phase != MovePhase::Fencing {
         return Step::Wait;
     }
-    let ready_at = record.fenced_at_ms.saturating_add(fence.as_millis() as u64);
-    let give_up_at = ready_at.saturating_add(FENCE_GRACE.as_millis() as u64);
-    if now_ms >= give_up_at {
-        let why = if all_acked {
+    let failover = record.kind == MoveKind::Failover;
+    if !failover && facts.fencing_for >= hold + FENCE_GRACE {
+        let why = if facts.acked_for.is_some() {
             "no driver completed it in time"
         } else {
             "not every live gateway acknowledged the fence"
         };
         return Step::RollBack(format!(
-            "still fencing {} ms after the fence was written (fence_ms {} + 30 s): {why}",
-            now_ms.saturating_sub(record.fenced_at_ms),
-            fence.as_millis()
+            "still fencing after {} ms (fence_ms {} + 30 s): {why}",
+            facts.fencing_for.as_millis(),
+            hold.as_millis()
         ));
     }
-    if now_ms < ready_at || !all_acked {
+    let held = facts.acked_for.is_some_and(|a| a >= hold);
+    if !held || facts.unseen_writer {
         return Step::Wait;
     }
-    if !target_can_serve {
+    if !failover && !facts.target_can_serve {
         let target = match (record.kind, &record.to) {
             (MoveKind::Move, Some(to)) => format!("the target IDC {to} is not active and healthy"),
+            (MoveKind::Warmup, Some(to)) => format!("the warming IDC {to} is not healthy"),
             _ => "no other IDC is active and healthy to take the shards".to_owned(),
         };
         return Step::RollBack(format!("{target} when the fence ended"));
@@ -117,6 +133,32 @@ impl Operator {
             expires_at: None,
             at_ms: self.now_ms,
             warmup_s: None,
+            warmup_step: None,
+        }
+    }
+
+    /// A new `fencing` record of `kind` over `shards`, written by this operator now.
+    fn record(
+        &self,
+        kind: MoveKind,
+        shards: &ShardSet,
+        from: Option<String>,
+        to: Option<String>,
+    ) -> MoveRecord {
+        MoveRecord {
+            kind,
+            ranges: shards.ranges(),
+            from,
+            to,
+            phase: MovePhase::Fencing,
+            fence_revision: 0,
+            fenced_at_ms: self.now_ms,
+            reason: self.reason.clone(),
+            by: self.by.clone(),
+            at: self.now_ms / 1000,
+            finished_at: None,
+            note: String::new(),
+            step: None,
         }
     }
 }
@@ -147,10 +189,7 @@ fn check_no_open_move(t: &Topology, shards: &ShardSet, what: &str) -> Result<(),
         if theirs.intersects(shards) {
             return Err(Refused::Conflict(format!(
                 "{what} touches shards that move/{id} ({} {}) is still moving (phase fencing); wait for it to finish",
-                match record.kind {
-                    MoveKind::Move => "move",
-                    MoveKind::Drain => "drain",
-                },
+                record.kind.as_str(),
                 shown(&record.ranges)
             )));
         }
@@ -175,11 +214,7 @@ fn shown(ranges: &[String]) -> String {
 
 /// A new record's id: kind, IDC and the time, so `status` sorts and reads well.
 pub fn new_id(kind: MoveKind, idc: &str, now_ms: u64) -> String {
-    let kind = match kind {
-        MoveKind::Move => "move",
-        MoveKind::Drain => "drain",
-    };
-    format!("{kind}-{idc}-{now_ms}")
+    format!("{}-{idc}-{now_ms}", kind.as_str())
 }
 
 /// `move RANGE --to IDC`: the range parses, the target is active and healthy, and no open
@@ -214,20 +249,7 @@ pub fn plan_move(
     let from = first
         .filter(|f| owners.all(|o| o == Some(*f)))
         .map(|f| t.idc(f).name.to_string());
-    let record = MoveRecord {
-        kind: MoveKind::Move,
-        ranges: shards.ranges(),
-        from,
-        to: Some(to.to_owned()),
-        phase: MovePhase::Fencing,
-        fence_revision: 0,
-        fenced_at_ms: op.now_ms,
-        reason: op.reason.clone(),
-        by: op.by.clone(),
-        at: op.now_ms / 1000,
-        finished_at: None,
-        note: String::new(),
-    };
+    let record = op.record(MoveKind::Move, &shards, from, Some(to.to_owned()));
     Ok((new_id(MoveKind::Move, to, op.now_ms), record))
 }
 
@@ -255,6 +277,18 @@ pub fn plan_drain(
             "IDC {idc} is the last active IDC: draining it would leave its shards nowhere to go"
         )));
     }
+    let shards = served_by(t, idc)?;
+    check_no_open_move(t, &shards, &format!("drain {idc}"))?;
+    let record = op.record(MoveKind::Drain, &shards, Some(idc.to_owned()), None);
+    Ok((
+        op.idc_override(IdcState::Draining),
+        new_id(MoveKind::Drain, idc, op.now_ms),
+        record,
+    ))
+}
+
+/// The shards `idc` serves in `t`.
+fn served_by(t: &Topology, idc: &str) -> Result<ShardSet, Refused> {
     let id = t
         .idc_by_name(idc)
         .ok_or_else(|| Refused::Invalid(idc.into()))?;
@@ -264,66 +298,93 @@ pub fn plan_drain(
             shards.insert(s);
         }
     }
-    check_no_open_move(t, &shards, &format!("drain {idc}"))?;
-    let record = MoveRecord {
-        kind: MoveKind::Drain,
-        ranges: shards.ranges(),
-        from: Some(idc.to_owned()),
-        to: None,
-        phase: MovePhase::Fencing,
-        fence_revision: 0,
-        fenced_at_ms: op.now_ms,
-        reason: op.reason.clone(),
-        by: op.by.clone(),
-        at: op.now_ms / 1000,
-        finished_at: None,
-        note: String::new(),
-    };
-    Ok((
-        op.idc_override(IdcState::Draining),
-        new_id(MoveKind::Drain, idc, op.now_ms),
-        record,
-    ))
+    Ok(shards)
 }
 
-/// `failover IDC` (emergency, no fence): refused only when it would leave no IDC that can
-/// serve, or when the IDC is down already.
-pub fn plan_failover(t: &Topology, idc: &str, op: &Operator) -> Result<IdcOverride, Refused> {
+/// Whether an IDC other than `idc` is active or warming: someone can still serve.
+pub fn another_can_serve(t: &Topology, idc: &str) -> bool {
+    t.idcs
+        .iter()
+        .any(|i| i.name.as_str() != idc && matches!(i.state, IdcState::Active | IdcState::Warming))
+}
+
+/// `failover IDC` (emergency): the `down` override, and the `failover` record that fences the
+/// writes of the shards it serves now until every live gateway stopped writing to it (`None`
+/// when it serves none, or with `unfenced`: `--force-unfenced`, for an IDC proven dead, the
+/// one documented trade-off). Refused when it would leave no IDC that can serve, or when the
+/// IDC is down already.
+pub fn plan_failover(
+    t: &Topology,
+    idc: &str,
+    unfenced: bool,
+    op: &Operator,
+) -> Result<(IdcOverride, Option<(String, MoveRecord)>), Refused> {
     let state = known_idc(t, idc)?;
     if state == IdcState::Down {
         return Err(Refused::Conflict(format!("IDC {idc} is down already")));
     }
-    let others = t.idcs.iter().filter(|i| {
-        i.name.as_str() != idc && matches!(i.state, IdcState::Active | IdcState::Warming)
-    });
-    if others.count() == 0 {
+    if !another_can_serve(t, idc) {
         return Err(Refused::Conflict(format!(
             "IDC {idc} is the last IDC that can serve: failing it over would leave every shard without an owner"
         )));
     }
-    Ok(op.idc_override(IdcState::Down))
+    let shards = served_by(t, idc)?;
+    let record = (!unfenced && !shards.is_empty()).then(|| {
+        (
+            new_id(MoveKind::Failover, idc, op.now_ms),
+            op.record(MoveKind::Failover, &shards, Some(idc.to_owned()), None),
+        )
+    });
+    Ok((op.idc_override(IdcState::Down), record))
 }
 
-/// `restore IDC [--warmup D]`: `warming` over `warmup` (the document's `warmup_s` when `None`);
-/// `Some(0)` makes it active at once (`Ok(None)`: remove the override).
+/// The `failover` record an automatic `down` decision writes with its override: it fences the
+/// writes of the shards `idc` serves in `t` (`None` when it serves none).
+pub fn failover_record(
+    t: &Topology,
+    idc: &str,
+    reason: &str,
+    by: &str,
+    now_ms: u64,
+) -> Option<(String, MoveRecord)> {
+    let shards = served_by(t, idc).ok()?;
+    let op = Operator {
+        reason: reason.to_owned(),
+        by: by.to_owned(),
+        now_ms,
+    };
+    (!shards.is_empty()).then(|| {
+        (
+            new_id(MoveKind::Failover, idc, now_ms),
+            op.record(MoveKind::Failover, &shards, Some(idc.to_owned()), None),
+        )
+    })
+}
+
+/// `restore IDC [--warmup D]`: `warming` from step 0 over `warmup` (the document's `warmup_s`
+/// when `None`); `Some(0)` brings every home shard back in one fenced step. Every step is a
+/// fenced move driven by the leader (or the file-mode gateway).
 pub fn plan_restore(
     t: &Topology,
     idc: &str,
     warmup: Option<Duration>,
     op: &Operator,
-) -> Result<Option<IdcOverride>, Refused> {
+) -> Result<IdcOverride, Refused> {
     let state = known_idc(t, idc)?;
-    if state == IdcState::Active && !t.overrides.idcs.contains_key(idc) {
+    let overridden = t
+        .overrides
+        .idcs
+        .get(idc)
+        .is_some_and(|o| o.state != IdcState::Active);
+    if state == IdcState::Active && !overridden {
         return Err(Refused::Conflict(format!(
             "IDC {idc} is active already: nothing to restore"
         )));
     }
-    if warmup == Some(Duration::ZERO) {
-        return Ok(None);
-    }
     let mut o = op.idc_override(IdcState::Warming);
-    o.warmup_s = warmup.map(|w| w.as_secs().max(1));
-    Ok(Some(o))
+    o.warmup_s = warmup.map(|w| w.as_secs());
+    o.warmup_step = Some(0);
+    Ok(o)
 }
 
 /// Whether the record's shards have somewhere to go now: a move's target is active and
@@ -338,6 +399,12 @@ pub fn target_can_serve(t: &Topology, record: &MoveRecord, view: &HealthView) ->
             Some(i.name.as_str()) != record.from.as_deref()
                 && i.state == IdcState::Active
                 && healthy(view, &i.name)
+        }),
+        // The IDC is down already: its shards went to whoever can serve them.
+        MoveKind::Failover => true,
+        MoveKind::Warmup => record.to.as_deref().is_some_and(|to| {
+            t.idc_by_name(to)
+                .is_some_and(|i| t.idc(i).state == IdcState::Warming && healthy(view, to))
         }),
     }
 }
@@ -373,18 +440,34 @@ pub fn finish(overrides: &mut Overrides, id: &str, step: &Step, now_s: u64) -> b
     }
     match step {
         Step::Wait => return false,
-        Step::Apply => record.phase = MovePhase::Applied,
+        Step::Apply => {
+            record.phase = MovePhase::Applied;
+            // A warm-up step comes home with its record: the override's step moves on in the
+            // same write (the same etcd transaction).
+            if let (MoveKind::Warmup, Some(to), Some(step)) =
+                (record.kind, record.to.clone(), record.step)
+            {
+                if let Some(o) = overrides.idcs.get_mut(&to) {
+                    if o.state == IdcState::Warming && o.steps_done() < step {
+                        o.warmup_step = Some(step);
+                    }
+                }
+            }
+        }
         Step::RollBack(why) => {
             record.phase = MovePhase::RolledBack;
             record.note = why.clone();
             if record.kind == MoveKind::Drain {
                 if let Some(from) = record.from.clone() {
-                    if overrides
+                    if let Some(o) = overrides
                         .idcs
-                        .get(&from)
-                        .is_some_and(|o| o.state == IdcState::Draining)
+                        .get_mut(&from)
+                        .filter(|o| o.state == IdcState::Draining)
                     {
-                        overrides.idcs.remove(&from);
+                        // Active again, kept as an override rather than removed: ownership keys
+                        // are never deleted, so owner epochs never go backwards.
+                        o.state = IdcState::Active;
+                        o.reason = format!("drain rolled back: {why}");
                     }
                 }
             }
@@ -405,7 +488,8 @@ pub fn status_json(overrides: &Overrides, now_ms: u64) -> Vec<serde_json::Value>
         .map(|(id, r)| {
             serde_json::json!({
                 "id": id,
-                "kind": match r.kind { MoveKind::Move => "move", MoveKind::Drain => "drain" },
+                "kind": r.kind.as_str(),
+                "step": r.step,
                 "ranges": r.ranges,
                 "from": r.from,
                 "to": r.to,

@@ -19,7 +19,9 @@ use crate::error::ProxyError;
 use crate::forward::{forward, ForwardError, ForwardPolicy};
 use crate::headers;
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, RequestLabels, RouteLabels};
-use crate::topology::{Decision, IdcId, IdcState, RequestView, RouteError, SetId, Shard, Topology};
+use crate::topology::{
+    Decision, IdcId, IdcState, RequestView, RouteError, SetId, Shard, Topology, WriteInFlight,
+};
 use crate::upgrade;
 
 /// Settings of the data path that do not come from the topology.
@@ -38,6 +40,8 @@ pub struct ProxySettings {
 /// What every request handler shares: the one snapshot, metrics, settings.
 pub struct Gateway {
     pub topology: Arc<ArcSwapOption<Topology>>,
+    /// This gateway's own write fence (etcd mode: closed while its registration is unsure).
+    pub self_fence: Arc<crate::self_fence::SelfFence>,
     pub metrics: Arc<Metrics>,
     /// Set budgets, rate limits, degrade switches and breakers (state outlives snapshots).
     pub admission: Arc<Admission>,
@@ -113,7 +117,7 @@ impl Gateway {
             (None, Some(topo)) => {
                 let rev = topo.revision;
                 let resp = match self
-                    .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
+                    .route_and_forward(topo, req, &client_ip, &ids, &mut outcome)
                     .await
                 {
                     Ok(resp) => resp,
@@ -163,13 +167,15 @@ impl Gateway {
 
     async fn route_and_forward(
         &self,
-        topo: &Topology,
+        topo: Arc<Topology>,
         mut req: Request<Incoming>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         check_authority(&req)?;
+        let snapshot = topo;
+        let topo: &Topology = &snapshot;
         let decision = topo
             .decide(RequestView {
                 method: req.method(),
@@ -187,9 +193,21 @@ impl Gateway {
         // The write fence (§5): while a planned move is in phase 1 its shards take reads
         // (at the old owner) but no writes, so the new owner never sees a write the old one
         // has not replicated. One bit test, only for requests that may write.
+        // A write also needs this gateway's own fence open (etcd mode): the leader moves
+        // owners without waiting for a gateway whose registration is gone, so such a gateway
+        // must not write. Every write on a sharded route is counted in flight under this
+        // snapshot until its exchange is over: the gateway acknowledges a newer revision (a
+        // fence) only once no write admitted before it is still on its way.
+        let mut write_in_flight = None;
         if let Some(shard) = decision.shard {
-            if !is_safe(req.method()) && topo.is_fenced(shard) {
-                return Err(self.fenced(topo, route.set, shard));
+            if !is_safe(req.method()) {
+                if topo.is_fenced(shard) {
+                    return Err(self.fenced(topo, route.set, shard));
+                }
+                self.self_fence
+                    .check()
+                    .map_err(|why| self.self_fenced(topo, route.set, shard, why))?;
+                write_in_flight = Some(WriteInFlight::new(snapshot.clone()));
             }
         }
 
@@ -262,6 +280,15 @@ impl Gateway {
             upgrade: upgrade.is_some(),
         };
 
+        // Checked again as the write leaves (admission may have waited on the body or the
+        // budget): a gateway cut from etcd meanwhile does not send it. A process paused
+        // after this point is the backend's owner-epoch check's to catch (docs/backends.md).
+        if let (Some(shard), Some(_)) = (decision.shard, &write_in_flight) {
+            self.self_fence
+                .check()
+                .map_err(|why| self.self_fenced(topo, route.set, shard, why))?;
+        }
+
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
         let mut serving_dead = false;
         let exchange = async {
@@ -331,7 +358,9 @@ impl Gateway {
                         if !policy.idempotent || moved.is_some() {
                             return Err(err);
                         }
-                        let Some((latest, n, s)) = self.moved_to(t, &decision, idc, route) else {
+                        let Some((latest, n, s)) =
+                            self.moved_to(t, &decision, idc, route, !is_safe(&method))
+                        else {
                             return Err(err);
                         };
                         tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
@@ -410,8 +439,16 @@ impl Gateway {
         d: &Decision,
         from: IdcId,
         route: &crate::topology::Route,
+        write: bool,
     ) -> Option<(Arc<Topology>, IdcId, crate::topology::SetId)> {
         let latest = self.topology.load_full()?;
+        // A write (PUT, DELETE) is replayed only where a fresh one would be admitted: not
+        // into a fence, and not past this gateway's own fence.
+        if write
+            && (d.shard.is_some_and(|s| latest.is_fenced(s)) || self.self_fence.check().is_err())
+        {
+            return None;
+        }
         let now = match d.shard {
             // A reshard renumbers shards: the old number means nothing in the new snapshot.
             Some(shard) if latest.shard_count == topo.shard_count => latest.serving(shard)?,
@@ -508,6 +545,29 @@ impl Gateway {
             RequestBody::client(body, self.settings.body_timeout, route_limit)
         };
         Ok(Request::from_parts(parts, body))
+    }
+
+    /// The refusal of a write while this gateway's own fence is closed, counted like a
+    /// fenced write (`x-shardgate-reason: fenced`); `/status` says why.
+    fn self_fenced(
+        &self,
+        topo: &Topology,
+        set: SetId,
+        shard: Shard,
+        why: crate::self_fence::Closed,
+    ) -> ProxyError {
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                set: topo.set(set).name.clone(),
+                reason: "fenced",
+            })
+            .inc();
+        ProxyError::Refused(Refusal::SelfFenced {
+            shard: shard.0,
+            why: why.as_str(),
+            retry_after_s: 1,
+        })
     }
 
     /// The refusal of a fenced write, counted in `shardgate_refused_total`.

@@ -3,16 +3,16 @@
 //! with one store, or keeps the last good one and reports every problem.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use crate::forward::Upstreams;
+use crate::self_fence::SelfFence;
 use crate::telemetry::Metrics;
-use crate::topology::overrides::unix_now_ms;
 use crate::topology::{
     self, BuildContext, Overrides, Problems, RawTopology, Topology, TopologyDiff,
 };
@@ -34,6 +34,16 @@ pub struct Snapshots {
     gateways: Mutex<Vec<serde_json::Value>>,
     /// The elected failover leader's instance (etcd), for `/status`.
     leader: Mutex<Option<String>>,
+    /// This gateway's own write fence (closed while it cannot be sure the leader waits for it).
+    self_fence: Arc<SelfFence>,
+    /// Snapshots replaced by a newer one that may still have writes in flight.
+    retired: Mutex<Vec<Weak<Topology>>>,
+    /// With a snapshot cache: the newest revision stored in it (or given up on storing), so
+    /// that a revision is acknowledged only once a restart would not boot from an older one.
+    cached: Option<AtomicU64>,
+    /// Set when etcd was found behind what this gateway served (restored or replaced): the
+    /// next publish may go back to its revision.
+    allow_lower: AtomicBool,
 }
 
 impl Snapshots {
@@ -50,7 +60,70 @@ impl Snapshots {
             revisions: watch::channel(0).0,
             gateways: Mutex::new(Vec::new()),
             leader: Mutex::new(None),
+            self_fence: Arc::new(if kind == "etcd" {
+                SelfFence::leased()
+            } else {
+                SelfFence::open()
+            }),
+            retired: Mutex::new(Vec::new()),
+            cached: None,
+            allow_lower: AtomicBool::new(false),
         }
+    }
+
+    /// Acknowledged revisions wait for the snapshot cache: set when a cache dir is used.
+    pub fn with_cache(mut self) -> Snapshots {
+        self.cached = Some(AtomicU64::new(0));
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This gateway's own write fence.
+    pub fn self_fence(&self) -> Arc<SelfFence> {
+        self.self_fence.clone()
+    }
+
+    /// The snapshot cache holds `revision` now (or storing it failed and the stale cache was
+    /// removed): it may be acknowledged.
+    pub fn cached(&self, revision: u64) {
+        if let Some(c) = &self.cached {
+            c.fetch_max(revision, Ordering::AcqRel);
+        }
+    }
+
+    /// The revision this gateway can truthfully report as applied (its registration's
+    /// `applied_revision`, the fence acknowledgement): the served revision, held back while
+    /// a write admitted under an older snapshot is still in flight, and while the snapshot
+    /// cache does not hold it yet.
+    pub fn acknowledged(&self) -> u64 {
+        let Some(current) = self.current() else {
+            return 0;
+        };
+        let mut ack = current.revision;
+        if let Some(c) = &self.cached {
+            ack = ack.min(c.load(Ordering::Acquire));
+        }
+        if let Ok(mut retired) = self.retired.lock() {
+            retired.retain(|w| w.strong_count() > 0);
+            for t in retired.iter().filter_map(Weak::upgrade) {
+                if t.writes_in_flight.load(Ordering::Acquire) > 0 {
+                    // Writes under that snapshot may still reach the owner it named: nothing
+                    // newer than it is fully applied yet.
+                    ack = ack.min(t.revision);
+                }
+            }
+        }
+        ack
+    }
+
+    /// etcd is behind the revision served (restored from a backup, or replaced): the next
+    /// publish may carry a lower revision. Logged by the caller; writes stay fenced by the
+    /// self-fence until this gateway re-registers and catches up.
+    pub fn allow_lower_revision(&self) {
+        self.allow_lower.store(true, Ordering::Release);
     }
 
     /// The cell request handlers load from.
@@ -100,11 +173,28 @@ impl Snapshots {
         revision: u64,
     ) -> Result<TopologyDiff, Problems> {
         let old = self.current.load_full();
+        if let Some(old) = &old {
+            if revision < old.revision && !self.allow_lower.swap(false, Ordering::AcqRel) {
+                // A late or replayed input: serving it would take ownership backwards.
+                let problems = Problems(vec![topology::Problem::new(
+                    "revision",
+                    format!(
+                        "revision {revision} is older than the revision {} served; not published",
+                        old.revision
+                    ),
+                )]);
+                tracing::error!(
+                    revision,
+                    served = old.revision,
+                    "refusing to publish an older revision"
+                );
+                return Err(problems);
+            }
+        }
         let ctx = BuildContext {
             revision,
             local_idc: self.local_idc.clone(),
             running_shard_count: old.as_ref().map(|t| t.shard_count),
-            now: 0,
         };
         match topology::build(doc, overrides, &ctx, &self.upstreams) {
             Ok(new) => {
@@ -114,6 +204,9 @@ impl Snapshots {
                     .map(|old| topology::diff(old, &new))
                     .unwrap_or_default();
                 self.current.store(Some(new.clone()));
+                if let (Some(old), Ok(mut retired)) = (&old, self.retired.lock()) {
+                    retired.push(Arc::downgrade(old));
+                }
                 self.revisions.send_replace(revision);
                 self.metrics.observe_snapshot(&new);
                 self.metrics.reload("ok");
@@ -145,64 +238,6 @@ impl Snapshots {
 }
 
 impl Snapshots {
-    /// Rebuilds the published snapshot from its own document and overrides, at the same
-    /// revision, whenever its serving table is due to change with time alone (the next step
-    /// of a warm-up, an override expiring: `Topology::next_change_ms`). Each step is a normal
-    /// publish (diff logged, metrics, subscribers told), for the file and the etcd source
-    /// alike, and it goes on while etcd is unreachable. Runs until `shutdown` turns true.
-    pub async fn run_timed_rebuilds(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut revisions = self.subscribe();
-        // The instant last rebuilt for: a rebuild that did not move it on (it failed) is not
-        // retried in a loop, only after the next publish.
-        let mut done: Option<u64> = None;
-        loop {
-            let due = self
-                .current()
-                .and_then(|t| t.next_change_ms)
-                .filter(|&at| done != Some(at));
-            // One millisecond late rather than early: the table changes at the instant itself.
-            let wait = due.map(|at| Duration::from_millis(at.saturating_sub(unix_now_ms()) + 1));
-            tokio::select! {
-                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
-                    let snapshots = self.clone();
-                    // Building a large snapshot takes milliseconds of CPU: off the workers.
-                    let tried = tokio::task::spawn_blocking(move || snapshots.rebuild_due()).await;
-                    if tried.unwrap_or(true) {
-                        done = due;
-                    }
-                }
-                changed = revisions.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
-
-    /// Rebuilds the current snapshot if its next timed change is due (false when it is not
-    /// due yet: a publish that got in first did it, or the clock woke us early).
-    fn rebuild_due(&self) -> bool {
-        let _guard = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(current) = self.current() else {
-            return false;
-        };
-        if current.next_change_ms.is_none_or(|at| at > unix_now_ms()) {
-            return false;
-        }
-        tracing::debug!(
-            revision = current.revision,
-            "serving table due to change (warm-up step or expiry): rebuilding"
-        );
-        let _ = self.publish_locked(
-            current.document.clone(),
-            &current.overrides,
-            current.revision,
-        );
-        true
-    }
-
     /// Notified with the revision of every snapshot published from now on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revisions.subscribe()
@@ -500,6 +535,7 @@ mod tests {
             expires_at: None,
             at_ms: 1000,
             warmup_s: None,
+            warmup_step: None,
         }
     }
 

@@ -82,6 +82,11 @@ pub struct Metrics {
     pub topology_revision: Gauge,
     pub topology_reloads: Family<ResultLabels, Counter>,
     pub topology_source_up: Gauge,
+    /// 1 while this gateway fences its own writes (etcd mode: registration lost, unconfirmed
+    /// or not caught up).
+    pub self_fenced: Gauge,
+    /// The revision this gateway acknowledges (its registration's `applied_revision`).
+    pub acknowledged_revision: Gauge,
     pub shards_served: Family<IdcLabels, Gauge>,
     pub idc_state: Family<IdcStateLabels, Gauge>,
     pub inflight: Family<SetLabels, Gauge>,
@@ -142,6 +147,18 @@ impl Metrics {
             "1 while the topology source (file or etcd) can be read",
             topology_source_up.clone(),
         );
+        let self_fenced = Gauge::default();
+        registry.register(
+            "self_fenced",
+            "1 while this gateway refuses writes on sharded routes because it cannot be sure the cluster waits for it (etcd registration lost, unconfirmed, or not caught up)",
+            self_fenced.clone(),
+        );
+        let acknowledged_revision = Gauge::default();
+        registry.register(
+            "acknowledged_revision",
+            "The topology revision this gateway acknowledges: served, cached, and with no write admitted under an older snapshot still in flight",
+            acknowledged_revision.clone(),
+        );
         let shards_served = Family::<IdcLabels, Gauge>::default();
         registry.register(
             "shards_served",
@@ -197,6 +214,8 @@ impl Metrics {
             topology_revision,
             topology_reloads,
             topology_source_up,
+            self_fenced,
+            acknowledged_revision,
             shards_served,
             idc_state,
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, Uri};
 
-pub use build::{build, next_warmup_step, parse_range, warmed, BuildContext};
+pub use build::{build, parse_range, warmed, warmup_step_of, BuildContext};
 pub use diff::{diff, TopologyDiff};
 pub use moves::ShardSet;
 pub use overrides::{DegradeOverride, IdcOverride, IdcState, Overrides};
@@ -178,9 +178,30 @@ pub struct Topology {
     fenced: ShardSet,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
-    /// When (unix ms) the serving table changes with time alone (next warm-up step, an
-    /// override expiring): the sources rebuild the snapshot at that instant.
-    pub next_change_ms: Option<u64>,
+    /// Writes admitted under this snapshot whose exchange with the backend is not over yet.
+    /// A gateway acknowledges a newer revision only once the older snapshots have none left
+    /// (`Snapshots::acknowledged`), so a fence is never acknowledged while a write admitted
+    /// before it is still on its way to the old owner.
+    pub writes_in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one write in flight under a snapshot until dropped (the exchange is over).
+pub struct WriteInFlight(std::sync::Arc<Topology>);
+
+impl WriteInFlight {
+    pub fn new(topo: std::sync::Arc<Topology>) -> WriteInFlight {
+        topo.writes_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        WriteInFlight(topo)
+    }
+}
+
+impl Drop for WriteInFlight {
+    fn drop(&mut self) {
+        self.0
+            .writes_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// What the routing decision needs of a request.

@@ -48,7 +48,6 @@ fn topo_with(text: &str, overrides: &Overrides) -> Topology {
         overrides,
         &BuildContext {
             revision: 1,
-            now: 1_000_000,
             ..BuildContext::default()
         },
         &Upstreams::new(),

@@ -55,9 +55,15 @@ pub struct DrainArgs {
 
 #[derive(Args, Debug)]
 pub struct FailoverArgs {
-    /// The IDC to mark down: its shards leave at once, without a fence.
+    /// The IDC to mark down: its shards' reads leave at once; their writes are fenced until
+    /// every live gateway stopped writing to it and fence_ms passed.
     pub idc: String,
-    /// Return when every live gateway serves the change.
+    /// Skip the write fence: writes go to the new owners at once. Only for an IDC proven dead
+    /// (powered off, cut off from every client): if it still takes writes, a shard may get two
+    /// writers.
+    #[arg(long)]
+    pub force_unfenced: bool,
+    /// Return when the fence is lifted and every live gateway serves the change.
     #[arg(long)]
     pub wait: bool,
     #[command(flatten)]
@@ -68,8 +74,8 @@ pub struct FailoverArgs {
 pub struct RestoreArgs {
     /// The IDC to bring back: its home shards return in steps.
     pub idc: String,
-    /// Warm-up for this restore (e.g. 60s, 5m); 0 makes it active at once [default: the
-    /// topology's failover.warmup_s].
+    /// Warm-up for this restore (e.g. 60s, 5m); 0 brings every home shard back in one fenced
+    /// step [default: the topology's failover.warmup_s].
     #[arg(long, value_parser = parse_duration)]
     pub warmup: Option<Duration>,
     /// Return when every live gateway serves the change.
@@ -97,7 +103,8 @@ pub struct MoveArgs {
 #[derive(Debug, Clone)]
 enum Action {
     Drain(String),
-    Failover(String),
+    /// The IDC, and whether the write fence is skipped (`--force-unfenced`).
+    Failover(String, bool),
     Restore(String, Option<Duration>),
     Move(String, String),
 }
@@ -106,7 +113,7 @@ impl Action {
     fn name(&self) -> &'static str {
         match self {
             Action::Drain(_) => "drain",
-            Action::Failover(_) => "failover",
+            Action::Failover(..) => "failover",
             Action::Restore(..) => "restore",
             Action::Move(..) => "move",
         }
@@ -118,7 +125,7 @@ pub fn drain(a: DrainArgs) -> u8 {
 }
 
 pub fn failover(a: FailoverArgs) -> u8 {
-    run(Action::Failover(a.idc), a.wait, &a.common)
+    run(Action::Failover(a.idc, a.force_unfenced), a.wait, &a.common)
 }
 
 pub fn restore(a: RestoreArgs) -> u8 {
@@ -154,6 +161,7 @@ pub(super) struct Parts {
     pub warmup: Option<Duration>,
     pub range: Option<String>,
     pub to: Option<String>,
+    pub unfenced: bool,
 }
 
 fn action_parts(a: &Action) -> Parts {
@@ -163,9 +171,14 @@ fn action_parts(a: &Action) -> Parts {
         warmup: None,
         range: None,
         to: None,
+        unfenced: false,
     };
     match a {
-        Action::Drain(i) | Action::Failover(i) => p.idc = Some(i.clone()),
+        Action::Drain(i) => p.idc = Some(i.clone()),
+        Action::Failover(i, unfenced) => {
+            p.idc = Some(i.clone());
+            p.unfenced = *unfenced;
+        }
         Action::Restore(i, w) => {
             p.idc = Some(i.clone());
             p.warmup = *w;
@@ -237,54 +250,81 @@ async fn etcd_action(c: &EtcdCluster, action: &Action, wait: bool, args: &Operat
     let op = Operator::now(&args.reason, &args.by());
     let json_out = args.admin.json;
     match action {
-        Action::Failover(idc) | Action::Restore(idc, _) => {
-            let value = match action {
-                Action::Failover(_) => moves::plan_failover(&t, idc, &op).map(Some),
-                Action::Restore(_, warmup) => moves::plan_restore(&t, idc, *warmup, &op),
-                _ => return exit::USAGE,
-            };
-            let value = match value {
-                Ok(v) => v,
+        Action::Failover(idc, unfenced) => {
+            let (value, record) = match moves::plan_failover(&t, idc, *unfenced, &op) {
+                Ok(p) => p,
                 Err(r) => return refusal(command, &r),
             };
-            let revision = match cluster::write_idc(c, &listed, idc, value.as_ref()).await {
+            let with = record.as_ref().map(|(id, r)| (id.as_str(), r));
+            let revision = match cluster::write_idc(c, &listed, idc, &value, with).await {
                 Ok(r) => r,
                 Err(e) => return code(command, &e),
             };
-            let state = value.as_ref().map_or("active", |v| v.state.as_str());
+            let Some((id, record)) = record else {
+                let line = format!(
+                    "failover {idc}: state down at revision {revision} ({}), unfenced: writes go to the new owners at once",
+                    c.keys().idc_override(idc)
+                );
+                report(
+                    json_out,
+                    &json!({"command": command, "idc": idc, "state": "down", "revision": revision, "override": value, "fenced": false}),
+                    &line,
+                );
+                if !wait {
+                    return exit::OK;
+                }
+                return wait_served(c, command, revision, json_out, args).await;
+            };
             let line = format!(
-                "{command} {idc}: state {state} at revision {revision} ({}){}",
+                "failover {idc}: state down, move/{id} fences the writes of its {} shards ({}) at revision {revision}\n\
+                 reads go to the next IDC at once; writes resume there once every live gateway\n\
+                 stopped writing to {idc} and fence_ms ({} ms) passed",
+                count_shards(&record.ranges),
+                short_ranges(&record.ranges),
+                t.failover.fence.as_millis()
+            );
+            let v = json!({"command": command, "idc": idc, "state": "down", "move": id, "ranges": record.ranges, "revision": revision, "fenced": true});
+            report(json_out, &v, &line);
+            finish_etcd(c, command, &id, wait, args).await
+        }
+        Action::Restore(idc, warmup) => {
+            let value = match moves::plan_restore(&t, idc, *warmup, &op) {
+                Ok(v) => v,
+                Err(r) => return refusal(command, &r),
+            };
+            let revision = match cluster::write_idc(c, &listed, idc, &value, None).await {
+                Ok(r) => r,
+                Err(e) => return code(command, &e),
+            };
+            let line = format!(
+                "restore {idc}: state warming at revision {revision} ({}), {}; each step is a fenced move driven by the leader",
                 c.keys().idc_override(idc),
-                match value.as_ref().and_then(|v| v.warmup_s) {
-                    Some(w) => format!(", warm-up {w} s"),
-                    None => String::new(),
+                match value.warmup_s {
+                    Some(0) => "every home shard in one step".to_owned(),
+                    Some(w) => format!("warm-up {w} s"),
+                    None => format!("warm-up {} s", t.failover.warmup.as_secs()),
                 }
             );
             report(
                 json_out,
-                &json!({"command": command, "idc": idc, "state": state, "revision": revision, "override": value}),
+                &json!({"command": command, "idc": idc, "state": "warming", "revision": revision, "override": value}),
                 &line,
             );
             if !wait {
                 return exit::OK;
             }
-            if json_out {
-                return match c.wait_applied(revision, args.timeout, |_| {}).await {
-                    Ok(_) => exit::OK,
-                    Err(e) => code(command, &e),
-                };
-            }
-            super::etcd::wait(c, command, revision, args.timeout).await
+            wait_served(c, command, revision, json_out, args).await
         }
         Action::Drain(idc) => {
             let (value, id, record) = match moves::plan_drain(&t, idc, &op) {
                 Ok(p) => p,
                 Err(r) => return refusal(command, &r),
             };
-            let revision = match cluster::write_drain(c, &listed, idc, &value, &id, &record).await {
-                Ok(r) => r,
-                Err(e) => return code(command, &e),
-            };
+            let revision =
+                match cluster::write_idc(c, &listed, idc, &value, Some((&id, &record))).await {
+                    Ok(r) => r,
+                    Err(e) => return code(command, &e),
+                };
             let line = format!(
                 "drain {idc}: state draining, move/{id} fencing {} shards ({}) at revision {revision}\n\
                  writes to them get 503 fenced, reads stay with {idc}; the leader switches owners once\n\
@@ -319,6 +359,23 @@ async fn etcd_action(c: &EtcdCluster, action: &Action, wait: bool, args: &Operat
             finish_etcd(c, command, &id, wait, args).await
         }
     }
+}
+
+/// `--wait` for a change with no move record: every live gateway serves `revision`.
+async fn wait_served(
+    c: &EtcdCluster,
+    command: &str,
+    revision: i64,
+    json_out: bool,
+    args: &OperatorArgs,
+) -> u8 {
+    if json_out {
+        return match c.wait_applied(revision, args.timeout, |_| {}).await {
+            Ok(_) => exit::OK,
+            Err(e) => code(command, &e),
+        };
+    }
+    super::etcd::wait(c, command, revision, args.timeout).await
 }
 
 /// The majority of the live gateways' health views (DESIGN.md §6).

@@ -57,6 +57,9 @@ pub(super) async fn admin_action(p: &Parts, wait: bool, args: &OperatorArgs) -> 
             if let Some(w) = p.warmup.filter(|w| !w.is_zero()) {
                 body["warmup_s"] = json!(w.as_secs().max(1));
             }
+            if p.unfenced {
+                body["unfenced"] = json!(true);
+            }
             (format!("/override/idc/{}", encode_segment(idc)), body)
         }
         _ => return exit::USAGE,
@@ -71,6 +74,10 @@ pub(super) async fn admin_action(p: &Parts, wait: bool, args: &OperatorArgs) -> 
         202 => {
             eprintln!("shardgate {command}: {detail}");
             return exit::TIMED_OUT;
+        }
+        412 => {
+            eprintln!("shardgate {command}: conflict, nothing written: {detail}");
+            return exit::CONFLICT;
         }
         _ => {
             eprintln!("shardgate {command}: refused, nothing written ({status}): {detail}");
@@ -95,6 +102,14 @@ pub(super) async fn admin_action(p: &Parts, wait: bool, args: &OperatorArgs) -> 
             p.to.as_deref().unwrap_or("?"),
             count_shards(&ranges),
             v["from"].as_str().unwrap_or("several IDCs"),
+            v["revision"],
+        ),
+        ("failover", Some(id)) => format!(
+            "failover {}: state down, move/{id} fences the writes of its {} shards ({}) at revision {} (gateway {gateway})\n\
+             reads go to the next IDC at once; writes resume there once fence_ms has passed",
+            p.idc.as_deref().unwrap_or("?"),
+            count_shards(&ranges),
+            short_ranges(&ranges),
             v["revision"],
         ),
         ("drain", Some(id)) => format!(

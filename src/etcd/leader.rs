@@ -5,8 +5,9 @@
 //! mod revision that also checks the leader's own election key, so neither a concurrent
 //! operator write nor a deposed leader is ever overwritten.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, LeaderKey, LeaseKeepAliveStream, LeaseKeeper, ResignOptions,
@@ -15,8 +16,11 @@ use etcd_client::{
 use tokio::sync::watch;
 
 use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
-use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
-use crate::moves::{self, next_step, HealthView, Step};
+use crate::failover::{
+    active_again, decide, majority, unix_now_ms, Change, Decision, Policy, Tracker,
+};
+use crate::moves::pace::{FenceClocks, WarmupPacer};
+use crate::moves::{self, next_step, HealthView, Operator, Step};
 use crate::source::Snapshots;
 use crate::topology::overrides::{MovePhase, MoveRecord};
 use crate::topology::{Overrides, Topology};
@@ -57,6 +61,16 @@ pub struct Leader {
     tracker: Tracker,
     /// The last unusable-overrides problem, logged once.
     problem: Option<String>,
+    /// When this term began: until the lease TTL plus the fence hold has passed, a gateway
+    /// that vanished just before the election may still be writing, unseen.
+    term_started: Instant,
+    /// The gateways registered at the last round, and when each one that vanished since was
+    /// first seen gone (its writes may still be in flight until TTL + hold later).
+    registered: BTreeSet<String>,
+    departed: BTreeMap<String, Instant>,
+    /// How long each open record has been fencing and acknowledged, on this leader's clock.
+    clocks: FenceClocks,
+    pacer: WarmupPacer,
 }
 
 impl Leader {
@@ -67,6 +81,11 @@ impl Leader {
             snapshots,
             tracker: Tracker::new(),
             problem: None,
+            term_started: Instant::now(),
+            registered: BTreeSet::new(),
+            departed: BTreeMap::new(),
+            clocks: FenceClocks::new(),
+            pacer: WarmupPacer::new(),
         }
     }
 
@@ -200,7 +219,14 @@ impl Leader {
         };
         *leader_key = Some(key.clone());
         backoff.reset();
+        // A new term knows nothing of the last one: no history of verdicts, of vanished
+        // gateways, or of how long a fence has been held.
         self.tracker = Tracker::new();
+        self.term_started = Instant::now();
+        self.registered.clear();
+        self.departed.clear();
+        self.clocks = FenceClocks::new();
+        self.pacer = WarmupPacer::new();
         tracing::info!(instance = %instance, key = %String::from_utf8_lossy(key.key()), "elected failover leader");
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -296,6 +322,9 @@ impl Leader {
             .filter_map(|(_, r)| r.as_ref().ok())
             .collect();
         let now = unix_now_ms();
+        let clock = Instant::now();
+        let hold = topo.failover.fence;
+        let unseen_writer = self.note_registrations(&registered, clock, hold);
         let names: Vec<&str> = topo.idcs.iter().map(|i| i.name.as_str()).collect();
         self.tracker.retain(&names);
         for idc in &names {
@@ -312,29 +341,74 @@ impl Leader {
             now,
         );
         for d in &decisions {
-            self.write_decision(etcd, key, &listed, d).await;
+            self.write_decision(etcd, key, &listed, &topo, d, now).await;
+        }
+        if !decisions.is_empty() {
+            // The records below were read before these writes: decide on them next round.
+            return Ok(());
         }
         let all_acked = |fence_revision: u64| {
             live > 0
                 && records.len() == live
                 && records.iter().all(|r| r.applied_revision >= fence_revision)
         };
+        let open: Vec<&str> = overrides
+            .moves
+            .iter()
+            .filter(|(_, r)| r.phase == MovePhase::Fencing)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        self.clocks.retain(&open);
         for (id, record) in &overrides.moves {
             if record.phase != MovePhase::Fencing {
                 continue;
             }
             let can_serve = self.target_can_serve(record, &topo);
-            let step = next_step(
-                record,
-                now,
-                topo.failover.fence,
+            let facts = self.clocks.facts(
+                id,
                 all_acked(record.fence_revision),
+                clock,
+                unseen_writer,
                 can_serve,
             );
-            self.drive(etcd, key, &listed, &overrides, id, record, step)
-                .await;
+            let step = next_step(record, &facts, hold);
+            self.drive(etcd, key, &listed, &overrides, id, step).await;
+        }
+        // Warm-up steps are paced from the snapshot this leader serves, and only while it
+        // holds the overrides just read (a lagging snapshot would plan a step twice).
+        if topo.overrides.idcs == overrides.idcs {
+            let op = Operator {
+                reason: "warm-up".to_owned(),
+                by: self.settings.instance.clone(),
+                now_ms: now,
+            };
+            for (id, record) in self.pacer.due(&topo, clock, &op) {
+                self.start_step(etcd, key, &listed, &id, &record).await;
+            }
         }
         Ok(())
+    }
+
+    /// Keeps track of registrations that vanished (lease expired or revoked): until the lease
+    /// TTL plus `hold` has passed since, that gateway may still have writes in flight to an
+    /// owner this leader is about to replace. Returns whether any gateway may be writing
+    /// unseen now (one vanished recently, or this term is younger than that).
+    fn note_registrations(
+        &mut self,
+        registered: &[(String, Result<crate::etcd::GatewayRecord, String>)],
+        now: Instant,
+        hold: Duration,
+    ) -> bool {
+        let grace = Duration::from_secs(super::registry::LEASE_TTL_S as u64) + hold;
+        let names: BTreeSet<String> = registered.iter().map(|(n, _)| n.clone()).collect();
+        for gone in self.registered.difference(&names) {
+            tracing::info!(instance = %gone, "gateway registration gone; owner changes wait for its lease TTL and the fence hold");
+            self.departed.insert(gone.clone(), now);
+        }
+        self.departed
+            .retain(|name, at| !names.contains(name) && now.saturating_duration_since(*at) < grace);
+        self.registered = names;
+        now.saturating_duration_since(self.term_started) < grace || !self.departed.is_empty()
     }
 
     /// Whether the shards of `record` have somewhere to go (`moves::target_can_serve`), judged
@@ -367,40 +441,121 @@ impl Leader {
         )
     }
 
+    /// Writes one automatic decision: a `down` with the `failover` record that fences its
+    /// shards' writes, in one transaction; a finished warm-up as an `active` override. Guarded
+    /// by the leader's key and by every IDC override being as read (the decision counted the
+    /// IDCs that can still serve from them).
     async fn write_decision(
         &self,
         etcd: &Etcd,
         key: &LeaderKey,
         listed: &ClusterKeys,
+        topo: &Topology,
         d: &Decision,
+        now_ms: u64,
     ) {
-        let relative = format!("override/idc/{}", d.idc);
-        let full = self.keys.idc_override(&d.idc);
-        let op = match &d.change {
-            Change::Set(o) => match serde_json::to_vec(o) {
-                Ok(v) => TxnOp::put(full, v, None),
+        let by = &self.settings.instance;
+        let value = match &d.change {
+            Change::Set(o) => o.clone(),
+            Change::Clear => active_again(by, &d.why, now_ms),
+        };
+        let record = (value.state == crate::topology::IdcState::Down)
+            .then(|| moves::failover_record(topo, &d.idc, &value.reason, by, now_ms))
+            .flatten();
+        let mut ops = Vec::new();
+        match serde_json::to_vec(&value) {
+            Ok(v) => ops.push(TxnOp::put(self.keys.idc_override(&d.idc), v, None)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an IDC override");
+                return;
+            }
+        }
+        if let Some((id, r)) = &record {
+            match serde_json::to_vec(r) {
+                Ok(v) => ops.push(TxnOp::put(self.keys.move_record(id), v, None)),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot encode an IDC override");
+                    tracing::error!(error = %e, "cannot encode a move record");
                     return;
                 }
-            },
-            Change::Clear => TxnOp::delete(full, None),
-        };
+            }
+        }
         let txn = Txn::new()
-            .when([Self::still_leader(key), self.unchanged(listed, &relative)])
-            .and_then([op]);
+            .when([
+                Self::still_leader(key),
+                self.unchanged(listed, &format!("override/idc/{}", d.idc)),
+                self.prefix_unchanged(listed, "override/idc/"),
+            ])
+            .and_then(ops);
         let mut client = etcd.client();
         match etcd.call("write an IDC decision", client.txn(txn)).await {
             Ok(r) if r.succeeded() => match &d.change {
                 Change::Set(o) => {
-                    tracing::warn!(idc = %d.idc, state = %o.state, reason = %o.reason, why = %d.why, "automatic IDC decision (cluster-wide)")
+                    tracing::warn!(idc = %d.idc, state = %o.state, reason = %o.reason, why = %d.why, fence = ?record.as_ref().map(|(id, _)| id), "automatic IDC decision (cluster-wide)")
                 }
                 Change::Clear => tracing::info!(idc = %d.idc, why = %d.why, "IDC active again"),
             },
             Ok(_) => {
-                tracing::debug!(idc = %d.idc, "override changed since it was read; deciding again")
+                tracing::debug!(idc = %d.idc, "overrides changed since they were read; deciding again")
             }
             Err(e) => tracing::warn!(idc = %d.idc, error = %e, "cannot write an IDC decision"),
+        }
+    }
+
+    /// Nothing under `relative` (a prefix) was written since `listed` was read.
+    fn prefix_unchanged(&self, listed: &ClusterKeys, relative: &str) -> Compare {
+        Compare::mod_revision(
+            format!("{}{relative}", self.keys.prefix()),
+            CompareOp::Less,
+            listed.revision + 1,
+        )
+        .with_prefix()
+    }
+
+    /// No gateway registered anew since `listed` was read: a phase 2 decided on the
+    /// acknowledgements read there must not overtake a gateway that has not acknowledged.
+    fn no_new_gateway(&self, listed: &ClusterKeys) -> Compare {
+        Compare::create_revision(
+            format!("{}gateway/", self.keys.prefix()),
+            CompareOp::Less,
+            listed.revision + 1,
+        )
+        .with_prefix()
+    }
+
+    /// Fences the next step of a warm-up: the step's record in phase `fencing`, if the warming
+    /// IDC's override and the move records are as read.
+    async fn start_step(
+        &self,
+        etcd: &Etcd,
+        key: &LeaderKey,
+        listed: &ClusterKeys,
+        id: &str,
+        record: &MoveRecord,
+    ) {
+        let Some(to) = record.to.as_deref() else {
+            return;
+        };
+        let value = match serde_json::to_vec(record) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a move record");
+                return;
+            }
+        };
+        let txn = Txn::new()
+            .when([
+                Self::still_leader(key),
+                self.unchanged(listed, &format!("override/idc/{to}")),
+                self.prefix_unchanged(listed, "move/"),
+            ])
+            .and_then([TxnOp::put(self.keys.move_record(id), value, None)]);
+        let mut client = etcd.client();
+        match etcd.call("fence a warm-up step", client.txn(txn)).await {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(id, idc = to, step = ?record.step, "warm-up step fenced")
+            }
+            Ok(_) => tracing::debug!(id, "warm-up changed since it was read"),
+            Err(e) => tracing::warn!(id, error = %e, "cannot fence a warm-up step"),
         }
     }
 
@@ -414,7 +569,6 @@ impl Leader {
         listed: &ClusterKeys,
         overrides: &Overrides,
         id: &str,
-        record: &MoveRecord,
         step: Step,
     ) {
         // The same ending as in file mode (`moves::finish`): the record's new phase, and for a
@@ -431,10 +585,24 @@ impl Leader {
             Self::still_leader(key),
             self.unchanged(listed, &format!("move/{id}")),
         ];
-        if let Some(from) = record.from.as_deref() {
-            if overrides.idcs.contains_key(from) && !after.idcs.contains_key(from) {
-                guards.push(self.unchanged(listed, &format!("override/idc/{from}")));
-                ops.push(TxnOp::delete(self.keys.idc_override(from), None));
+        if step == Step::Apply {
+            guards.push(self.no_new_gateway(listed));
+        }
+        // The IDC overrides the ending changes with it (a drain rolled back is active again; a
+        // warm-up step moves the warming IDC's step on): written in the same transaction.
+        for (idc, o) in &after.idcs {
+            if overrides.idcs.get(idc) == Some(o) {
+                continue;
+            }
+            match serde_json::to_vec(o) {
+                Ok(v) => {
+                    guards.push(self.unchanged(listed, &format!("override/idc/{idc}")));
+                    ops.push(TxnOp::put(self.keys.idc_override(idc), v, None));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode an IDC override");
+                    return;
+                }
             }
         }
         // The fence revision stays in the record: applied moves are ordered by it.

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::PutOptions;
 use tokio::sync::watch;
@@ -37,6 +37,21 @@ pub struct Registration {
     pub admin_addr: SocketAddr,
     /// Deadline of every etcd call.
     pub timeout: Duration,
+}
+
+impl Registry {
+    fn fence_writes(&self) {
+        self.snapshots.self_fence().unregistered();
+        self.report_fence();
+    }
+
+    fn report_fence(&self) {
+        let m = self.snapshots.metrics();
+        m.self_fenced
+            .set(i64::from(self.snapshots.self_fence().check().is_err()));
+        m.acknowledged_revision
+            .set(self.snapshots.acknowledged() as i64);
+    }
 }
 
 /// The default instance name: `<hostname>:<proxy port>`.
@@ -86,7 +101,9 @@ impl Registry {
             idc: self.registration.idc.clone(),
             addr: self.registration.proxy_addr.to_string(),
             admin: self.registration.admin_addr.to_string(),
-            applied_revision: topo.as_ref().map_or(0, |t| t.revision),
+            // What this gateway truly applied: served, cached, and no write admitted under an
+            // older snapshot still in flight (the fence acknowledgement the leader waits for).
+            applied_revision: topo.as_ref().map_or(0, |_| self.snapshots.acknowledged()),
             view: self.health.idc_view(),
             started_at: self.started_at,
         }
@@ -103,6 +120,8 @@ impl Registry {
                 err = self.session(&mut revisions, &mut views, &mut backoff) => err,
                 _ = shutdown_requested(&mut shutdown) => break,
             };
+            // Nothing renews the lease now: stop writing at once rather than at its deadline.
+            self.fence_writes();
             if std::mem::take(&mut self.registered) || !outage_logged {
                 tracing::warn!(instance = %self.registration.instance, error = %err, "gateway not registered in etcd; retrying");
                 outage_logged = true;
@@ -115,6 +134,7 @@ impl Registry {
                 _ = shutdown_requested(&mut shutdown) => break,
             }
         }
+        self.fence_writes();
         if let Some((etcd, lease)) = self.lease.take() {
             let mut client = etcd.client();
             match etcd.call("lease revoke", client.lease_revoke(lease)).await {
@@ -141,6 +161,9 @@ impl Registry {
             Err(e) => return e,
         };
         let mut client = etcd.client();
+        // The lease's TTL runs from when etcd granted it, which is after this instant: a
+        // deadline counted from here is never later than etcd's.
+        let mut renewed_from = Instant::now();
         let lease = match etcd
             .call("lease grant", client.lease_grant(LEASE_TTL_S, None))
             .await
@@ -178,18 +201,28 @@ impl Registry {
                     value,
                     Some(PutOptions::new().with_lease(lease)),
                 );
-                if let Err(e) = etcd.call("register", put).await {
-                    return e;
-                }
+                let revision = match etcd.call("register", put).await {
+                    Ok(r) => r.header().map_or(0, |h| h.revision()),
+                    Err(e) => return e,
+                };
                 if written.is_none() {
-                    tracing::info!(instance = %self.registration.instance, key = %key, "gateway registered");
+                    tracing::info!(instance = %self.registration.instance, key = %key, revision, "gateway registered");
                     self.registered = true;
+                    // Writes open once the source has applied etcd's events up to this
+                    // registration: whatever the leader did while this gateway was not
+                    // registered is then in its snapshot.
+                    self.snapshots.self_fence().registered(
+                        u64::try_from(revision).unwrap_or(u64::MAX - 1),
+                        renewed_from,
+                        Duration::from_secs(LEASE_TTL_S as u64),
+                    );
                 }
                 written = Some(record);
                 backoff.reset();
             }
             tokio::select! {
                 _ = tick.tick() => {
+                    renewed_from = Instant::now();
                     let renewed = etcd
                         .call("lease keep-alive", async {
                             keeper.keep_alive().await?;
@@ -197,12 +230,19 @@ impl Registry {
                         })
                         .await;
                     match renewed {
-                        Ok(Some(resp)) if resp.ttl() > 0 => {}
+                        Ok(Some(resp)) if resp.ttl() > 0 => {
+                            if written.is_some() {
+                                self.snapshots.self_fence().renewed(
+                                    renewed_from,
+                                    Duration::from_secs(resp.ttl() as u64),
+                                );
+                            }
+                        }
                         Ok(_) => return EtcdError("the registration lease expired".into()),
                         Err(e) => return e,
                     }
                 }
-                _ = look.tick() => {}
+                _ = look.tick() => self.report_fence(),
                 changed = revisions.changed(), if notified => {
                     // A closed channel means no more publishes: rely on the tick from now on.
                     notified = changed.is_ok();

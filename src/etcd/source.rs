@@ -18,6 +18,10 @@ use crate::source::Snapshots;
 use crate::topology::overrides::unix_now;
 use crate::topology::{Overrides, Problems, RawTopology};
 
+/// How often a progress answer is asked for while the self-fence waits for this source to
+/// catch up (the first ask is at once).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 /// Where the source reads from and how.
 #[derive(Debug, Clone)]
 pub struct EtcdSettings {
@@ -123,6 +127,9 @@ impl EtcdSource {
                 outage_logged = false;
             }
             self.snapshots.set_source_up(false);
+            // Events may be missed from now on: writes wait until the source has caught up
+            // again (the self-fence).
+            self.snapshots.self_fence().source_lost();
             if let Some(first) = self.first.take() {
                 let _ = first.send(());
             }
@@ -159,12 +166,14 @@ impl EtcdSource {
             // revision is behind ours was restored or replaced: only a fresh list is true.
             match etcd.revision(&self.keys).await {
                 Ok(now) if now < self.seen => {
-                    tracing::warn!(
+                    tracing::error!(
                         seen = self.seen,
                         revision = now,
-                        "etcd's revision is behind the last one seen (restored or replaced?); re-listing"
+                        "etcd's revision is behind the last one seen (restored or replaced?); re-listing, and serving its older revision"
                     );
                     self.state = None;
+                    self.seen = 0;
+                    self.snapshots.allow_lower_revision();
                 }
                 Ok(_) => {}
                 Err(e) => return e,
@@ -181,16 +190,36 @@ impl EtcdSource {
                 self.state = Some(listed);
                 self.report_gateways();
                 self.rebuild(revision).await;
+                self.caught_up(revision);
                 self.mark_up();
             }
-            let mut stream = match etcd.watch(&self.keys, self.seen + 1).await {
-                Ok(s) => s,
+            let (mut requests, mut stream) = match etcd.watch(&self.keys, self.seen + 1).await {
+                Ok(s) => s.split(),
                 Err(e) => return e,
             };
+            // A resumed watch delivers what was missed before etcd's answer to a progress
+            // request: that answer says the snapshot is caught up to its revision. Asked again
+            // while writes wait for it (an etcd may hold the answer while the watch catches up).
+            let mut ask = tokio::time::interval(PROGRESS_EVERY);
             self.mark_up();
             backoff.reset();
             loop {
-                let resp = match stream.message().await {
+                let message = loop {
+                    tokio::select! {
+                        m = stream.message() => break m,
+                        _ = ask.tick() => {
+                            if self.snapshots.self_fence().check()
+                                == Err(crate::self_fence::Closed::CatchingUp)
+                            {
+                                let progress = requests.request_progress();
+                                if let Err(e) = etcd.call("request watch progress", progress).await {
+                                    return e;
+                                }
+                            }
+                        }
+                    }
+                };
+                let resp = match message {
                     Ok(Some(r)) => r,
                     Ok(None) => {
                         return EtcdError(format!(
@@ -226,6 +255,7 @@ impl EtcdSource {
                         resp.cancel_reason()
                     ));
                 }
+                let progress_only = resp.events().is_empty() && !resp.created();
                 let (shaping, gateways) = self.apply(&resp);
                 if gateways {
                     self.report_gateways();
@@ -233,8 +263,22 @@ impl EtcdSource {
                 if let Some(revision) = shaping {
                     self.rebuild(revision).await;
                 }
+                if progress_only {
+                    // Every event up to the header's revision has been delivered before it.
+                    if let Some(h) = resp.header() {
+                        self.seen = self.seen.max(h.revision());
+                    }
+                }
+                self.caught_up(self.seen);
             }
         }
+    }
+
+    /// Every event up to `revision` is in the published snapshot.
+    fn caught_up(&self, revision: i64) {
+        self.snapshots
+            .self_fence()
+            .seen(u64::try_from(revision).unwrap_or(0));
     }
 
     fn mark_up(&mut self) {
@@ -344,6 +388,10 @@ impl EtcdSource {
         })
         .await;
         let Ok(Some((text, overrides))) = published else {
+            // Nothing new was cached: either nothing was published, or overrides were applied
+            // on the last good document (not cacheable; a boot from the cache keeps writes
+            // fenced until etcd answers, so that revision may be acknowledged).
+            self.snapshots.cached(revision);
             return;
         };
         if let Some(cache) = &self.cache {
@@ -356,6 +404,9 @@ impl EtcdSource {
             };
             store_cache(cache.clone(), snapshot).await;
         }
+        // Acknowledged only now: a restart never boots from a cache older than a revision
+        // this gateway has announced as applied.
+        self.snapshots.cached(revision);
     }
 }
 
@@ -397,6 +448,9 @@ async fn store_cache(cache: SnapshotCache, snapshot: CachedSnapshot) {
     }
 }
 
+/// A cache that could not be updated is removed rather than left stale: a restart then waits
+/// for etcd instead of serving an ownership older than what this gateway acknowledged.
 fn cache_error(path: &Path, error: &str) {
-    tracing::warn!(path = %path.display(), error, "cannot write the snapshot cache; a restart while etcd is down would not serve");
+    let removed = std::fs::remove_file(path).is_ok();
+    tracing::error!(path = %path.display(), error, removed, "cannot write the snapshot cache; a restart while etcd is down will not serve until etcd answers");
 }

@@ -30,6 +30,7 @@ fn operator(state: IdcState, at_ms: u64) -> IdcOverride {
         expires_at: None,
         at_ms,
         warmup_s: None,
+        warmup_step: None,
     }
 }
 
@@ -47,7 +48,13 @@ fn run(
     while now < to {
         tracker.observe_view(IDCS, &view(healthy(now)), now);
         let d = decide(IDCS, overrides, tracker, &POLICY, "gw", now);
-        apply(overrides, &d);
+        apply(overrides, &d, "gw", now);
+        // The driver brings a warm-up home step by step; here every step at once.
+        for o in overrides.idcs.values_mut() {
+            if o.state == IdcState::Warming {
+                o.warmup_step = Some(o.warmup_steps());
+            }
+        }
         made.extend(d.into_iter().map(|d| (now, d)));
         now += 100;
     }
@@ -98,18 +105,19 @@ fn auto_failback_warms_then_clears() {
     let mut o = Overrides::default();
     run(&mut t, &mut o, T0, T0 + 2000, |_| false);
     assert_eq!(o.idcs["sh"].state, IdcState::Down);
-    let made = run(&mut t, &mut o, T0 + 2000, T0 + 13_000, |_| true);
+    let made = run(&mut t, &mut o, T0 + 2000, T0 + 12_100, |_| true);
     assert_eq!(made.len(), 1, "{made:?}");
     assert_eq!(made[0].0, T0 + 12_000, "recover_ms of healthy views");
     let w = &o.idcs["sh"];
     assert_eq!((w.state, w.reason.as_str()), (IdcState::Warming, AUTO));
     assert_eq!(w.at_ms, T0 + 12_000);
-    // Warm-up of 60 s, then the override is cleared: active again.
-    let made = run(&mut t, &mut o, T0 + 13_000, T0 + 73_000, |_| true);
+    // Once every step is home (the driver's doing, all at once in `run`), the IDC is active
+    // again: written as an `active` override, never removed.
+    let made = run(&mut t, &mut o, T0 + 12_100, T0 + 73_000, |_| true);
     assert_eq!(made.len(), 1, "{made:?}");
-    assert_eq!(made[0].0, T0 + 72_000);
+    assert_eq!(made[0].0, T0 + 12_100);
     assert_eq!(made[0].1.change, Change::Clear);
-    assert!(o.idcs.is_empty());
+    assert_eq!(o.idcs["sh"].state, IdcState::Active);
 }
 
 #[test]
@@ -121,11 +129,11 @@ fn without_auto_failback_down_stays() {
         ..POLICY
     };
     t.observe("sh", Some(false), T0);
-    let d = decide(["sh"], &o, &t, &policy, "gw", T0 + 1500);
-    apply(&mut o, &d);
+    let d = decide(IDCS, &o, &t, &policy, "gw", T0 + 1500);
+    apply(&mut o, &d, "gw", T0 + 1500);
     assert_eq!(o.idcs["sh"].state, IdcState::Down);
     t.observe("sh", Some(true), T0 + 2000);
-    assert!(decide(["sh"], &o, &t, &policy, "gw", T0 + 60_000).is_empty());
+    assert!(decide(IDCS, &o, &t, &policy, "gw", T0 + 60_000).is_empty());
 }
 
 #[test]
@@ -144,20 +152,26 @@ fn operator_overrides_are_left_alone_but_a_finished_warmup_is_cleared() {
         t.observe(idc, Some(false), T0 + 30_000);
     }
     assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 40_000).is_empty());
-    // The operator's warming (60 s by default) is over at T0 + 60 s: cleared.
+    // Time alone never ends a warm-up: only its steps coming home do.
+    assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 3_600_000).is_empty());
+    let mut w = operator(IdcState::Warming, T0);
+    w.warmup_step = Some(9);
+    o.idcs.insert("gz".into(), w.clone());
+    assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 60_000).is_empty());
+    w.warmup_step = Some(10);
+    o.idcs.insert("gz".into(), w.clone());
     let d = decide(IDCS, &o, &t, &POLICY, "gw", T0 + 60_000);
     assert_eq!(d.len(), 1);
     assert_eq!((d[0].idc.as_str(), &d[0].change), ("gz", &Change::Clear));
-    // A restore with its own warm-up is timed by it.
-    let mut w = operator(IdcState::Warming, T0);
-    w.warmup_s = Some(5);
+    // `restore --warmup 0` has one step.
+    w.warmup_s = Some(0);
+    w.warmup_step = Some(1);
     o.idcs.insert("gz".into(), w);
-    assert!(decide(["gz"], &o, &t, &POLICY, "gw", T0 + 4_999).is_empty());
-    assert_eq!(decide(["gz"], &o, &t, &POLICY, "gw", T0 + 5_000).len(), 1);
+    assert_eq!(decide(["gz"], &o, &t, &POLICY, "gw", T0).len(), 1);
 }
 
 #[test]
-fn an_operator_active_or_expired_override_does_not_stop_failover() {
+fn an_operator_active_override_does_not_stop_failover_and_an_expired_down_warms() {
     let mut t = Tracker::new();
     let mut o = Overrides::default();
     o.idcs.insert("sh".into(), operator(IdcState::Active, T0));
@@ -165,9 +179,37 @@ fn an_operator_active_or_expired_override_does_not_stop_failover() {
     expired.expires_at = Some(T0 / 1000 + 1);
     o.idcs.insert("bj".into(), expired);
     t.observe("sh", Some(false), T0);
-    t.observe("bj", Some(false), T0);
-    let d = decide(["sh", "bj"], &o, &t, &POLICY, "gw", T0 + 2000);
+    // Not expired yet: nothing for bj (the gateways never look at the clock either).
+    let d = decide(IDCS, &o, &t, &POLICY, "gw", T0 + 999);
+    assert!(d.is_empty(), "{d:?}");
+    let d = decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2000);
     assert_eq!(d.len(), 2, "{d:?}");
+    assert!(matches!(&d[0].change, Change::Set(x) if x.state == IdcState::Down));
+    assert!(
+        matches!(&d[1].change, Change::Set(x) if x.state == IdcState::Warming && x.warmup_step == Some(0))
+    );
+}
+
+#[test]
+fn the_last_idc_that_can_serve_is_never_marked_down() {
+    let mut t = Tracker::new();
+    let o = Overrides::default();
+    // Every IDC unhealthy at once (a monitoring blip, a partition of the gateways): two go
+    // down, the third keeps its shards.
+    for idc in IDCS {
+        t.observe(idc, Some(false), T0);
+    }
+    let d = decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2000);
+    assert_eq!(d.len(), 2, "{d:?}");
+    let mut o = o;
+    apply(&mut o, &d, "gw", T0 + 2000);
+    let serving = IDCS
+        .iter()
+        .filter(|i| o.idcs.get(**i).is_none_or(|x| x.state != IdcState::Down))
+        .count();
+    assert_eq!(serving, 1);
+    // And later rounds do not take it either.
+    assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 60_000).is_empty());
 }
 
 #[test]
@@ -178,8 +220,8 @@ fn an_auto_warming_idc_that_fails_again_goes_down() {
     w.reason = AUTO.into();
     o.idcs.insert("sh".into(), w);
     t.observe("sh", Some(false), T0 + 1000);
-    assert!(decide(["sh"], &o, &t, &POLICY, "gw", T0 + 2000).is_empty());
-    let d = decide(["sh"], &o, &t, &POLICY, "gw", T0 + 2500);
+    assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2000).is_empty());
+    let d = decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2500);
     assert!(matches!(&d[0].change, Change::Set(x) if x.state == IdcState::Down));
 }
 
@@ -190,8 +232,8 @@ fn no_verdict_breaks_a_streak() {
     t.observe("sh", Some(false), T0);
     t.observe("sh", None, T0 + 1000);
     t.observe("sh", Some(false), T0 + 1100);
-    assert!(decide(["sh"], &o, &t, &POLICY, "gw", T0 + 2000).is_empty());
-    assert_eq!(decide(["sh"], &o, &t, &POLICY, "gw", T0 + 2600).len(), 1);
+    assert!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2000).is_empty());
+    assert_eq!(decide(IDCS, &o, &t, &POLICY, "gw", T0 + 2600).len(), 1);
 }
 
 #[test]

@@ -49,50 +49,47 @@ fn changed(what: &str) -> OpError {
     ))
 }
 
-/// `failover` / `restore`: writes `override/idc/<idc>` (or removes it: `None`) if it is still
-/// what was read. Returns the revision of the write.
+/// No IDC override was created, changed or removed since `listed` was read: the checks that
+/// count IDC states (never the last active IDC) still hold when two operators act at once.
+/// (Overrides are never removed by shardgate, only rewritten: `active` replaces a removal.)
+fn idc_overrides_unchanged(keys: &Keys, listed: &ClusterKeys) -> Compare {
+    Compare::mod_revision(
+        format!("{}override/idc/", keys.prefix()),
+        CompareOp::Less,
+        listed.revision + 1,
+    )
+    .with_prefix()
+}
+
+/// `drain`, `failover`, `restore`: writes `override/idc/<idc>`, with the move record that goes
+/// with it (`drain`, a fenced `failover`) in the same transaction, if no IDC override and no
+/// move record changed since the checks read them. Returns the revision of the write.
 pub async fn write_idc(
     c: &EtcdCluster,
     listed: &ClusterKeys,
     idc: &str,
-    value: Option<&IdcOverride>,
-) -> Result<i64, OpError> {
-    let key = c.keys().idc_override(idc);
-    let op = match value {
-        Some(v) => TxnOp::put(key.clone(), encode(v)?, None),
-        None => TxnOp::delete(key.clone(), None),
-    };
-    let txn = Txn::new()
-        .when([idc_unchanged(c.keys(), listed, idc)])
-        .and_then([op]);
-    commit(c.etcd(), "write the IDC override", txn)
-        .await?
-        .ok_or_else(|| changed(&key))
-}
-
-/// `drain`: the `draining` override and the `drain` record in one transaction, if neither the
-/// override nor any move record changed since the checks read them.
-pub async fn write_drain(
-    c: &EtcdCluster,
-    listed: &ClusterKeys,
-    idc: &str,
     value: &IdcOverride,
-    id: &str,
-    record: &MoveRecord,
+    record: Option<(&str, &MoveRecord)>,
 ) -> Result<i64, OpError> {
     let keys = c.keys();
-    let txn = Txn::new()
-        .when([
-            idc_unchanged(keys, listed, idc),
-            moves_unchanged(keys, listed),
-        ])
-        .and_then([
-            TxnOp::put(keys.idc_override(idc), encode(value)?, None),
-            TxnOp::put(keys.move_record(id), encode(record)?, None),
-        ]);
-    commit(c.etcd(), "write the drain", txn)
+    let guards = vec![
+        idc_unchanged(keys, listed, idc),
+        moves_unchanged(keys, listed),
+        idc_overrides_unchanged(keys, listed),
+    ];
+    let mut ops = vec![TxnOp::put(keys.idc_override(idc), encode(value)?, None)];
+    if let Some((id, r)) = record {
+        ops.push(TxnOp::put(keys.move_record(id), encode(r)?, None));
+    }
+    let txn = Txn::new().when(guards).and_then(ops);
+    commit(c.etcd(), "write the IDC override", txn)
         .await?
-        .ok_or_else(|| changed(&format!("{} or a move record", keys.idc_override(idc))))
+        .ok_or_else(|| {
+            changed(&format!(
+                "an IDC override or a move record ({})",
+                keys.idc_override(idc)
+            ))
+        })
 }
 
 /// `move`: the record in phase `fencing`, if no move record changed since the checks.

@@ -68,35 +68,72 @@ fn record(kind: MoveKind, ranges: &[&str], from: Option<&str>, to: Option<&str>)
         at: 10,
         finished_at: None,
         note: String::new(),
+        step: None,
+    }
+}
+
+fn facts(acked_ms: Option<u64>, fencing_ms: u64, can_serve: bool) -> FenceFacts {
+    FenceFacts {
+        fencing_for: Duration::from_millis(fencing_ms),
+        acked_for: acked_ms.map(Duration::from_millis),
+        unseen_writer: false,
+        target_can_serve: can_serve,
     }
 }
 
 #[test]
-fn next_step_waits_for_the_fence_and_every_ack_then_applies() {
+fn next_step_waits_for_every_ack_then_holds_the_fence_then_applies() {
     let r = record(MoveKind::Move, &["0-3"], Some("sh"), Some("bj"));
-    let fence = Duration::from_millis(2000);
-    assert_eq!(next_step(&r, 11_000, fence, true, true), Step::Wait);
-    assert_eq!(next_step(&r, 12_000, fence, false, true), Step::Wait);
-    assert_eq!(next_step(&r, 12_000, fence, true, true), Step::Apply);
+    let hold = Duration::from_millis(2000);
+    // Not acknowledged by every gateway: wait, however long it has been fencing.
+    assert_eq!(next_step(&r, &facts(None, 5_000, true), hold), Step::Wait);
+    // The hold counts from the last acknowledgement, not from when the fence was written.
+    assert_eq!(
+        next_step(&r, &facts(Some(1_999), 9_000, true), hold),
+        Step::Wait
+    );
+    assert_eq!(
+        next_step(&r, &facts(Some(2_000), 2_000, true), hold),
+        Step::Apply
+    );
+    // A gateway that may still be writing unseen (vanished recently, or a new leader): wait.
+    let mut unseen = facts(Some(5_000), 5_000, true);
+    unseen.unseen_writer = true;
+    assert_eq!(next_step(&r, &unseen, hold), Step::Wait);
     // The target cannot serve when the fence ends: roll back, never half-apply.
     assert!(matches!(
-        next_step(&r, 12_000, fence, true, false),
+        next_step(&r, &facts(Some(2_000), 2_000, false), hold),
         Step::RollBack(why) if why.contains("bj")
     ));
     // A target that is unhealthy during the fence may still recover before it ends.
-    assert_eq!(next_step(&r, 11_000, fence, true, false), Step::Wait);
+    assert_eq!(
+        next_step(&r, &facts(Some(1_000), 1_000, false), hold),
+        Step::Wait
+    );
     // A gateway that never acknowledges: rolled back after fence_ms + 30 s.
-    assert_eq!(next_step(&r, 41_999, fence, false, true), Step::Wait);
+    assert_eq!(next_step(&r, &facts(None, 31_999, true), hold), Step::Wait);
     assert!(matches!(
-        next_step(&r, 42_000, fence, false, true),
+        next_step(&r, &facts(None, 32_000, true), hold),
         Step::RollBack(why) if why.contains("acknowledged")
     ));
     // A record that is not fencing is finished: nothing to do.
     let mut done = r.clone();
     done.phase = MovePhase::Applied;
-    assert_eq!(next_step(&done, 12_000, fence, true, true), Step::Wait);
-    // A clock behind the record's time waits.
-    assert_eq!(next_step(&r, 0, fence, true, true), Step::Wait);
+    assert_eq!(
+        next_step(&done, &facts(Some(9_000), 9_000, true), hold),
+        Step::Wait
+    );
+}
+
+#[test]
+fn a_failover_fence_is_never_rolled_back_and_ignores_the_target() {
+    let r = record(MoveKind::Failover, &["0-3"], Some("sh"), None);
+    let hold = Duration::from_millis(2000);
+    assert_eq!(next_step(&r, &facts(None, 600_000, true), hold), Step::Wait);
+    assert_eq!(
+        next_step(&r, &facts(Some(2_000), 2_000, false), hold),
+        Step::Apply
+    );
 }
 
 #[test]
@@ -233,18 +270,19 @@ fn operator_refusals() {
         plan_drain(&t, "sh", &op()),
         Err(Refused::Conflict(e)) if e.contains("last active")
     ));
-    assert!(plan_failover(&t, "sh", &op()).is_err());
-    assert!(plan_failover(&t, "gz", &op()).is_err(), "down already");
-    // Restore: warming with the given warm-up, or active at once with 0.
+    assert!(plan_failover(&t, "sh", false, &op()).is_err());
+    assert!(
+        plan_failover(&t, "gz", false, &op()).is_err(),
+        "down already"
+    );
+    // Restore: warming from step 0 with the given warm-up; 0 is one step.
     let w = plan_restore(&t, "gz", Some(Duration::from_secs(30)), &op()).unwrap();
     assert_eq!(
-        w.as_ref().map(|o| (o.state, o.warmup_s)),
-        Some((IdcState::Warming, Some(30)))
+        (w.state, w.warmup_s, w.warmup_step, w.warmup_steps()),
+        (IdcState::Warming, Some(30), Some(0), 10)
     );
-    assert_eq!(
-        plan_restore(&t, "gz", Some(Duration::ZERO), &op()),
-        Ok(None)
-    );
+    let w = plan_restore(&t, "gz", Some(Duration::ZERO), &op()).unwrap();
+    assert_eq!((w.state, w.warmup_steps()), (IdcState::Warming, 1));
     assert!(
         plan_restore(&t, "sh", None, &op()).is_err(),
         "active already"
@@ -269,7 +307,11 @@ fn finishing_a_drain_rolls_back_its_override_and_majority_views() {
     assert!(finish(&mut o, &id, &Step::RollBack("x".into()), 5));
     assert_eq!(o.moves[&id].phase, MovePhase::RolledBack);
     assert_eq!(o.moves[&id].note, "x");
-    assert!(!o.idcs.contains_key("sh"), "rolling back a drain ends it");
+    assert_eq!(
+        o.idcs["sh"].state,
+        IdcState::Active,
+        "rolling back a drain ends it (an active override: never removed)"
+    );
 
     let a: HealthView = [("sh".to_owned(), true), ("bj".to_owned(), false)].into();
     let b: HealthView = [("sh".to_owned(), false), ("bj".to_owned(), false)].into();

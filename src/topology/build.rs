@@ -10,7 +10,6 @@ use consistent_hash_ring::{Ring, RingBuilder};
 use http::Method;
 
 use super::moves::ShardSet;
-use super::overrides::{unix_now, unix_now_ms};
 use super::raw::{RawIdc, RawRoute, RawTopology};
 use super::{
     FailoverSpec, Fallback, HealthSpec, Idc, IdcId, IdcState, MissingKey, Overrides, Problem,
@@ -33,9 +32,6 @@ pub struct BuildContext {
     pub local_idc: Option<String>,
     /// The running snapshot's shard count: changing it needs `allow_reshard`.
     pub running_shard_count: Option<u32>,
-    /// Unix seconds "now", for override expiry and warm-up progress; 0 = the clock (which
-    /// then times warm-up steps to the millisecond).
-    pub now: u64,
 }
 
 struct Checker {
@@ -100,12 +96,6 @@ pub fn build(
 ) -> Result<Topology, Problems> {
     let mut c = Checker {
         problems: Vec::new(),
-    };
-    let now = if ctx.now == 0 { unix_now() } else { ctx.now };
-    let now_ms = if ctx.now == 0 {
-        unix_now_ms()
-    } else {
-        ctx.now.saturating_mul(1000)
     };
 
     c.name("cluster".into(), &doc.cluster);
@@ -234,7 +224,7 @@ pub fn build(
     let mut idcs = Vec::new();
     for (i, raw) in doc.idcs.iter().enumerate() {
         idcs.push(check_idc(
-            &mut c, i, raw, &doc, &set_ids, &idc_ids, &used_sets, overrides, now, upstreams,
+            &mut c, i, raw, &doc, &set_ids, &idc_ids, &used_sets, overrides, upstreams,
         ));
     }
     for name in overrides.idcs.keys() {
@@ -328,17 +318,15 @@ pub fn build(
     let ring = idc_ring(&doc.idcs);
     let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
     let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
-    let timing = warmup_timing(&idcs, &failover, overrides);
+    let warmup = warmup_steps(&idcs, overrides);
     let serving = serving_table(
         &idcs,
         &home,
         &order,
         shard_count,
-        &timing,
+        &warmup,
         &moves.drain_serves,
-        now_ms,
     );
-    let next_change_ms = next_change(&idcs, &timing, overrides, now_ms);
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
     for route in &mut routes {
@@ -373,7 +361,7 @@ pub fn build(
         serving,
         fenced: moves.fenced,
         global,
-        next_change_ms,
+        writes_in_flight: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -497,7 +485,6 @@ fn check_idc(
     idc_ids: &HashMap<&str, IdcId>,
     used_sets: &BTreeMap<SetId, String>,
     overrides: &Overrides,
-    now: u64,
     upstreams: &Upstreams,
 ) -> Idc {
     let at = |field: &str| format!("idcs[{i}].{field}");
@@ -577,7 +564,7 @@ fn check_idc(
         }
     }
 
-    let (state, state_reason) = match overrides.idc_state(&raw.name, now) {
+    let (state, state_reason) = match overrides.idc_state(&raw.name) {
         Some(o) => (o.state, o.reason.clone()),
         None => (IdcState::Active, String::new()),
     };
@@ -663,108 +650,42 @@ fn shard_tables(
     (home, order)
 }
 
-/// Warm-up steps: at least five (here ten) over `warmup`.
-const WARMUP_STEPS: u64 = 10;
-
-/// Whether a warming IDC has taken back `shard` yet, `since_ms`/`now_ms` in unix ms. Warm-up
-/// proceeds in steps over `warmup`, and a shard comes back whole at its step: never split
-/// between two IDCs.
-pub fn warmed(shard: Shard, since_ms: u64, now_ms: u64, warmup: Duration) -> bool {
-    let total = warmup.as_millis() as u64;
-    if total == 0 {
-        return true;
-    }
-    let elapsed = now_ms.saturating_sub(since_ms);
-    let step = (u128::from(elapsed) * u128::from(WARMUP_STEPS) / u128::from(total))
-        .min(u128::from(WARMUP_STEPS)) as u64;
-    // Spread each step's shards over the whole range, deterministically.
-    let slot = (u64::from(shard.0).wrapping_mul(2_654_435_761) >> 7) % WARMUP_STEPS;
-    slot < step
+/// The warm-up step (1-based, of `steps`) at which `shard` comes home to a warming IDC. Each
+/// step's shards are spread over the whole range, deterministically, and a shard comes back
+/// whole at its step: never split between two IDCs.
+pub fn warmup_step_of(shard: Shard, steps: u32) -> u32 {
+    let steps = u64::from(steps.max(1));
+    ((u64::from(shard.0).wrapping_mul(2_654_435_761) >> 7) % steps) as u32 + 1
 }
 
-/// When (unix ms) the warm-up that started at `since_ms` takes its next step after `now_ms`;
-/// `None` once it is complete.
-pub fn next_warmup_step(since_ms: u64, now_ms: u64, warmup: Duration) -> Option<u64> {
-    let total = u128::from(warmup.as_millis() as u64);
-    if total == 0 {
-        return None;
-    }
-    let elapsed = u128::from(now_ms.saturating_sub(since_ms));
-    let step = elapsed * u128::from(WARMUP_STEPS) / total;
-    if step >= u128::from(WARMUP_STEPS) {
-        return None;
-    }
-    // The first instant at which `warmed` computes step + 1.
-    let offset = ((step + 1) * total).div_ceil(u128::from(WARMUP_STEPS));
-    Some(since_ms.saturating_add(offset as u64))
+/// Whether a warming IDC whose override has brought `done` of `steps` steps home serves
+/// `shard`. Steps move on only when the driver writes them (a fenced move each), never with
+/// a gateway's clock, so every gateway switches the shard at the same revision.
+pub fn warmed(shard: Shard, done: u32, steps: u32) -> bool {
+    warmup_step_of(shard, steps) <= done
 }
 
 /// A draining IDC keeps serving the shards of its drain while the drain is fenced (`drain`:
 /// what it served when the drain started), and nothing once it is applied.
-fn can_serve(
-    idc: &Idc,
-    shard: Shard,
-    warmup: Duration,
-    since_ms: u64,
-    now_ms: u64,
-    drain: Option<&ShardSet>,
-) -> bool {
+fn can_serve(idc: &Idc, shard: Shard, warmup: (u32, u32), drain: Option<&ShardSet>) -> bool {
     match idc.state {
         IdcState::Active => true,
-        IdcState::Warming => warmed(shard, since_ms, now_ms, warmup),
+        IdcState::Warming => warmed(shard, warmup.0, warmup.1),
         IdcState::Draining => drain.is_some_and(|d| d.contains(shard.0)),
         IdcState::Down => false,
     }
 }
 
-/// Per IDC: when its override was written (unix ms) and its warm-up length.
-struct WarmupTiming {
-    since_ms: Vec<u64>,
-    warmup: Vec<Duration>,
-}
-
-fn warmup_timing(idcs: &[Idc], failover: &FailoverSpec, overrides: &Overrides) -> WarmupTiming {
-    let o = |i: &Idc| overrides.idcs.get(i.name.as_str());
-    WarmupTiming {
-        since_ms: idcs
-            .iter()
-            .map(|i| {
-                o(i).map_or(0, |o| match o.at_ms {
-                    0 => o.at.saturating_mul(1000),
-                    ms => ms,
-                })
-            })
-            .collect(),
-        // A restore may carry its own warm-up (`restore --warmup`).
-        warmup: idcs
-            .iter()
-            .map(|i| {
-                o(i).and_then(|o| o.warmup_s)
-                    .map_or(failover.warmup, Duration::from_secs)
-            })
-            .collect(),
-    }
-}
-
-/// When (unix ms) the serving table changes next with time alone: the next warm-up step of a
-/// warming IDC, or an override expiring. The sources rebuild the snapshot then.
-fn next_change(
-    idcs: &[Idc],
-    timing: &WarmupTiming,
-    overrides: &Overrides,
-    now_ms: u64,
-) -> Option<u64> {
-    let steps = idcs.iter().enumerate().filter_map(|(i, idc)| {
-        (idc.state == IdcState::Warming)
-            .then(|| next_warmup_step(timing.since_ms[i], now_ms, timing.warmup[i]))
-            .flatten()
-    });
-    let expiries = idcs.iter().filter_map(|idc| {
-        let exp = overrides.idcs.get(idc.name.as_str())?.expires_at?;
-        let exp_ms = exp.saturating_mul(1000);
-        (exp_ms > now_ms).then_some(exp_ms)
-    });
-    steps.chain(expiries).min()
+/// Per IDC: the warm-up steps done and the steps in all (meaningful for warming IDCs only).
+fn warmup_steps(idcs: &[Idc], overrides: &Overrides) -> Vec<(u32, u32)> {
+    idcs.iter()
+        .map(|i| {
+            overrides
+                .idcs
+                .get(i.name.as_str())
+                .map_or((0, 1), |o| (o.steps_done(), o.warmup_steps()))
+        })
+        .collect()
 }
 
 fn serving_table(
@@ -772,9 +693,8 @@ fn serving_table(
     home: &[IdcId],
     order: &[IdcId],
     shard_count: u32,
-    timing: &WarmupTiming,
+    warmup: &[(u32, u32)],
     drain_serves: &[Option<ShardSet>],
-    now_ms: u64,
 ) -> Vec<Option<IdcId>> {
     let n = idcs.len();
     (0..shard_count)
@@ -784,14 +704,7 @@ fn serving_table(
             debug_assert_eq!(row[0], home[s as usize]);
             row.iter().copied().find(|id| {
                 let i = id.0 as usize;
-                can_serve(
-                    &idcs[i],
-                    shard,
-                    timing.warmup[i],
-                    timing.since_ms[i],
-                    now_ms,
-                    drain_serves[i].as_ref(),
-                )
+                can_serve(&idcs[i], shard, warmup[i], drain_serves[i].as_ref())
             })
         })
         .collect()

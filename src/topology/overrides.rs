@@ -64,6 +64,35 @@ pub struct IdcOverride {
     /// document's `failover.warmup_s` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_s: Option<u64>,
+    /// `warming` only: how many of the warm-up's steps have come home (0 when absent). Moved on
+    /// by the driver (the etcd leader, or the file-mode gateway) one fenced step at a time, never
+    /// by a gateway's clock, so every gateway switches a shard at the same revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_step: Option<u32>,
+}
+
+/// Steps of a warm-up: at least five (DESIGN.md §5), here ten.
+pub const WARMUP_STEPS: u32 = 10;
+
+impl IdcOverride {
+    /// The warm-up steps that have come home.
+    pub fn steps_done(&self) -> u32 {
+        self.warmup_step.unwrap_or(0)
+    }
+
+    /// How many steps this warm-up has: one for `restore --warmup 0`, else `WARMUP_STEPS`.
+    pub fn warmup_steps(&self) -> u32 {
+        if self.warmup_s == Some(0) {
+            1
+        } else {
+            WARMUP_STEPS
+        }
+    }
+
+    /// Every step has come home.
+    pub fn warmed_up(&self) -> bool {
+        self.steps_done() >= self.warmup_steps()
+    }
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -90,6 +119,25 @@ pub enum MoveKind {
     Move,
     /// `shardgate drain IDC`: the IDC's shards leave for the next IDC in their failover order.
     Drain,
+    /// `shardgate failover IDC`, or the automatic decision: the IDC is `down` and its shards
+    /// are served elsewhere at once for reads, while their writes stay fenced until every live
+    /// gateway stopped writing to the departed IDC. Applying it lifts the fence; the owner was
+    /// changed by the `down` override itself.
+    Failover,
+    /// One step of a warm-up: the step's home shards come back to the warming IDC (`to`) once
+    /// fenced; applying it moves the override's `warmup_step` on in the same transaction.
+    Warmup,
+}
+
+impl MoveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveKind::Move => "move",
+            MoveKind::Drain => "drain",
+            MoveKind::Failover => "failover",
+            MoveKind::Warmup => "warmup",
+        }
+    }
 }
 
 /// Where a fenced move is (DESIGN.md §5). A record always ends `applied` or `rolled_back`.
@@ -156,6 +204,9 @@ pub struct MoveRecord {
     /// Why it was rolled back, or anything else the driver wants the operator to see.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// `warmup` records: the warm-up step this record brings home (1-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -170,11 +221,19 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// The IDC's state at `now` (unix seconds): an expired override no longer applies.
-    pub fn idc_state(&self, idc: &str, now: u64) -> Option<&IdcOverride> {
+    /// The IDC's override as every gateway serves it. `expires_at` is not looked at here: a
+    /// gateway's own clock never changes an owner. The driver (`failover::decide`) replaces an
+    /// expired override, through the same fenced steps as any other change.
+    pub fn idc_state(&self, idc: &str) -> Option<&IdcOverride> {
+        self.idcs.get(idc)
+    }
+
+    /// Whether the IDC's override has expired at `now` (unix seconds).
+    pub fn expired(&self, idc: &str, now: u64) -> bool {
         self.idcs
             .get(idc)
-            .filter(|o| o.expires_at.is_none_or(|exp| exp > now))
+            .and_then(|o| o.expires_at)
+            .is_some_and(|exp| exp <= now)
     }
 }
 

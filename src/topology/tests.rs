@@ -32,7 +32,6 @@ fn build_text(text: &str, overrides: &Overrides) -> Result<Topology, Problems> {
         overrides,
         &BuildContext {
             revision: 7,
-            now: 1_000_000,
             ..BuildContext::default()
         },
         &Upstreams::new(),
@@ -196,6 +195,7 @@ fn state(idc: &str, state: IdcState, at: u64) -> Overrides {
             expires_at: None,
             at_ms: 0,
             warmup_s: None,
+            warmup_step: None,
         },
     );
     o
@@ -244,6 +244,7 @@ fn no_active_idc_means_no_serving_idc() {
             expires_at: None,
             at_ms: 0,
             warmup_s: None,
+            warmup_step: None,
         },
     );
     let t = build_text(&doc(&[("sh", 100), ("bj", 100)], ""), &o).unwrap();
@@ -252,86 +253,80 @@ fn no_active_idc_means_no_serving_idc() {
 }
 
 #[test]
-fn expired_overrides_no_longer_apply() {
+fn an_expired_override_still_applies_until_the_driver_replaces_it() {
+    // A gateway's clock never changes an owner: expiry is the driver's to act on.
     let mut o = state("sh", IdcState::Down, 1);
-    o.idcs.get_mut("sh").unwrap().expires_at = Some(10); // long before `now`
+    o.idcs.get_mut("sh").unwrap().expires_at = Some(10); // long before now
     let t = build_text(&doc(&[("sh", 100), ("bj", 100)], ""), &o).unwrap();
-    assert_eq!(t.idc(t.idc_by_name("sh").unwrap()).state, IdcState::Active);
+    assert_eq!(t.idc(t.idc_by_name("sh").unwrap()).state, IdcState::Down);
 }
 
 #[test]
 fn warm_up_returns_shards_in_growing_steps_and_never_takes_one_back() {
-    let warmup = std::time::Duration::from_secs(60);
-    let since = 1_000_000;
+    let steps = 10;
     let mut previous = 0;
-    let mut steps = 0;
-    for elapsed in (0..=60_000).step_by(250) {
+    for done in 0..=steps {
         let now: Vec<u32> = (0..1024)
-            .filter(|&s| warmed(Shard(s), since, since + elapsed, warmup))
+            .filter(|&s| warmed(Shard(s), done, steps))
             .collect();
         assert!(
-            now.len() >= previous,
-            "warm-up went backwards at {elapsed} ms"
+            now.len() > previous || done == 0,
+            "step {done} brought nothing home"
         );
         for s in 0..1024 {
-            if warmed(Shard(s), since, since + elapsed.saturating_sub(250), warmup) {
-                assert!(warmed(Shard(s), since, since + elapsed, warmup));
+            if done > 0 && warmed(Shard(s), done - 1, steps) {
+                assert!(
+                    warmed(Shard(s), done, steps),
+                    "step {done} took shard {s} back"
+                );
             }
-        }
-        if now.len() > previous {
-            steps += 1;
+            assert_eq!(
+                warmed(Shard(s), done, steps),
+                warmup_step_of(Shard(s), steps) <= done
+            );
         }
         previous = now.len();
     }
     assert_eq!(previous, 1024);
-    assert!(steps >= 5, "only {steps} steps");
-}
-
-#[test]
-fn the_next_warm_up_step_is_the_instant_the_table_changes() {
-    let warmup = std::time::Duration::from_millis(2_000);
-    let since = 5_000;
-    let served = |now: u64| {
-        (0..1024)
-            .filter(|&s| warmed(Shard(s), since, now, warmup))
-            .count()
-    };
-    let mut now = since;
-    let mut instants = Vec::new();
-    while let Some(next) = next_warmup_step(since, now, warmup) {
-        assert!(next > now);
-        // Nothing changes before the instant; something does at it.
-        assert_eq!(served(next - 1), served(now));
-        assert!(served(next) > served(next - 1), "no change at {next}");
-        instants.push(next);
-        now = next;
+    // Spread: no step brings more than a fifth of the shards.
+    for step in 1..=steps {
+        let n = (0..1024)
+            .filter(|&s| warmup_step_of(Shard(s), steps) == step)
+            .count();
+        assert!(n < 1024 / 5, "step {step} has {n} shards");
     }
-    assert_eq!(served(now), 1024);
-    assert_eq!(instants.len(), 10);
-    assert_eq!(*instants.last().unwrap(), since + 2_000);
+    // One step (`restore --warmup 0`): everything at step 1.
+    assert!((0..1024).all(|s| warmup_step_of(Shard(s), 1) == 1));
 }
 
 #[test]
-fn a_warming_idc_is_timed_from_at_ms_and_the_snapshot_says_when_it_steps() {
+fn a_warming_idc_serves_the_steps_its_override_says_are_home() {
     let text = doc(&[("sh", 100), ("bj", 100)], "");
-    // Written 500 ms before `now` (1_000_000 s), warming over 2 s: step 2 of 10.
     let mut o = state("sh", IdcState::Warming, 999_999);
-    let w = o.idcs.get_mut("sh").unwrap();
-    w.at_ms = 1_000_000_000 - 500;
-    w.warmup_s = Some(2);
     let t = build_text(&text, &o).unwrap();
     let sh = t.idc_by_name("sh").unwrap();
     let home = (0..1024).filter(|&s| t.home(Shard(s)) == sh).count() as u32;
-    let served = t.shards_served()[sh.0 as usize];
-    assert!(served > 0 && served < home / 2, "{served} of {home}");
-    assert_eq!(t.next_change_ms, Some(1_000_000_000 - 500 + 600));
-    // Without at_ms, `at` (seconds) is the start: 1 s in, half way.
-    o.idcs.get_mut("sh").unwrap().at_ms = 0;
+    assert_eq!(
+        t.shards_served()[sh.0 as usize],
+        0,
+        "step 0: nothing home yet"
+    );
+    o.idcs.get_mut("sh").unwrap().warmup_step = Some(3);
     let t = build_text(&text, &o).unwrap();
-    assert_eq!(t.next_change_ms, Some(1_000_000_000 + 200));
-    // Active IDCs never change with time.
-    let t = build_text(&text, &Overrides::default()).unwrap();
-    assert_eq!(t.next_change_ms, None);
+    let served = t.shards_served()[sh.0 as usize];
+    assert!(
+        served > home / 10 && served < home / 2,
+        "{served} of {home}"
+    );
+    for s in 0..1024 {
+        if t.home(Shard(s)) == sh {
+            let here = t.serving(Shard(s)) == Some(sh);
+            assert_eq!(here, warmup_step_of(Shard(s), 10) <= 3);
+        }
+    }
+    o.idcs.get_mut("sh").unwrap().warmup_step = Some(10);
+    let t = build_text(&text, &o).unwrap();
+    assert_eq!(t.shards_served()[sh.0 as usize], home);
 }
 
 #[test]

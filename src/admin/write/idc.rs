@@ -23,9 +23,12 @@ struct IdcWrite {
     reason: String,
     #[serde(default)]
     by: String,
-    /// `warming` only: this restore's warm-up in seconds (0: active at once).
+    /// `warming` only: this restore's warm-up in seconds (0: every home shard in one step).
     #[serde(default)]
     warmup_s: Option<u64>,
+    /// `down` only: skip the write fence (`failover --force-unfenced`, an IDC proven dead).
+    #[serde(default)]
+    unfenced: bool,
 }
 
 #[derive(Deserialize)]
@@ -94,12 +97,25 @@ fn next_fence_revision(overrides: &Overrides, topo: &Topology) -> u64 {
 async fn keep_and_serve(
     admin: &Admin,
     store: &FileOverrides,
+    checked_against: &Topology,
     change: impl FnOnce(&mut Overrides),
     served: impl Fn(&Topology) -> bool,
     mut answer: serde_json::Value,
 ) -> Response<ResponseBody> {
     let guard = store.lock();
     let mut overrides = store.read();
+    // The plan was checked against the published snapshot: if the kept overrides moved on
+    // since (another operator, the failover controller, the move driver), its checks (never
+    // the last active IDC, no overlapping move) may no longer hold. Nothing is written; the
+    // operator runs the command again (the CLI's exit 3), as with etcd's compare-and-swap.
+    if overrides != checked_against.overrides {
+        drop(guard);
+        return error(
+            StatusCode::PRECONDITION_FAILED,
+            "changed",
+            "the overrides changed since this command was checked; nothing was written (run it again)",
+        );
+    }
     change(&mut overrides);
     let written = store.write(&overrides);
     drop(guard);
@@ -164,13 +180,13 @@ pub(in crate::admin) async fn idc(
     let op = Operator::now(&write.reason, &write.by);
     let idc = idc.to_owned();
     let plan: Result<Plan, Refused> = match write.state.as_str() {
-        "down" => moves::plan_failover(&topo, &idc, &op).map(|o| (Some(o), None)),
+        "down" => moves::plan_failover(&topo, &idc, write.unfenced, &op).map(|(o, r)| (Some(o), r)),
         "warming" => {
             let warmup = write.warmup_s.map(std::time::Duration::from_secs);
-            moves::plan_restore(&topo, &idc, warmup, &op).map(|o| (o, None))
+            moves::plan_restore(&topo, &idc, warmup, &op).map(|o| (Some(o), None))
         }
         "active" => moves::plan_restore(&topo, &idc, Some(std::time::Duration::ZERO), &op)
-            .map(|o| (o, None)),
+            .map(|o| (Some(o), None)),
         "draining" => {
             moves::plan_drain(&topo, &idc, &op).map(|(o, id, r)| (Some(o), Some((id, r))))
         }
@@ -193,6 +209,7 @@ pub(in crate::admin) async fn idc(
     keep_and_serve(
         admin,
         store,
+        &topo,
         |o| {
             match &value {
                 Some(v) => o.idcs.insert(idc.clone(), v.clone()),
@@ -253,6 +270,7 @@ pub(in crate::admin) async fn move_range(
     keep_and_serve(
         admin,
         store,
+        &topo,
         |o| {
             let mut record = record;
             record.fence_revision = next_fence_revision(o, &topo);
