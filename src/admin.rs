@@ -257,6 +257,9 @@ impl Admin {
                 "up": self.snapshots.source_up(),
                 "last_problem": self.snapshots.last_problem(),
             },
+            // This gateway's own write fence (etcd mode) and what it acknowledges.
+            "self_fence": self.snapshots.self_fence().status_json(),
+            "acknowledged_revision": self.snapshots.acknowledged(),
             "local_idc": t.local_idc.map(|i| t.idc(i).name.to_string()),
             "shard_count": t.shard_count,
             "idcs": idcs,

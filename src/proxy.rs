@@ -411,14 +411,23 @@ impl Gateway {
             }
         };
         if landed.spilled || landed.moved {
-            outcome.idc = Some(landed.idc);
+            outcome.idc = Some(landed.idc.clone());
             outcome.idc_header = Some(landed.idc_header);
             outcome.spilled = landed.spilled;
         }
 
         if let Some((_, client)) = upgrade {
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                return Ok(self.switch_protocols(resp, client, lease));
+                // An upgraded connection on a sharded route carries writes for as long as it
+                // lives: it counts as a write in flight under this snapshot, and is closed as
+                // soon as its shard is fenced or served by another IDC.
+                let owner = decision.shard.map(|shard| {
+                    let guard = write_in_flight
+                        .take()
+                        .unwrap_or_else(|| WriteInFlight::new(snapshot.clone()));
+                    (shard, landed.idc.clone(), guard)
+                });
+                return Ok(self.switch_protocols(resp, client, lease, owner));
             }
         }
         let (mut parts, body) = resp.into_parts();
@@ -469,8 +478,18 @@ impl Gateway {
         mut resp: Response<Incoming>,
         client: hyper::upgrade::OnUpgrade,
         lease: crate::forward::Lease,
+        owner: Option<(Shard, Arc<String>, WriteInFlight)>,
     ) -> Response<ResponseBody> {
         let upstream = hyper::upgrade::on(&mut resp);
+        let cell = self.topology.clone();
+        let ownership_moves = async move {
+            let Some((shard, idc, guard)) = owner else {
+                return std::future::pending().await;
+            };
+            upgrade::until_moved(&cell, shard, &idc).await;
+            tracing::info!(shard = shard.0, idc = %idc, "closing an upgraded connection: its shard is fenced or moved");
+            drop(guard);
+        };
         let (mut parts, _) = resp.into_parts();
         let protocol = parts.headers.get(http::header::UPGRADE).cloned();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -483,6 +502,7 @@ impl Gateway {
             upstream,
             self.settings.upgrade_idle,
             lease,
+            ownership_moves,
         ));
         Response::from_parts(parts, ResponseBody::empty())
     }

@@ -565,3 +565,47 @@ mod tests {
         assert!(dir.path().join("overrides.json").exists());
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+mod revision_tests {
+    use super::*;
+
+    const DOC: &str = "cluster = \"t\"\nshard_count = 16\n[sets.core]\n[[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7000\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nset = \"core\"\nkey = [\"header:k\"]\n";
+
+    fn snapshots() -> Snapshots {
+        Snapshots::new("etcd", None, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn an_older_revision_is_never_published_unless_etcd_went_back() {
+        let s = snapshots();
+        let doc = || RawTopology::parse(DOC).unwrap();
+        s.publish(doc(), &Overrides::default(), 10).unwrap();
+        let refused = s.publish(doc(), &Overrides::default(), 9).unwrap_err();
+        assert!(refused.to_string().contains("older"), "{refused}");
+        assert_eq!(s.current().unwrap().revision, 10);
+        s.publish(doc(), &Overrides::default(), 10).unwrap();
+        // etcd restored from a backup: the source says so explicitly, once.
+        s.allow_lower_revision();
+        s.publish(doc(), &Overrides::default(), 3).unwrap();
+        assert_eq!(s.current().unwrap().revision, 3);
+        assert!(s.publish(doc(), &Overrides::default(), 2).is_err());
+    }
+
+    #[test]
+    fn acknowledged_waits_for_writes_in_flight_and_for_the_cache() {
+        let s = snapshots().with_cache();
+        let doc = || RawTopology::parse(DOC).unwrap();
+        s.publish(doc(), &Overrides::default(), 10).unwrap();
+        assert_eq!(s.acknowledged(), 0, "not cached yet");
+        s.cached(10);
+        assert_eq!(s.acknowledged(), 10);
+        let write = crate::topology::WriteInFlight::new(s.current().unwrap());
+        s.publish(doc(), &Overrides::default(), 12).unwrap();
+        s.cached(12);
+        assert_eq!(s.acknowledged(), 10, "a write admitted under 10 is in flight");
+        drop(write);
+        assert_eq!(s.acknowledged(), 12);
+    }
+}

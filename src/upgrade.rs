@@ -56,6 +56,7 @@ pub async fn relay<H: Send + 'static>(
     upstream: OnUpgrade,
     idle: Duration,
     hold: H,
+    ends: impl std::future::Future<Output = ()>,
 ) {
     // The client side resolves once hyper has written the 101; both are bounded all the same.
     let (client, upstream) = match tokio::time::timeout(idle, async {
@@ -88,8 +89,33 @@ pub async fn relay<H: Send + 'static>(
         () = clock.idle_for(idle) => {
             tracing::debug!(idle_ms = idle.as_millis() as u64, "closing an idle upgraded connection");
         }
+        () = ends => {}
     }
     drop(hold);
+}
+
+/// How often an upgraded connection on a sharded route looks at the published snapshot.
+const OWNER_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// Resolves once `shard` is fenced, or served by another IDC than `idc`, in the snapshot
+/// published in `cell` (or there is none): the connection must not carry writes any more.
+pub async fn until_moved(
+    cell: &arc_swap::ArcSwapOption<crate::topology::Topology>,
+    shard: crate::topology::Shard,
+    idc: &str,
+) {
+    loop {
+        let moved = match cell.load().as_deref() {
+            Some(t) => {
+                t.is_fenced(shard) || t.serving(shard).is_none_or(|i| t.idc(i).name.as_str() != idc)
+            }
+            None => true,
+        };
+        if moved {
+            return;
+        }
+        tokio::time::sleep(OWNER_CHECK_EVERY).await;
+    }
 }
 
 /// When bytes last moved, in ms since the relay started.

@@ -298,7 +298,8 @@ async fn moves_that_cannot_land_are_rolled_back_with_their_drain() {
     assert!(!r["note"].as_str().unwrap_or("").is_empty(), "{r}");
 
     // A drain of gz with nowhere to go (sh down too): rolled back, and its `draining`
-    // override removed in the same transaction.
+    // override turned `active` in the same transaction (never removed: an ownership key's
+    // revision must not go backwards).
     etcd.put("override/idc/sh", &down("alice")).await;
     etcd.put(
         "override/idc/gz",
@@ -314,7 +315,8 @@ async fn moves_that_cannot_land_are_rolled_back_with_their_drain() {
     })
     .await;
     assert_eq!(r["phase"], "rolled_back", "{r}");
-    assert!(etcd.get("override/idc/gz").await.is_none());
+    let gz = json_at(&etcd, "override/idc/gz").await.expect("gz's override");
+    assert_eq!(gz["state"], "active", "{gz}");
     // The operator's `down` overrides are untouched.
     assert!(etcd.get("override/idc/sh").await.is_some());
     g.shutdown().await;

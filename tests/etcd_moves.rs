@@ -65,6 +65,14 @@ async fn setup(etcd: &Etcd, idcs: &Idcs, fence_ms: u64) -> (Running, Running) {
             .then_some(())
     })
     .await;
+    // Registered and caught up: their self-fences open, so a 503 `fenced` below is the move's.
+    for g in [&g1, &g2] {
+        eventually("writes to open", || async {
+            (admin(g.admin_addr, "/status").await.1["self_fence"]["writes"] == "open")
+                .then_some(())
+        })
+        .await;
+    }
     (g1, g2)
 }
 
@@ -275,27 +283,35 @@ async fn failover_restore_and_refusals_through_etcd() {
     let (g1, g2) = setup(&etcd, &idcs, 600_000).await;
     let key = key_in(0, 63);
 
-    let out = cli(
-        &etcd,
-        &["failover", "sh", "--reason", "sh is on fire", "--wait"],
-    )
-    .await;
+    let out = cli(&etcd, &["failover", "sh", "--reason", "sh is on fire"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    // --wait returned: both gateways serve it, at once, with no fence.
+    let id = printed_move_id(&out);
+    assert_eq!(record(&etcd, &id).await["kind"], "failover");
+    // Reads leave sh at once on both gateways; writes to its shards are fenced while the
+    // failover's fence is held (600 s here: for as long as the test looks).
     for g in [&g1, &g2] {
-        let (status, _, idc) = post(g.proxy_addr, &key).await;
-        assert_eq!(status, 200);
-        assert_ne!(idc.as_deref(), Some("sh"));
+        eventually("the failover to be served", || async {
+            let r = get(g.proxy_addr, "/orders", &key).await.ok()?;
+            (r.status == 200 && r.idc.as_deref() != Some("sh")).then_some(())
+        })
+        .await;
+        let (status, reason, _) = post(g.proxy_addr, &key).await;
+        assert_eq!((status, reason.as_deref()), (503, Some("fenced")));
     }
     let out = cli(&etcd, &["restore", "sh", "--warmup", "30s"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let over: Value = serde_json::from_slice(&etcd.get("override/idc/sh").await.unwrap()).unwrap();
     assert_eq!(over["state"], "warming");
     assert_eq!(over["warmup_s"], 30);
-    assert!(over["at_ms"].as_u64().unwrap() > 0);
+    assert_eq!(over["warmup_step"], 0);
     let out = cli(&etcd, &["restore", "sh", "--warmup", "0"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(etcd.get("override/idc/sh").await.is_none(), "active again");
+    let over: Value = serde_json::from_slice(&etcd.get("override/idc/sh").await.unwrap()).unwrap();
+    assert_eq!(
+        (over["state"].as_str(), over["warmup_s"].as_u64()),
+        (Some("warming"), Some(0)),
+        "one fenced step, driven by the leader once the failover's fence is done"
+    );
 
     let refused = |out: &Output, why: &str| {
         assert_eq!(out.code, 1, "{out:?}");
@@ -349,9 +365,10 @@ async fn a_drain_with_nowhere_to_go_is_rolled_back_with_its_override() {
     let stored = record(&etcd, &id).await;
     assert_eq!(stored["phase"], "rolled_back");
     assert!(stored["note"].as_str().unwrap().contains("no other IDC"));
-    assert!(
-        etcd.get("override/idc/gz").await.is_none(),
-        "rolling back a drain removes its draining override in the same transaction"
+    let gz: Value = serde_json::from_slice(&etcd.get("override/idc/gz").await.unwrap()).unwrap();
+    assert_eq!(
+        gz["state"], "active",
+        "rolling back a drain ends its draining override in the same transaction"
     );
     // gz serves again, writes included: the fence is lifted.
     let key = key_in(0, 63);

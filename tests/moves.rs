@@ -188,7 +188,7 @@ async fn drain_fences_writes_keeps_reads_at_the_old_owner_then_moves_the_shards(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_of_a_range_with_wait_changes_its_owner() {
-    let c = cluster(300).await;
+    let c = cluster(2000).await;
     let keys = keys_where("mv", 5, |s| s.0 <= 63);
     let outside = &keys_where("stay", 1, |s| s.0 > 63)[0];
     let outside_idc = read(&c, outside).await.idc();
@@ -238,20 +238,32 @@ async fn move_of_a_range_with_wait_changes_its_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_moves_shards_at_once_and_restore_warms_up() {
-    let c = cluster(60_000).await;
+async fn failover_moves_reads_at_once_writes_after_the_fence_and_restore_warms_up() {
+    let c = cluster(2000).await;
     let key = &keys_where("fo", 1, |s| s.0 <= 63)[0];
     assert_eq!(read(&c, key).await.idc(), "gz");
     let out = shardgate(&c, &["failover", "gz", "--reason", "gz is on fire"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    // No fence: the very next write goes to the new owner.
-    let w = write(&c, key).await;
-    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
-    assert_ne!(w.idc(), "gz");
+    let id = printed_move_id(&out);
+    assert!(id.starts_with("failover-gz-"), "{out:?}");
+    // Reads go to the next IDC at once; writes wait behind the failover's fence until this
+    // gateway has no write to gz in flight and fence_ms has passed.
+    assert_ne!(read(&c, key).await.idc(), "gz");
     let s = status(&c).await;
     assert_eq!(idc_status(&s, "gz")["state"], "down");
     assert_eq!(idc_status(&s, "gz")["shards_served"], 0);
     assert_eq!(idc_status(&s, "gz")["reason"], "gz is on fire");
+    if move_phase(&s, &id).as_deref() == Some("fencing") {
+        let w = write(&c, key).await;
+        assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE, "{}", w.text());
+    }
+    until(Duration::from_secs(20), "the failover fence to be lifted", || async {
+        (move_phase(&status(&c).await, &id).as_deref() == Some("applied")).then_some(())
+    })
+    .await;
+    let w = write(&c, key).await;
+    assert_eq!(w.status, StatusCode::OK, "{}", w.text());
+    assert_ne!(w.idc(), "gz");
 
     let out = shardgate(&c, &["restore", "gz", "--warmup", "60s"]).await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -268,10 +280,28 @@ async fn failover_moves_shards_at_once_and_restore_warms_up() {
     assert_eq!(kept["value"]["warmup_s"], 60);
     assert_eq!(kept["value"]["by"], "tester");
 
+    // One fenced step: the gateway fences gz's home shards, holds the fence, brings them
+    // home, and the IDC is active again.
     let out = shardgate(&c, &["restore", "gz", "--warmup", "0"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(idc_status(&status(&c).await, "gz")["state"], "active");
+    until(Duration::from_secs(30), "gz to be active again", || async {
+        (idc_status(&status(&c).await, "gz")["state"] == "active").then_some(())
+    })
+    .await;
     assert_eq!(read(&c, key).await.idc(), "gz");
+    let s = status(&c).await;
+    let steps: Vec<&Value> = s["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["kind"] == "warmup")
+        .collect();
+    assert!(
+        steps.iter().any(|m| m["phase"] == "applied" && m["to"] == "gz"),
+        "{s}"
+    );
+    let w = write(&c, key).await;
+    assert_eq!((w.status, w.idc()), (StatusCode::OK, "gz".to_owned()));
     c.stop().await;
 }
 
@@ -314,7 +344,18 @@ async fn refusals_exit_1_and_write_nothing() {
     refused(&shardgate(&c, &["failover", "bj"]).await, "last IDC");
     let s = status(&c).await;
     assert_eq!(idc_status(&s, "bj")["state"], "active");
-    assert_eq!(s["moves"].as_array().unwrap().len(), 1, "{s}");
+    let kinds: Vec<&str> = s["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "move").count(),
+        1,
+        "nothing refused was written: {s}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "failover").count(), 2, "{s}");
 
     // A gateway that is not there: exit 4.
     let (_port, addr) = support::refused_port();
@@ -329,7 +370,7 @@ async fn refusals_exit_1_and_write_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overrides_and_open_moves_survive_a_restart() {
-    let mut c = cluster(1500).await;
+    let mut c = cluster(2000).await;
     let key = &keys_where("rs", 1, |s| s.0 <= 63)[0];
     let out = shardgate(&c, &["failover", "bj"]).await;
     assert_eq!(out.code, 0, "{out:?}");

@@ -238,6 +238,26 @@ pub fn build(
     c.positive("failover.detect_ms".into(), f.detect_ms);
     c.positive("failover.recover_ms".into(), f.recover_ms);
     c.positive("failover.fence_ms".into(), f.fence_ms);
+    // The fence is held fence_ms after every gateway acknowledged it, and a gateway cut off
+    // from etcd stops writing before its lease can expire: in both cases a write already
+    // sent may still be at the old owner for up to its route's timeout_ms. A shorter fence
+    // would hand the shard over while such a write can still land.
+    if let Some((name, longest)) = doc
+        .routes
+        .iter()
+        .map(|r| (r.name.as_str(), r.timeout_ms))
+        .max_by_key(|(_, t)| *t)
+    {
+        if f.fence_ms > 0 && f.fence_ms < longest {
+            c.fail(
+                "failover.fence_ms",
+                format!(
+                    "{} ms is shorter than route `{name}`'s timeout_ms ({longest} ms): a write sent before the fence could still land at the old owner after it (raise fence_ms to at least {longest})",
+                    f.fence_ms
+                ),
+            );
+        }
+    }
     if !(0.0..=1.0).contains(&f.min_healthy) {
         c.fail("failover.min_healthy", "must be between 0.0 and 1.0");
     }

@@ -399,3 +399,15 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_fence_shorter_than_the_longest_route_timeout_is_refused() {
+    // The document's route has the default timeout_ms (1000).
+    let short = doc(&[("sh", 100), ("bj", 100)], "[failover]\nfence_ms = 999\n");
+    let problems = build_text(&short, &Overrides::default()).unwrap_err();
+    let text = problems.to_string();
+    assert!(text.contains("failover.fence_ms"), "{text}");
+    assert!(text.contains("timeout_ms (1000 ms)"), "{text}");
+    let enough = doc(&[("sh", 100), ("bj", 100)], "[failover]\nfence_ms = 1000\n");
+    assert!(build_text(&enough, &Overrides::default()).is_ok());
+}

@@ -526,8 +526,16 @@ impl Idcs {
         Idcs { sims }
     }
 
+    /// Answers every request held with `x-sim-hold` by any simulated backend.
+    pub fn release_held(&self) {
+        for sim in &self.sims {
+            sim.release_held();
+        }
+    }
+
     /// A topology for these IDCs with `pins` as (range, IDC): routes `orders` (core) and
-    /// `recs` (noncore, degradable), both sharded by `x-user-id`.
+    /// `recs` (noncore, degradable), both sharded by `x-user-id`, with a 300 ms timeout (so a
+    /// test may hold a fence as short as 300 ms: `fence_ms` must cover every route timeout).
     pub fn document(&self, pins: &[(&str, &str)]) -> String {
         let mut s = format!(
             "cluster = \"{CLUSTER}\"\nshard_count = 1024\n\n\
@@ -547,9 +555,9 @@ impl Idcs {
         }
         s.push_str(
             "\n[[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\n\
-             key = [\"header:x-user-id\"]\ntimeout_ms = 5000\n\
+             key = [\"header:x-user-id\"]\ntimeout_ms = 300\n\
              \n[[routes]]\nname = \"recs\"\npath_prefix = \"/recs\"\nset = \"noncore\"\n\
-             key = [\"header:x-user-id\"]\n",
+             key = [\"header:x-user-id\"]\ntimeout_ms = 300\n",
         );
         s
     }

@@ -145,7 +145,8 @@ impl Default for Options {
 /// The routes of every test topology.
 ///
 /// - `orders`: sharded by header, query, cookie, then path segment 2.
-/// - `upload`: large POST bodies (long timeout).
+/// - `upload`: large POST bodies (a timeout as long as the default `fence_ms`, the longest
+///   a topology may have without raising `fence_ms`).
 /// - `recommendations`: `on_missing_key = "local"`, noncore.
 /// - `catalog`: not sharded.
 /// - `slow`: a 300 ms timeout, for 504.
@@ -157,7 +158,7 @@ path_prefix = "/orders"
 methods = ["GET", "POST", "PUT"]
 set = "core"
 key = ["header:x-user-id", "query:user_id", "cookie:uid", "path:2"]
-timeout_ms = 5000
+timeout_ms = 1000
 
 [[routes]]
 name = "upload"
@@ -165,7 +166,7 @@ path_prefix = "/upload"
 methods = ["POST"]
 set = "core"
 key = ["header:x-user-id"]
-timeout_ms = 60000
+timeout_ms = 2000
 retries = 0
 
 [[routes]]

@@ -92,6 +92,19 @@ fn next_fence_revision(overrides: &Overrides, topo: &Topology) -> u64 {
     kept.max(topo.revision) + 1
 }
 
+/// Whether the kept overrides changed since `checked` in a way that can void a plan's checks:
+/// an IDC's state changed, or a move record was opened. (A record that ended only frees
+/// shards, and degrade switches do not bear on IDC control.)
+fn moved_on(checked: &Overrides, kept: &Overrides) -> bool {
+    let state = |o: &Overrides, idc: &str| o.idcs.get(idc).map(|x| x.state);
+    let idcs = checked.idcs.keys().chain(kept.idcs.keys());
+    let states_changed = idcs.into_iter().any(|i| state(checked, i) != state(kept, i));
+    let opened = kept.moves.iter().any(|(id, r)| {
+        r.phase.is_open() && checked.moves.get(id).is_none_or(|c| !c.phase.is_open())
+    });
+    states_changed || opened
+}
+
 /// Writes `change` into the kept overrides, republishes, and waits until the snapshot
 /// satisfies `served`; answers 200 with `answer` and the revision, or 202 if it takes too long.
 async fn keep_and_serve(
@@ -108,7 +121,7 @@ async fn keep_and_serve(
     // since (another operator, the failover controller, the move driver), its checks (never
     // the last active IDC, no overlapping move) may no longer hold. Nothing is written; the
     // operator runs the command again (the CLI's exit 3), as with etcd's compare-and-swap.
-    if overrides != checked_against.overrides {
+    if moved_on(&checked_against.overrides, &overrides) {
         drop(guard);
         return error(
             StatusCode::PRECONDITION_FAILED,
