@@ -604,7 +604,11 @@ mod revision_tests {
         let write = crate::topology::WriteInFlight::new(s.current().unwrap());
         s.publish(doc(), &Overrides::default(), 12).unwrap();
         s.cached(12);
-        assert_eq!(s.acknowledged(), 10, "a write admitted under 10 is in flight");
+        assert_eq!(
+            s.acknowledged(),
+            10,
+            "a write admitted under 10 is in flight"
+        );
         drop(write);
         assert_eq!(s.acknowledged(), 12);
     }

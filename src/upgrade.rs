@@ -107,7 +107,9 @@ pub async fn until_moved(
     loop {
         let moved = match cell.load().as_deref() {
             Some(t) => {
-                t.is_fenced(shard) || t.serving(shard).is_none_or(|i| t.idc(i).name.as_str() != idc)
+                t.is_fenced(shard)
+                    || t.serving(shard)
+                        .is_none_or(|i| t.idc(i).name.as_str() != idc)
             }
             None => true,
         };

@@ -315,7 +315,9 @@ async fn moves_that_cannot_land_are_rolled_back_with_their_drain() {
     })
     .await;
     assert_eq!(r["phase"], "rolled_back", "{r}");
-    let gz = json_at(&etcd, "override/idc/gz").await.expect("gz's override");
+    let gz = json_at(&etcd, "override/idc/gz")
+        .await
+        .expect("gz's override");
     assert_eq!(gz["state"], "active", "{gz}");
     // The operator's `down` overrides are untouched.
     assert!(etcd.get("override/idc/sh").await.is_some());

@@ -68,8 +68,7 @@ async fn setup(etcd: &Etcd, idcs: &Idcs, fence_ms: u64) -> (Running, Running) {
     // Registered and caught up: their self-fences open, so a 503 `fenced` below is the move's.
     for g in [&g1, &g2] {
         eventually("writes to open", || async {
-            (admin(g.admin_addr, "/status").await.1["self_fence"]["writes"] == "open")
-                .then_some(())
+            (admin(g.admin_addr, "/status").await.1["self_fence"]["writes"] == "open").then_some(())
         })
         .await;
     }
@@ -317,10 +316,19 @@ async fn failover_restore_and_refusals_through_etcd() {
         assert_eq!(out.code, 1, "{out:?}");
         assert!(out.stderr.contains(why), "expected `{why}`: {}", out.stderr);
     };
-    // An open move, then a second one over the same shards.
-    assert_eq!(cli(&etcd, &["move", "100-110", "--to", "gz"]).await.code, 0);
+    // An open move, then a second one over the same shards (a shard bj serves, outside the
+    // failover's fence).
+    let t = g1.snapshots.current().unwrap();
+    let bj = t.idc_by_name("bj").unwrap();
+    let free = (0..t.shard_count)
+        .map(shardgate::topology::Shard)
+        .find(|s| !t.is_fenced(*s) && t.serving(*s) == Some(bj))
+        .unwrap()
+        .0
+        .to_string();
+    assert_eq!(cli(&etcd, &["move", &free, "--to", "gz"]).await.code, 0);
     refused(
-        &cli(&etcd, &["move", "105", "--to", "bj"]).await,
+        &cli(&etcd, &["move", &free, "--to", "bj"]).await,
         "still moving",
     );
     // Targets that are not active, and the last active IDC.
@@ -336,7 +344,20 @@ async fn failover_restore_and_refusals_through_etcd() {
         etcd.get("override/idc/gz").await.is_none(),
         "nothing written"
     );
-    assert_eq!(etcd.keys("move/").await.len(), 1, "nothing written");
+    // The move, and the fences of the three failovers (sh, bj, sh again): nothing else.
+    let kinds: Vec<String> = {
+        let mut k = Vec::new();
+        for key in etcd.keys("move/").await {
+            let v: Value = serde_json::from_slice(&etcd.get(&key).await.unwrap()).unwrap();
+            k.push(v["kind"].as_str().unwrap().to_owned());
+        }
+        k
+    };
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "move").count(),
+        1,
+        "{kinds:?}"
+    );
 
     // etcd that is not there: exit 4.
     let nowhere = format!("http://127.0.0.1:{}", free_port());

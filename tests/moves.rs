@@ -257,9 +257,13 @@ async fn failover_moves_reads_at_once_writes_after_the_fence_and_restore_warms_u
         let w = write(&c, key).await;
         assert_eq!(w.status, StatusCode::SERVICE_UNAVAILABLE, "{}", w.text());
     }
-    until(Duration::from_secs(20), "the failover fence to be lifted", || async {
-        (move_phase(&status(&c).await, &id).as_deref() == Some("applied")).then_some(())
-    })
+    until(
+        Duration::from_secs(20),
+        "the failover fence to be lifted",
+        || async {
+            (move_phase(&status(&c).await, &id).as_deref() == Some("applied")).then_some(())
+        },
+    )
     .await;
     let w = write(&c, key).await;
     assert_eq!(w.status, StatusCode::OK, "{}", w.text());
@@ -297,7 +301,9 @@ async fn failover_moves_reads_at_once_writes_after_the_fence_and_restore_warms_u
         .filter(|m| m["kind"] == "warmup")
         .collect();
     assert!(
-        steps.iter().any(|m| m["phase"] == "applied" && m["to"] == "gz"),
+        steps
+            .iter()
+            .any(|m| m["phase"] == "applied" && m["to"] == "gz"),
         "{s}"
     );
     let w = write(&c, key).await;

@@ -118,7 +118,8 @@ async fn a_gateway_cut_off_from_etcd_fences_its_writes_and_keeps_serving_reads()
     let etcd = Etcd::start().await;
     let relay = Relay::start(etcd.client_addr).await;
     let idcs = Idcs::start().await;
-    etcd.put("topology", &idcs.document(&[("0-63", "sh")])).await;
+    etcd.put("topology", &idcs.document(&[("0-63", "sh")]))
+        .await;
     let key = key_in(0, 63);
     let g = start_gateway(&relay.url, named("gw-cut")).await;
     eventually("writes to open once registered and caught up", || async {
@@ -147,7 +148,10 @@ async fn a_gateway_cut_off_from_etcd_fences_its_writes_and_keeps_serving_reads()
     assert!(why["reason"].as_str().unwrap().contains("etcd"), "{why}");
     let (_, metrics) = admin(g.admin_addr, "/metrics").await;
     assert!(
-        metrics.as_str().unwrap().contains("shardgate_self_fenced 1"),
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("shardgate_self_fenced 1"),
         "{metrics}"
     );
     // Reads keep flowing from the last good snapshot.
@@ -155,9 +159,10 @@ async fn a_gateway_cut_off_from_etcd_fences_its_writes_and_keeps_serving_reads()
     assert_eq!((r.status, r.idc.as_deref()), (200, Some("sh")));
 
     relay.restore();
-    eventually("writes to open again once re-registered and caught up", || async {
-        (post(g.proxy_addr, &key, &[]).await.status == 200).then_some(())
-    })
+    eventually(
+        "writes to open again once re-registered and caught up",
+        || async { (post(g.proxy_addr, &key, &[]).await.status == 200).then_some(()) },
+    )
     .await;
     g.shutdown().await;
 }
@@ -167,7 +172,9 @@ async fn a_gateway_booted_from_its_cache_reads_but_writes_nothing_until_etcd_ans
     let etcd = Etcd::start().await;
     let relay = Relay::start(etcd.client_addr).await;
     let idcs = Idcs::start().await;
-    let rev = etcd.put("topology", &idcs.document(&[("0-63", "sh")])).await as u64;
+    let rev = etcd
+        .put("topology", &idcs.document(&[("0-63", "sh")]))
+        .await as u64;
     let key = key_in(0, 63);
     let cache = tempfile::tempdir().unwrap();
     let opts = GatewayOptions {
@@ -176,9 +183,10 @@ async fn a_gateway_booted_from_its_cache_reads_but_writes_nothing_until_etcd_ans
         ..GatewayOptions::default()
     };
     let g = start_gateway(&relay.url, opts.clone()).await;
-    eventually("the revision to be acknowledged (so it is cached)", || async {
-        (acknowledged(&etcd, "gw-cache").await >= rev).then_some(())
-    })
+    eventually(
+        "the revision to be acknowledged (so it is cached)",
+        || async { (acknowledged(&etcd, "gw-cache").await >= rev).then_some(()) },
+    )
     .await;
     g.shutdown().await;
 
@@ -190,7 +198,11 @@ async fn a_gateway_booted_from_its_cache_reads_but_writes_nothing_until_etcd_ans
     // The cache may predate a move made while this gateway was away: no write until it is
     // registered and has caught up with etcd.
     let w = post(g.proxy_addr, &key, &[]).await;
-    assert_eq!((w.status, w.reason.as_deref()), (503, Some("fenced")), "{w:?}");
+    assert_eq!(
+        (w.status, w.reason.as_deref()),
+        (503, Some("fenced")),
+        "{w:?}"
+    );
     let why = self_fence(&g).await;
     assert!(
         why["reason"].as_str().unwrap().contains("not registered"),
@@ -218,9 +230,15 @@ async fn failover_of_a_live_idc_fences_its_writes_until_every_gateway_stopped_wr
     let g1 = start_gateway(&etcd.url, named("g1")).await;
     let g2 = start_gateway(&etcd.url, named("g2")).await;
     for g in [&g1, &g2] {
-        eventually("writes to open", || async { writes_open(g).await.then_some(()) }).await;
+        eventually("writes to open", || async {
+            writes_open(g).await.then_some(())
+        })
+        .await;
     }
-    assert_eq!(post(g1.proxy_addr, &key, &[]).await.idc.as_deref(), Some("sh"));
+    assert_eq!(
+        post(g1.proxy_addr, &key, &[]).await.idc.as_deref(),
+        Some("sh")
+    );
 
     let out = cli(&etcd, &["failover", "sh", "--reason", "drill"]).await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -236,9 +254,14 @@ async fn failover_of_a_live_idc_fences_its_writes_until_every_gateway_stopped_wr
         })
         .await;
         let w = post(g.proxy_addr, &key, &[]).await;
-        let still_fenced = json_at(&etcd, &format!("move/{id}")).await.unwrap()["phase"] == "fencing";
+        let still_fenced =
+            json_at(&etcd, &format!("move/{id}")).await.unwrap()["phase"] == "fencing";
         if still_fenced {
-            assert_eq!((w.status, w.reason.as_deref()), (503, Some("fenced")), "{w:?}");
+            assert_eq!(
+                (w.status, w.reason.as_deref()),
+                (503, Some("fenced")),
+                "{w:?}"
+            );
         }
         assert_eq!(r.status, 200);
     }
@@ -288,7 +311,10 @@ async fn a_fence_is_acknowledged_only_once_the_writes_admitted_before_it_are_don
     etcd.put("topology", &doc).await;
     let key = key_in(0, 63);
     let g = start_gateway(&etcd.url, named("g-ack")).await;
-    eventually("writes to open", || async { writes_open(&g).await.then_some(()) }).await;
+    eventually("writes to open", || async {
+        writes_open(&g).await.then_some(())
+    })
+    .await;
 
     // A write the backend holds: admitted under the snapshot before the fence.
     let proxy = g.proxy_addr;
@@ -308,14 +334,18 @@ async fn a_fence_is_acknowledged_only_once_the_writes_admitted_before_it_are_don
     let id = printed_move_id(&out);
     let fence = eventually("the fence to be served", || async {
         let t = g.snapshots.current()?;
-        t.is_fenced(shardgate::topology::Shard(3)).then_some(t.revision)
+        t.is_fenced(shardgate::topology::Shard(3))
+            .then_some(t.revision)
     })
     .await;
     // Served, but not acknowledged while the write admitted before it is in flight: the
     // registration stays below the fence revision, and the move waits.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(acknowledged(&etcd, "g-ack").await < fence, "acknowledged too early");
+        assert!(
+            acknowledged(&etcd, "g-ack").await < fence,
+            "acknowledged too early"
+        );
         let (_, s) = admin(g.admin_addr, "/status").await;
         assert!(s["acknowledged_revision"].as_u64().unwrap() < fence, "{s}");
     }
@@ -326,9 +356,10 @@ async fn a_fence_is_acknowledged_only_once_the_writes_admitted_before_it_are_don
     idcs.release_held();
     let w = held.await.unwrap();
     assert_eq!((w.status, w.idc.as_deref()), (200, Some("sh")), "{w:?}");
-    eventually("the fence to be acknowledged once the write is done", || async {
-        (acknowledged(&etcd, "g-ack").await >= fence).then_some(())
-    })
+    eventually(
+        "the fence to be acknowledged once the write is done",
+        || async { (acknowledged(&etcd, "g-ack").await >= fence).then_some(()) },
+    )
     .await;
     g.shutdown().await;
 }
@@ -351,19 +382,22 @@ async fn two_failovers_at_once_never_leave_the_cluster_without_an_idc() {
             cli(&etcd, &["failover", "bj", "--force-unfenced"]),
         );
         let ok = [&a, &b].iter().filter(|o| o.code == 0).count();
-        assert!(ok <= 1, "round {round}: both failovers were written: {a:?} {b:?}");
+        assert!(
+            ok <= 1,
+            "round {round}: both failovers were written: {a:?} {b:?}"
+        );
         for o in [&a, &b] {
             assert!(
                 [0, 1, 3].contains(&o.code),
                 "round {round}: refused (1) or conflict (3) expected: {o:?}"
             );
         }
-        let serving = ["sh", "bj", "gz"].len()
-            - down_count(&etcd).await;
+        let serving = ["sh", "bj", "gz"].len() - down_count(&etcd).await;
         assert!(serving >= 1, "round {round}: no IDC left");
         // Back to two serving IDCs for the next round.
         for idc in ["sh", "bj"] {
-            if json_at(&etcd, &format!("override/idc/{idc}")).await
+            if json_at(&etcd, &format!("override/idc/{idc}"))
+                .await
                 .is_some_and(|v| v["state"] == "down")
             {
                 etcd.put(

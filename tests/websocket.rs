@@ -190,3 +190,58 @@ async fn an_idle_upgraded_connection_is_closed() {
     .await;
     assert!(rest.is_empty(), "nothing more was relayed: {rest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_is_closed_when_its_shard_is_fenced() {
+    let (backend, _) = upgrading_backend().await;
+    let c = Cluster::start_with(Options {
+        extra_sets: "[sets.live]\npriority = 1\n".into(),
+        extra_pools: vec![("live".into(), backend)],
+        extra_toml: "\n[[routes]]\nname = \"wss\"\npath_prefix = \"/wss\"\nset = \"live\"\n\
+                     key = [\"header:x-user-id\"]\nwebsocket = true\n"
+            .into(),
+        cache_dir: true,
+        ..Options::default()
+    })
+    .await;
+    let key = "ws-user-1";
+    let shard = shardgate::topology::Shard::of_key(key.as_bytes(), c.topology().shard_count).0;
+    let owner = c.serving_idc_of(key);
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    s.write_all(format!("GET /wss/chat HTTP/1.1\r\nx-user-id: {key}\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact(&mut s, 4).await, b"ping");
+
+    // An operator moves the connection's shard: the fence alone is enough to close it, since
+    // a WebSocket can carry writes.
+    let to = ["sh", "bj", "gz"]
+        .into_iter()
+        .find(|i| *i != owner)
+        .unwrap();
+    let body = format!(r#"{{"range":"{shard}","to":"{to}","reason":"test","by":"tester"}}"#);
+    let r = support::send(
+        c.admin(),
+        support::request(
+            http::Method::POST,
+            "/move",
+            &[("content-type", "application/json")],
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, http::StatusCode::OK, "{}", r.text());
+    let mut rest = Vec::new();
+    let closed = within(
+        Duration::from_secs(10),
+        "the upgraded connection to be closed",
+        s.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "{closed:?}");
+    c.stop().await;
+}

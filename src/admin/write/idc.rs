@@ -98,7 +98,9 @@ fn next_fence_revision(overrides: &Overrides, topo: &Topology) -> u64 {
 fn moved_on(checked: &Overrides, kept: &Overrides) -> bool {
     let state = |o: &Overrides, idc: &str| o.idcs.get(idc).map(|x| x.state);
     let idcs = checked.idcs.keys().chain(kept.idcs.keys());
-    let states_changed = idcs.into_iter().any(|i| state(checked, i) != state(kept, i));
+    let states_changed = idcs
+        .into_iter()
+        .any(|i| state(checked, i) != state(kept, i));
     let opened = kept.moves.iter().any(|(id, r)| {
         r.phase.is_open() && checked.moves.get(id).is_none_or(|c| !c.phase.is_open())
     });
