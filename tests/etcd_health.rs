@@ -78,10 +78,11 @@ async fn the_registration_view_follows_this_gateways_health() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warm_up_steps_advance_in_etcd_mode_without_a_write() {
+async fn warm_up_steps_are_fenced_moves_the_leader_drives() {
     let etcd = Etcd::start().await;
     let idcs = Idcs::start().await;
-    etcd.put("topology", &idcs.document(&[])).await;
+    let doc = format!("{}\n[failover]\nfence_ms = 300\n", idcs.document(&[]));
+    etcd.put("topology", &doc).await;
     let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
     let home = |t: &shardgate::topology::Topology| {
         let gz = t.idc_by_name("gz").unwrap();
@@ -98,29 +99,41 @@ async fn warm_up_steps_advance_in_etcd_mode_without_a_write() {
         (revision(&g) >= written as u64).then_some(())
     })
     .await;
-    let mut samples = Vec::new();
-    within(Duration::from_secs(10), "the warm-up to complete", async {
+    let mut samples: Vec<(u64, u32)> = Vec::new();
+    within(Duration::from_secs(60), "the warm-up to complete", async {
         loop {
             let t = g.snapshots.current().unwrap();
             let gz = t.idc_by_name("gz").unwrap();
             let served = t.shards_served()[gz.0 as usize];
-            if samples.last() != Some(&served) {
-                samples.push(served);
+            if let Some((rev, before)) = samples.last() {
+                if served != *before {
+                    assert!(t.revision > *rev, "a step without a revision");
+                }
             }
-            // The leader clears a finished warm-up (a write): only with every home shard back.
-            if t.idc(gz).state != shardgate::topology::IdcState::Warming {
+            if samples.last().map(|s| s.1) != Some(served) {
+                samples.push((t.revision, served));
+            }
+            // Every step home, the leader writes gz `active`.
+            if t.idc(gz).state == shardgate::topology::IdcState::Active {
                 assert_eq!(served, home(&t), "active before the warm-up ended");
-                return;
-            }
-            assert_eq!(t.revision, written as u64, "no other write happened");
-            if served == home(&t) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert!(samples.windows(2).all(|w| w[0] < w[1]), "{samples:?}");
-    assert!(samples.len() >= 4, "expected steps: {samples:?}");
+    let served: Vec<u32> = samples.iter().map(|s| s.1).collect();
+    assert!(served.windows(2).all(|w| w[0] < w[1]), "{served:?}");
+    assert!(served.len() >= 4, "expected steps: {served:?}");
+    // Each step is a `warmup` record the leader fenced and applied.
+    let mut steps = Vec::new();
+    for key in etcd.keys("move/").await {
+        let v: serde_json::Value = serde_json::from_slice(&etcd.get(&key).await.unwrap()).unwrap();
+        if v["kind"] == "warmup" && v["phase"] == "applied" {
+            steps.push(v["step"].as_u64().unwrap());
+        }
+    }
+    steps.sort_unstable();
+    assert_eq!(steps, (1..=10).collect::<Vec<u64>>());
     g.shutdown().await;
 }

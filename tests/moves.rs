@@ -503,3 +503,44 @@ async fn admin_writes_need_the_token_and_say_why_they_refuse() {
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failovers_never_leave_the_gateway_without_an_idc() {
+    let c = cluster(2000).await;
+    assert_eq!(
+        shardgate(&c, &["failover", "gz", "--force-unfenced"])
+            .await
+            .code,
+        0
+    );
+    // sh and bj are the last two that can serve: two operators fail both over at once.
+    for round in 0..5 {
+        let (a, b) = tokio::join!(
+            shardgate(&c, &["failover", "sh", "--force-unfenced"]),
+            shardgate(&c, &["failover", "bj", "--force-unfenced"]),
+        );
+        let written = [&a, &b].iter().filter(|o| o.code == 0).count();
+        assert!(written <= 1, "round {round}: both written: {a:?} {b:?}");
+        for o in [&a, &b] {
+            assert!([0, 1, 3].contains(&o.code), "round {round}: {o:?}");
+        }
+        let s = status(&c).await;
+        let serving = ["sh", "bj", "gz"]
+            .iter()
+            .filter(|i| idc_status(&s, i)["state"] != "down")
+            .count();
+        assert!(serving >= 1, "round {round}: no IDC left: {s}");
+        // Back to two that can serve: restore whichever went down (one fenced step).
+        for idc in ["sh", "bj"] {
+            if idc_status(&status(&c).await, idc)["state"] == "down" {
+                let out = shardgate(&c, &["restore", idc, "--warmup", "0"]).await;
+                assert_eq!(out.code, 0, "{out:?}");
+                until(Duration::from_secs(30), "the restore to finish", || async {
+                    (idc_status(&status(&c).await, idc)["state"] == "active").then_some(())
+                })
+                .await;
+            }
+        }
+    }
+    c.stop().await;
+}

@@ -92,7 +92,7 @@ async fn tls_backend(ca: &Ca, names: &[&str]) -> (SocketAddr, Seen) {
 fn topology(backend: SocketAddr, tls: &str) -> String {
     format!(
         "cluster = \"t\"\n[sets.core]\n\n[[idcs]]\nname = \"far\"\npools.core = [\"{backend}\"]\n{tls}\n\n\
-         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\ntimeout_ms = 5000\n"
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\ntimeout_ms = 5000\n\n[failover]\nfence_ms = 5000\n"
     )
 }
 

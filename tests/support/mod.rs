@@ -142,6 +142,30 @@ impl Default for Options {
     }
 }
 
+/// Validation wants `failover.fence_ms` at least as long as the longest route `timeout_ms` (a
+/// write may be in flight that long). A test that sets neither gets a fence that covers its
+/// routes; one that sets `fence_ms` itself keeps it (and its document is checked as is).
+fn fence_covers_routes(mut doc: String) -> String {
+    if doc.contains("fence_ms") {
+        return doc;
+    }
+    let longest = doc
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("timeout_ms = "))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    if longest <= 2000 {
+        return doc;
+    }
+    let line = format!("fence_ms = {longest}\n");
+    match doc.find("[failover]\n") {
+        Some(at) => doc.insert_str(at + "[failover]\n".len(), &line),
+        None => doc.push_str(&format!("\n[failover]\n{line}")),
+    }
+    doc
+}
+
 /// The routes of every test topology.
 ///
 /// - `orders`: sharded by header, query, cookie, then path segment 2.
@@ -341,7 +365,7 @@ impl Cluster {
         s.push_str(&self.options.isolation);
         s.push_str(ROUTES);
         s.push_str(&self.options.extra_toml);
-        s
+        fence_covers_routes(s)
     }
 
     /// Replaces the topology file atomically (write aside, then rename), as an operator's
