@@ -156,8 +156,15 @@ pub struct Decision {
 
 /// When a warming override's warm-up ends, in unix ms.
 pub fn warmup_ends_ms(o: &IdcOverride, policy: &Policy) -> u64 {
-    let start = if o.at_ms != 0 { o.at_ms } else { o.at * 1000 };
-    let length = o.warmup_s.map_or(policy.warmup_ms, |s| s * 1000);
+    // Saturating: an override is JSON anyone with etcd access can write.
+    let start = if o.at_ms != 0 {
+        o.at_ms
+    } else {
+        o.at.saturating_mul(1000)
+    };
+    let length = o
+        .warmup_s
+        .map_or(policy.warmup_ms, |s| s.saturating_mul(1000));
     start.saturating_add(length)
 }
 

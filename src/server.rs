@@ -133,7 +133,10 @@ pub async fn serve<H: Handler>(
     let graceful = GracefulShutdown::new();
     // One permit per open connection: past the limit a connection is accepted and closed at
     // once, which a client sees as a reset rather than a hang in the backlog.
-    let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
+    // Clamped as well as validated (config.rs): settings made in code skip the validation.
+    let slots = Arc::new(Semaphore::new(
+        settings.limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let (mut refused, mut last_warning) = (0u64, None::<std::time::Instant>);
     // Connection tasks, so those still open when the drain time is up can be closed.
     let mut connections = tokio::task::JoinSet::new();
