@@ -165,6 +165,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the path, the result is normal: no dot segment, no empty segment, nothing
+        /// left to decode, and normalising it again changes nothing.
+        #[test]
+        fn the_result_is_normal_and_stable(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "", ".", "..", "%2e", "%2E%2e", "a", "b.c", "%41", "%20", "~", "..x", ";p",
+                ]),
+                0..8,
+            )
+        ) {
+            let path = format!("/{}", parts.join("/"));
+            if let Ok(once) = normalize(&path) {
+                let segments: Vec<&str> = once[1..].split('/').collect();
+                for (i, s) in segments.iter().enumerate() {
+                    proptest::prop_assert!(*s != "." && *s != "..", "{path} -> {once}");
+                    proptest::prop_assert!(
+                        !s.is_empty() || i + 1 == segments.len(),
+                        "{path} -> {once}"
+                    );
+                }
+                proptest::prop_assert!(!once.to_ascii_lowercase().contains("%2e"), "{path} -> {once}");
+                let twice = normalize(&once).map(|t| t.into_owned());
+                proptest::prop_assert_eq!(twice, Ok(once.clone().into_owned()));
+            }
+        }
+    }
+
     #[test]
     fn what_backends_disagree_on_is_refused() {
         for (input, err) in [
