@@ -369,3 +369,30 @@ fn serve_refuses_half_a_tls_pair_and_an_unusable_certificate() {
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("need TLS"), "{}", run.stderr);
 }
+
+#[test]
+fn serve_refuses_a_connection_limit_it_cannot_hold() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let topology = write(dir.path(), "topology.toml", GOOD);
+    // TOML's largest integer: the listener's semaphore would panic on it.
+    let config = write(
+        dir.path(),
+        "shardgate.toml",
+        &format!(
+            "topology = \"{topology}\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [limits]\nmax_connections = 9223372036854775807\n"
+        ),
+    );
+    let run = shardgate(&["serve", "--config", &config]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("limits.max_connections: must be between 1 and 1048576"),
+        "{}",
+        run.stderr
+    );
+}
