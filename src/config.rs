@@ -167,6 +167,14 @@ pub struct RawLimits {
     pub h2_max_local_error_reset_streams: Option<usize>,
 }
 
+/// The most open client connections a listener may be configured for: far above what a
+/// process gets file descriptors for, and far below what the listener's semaphore can count
+/// (past that it panics at start).
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// The longest bootstrap timeout: one day (a deadline of `now + u64::MAX ms` overflows).
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 
@@ -248,8 +256,12 @@ impl RawConfig {
             let v = v.unwrap_or(default);
             if v == 0 {
                 problems.push(format!("timeouts.{field}: must be greater than 0"));
+            } else if v > MAX_TIMEOUT_MS {
+                problems.push(format!(
+                    "timeouts.{field}: at most {MAX_TIMEOUT_MS} (one day)"
+                ));
             }
-            Duration::from_millis(v.max(1))
+            Duration::from_millis(v.clamp(1, MAX_TIMEOUT_MS))
         };
         let t = self.timeouts;
         let timeouts = Timeouts {
@@ -293,8 +305,10 @@ impl RawConfig {
                 .h2_max_local_error_reset_streams
                 .unwrap_or(d.h2_max_local_error_reset_streams),
         };
-        if limits.max_connections == 0 {
-            problems.push("limits.max_connections: must be greater than 0".into());
+        if !(1..=MAX_CONNECTIONS).contains(&limits.max_connections) {
+            problems.push(format!(
+                "limits.max_connections: must be between 1 and {MAX_CONNECTIONS}"
+            ));
         }
         if limits.h2_max_concurrent_streams == 0 {
             problems.push("limits.h2_max_concurrent_streams: must be greater than 0".into());
@@ -432,6 +446,31 @@ mod tests {
         let raw: RawConfig = toml::from_str(include_str!("../config/shardgate.toml")).unwrap();
         assert!(raw.isolation.is_none());
         raw.into_config().unwrap();
+    }
+
+    #[test]
+    fn max_connections_and_timeouts_are_bounded() {
+        // TOML's largest integer: past what a semaphore can count (it would panic at start).
+        let raw: RawConfig = toml::from_str(
+            "topology = 't.toml'\n[limits]\nmax_connections = 9223372036854775807\n\
+             [timeouts]\nidle_ms = 9223372036854775807\n",
+        )
+        .unwrap();
+        let err = raw.into_config().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "limits.max_connections: must be between 1 and {MAX_CONNECTIONS}"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("timeouts.idle_ms: at most"), "{err}");
+        // The bound itself is a limit the listener can hold.
+        let raw: RawConfig = toml::from_str(&format!(
+            "topology = 't.toml'\n[limits]\nmax_connections = {MAX_CONNECTIONS}\n"
+        ))
+        .unwrap();
+        let c = raw.into_config().unwrap();
+        let _ = tokio::sync::Semaphore::new(c.limits.max_connections);
     }
 
     #[test]

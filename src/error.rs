@@ -24,6 +24,9 @@ pub enum ProxyError {
     HeaderTooLarge,
     #[error("no IDC can serve {0} now")]
     NoServingIdc(String),
+    /// Nothing was tried: health keeps traffic off every backend of the pool.
+    #[error("no backend of the pool is in service (failing health checks or ejected)")]
+    NoneInService,
     #[error("{0}")]
     UpstreamConnect(String),
     #[error("{0}")]
@@ -49,9 +52,9 @@ impl ProxyError {
             ProxyError::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Refused(Refusal::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoServingIdc(_) | ProxyError::Refused(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::NoneInService
+            | ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -67,7 +70,7 @@ impl ProxyError {
             ProxyError::PayloadTooLarge(_) => "payload_too_large",
             ProxyError::HeaderTooLarge => "header_too_large",
             ProxyError::NoServingIdc(_) => "no_idc",
-            ProxyError::UpstreamConnect(_) => "upstream_connect",
+            ProxyError::UpstreamConnect(_) | ProxyError::NoneInService => "upstream_connect",
             ProxyError::UpstreamProtocol(_) => "upstream_protocol",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Refused(r) => r.reason(),
@@ -99,6 +102,29 @@ impl ProxyError {
         }
     }
 
+    /// The `detail` of the JSON body. An upstream failure says what failed, never how: the
+    /// backend's address, the OS error or the TLS alert help an attacker map the inside and
+    /// nobody outside act on it, so they stay in the gateway's log (proxy.rs).
+    pub fn client_detail(&self) -> String {
+        match self {
+            ProxyError::UpstreamConnect(_) => {
+                "no backend of the serving IDC could be reached".to_owned()
+            }
+            ProxyError::UpstreamProtocol(_) => {
+                "the exchange with the backend failed before its answer was complete".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// What the operator gets and the client does not: the underlying upstream error.
+    pub fn hidden_detail(&self) -> Option<&str> {
+        match self {
+            ProxyError::UpstreamConnect(e) | ProxyError::UpstreamProtocol(e) => Some(e),
+            _ => None,
+        }
+    }
+
     pub fn to_response(&self, request_id: &HeaderValue) -> Response<ResponseBody> {
         // A degraded route with a fallback answers the operator's canned response instead of
         // the error body; it is still marked as a gateway refusal.
@@ -118,7 +144,7 @@ impl ProxyError {
         }
         let body = serde_json::json!({
             "error": self.kind(),
-            "detail": self.to_string(),
+            "detail": self.client_detail(),
             "request_id": request_id.to_str().unwrap_or(""),
         });
         let mut resp = Response::new(ResponseBody::full(body.to_string()));
@@ -194,6 +220,32 @@ mod tests {
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()["x-shardgate-reason"], "degraded");
         assert_eq!(resp.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn upstream_failures_keep_their_details_from_the_client() {
+        let id = HeaderValue::from_static("abc");
+        for e in [
+            ProxyError::UpstreamConnect(
+                "10.1.2.3:8443: TLS handshake: invalid peer certificate: UnknownIssuer".into(),
+            ),
+            ProxyError::UpstreamProtocol("10.1.2.3:8443: connection reset by peer".into()),
+        ] {
+            let resp = e.to_response(&id);
+            assert_eq!(resp.status(), 502);
+            let ResponseBody::Full(Some(body)) = resp.body() else {
+                panic!("gateway answers carry a body")
+            };
+            let text = String::from_utf8_lossy(body);
+            for secret in ["10.1.2.3", "8443", "TLS", "certificate", "reset"] {
+                assert!(!text.contains(secret), "`{secret}` in {text}");
+            }
+            // The log still gets all of it.
+            assert!(e
+                .hidden_detail()
+                .is_some_and(|d| d.contains("10.1.2.3:8443")));
+        }
+        assert_eq!(ProxyError::NoRoute.hidden_detail(), None);
     }
 
     #[test]

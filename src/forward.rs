@@ -108,17 +108,22 @@ impl Backend {
     async fn connect(&self, timeout: Duration, upgrades: bool) -> Result<Sender, ForwardError> {
         match tokio::time::timeout(timeout, self.open(upgrades)).await {
             Ok(result) => result,
-            Err(_) if self.tls.is_some() => Err(ForwardError::Connect(
-                "connect and TLS handshake timed out".into(),
-            )),
-            Err(_) => Err(ForwardError::Connect("connect timed out".into())),
+            Err(_) if self.tls.is_some() => Err(ForwardError::Connect(format!(
+                "{}: connect and TLS handshake timed out",
+                self.addr
+            ))),
+            Err(_) => Err(ForwardError::Connect(format!(
+                "{}: connect timed out",
+                self.addr
+            ))),
         }
     }
 
     async fn open(&self, upgrades: bool) -> Result<Sender, ForwardError> {
+        // The address is in the message for the log; clients never see it (error.rs).
         let stream = TcpStream::connect(self.addr)
             .await
-            .map_err(|e| ForwardError::Connect(e.to_string()))?;
+            .map_err(|e| ForwardError::Connect(format!("{}: {e}", self.addr)))?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
             Some(tls) => {

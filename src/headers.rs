@@ -35,16 +35,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    if let Some(conn) = headers.get(http::header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Every `Connection` line counts: two lines are one comma-separated list (RFC 9110
+    // §5.3), and a header named only on the second must not slip through.
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -149,19 +149,26 @@ fn valid_traceparent(b: &[u8]) -> bool {
         && b[36..52].iter().any(|&c| c != b'0')
 }
 
-/// Appends the client address (already a header value) to `x-forwarded-for`.
+/// Appends the client address (already a header value) to `x-forwarded-for`, as one line:
+/// every line the client sent, in order, then the address.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
-    let joined = match headers.get(FORWARDED_FOR) {
-        Some(prev) if !prev.as_bytes().trim_ascii().is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+    // Every line counts, as for `Connection`: a backend reading the list must see each hop,
+    // not only the first line's.
+    let mut joined: Vec<u8> = Vec::new();
+    for prev in headers.get_all(FORWARDED_FOR) {
+        let prev = prev.as_bytes().trim_ascii();
+        if !prev.is_empty() {
+            joined.extend_from_slice(prev);
+            joined.extend_from_slice(b", ");
         }
-        _ => None,
+    }
+    let value = if joined.is_empty() {
+        client.clone()
+    } else {
+        joined.extend_from_slice(client.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
     };
-    headers.insert(FORWARDED_FOR, joined.unwrap_or_else(|| client.clone()));
+    headers.insert(FORWARDED_FOR, value);
 }
 
 #[cfg(test)]
@@ -223,5 +230,28 @@ mod tests {
         append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.1"));
         append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
         assert_eq!(h[FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn every_connection_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "keep-alive".parse().unwrap());
+        h.append("connection", "x-second , x-third".parse().unwrap());
+        h.insert("x-second", "1".parse().unwrap());
+        h.insert("x-third", "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn every_forwarded_for_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(FORWARDED_FOR, "203.0.113.9".parse().unwrap());
+        h.append(FORWARDED_FOR, " ".parse().unwrap());
+        h.append(FORWARDED_FOR, "198.51.100.7, 192.0.2.1".parse().unwrap());
+        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
+        let lines: Vec<_> = h.get_all(FORWARDED_FOR).iter().collect();
+        assert_eq!(lines, ["203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1"]);
     }
 }

@@ -123,6 +123,17 @@ impl Gateway {
                     Ok(resp) => resp,
                     Err(e) => {
                         outcome.reason = e.reason();
+                        if let Some(error) = e.hidden_detail() {
+                            // The client gets a generic detail; the backend's address and the
+                            // underlying error are for the operator.
+                            tracing::warn!(
+                                route = outcome.route.as_deref().map_or(EMPTY, |s| s.as_str()),
+                                idc = outcome.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
+                                request_id = request_id.to_str().unwrap_or(EMPTY),
+                                error,
+                                "upstream failed"
+                            );
+                        }
                         e.to_response(&request_id)
                     }
                 };
@@ -174,6 +185,7 @@ impl Gateway {
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         check_authority(&req)?;
+        normalize_path(&mut req)?;
         let snapshot = topo;
         let topo: &Topology = &snapshot;
         let decision = topo
@@ -399,9 +411,7 @@ impl Gateway {
         let ((resp, lease), landed) = match result {
             Ok(Ok(done)) => done,
             Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
-            Ok(Err(e @ ForwardError::NoneInService)) => {
-                return Err(ProxyError::UpstreamConnect(e.to_string()))
-            }
+            Ok(Err(ForwardError::NoneInService)) => return Err(ProxyError::NoneInService),
             Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
             Ok(Err(ForwardError::BodyTooLarge(max))) => {
                 return Err(ProxyError::PayloadTooLarge(max))
@@ -725,6 +735,25 @@ fn spill_target(
                 && topo.idc(i).state == IdcState::Active
                 && topo.idc(i).pool(set).iter().any(|b| !b.avoided())
         })
+}
+
+/// Routes match, and backends get, the normalised path (`route::path`): `/catalog/../orders`
+/// is `/orders` for both, so no path reaches a backend through another route's decision.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let path = match crate::route::path::normalize(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(path)) => path,
+        Err(e) => return Err(ProxyError::BadRequest(e.reason())),
+    };
+    let target = match req.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let unusable = || ProxyError::BadRequest("the request path cannot be normalised");
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(target).map_err(|_| unusable())?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| unusable())?;
+    Ok(())
 }
 
 /// Absolute-form confusion: a request target naming one host and a `Host` header naming

@@ -2,6 +2,8 @@
 //! path, query and headers. The matcher is precomputed per snapshot (host map, then the longest
 //! path prefix by segment), so the per-request cost does not grow with the number of routes.
 
+pub mod path;
+
 use std::borrow::Cow;
 
 use rustc_hash::FxHashMap;

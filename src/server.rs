@@ -133,7 +133,10 @@ pub async fn serve<H: Handler>(
     let graceful = GracefulShutdown::new();
     // One permit per open connection: past the limit a connection is accepted and closed at
     // once, which a client sees as a reset rather than a hang in the backlog.
-    let slots = Arc::new(Semaphore::new(settings.limits.max_connections));
+    // Clamped as well as validated (config.rs): settings made in code skip the validation.
+    let slots = Arc::new(Semaphore::new(
+        settings.limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let (mut refused, mut last_warning) = (0u64, None::<std::time::Instant>);
     // Connection tasks, so those still open when the drain time is up can be closed.
     let mut connections = tokio::task::JoinSet::new();
@@ -170,13 +173,28 @@ pub async fn serve<H: Handler>(
         let activity = Arc::new(Activity::default());
         let in_service = activity.clone();
         let client = Peer::new(peer);
-        let service = hyper::service::service_fn(move |req| {
+        // What the handler answered, for the gate (which holds the bytes behind a head asking
+        // for an upgrade until it knows whether the connection switched protocols).
+        let answers = settings
+            .head_gate
+            .then(|| Arc::new(gate::Answers::default()));
+        let told = answers.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let busy = in_service.request_started();
+            let connect = req.method() == http::Method::CONNECT;
             // Boxed: hyper moves the service future around, and the pipeline's future is
             // large; moving a pointer is cheaper than copying kilobytes per request.
             let call = Box::pin(handler.clone().call(req, client.clone()));
+            let told = told.clone();
             async move {
                 let response = call.await;
+                if let Some(answers) = &told {
+                    let status = response.status();
+                    answers.record(
+                        status == http::StatusCode::SWITCHING_PROTOCOLS
+                            || (connect && status.is_success()),
+                    );
+                }
                 drop(busy);
                 Ok::<_, Infallible>(response)
             }
@@ -192,7 +210,7 @@ pub async fn serve<H: Handler>(
             head: settings.header_read_timeout,
             idle: settings.idle_timeout,
             peer,
-            gate: settings.head_gate.then_some(settings.max_header_bytes),
+            gate: answers.map(|answers| (settings.max_header_bytes, answers)),
         };
         let tls = settings.tls.clone();
         connections.spawn(async move {
@@ -241,8 +259,8 @@ struct Connection {
     head: Duration,
     idle: Duration,
     peer: SocketAddr,
-    /// The head limit when request heads go through the gate.
-    gate: Option<usize>,
+    /// The head limit and the handler's answers, when request heads go through the gate.
+    gate: Option<(usize, Arc<gate::Answers>)>,
 }
 
 impl Connection {
@@ -258,8 +276,11 @@ impl Connection {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        match self.gate {
-            Some(max_head) => self.serve_io(gate::Gate::new(io, max_head), service).await,
+        match self.gate.clone() {
+            Some((max_head, answers)) => {
+                self.serve_io(gate::Gate::new(io, max_head, answers), service)
+                    .await
+            }
             None => self.serve_io(io, service).await,
         }
     }

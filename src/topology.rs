@@ -2,6 +2,7 @@
 //! request needs precomputed (route matcher, shard → home/serving IDC tables, backend pools).
 //! Snapshots are immutable; the source builds a new one and swaps it in whole.
 
+mod bounds;
 mod build;
 mod diff;
 mod isolation;

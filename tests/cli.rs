@@ -200,6 +200,67 @@ fn validate_lists_every_problem_of_a_bad_document() {
     assert_eq!(run.code, 1, "{}", run.stderr);
 }
 
+/// `shard_count` past the largest table, and a pin past the table's end: it once sized the pin
+/// table by one count and checked ranges against the other, and panicked.
+const PANICKED: &str = r#"
+cluster = "cli"
+shard_count = 2000000
+
+[sets.core]
+
+[[idcs]]
+name = "sh"
+pools.core = ["127.0.0.1:7001"]
+
+[[shards.pins]]
+range = "1048576"
+idc = "sh"
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+set = "core"
+key = ["header:x-user-id"]
+"#;
+
+#[test]
+fn a_pin_past_the_largest_shard_table_is_listed_not_a_crash() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = write(dir.path(), "huge.toml", PANICKED);
+    let run = shardgate(&["validate", &file]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    for (field, reason) in [
+        ("shard_count", "must be between 1 and 1048576"),
+        ("shards.pins[0].range", "`1048576` is outside"),
+    ] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.contains(field) && l.contains(reason)),
+            "`{field}: …{reason}…` is not listed:\n{}",
+            run.stderr
+        );
+    }
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+
+    // `explain` builds the same document offline: refused the same way.
+    let run = shardgate(&["explain", "u1", "--topology", &file]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stderr.contains("shards.pins[0].range"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn validate_accepts_good_documents() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -307,4 +368,31 @@ fn serve_refuses_half_a_tls_pair_and_an_unusable_certificate() {
     ]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("need TLS"), "{}", run.stderr);
+}
+
+#[test]
+fn serve_refuses_a_connection_limit_it_cannot_hold() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let topology = write(dir.path(), "topology.toml", GOOD);
+    // TOML's largest integer: the listener's semaphore would panic on it.
+    let config = write(
+        dir.path(),
+        "shardgate.toml",
+        &format!(
+            "topology = \"{topology}\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [limits]\nmax_connections = 9223372036854775807\n"
+        ),
+    );
+    let run = shardgate(&["serve", "--config", &config]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("limits.max_connections: must be between 1 and 1048576"),
+        "{}",
+        run.stderr
+    );
 }

@@ -165,6 +165,61 @@ async fn invalid_direct_put_keeps_the_last_good_then_a_good_put_applies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_once_panicked_the_source_is_refused_and_overrides_still_apply() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    let good = etcd
+        .put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(revision(&g), good as u64);
+
+    // shard_count past the largest table and a pin past its end: validation once sized the
+    // pin table by one count and checked ranges against the other, and the source panicked.
+    let huge = idcs
+        .document(&[("1048576", "sh")])
+        .replace("shard_count = 1024", "shard_count = 2000000");
+    assert!(huge.contains("shard_count = 2000000"), "{huge}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "huge.toml", &huge);
+    let out = push(&etcd.url, &file, &[]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("shards.pins[0].range"),
+        "{}",
+        out.stderr
+    );
+
+    // Put past `push`, straight into etcd: refused by the gateway, which keeps the last good.
+    etcd.put("topology", &huge).await;
+    eventually("the document's problem to be reported", || async {
+        let (_, v) = admin(g.admin_addr, "/status").await;
+        v["source"]["last_problem"]
+            .as_str()
+            .filter(|p| p.contains("shards.pins[0].range"))
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(revision(&g), good as u64);
+    assert_eq!(routed_idc(&g, &key).await, "sh");
+
+    // The source is alive: an operator's failover applies on the last good document.
+    let down = etcd
+        .put(
+            "override/idc/sh",
+            r#"{"state":"down","reason":"incident","by":"oncall"}"#,
+        )
+        .await;
+    eventually("the override to apply", || async {
+        (revision(&g) == down as u64).then_some(())
+    })
+    .await;
+    assert_ne!(routed_idc(&g, &key).await, "sh");
+    g.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overrides_in_etcd_reach_the_snapshot() {
     let etcd = Etcd::start().await;
     let idcs = Idcs::start().await;

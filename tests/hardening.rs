@@ -1,6 +1,7 @@
 //! Hostile clients on a real socket: request-smuggling payloads and invalid bytes (400, nothing
 //! forwarded), both Content-Length and Transfer-Encoding (400 with the JSON body, the
-//! connection closed), oversized headers (431 with the JSON body), slowloris (closed by the header deadline), the
+//! connection closed, also behind an upgrade that did not happen), oversized headers (431 with
+//! the JSON body), slowloris (closed by the header deadline), the
 //! connection limit, and the admin token.
 
 mod support;
@@ -169,6 +170,57 @@ async fn content_length_with_transfer_encoding_is_refused_and_never_forwarded() 
         1,
         "only the clean request reached a backend"
     );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_did_not_happen_does_not_turn_the_gate_off() {
+    let c = Cluster::start().await;
+    // `orders` does not proxy WebSocket: the upgrade headers are stripped, the backend answers
+    // 200, and the connection stays HTTP/1.1. The smuggling request behind it is refused.
+    let answer = raw_exchange(
+        c.proxy(),
+        b"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\
+          POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /orders/smuggled HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{answer}");
+    assert!(answer.contains("Transfer-Encoding"), "{answer}");
+    assert_eq!(
+        c.total_hits(),
+        1,
+        "only the upgrade-less GET reached a backend"
+    );
+
+    // A CONNECT (no route here) does not turn it off either.
+    let answer = raw_exchange(
+        c.proxy(),
+        b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\n\r\n\
+          POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /orders/smuggled HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 2, "{answer}");
+    assert_eq!(
+        c.total_hits(),
+        1,
+        "nothing behind the CONNECT reached a backend"
+    );
+
+    // Clean requests behind a refused upgrade are served, one after the other.
+    let answer = raw_exchange(
+        c.proxy(),
+        b"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\
+          GET /orders/2 HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert_eq!(c.total_hits(), 3);
     c.stop().await;
 }
 

@@ -1,5 +1,6 @@
-//! Header hygiene on real sockets: what the backend receives from the gateway, what the client
-//! gets back, and that clients cannot steer routing with the gateway's own headers.
+//! Header hygiene on real sockets: what the backend receives from the gateway (every
+//! `Connection` and `X-Forwarded-For` line counted), what the client gets back (502s naming no
+//! backend), and that clients cannot steer routing with the gateway's own headers.
 
 mod support;
 
@@ -203,4 +204,138 @@ async fn request_ids_and_traces_are_started_when_missing_or_invalid() {
     assert_ne!(tp, bad_tp);
     assert!(is_traceparent(&tp), "`{tp}` is a W3C traceparent");
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_and_forwarded_for_line_counts() {
+    let c = Cluster::start().await;
+    let headers = [
+        ("x-user-id", "lines-1"),
+        ("connection", "keep-alive"),
+        ("connection", "x-hop-second"),
+        ("x-hop-second", "s3cret"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-for", "198.51.100.7, 192.0.2.1"),
+    ];
+    // Control: sent straight to a backend, the header named by the second `Connection` line
+    // arrives, so its absence below is the gateway's doing.
+    let direct = support::send(c.sim("sh", "core").addr, get("/orders/1", &headers)).await;
+    assert!(direct.upstream_header("x-hop-second").is_some());
+
+    let r = c.send(get("/orders/1", &headers)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.upstream_header("x-hop-second"), None);
+    assert_eq!(r.upstream_header("connection"), None);
+    // Every line, in order, then the client's address: one line upstream.
+    assert_eq!(
+        r.upstream_header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1")
+    );
+    c.stop().await;
+}
+
+/// The detail of a gateway-made answer, checked for what must stay in the logs.
+fn assert_no_upstream_internals(r: &support::Reply, port: u16) {
+    let text = r.text();
+    let v = r.json();
+    let detail = v["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(!detail.is_empty(), "{text}");
+    for secret in [
+        port.to_string().as_str(),
+        "127.0.0.1",
+        "os error",
+        "refused",
+        "tls",
+        "handshake",
+        "certificate",
+    ] {
+        assert!(!detail.contains(secret), "`{secret}` leaked: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_do_not_tell_clients_about_backends() {
+    use http::Method;
+    let c = Cluster::start().await;
+    // A closed port behind `dead`: 502.
+    let r = c
+        .send(support::request(
+            Method::POST,
+            "/dead/1",
+            &[("x-user-id", "u1")],
+            "x",
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_connect");
+    let t = c.topology();
+    let dead = t
+        .sets
+        .iter()
+        .position(|s| s.name.as_str() == "dead")
+        .expect("the dead set");
+    let dead_port = t.idcs[0].pools[dead][0].addr.port();
+    assert_no_upstream_internals(&r, dead_port);
+    // A timeout: 504, with the route's limit but nothing about the backend.
+    let r = c
+        .send(get(
+            "/slow",
+            &[("x-user-id", "patient"), ("x-sim-delay-ms", "5000")],
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert_no_upstream_internals(&r, c.sim("sh", "core").addr.port());
+    c.stop().await;
+
+    // An IDC that speaks TLS to a backend that does not: the handshake fails (its error and
+    // the backend's address go to the log only).
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(
+        params,
+        rcgen::KeyPair::generate().expect("a key pair"),
+    )
+    .expect("a CA");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).expect("write the CA");
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let plain_addr = plain.local_addr().expect("an address");
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = plain.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            "cluster = \"t\"\n[sets.core]\n\n[[idcs]]\nname = \"far\"\npools.core = [\"{plain_addr}\"]\n\
+             tls = {{ ca = \"{}\", server_name = \"api.far.internal\" }}\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\n",
+            ca_path.display()
+        ),
+    )
+    .expect("write the topology");
+    let mut config = shardgate::config::Config::for_file(&topology);
+    config.listen = "127.0.0.1:0".parse().expect("an address");
+    config.admin = "127.0.0.1:0".parse().expect("an address");
+    let gw = support::within(
+        std::time::Duration::from_secs(10),
+        "the gateway to start",
+        shardgate::start(config),
+    )
+    .await
+    .expect("the gateway starts");
+    let r = support::send(gw.proxy_addr, get("/api/x", &[])).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_no_upstream_internals(&r, plain_addr.port());
+    gw.shutdown().await;
+    server.abort();
 }

@@ -143,6 +143,42 @@ fn in_flight(topo: &Topology) -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_once_panicked_the_file_source_is_rejected_and_reloads_go_on() {
+    let c = Cluster::start().await;
+    let rev = c.topology().revision;
+    // A pin past the end of the largest shard table, in a document whose shard_count is past it.
+    let huge = c
+        .document(&[("1048576", "sh")])
+        .replace("shard_count = 1024", "shard_count = 2000000");
+    assert_ne!(
+        huge,
+        c.document(&[("1048576", "sh")]),
+        "the count was replaced"
+    );
+    c.write_topology(&huge);
+    let problem = eventually("/status to report the rejected document", || async {
+        status(&c).await["source"]["last_problem"]
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(problem.contains("shards.pins[0].range"), "{problem}");
+    assert_eq!(c.topology().revision, rev, "the last good snapshot serves");
+    let r = c.send(get("/orders", &[("x-user-id", "u1")])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    // The source is alive: the next good document is applied.
+    c.write_topology(&c.document(&[("0-1023", "sh")]));
+    eventually("the good document to be applied", || async {
+        (c.topology().revision > rev).then_some(())
+    })
+    .await;
+    let r = c.send(get("/orders", &[("x-user-id", "u1")])).await;
+    assert_eq!(r.idc(), "sh");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_requests_then_refuses_connections() {
     let mut c = Cluster::start().await;
     let proxy = c.proxy();

@@ -338,6 +338,53 @@ async fn upstream_failures_are_502_and_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_and_encoded_slashes_cannot_reach_another_route() {
+    let c = Cluster::start().await;
+    let user = [("x-user-id", "dots-1")];
+    // Dot segments (also percent-encoded ones) and repeated slashes are resolved before the
+    // route is matched, and the backend gets the path that was matched: `orders` (set core),
+    // never `catalog` (set noncore).
+    for path in [
+        "/catalog/../orders/1",
+        "/catalog/%2e%2e/orders/1",
+        "/catalog/.%2E/orders/./1",
+        "/catalog/x/../../orders/1",
+        "/../orders/1",
+        "/orders//1",
+    ] {
+        let r = c.send(get(path, &user)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text());
+        let v = r.json();
+        assert_eq!(v["set"], "core", "{path} was routed by `catalog`: {v}");
+        assert_eq!(v["path"], "/orders/1", "{path}");
+        assert_eq!(r.idc(), c.serving_idc_of("dots-1"), "{path}");
+    }
+    // The other way round too, and the query is left alone.
+    let r = c.send(get("/orders/../catalog/a?next=/../x", &[])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["set"], "noncore");
+    assert_eq!(r.json()["path"], "/catalog/a");
+    assert_eq!(r.json()["query"], "next=/../x");
+
+    // An encoded slash or backslash would be split differently by different backends: 400,
+    // nothing forwarded.
+    let hits = c.total_hits();
+    for path in [
+        "/catalog/..%2Forders/1",
+        "/catalog%2F..%2Forders/1",
+        "/catalog/..%2forders/1",
+        "/catalog/..%5Corders/1",
+        "/catalog/..;/orders/1",
+    ] {
+        let r = c.send(get(path, &user)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"], "bad_request", "{path}");
+    }
+    assert_eq!(c.total_hits(), hits, "a refused path reached a backend");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_requests_are_forwarded_as_http11() {
     let c = Cluster::start().await;
     let key = "h2-user";

@@ -1,8 +1,8 @@
 //! WebSocket upgrades (HTTP/1.1): on a route with `websocket = true` the handshake goes
 //! upstream, the backend's 101 comes back, and raw bytes then flow both ways through the
 //! gateway; on a route without it the upgrade headers are stripped and the backend sees a
-//! plain GET. The backend is a raw TCP server on 127.0.0.1 that answers an upgrade with 101
-//! and then echoes.
+//! plain GET; the request gate steps aside only once a 101 came back. The backend is a raw
+//! TCP server on 127.0.0.1 that answers an upgrade with 101 and then echoes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -244,4 +244,57 @@ async fn an_upgraded_connection_is_closed_when_its_shard_is_fenced() {
     .await;
     assert!(closed.is_ok(), "{closed:?}");
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_gate_steps_aside_only_after_a_101() {
+    let (backend, _) = upgrading_backend().await;
+    // `refused` proxies WebSocket, but its backends (the simulated ones) answer a handshake
+    // with a plain 200: no upgrade happens there.
+    let c = Cluster::start_with(Options {
+        extra_sets: "[sets.live]\npriority = 1\n".into(),
+        extra_pools: vec![("live".into(), backend)],
+        extra_toml: "\n[[routes]]\nname = \"ws\"\npath_prefix = \"/ws\"\nset = \"live\"\n\
+                     sharded = false\nwebsocket = true\n\
+                     \n[[routes]]\nname = \"refused\"\npath_prefix = \"/refused\"\nset = \"core\"\n\
+                     sharded = false\nwebsocket = true\n"
+            .into(),
+        ..Options::default()
+    })
+    .await;
+    let smuggle: &[u8] = b"POST /orders HTTP/1.1\r\nHost: gw\r\nx-user-id: u1\r\n\
+        Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    // After a 101 the bytes are the application's, whatever they look like: relayed as they
+    // are.
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
+    s.write_all(smuggle).await.unwrap();
+    assert_eq!(read_exact(&mut s, smuggle.len()).await, smuggle);
+    drop(s);
+
+    // A handshake its backend did not accept: the connection stays HTTP/1.1, and a smuggling
+    // request pipelined behind it is refused, never forwarded.
+    let hits = c.total_hits();
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    let mut payload = format!("GET /refused/chat HTTP/1.1\r\n{HANDSHAKE}").into_bytes();
+    payload.extend_from_slice(smuggle);
+    s.write_all(&payload).await.unwrap();
+    let mut answer = Vec::new();
+    within(
+        Duration::from_secs(10),
+        "the gateway to answer and close",
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
+    assert_eq!(c.total_hits(), hits + 1, "only the handshake was forwarded");
 }

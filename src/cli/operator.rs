@@ -223,13 +223,14 @@ pub(super) fn short_ranges(ranges: &[String]) -> String {
     s
 }
 
-/// Number of shards in `ranges` (as records keep them).
+/// Number of shards in `ranges` (as records keep them). Saturating: a record is JSON from etcd,
+/// and its ranges may add up past any table.
 pub(super) fn count_shards(ranges: &[String]) -> u32 {
     ranges
         .iter()
         .filter_map(|r| crate::topology::parse_range(r, u32::MAX).ok())
         .map(|(a, b)| b - a + 1)
-        .sum()
+        .fold(0u32, u32::saturating_add)
 }
 
 async fn etcd_action(c: &EtcdCluster, action: &Action, wait: bool, args: &OperatorArgs) -> u8 {
@@ -502,5 +503,15 @@ pub(super) fn print_overrides_and_moves(v: &Value) {
             s(&m["age_s"]),
             m["note"].as_str().unwrap_or(""),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shard_counts_of_absurd_records_saturate() {
+        let ranges = ["0-4294967294".to_owned(), "0-4294967294".to_owned()];
+        assert_eq!(super::count_shards(&ranges), u32::MAX);
+        assert_eq!(super::count_shards(&["0-9".into(), "20".into()]), 11);
     }
 }

@@ -252,3 +252,18 @@ fn majority_of_live_gateways() {
     assert_eq!(majority("sh", [&a, &a, &empty], 3), Some(false));
     assert_eq!(majority("sh", std::iter::empty(), 0), None);
 }
+
+#[test]
+fn an_override_from_etcd_with_absurd_times_does_not_overflow() {
+    // Written by hand with etcdctl: seconds that overflow once turned into milliseconds.
+    let mut o = operator(IdcState::Warming, 0);
+    o.at = u64::MAX / 10;
+    o.warmup_s = Some(u64::MAX / 10);
+    let overrides = Overrides {
+        idcs: [("sh".to_owned(), o)].into_iter().collect(),
+        ..Overrides::default()
+    };
+    let tracker = Tracker::default();
+    // Nothing to decide about a warm-up with no step home yet, and no panic deciding it.
+    assert!(decide(IDCS, &overrides, &tracker, &POLICY, "auto", T0).is_empty());
+}

@@ -8,11 +8,16 @@
 //!
 //! To find the next head the gate follows each request's framing (fixed length or chunked).
 //! It steps aside (passes bytes through untouched) on anything it does not understand, which
-//! hyper then refuses itself, on HTTP/2, and after an upgrade or CONNECT request.
+//! hyper then refuses itself, on HTTP/2, and once a connection really switched protocols: after
+//! a head asking for an upgrade (or a CONNECT) the bytes behind it wait, unread, until the
+//! handler's answer to it is known ([`Answers`]). A 101 (or a 2xx to CONNECT) turns the gate
+//! off; any other answer, and the next head is gated like every other.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -60,6 +65,41 @@ impl Refusal {
     }
 }
 
+/// What the handler answered on one connection, told by the listener as each response leaves
+/// the handler (before hyper writes it). HTTP/1.1 answers requests in order, one at a time, so
+/// the n-th answer is the answer to the n-th head the gate handed over. (On HTTP/2 the gate is
+/// off and the counts mean nothing.)
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// Responses given so far.
+    given: AtomicU64,
+    /// The number of the last response that switched protocols.
+    switched: AtomicU64,
+    /// The gate's reader, while it waits for an answer.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl Answers {
+    /// Records the next response: `switched` when it is a 101, or a 2xx to a CONNECT.
+    pub fn record(&self, switched: bool) {
+        let n = self.given.load(Ordering::Acquire) + 1;
+        // Before `given`: whoever sees answer n also sees whether it switched.
+        if switched {
+            self.switched.store(n, Ordering::Release);
+        }
+        self.given.store(n, Ordering::Release);
+        if let Some(waker) = self.waiting.lock().ok().and_then(|mut w| w.take()) {
+            waker.wake();
+        }
+    }
+
+    /// Whether answer `n` switched protocols; `None` while it is not given.
+    fn outcome(&self, n: u64) -> Option<bool> {
+        (self.given.load(Ordering::Acquire) >= n)
+            .then(|| self.switched.load(Ordering::Acquire) == n)
+    }
+}
+
 /// Where in the byte stream the gate is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -75,7 +115,11 @@ enum State {
     ChunkEnd,
     /// Trailer fields, up to an empty line.
     Trailers,
-    /// Passing everything through (HTTP/2, an upgrade, or bytes hyper will refuse itself).
+    /// After a head asking for an upgrade (and its body): holding what follows until the
+    /// answer to that head says whether the connection switched protocols.
+    Held,
+    /// Passing everything through (HTTP/2, a switched connection, or bytes hyper will refuse
+    /// itself).
     Off,
     /// A stand-in was handed over: nothing more is read from the client.
     Closed,
@@ -92,6 +136,10 @@ struct Scanner {
     pending: Vec<u8>,
     /// How far `pending` was searched for the end of the head.
     searched: usize,
+    /// Heads handed to hyper so far.
+    heads: u64,
+    /// The number of the head asking for an upgrade, while its answer is awaited.
+    upgrade: Option<u64>,
 }
 
 impl Scanner {
@@ -101,7 +149,35 @@ impl Scanner {
             max_head,
             pending: Vec::new(),
             searched: 0,
+            heads: 0,
+            upgrade: None,
         }
+    }
+
+    /// Where the stream goes after a request's body: the next head, or, behind a head asking
+    /// for an upgrade, a wait for its answer.
+    fn after_body(&self) -> State {
+        if self.upgrade.is_some() {
+            State::Held
+        } else {
+            State::Head
+        }
+    }
+
+    /// The answer to the head that asked for an upgrade is known: on a switch everything held
+    /// (and all that follows) passes through; otherwise the held bytes are gated as the next
+    /// head.
+    fn resume(&mut self, switched: bool, out: &mut Vec<u8>) {
+        self.upgrade = None;
+        if switched {
+            out.append(&mut self.pending);
+            self.state = State::Off;
+            return;
+        }
+        let held = std::mem::take(&mut self.pending);
+        self.state = State::Head;
+        self.searched = 0;
+        self.feed(&held, out);
     }
 
     /// Consumes `input`, appending what hyper may read to `out`.
@@ -113,13 +189,17 @@ impl Scanner {
                     return;
                 }
                 State::Closed => return,
+                State::Held => {
+                    self.pending.extend_from_slice(input);
+                    return;
+                }
                 State::Fixed(left) | State::ChunkData(left) => {
                     let n = left.min(input.len() as u64) as usize;
                     out.extend_from_slice(&input[..n]);
                     input = &input[n..];
                     let left = left - n as u64;
                     self.state = match (self.state, left) {
-                        (State::Fixed(_), 0) => State::Head,
+                        (State::Fixed(_), 0) => self.after_body(),
                         (State::Fixed(_), l) => State::Fixed(l),
                         (_, 0) => State::ChunkEnd,
                         (_, l) => State::ChunkData(l),
@@ -145,7 +225,7 @@ impl Scanner {
                             Some(n) => State::ChunkData(n),
                             None => State::Off,
                         },
-                        _ if line.iter().all(|b| *b == b'\r' || *b == b'\n') => State::Head,
+                        _ if line.iter().all(|b| *b == b'\r' || *b == b'\n') => self.after_body(),
                         _ => State::Trailers,
                     };
                 }
@@ -199,7 +279,7 @@ impl Scanner {
             Ok(httparse::Status::Complete(n)) if n > self.max_head => {
                 Err(Some(Refusal::HeadTooLarge))
             }
-            Ok(httparse::Status::Complete(n)) => framing(&req).map(|state| (n, state)),
+            Ok(httparse::Status::Complete(n)) => framing(&req).map(|f| (n, f)),
             // Blank lines before a request line: wait for the rest.
             Ok(httparse::Status::Partial) if self.pending.len() <= self.max_head => return None,
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
@@ -208,12 +288,19 @@ impl Scanner {
             Err(_) => Err(None),
         };
         match verdict {
-            Ok((n, state)) => {
+            Ok((n, (state, upgrade))) => {
                 let rest = self.pending.len() - n;
                 out.extend_from_slice(&self.pending[..n]);
                 self.pending.clear();
                 self.searched = 0;
-                self.state = state;
+                self.heads += 1;
+                if upgrade {
+                    self.upgrade = Some(self.heads);
+                }
+                self.state = match state {
+                    State::Head => self.after_body(),
+                    body => body,
+                };
                 Some(rest)
             }
             Err(Some(refusal)) => {
@@ -249,8 +336,10 @@ fn head_end(bytes: &[u8]) -> bool {
         .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
 }
 
-/// The body framing of a complete head, or why it is refused (`Err(None)`: step aside).
-fn framing(req: &httparse::Request<'_, '_>) -> Result<State, Option<Refusal>> {
+/// The body framing of a complete head and whether it asks for an upgrade (an `Upgrade`
+/// header or CONNECT: what hyper may switch protocols on), or why it is refused (`Err(None)`:
+/// step aside).
+fn framing(req: &httparse::Request<'_, '_>) -> Result<(State, bool), Option<Refusal>> {
     let mut length: Option<&[u8]> = None;
     let mut conflicting = false;
     let mut coding: Option<&[u8]> = None;
@@ -275,11 +364,18 @@ fn framing(req: &httparse::Request<'_, '_>) -> Result<State, Option<Refusal>> {
     if conflicting {
         return Err(Some(Refusal::ConflictingLengths));
     }
-    if upgrade || req.method == Some("CONNECT") {
-        // What follows may be another protocol: the gate steps aside after this head (hyper
-        // still parses whatever comes next if the upgrade is refused).
-        return Ok(State::Off);
-    }
+    // What follows may be another protocol, but only once the answer says so: until then
+    // the gate holds it (`State::Held`).
+    let upgrade = upgrade || req.method == Some("CONNECT");
+    framing_of_body(req, length, coding).map(|state| (state, upgrade))
+}
+
+/// The framing of a body from its `Content-Length` and `Transfer-Encoding`.
+fn framing_of_body(
+    req: &httparse::Request<'_, '_>,
+    length: Option<&[u8]>,
+    coding: Option<&[u8]>,
+) -> Result<State, Option<Refusal>> {
     if let Some(coding) = coding {
         let last = coding
             .rsplit(|b| *b == b',')
@@ -324,6 +420,8 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 pub struct Gate<I> {
     inner: I,
     scanner: Scanner,
+    /// The handler's answers on this connection (shared with the listener's service).
+    answers: std::sync::Arc<Answers>,
     /// Bytes cleared for hyper, not yet read by it, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
@@ -331,10 +429,11 @@ pub struct Gate<I> {
 }
 
 impl<I> Gate<I> {
-    pub fn new(inner: I, max_head: usize) -> Gate<I> {
+    pub fn new(inner: I, max_head: usize, answers: std::sync::Arc<Answers>) -> Gate<I> {
         Gate {
             inner,
             scanner: Scanner::new(max_head),
+            answers,
             out: Vec::new(),
             out_pos: 0,
             buf: vec![0u8; 16 * 1024].into_boxed_slice(),
@@ -365,6 +464,25 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 // needed: hyper's own write and close wake the connection.
                 State::Closed => return Poll::Pending,
                 State::Off => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                State::Held => {
+                    // Nothing more is read from the client until the answer is known (the
+                    // socket's buffer holds the rest). The waker goes in first, so an answer
+                    // recorded between the two steps still wakes this reader.
+                    if let Ok(mut waiting) = this.answers.waiting.lock() {
+                        *waiting = Some(cx.waker().clone());
+                    }
+                    let outcome = match this.scanner.upgrade {
+                        Some(n) => this.answers.outcome(n),
+                        None => Some(false),
+                    };
+                    match outcome {
+                        None => return Poll::Pending,
+                        Some(switched) => {
+                            this.scanner.resume(switched, &mut this.out);
+                            continue;
+                        }
+                    }
+                }
                 _ => {}
             }
             let mut raw = ReadBuf::new(&mut this.buf);
@@ -499,6 +617,71 @@ mod tests {
         let (out, state) = run(b"GET / HTTP/1.1\r\nbad name: x\r\n\r\n", 4);
         assert_eq!(out, b"GET / HTTP/1.1\r\nbad name: x\r\n\r\n");
         assert_eq!(state, State::Off);
+    }
+
+    #[test]
+    fn bytes_behind_an_upgrade_wait_for_its_answer() {
+        let clean: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let upgrade: &[u8] =
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let smuggle: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let input = [clean, upgrade, smuggle].concat();
+        for step in 1..=input.len() {
+            let mut s = Scanner::new(1024);
+            let mut out = Vec::new();
+            for piece in input.chunks(step) {
+                s.feed(piece, &mut out);
+            }
+            assert_eq!(out, [clean, upgrade].concat(), "step {step}");
+            assert_eq!((s.state, s.upgrade), (State::Held, Some(2)), "step {step}");
+            // Not switched: what was held is the next head, and it is refused.
+            s.resume(false, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.ends_with("both-lengths\r\n\r\n"), "{text}");
+            assert_eq!(s.state, State::Closed);
+        }
+
+        // A body of the upgrade request passes first; then the wait.
+        let with_body: &[u8] = b"POST /ws HTTP/1.1\r\nUpgrade: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n";
+        let (out, state) = run(with_body, 5);
+        assert_eq!(
+            out,
+            &with_body[..with_body.len() - b"GET /b HTTP/1.1\r\n\r\n".len()]
+        );
+        assert_eq!(state, State::Held);
+
+        // Switched: the held bytes and all that follows pass as they are.
+        let frames: &[u8] = b"\x81\x85\x00\x00\x00\x00hello";
+        let mut s = Scanner::new(1024);
+        let mut out = Vec::new();
+        s.feed(&[upgrade, frames].concat(), &mut out);
+        assert_eq!(out, upgrade);
+        s.resume(true, &mut out);
+        s.feed(b"\r\n\r\nmore", &mut out);
+        assert_eq!(out, [upgrade, frames, b"\r\n\r\nmore"].concat());
+        assert_eq!(s.state, State::Off);
+
+        // Not switched, nothing held: the next head is gated when it comes.
+        let mut s = Scanner::new(1024);
+        let mut out = Vec::new();
+        s.feed(b"CONNECT x:443 HTTP/1.1\r\n\r\n", &mut out);
+        assert_eq!(s.state, State::Held);
+        s.resume(false, &mut out);
+        assert_eq!(s.state, State::Head);
+        s.feed(smuggle, &mut out);
+        assert!(String::from_utf8(out).unwrap().contains("both-lengths"));
+    }
+
+    #[test]
+    fn answers_are_numbered_in_order() {
+        let a = Answers::default();
+        assert_eq!(a.outcome(1), None);
+        a.record(false);
+        a.record(true);
+        assert_eq!(a.outcome(1), Some(false));
+        assert_eq!(a.outcome(2), Some(true));
+        assert_eq!(a.outcome(3), None);
     }
 
     #[test]

@@ -270,11 +270,20 @@ pub fn build(
         fence: Duration::from_millis(f.fence_ms),
     };
     let isolation = super::isolation::resolve(&doc.isolation, &mut c.problems);
+    super::bounds::check(&doc, &mut c.problems);
 
-    // Pins.
+    // Pins. Ranges are checked against the table they fill: with a `shard_count` out of
+    // bounds (a problem above) that is the clamped one, and a pin past it one more problem.
+    // Past `MAX_PINS` (a problem too) the rest are not looked at.
     let shard_count = doc.shard_count.clamp(1, MAX_SHARD_COUNT);
     let mut pinned: Vec<Option<IdcId>> = vec![None; shard_count as usize];
-    for (i, pin) in doc.shards.pins.iter().enumerate() {
+    for (i, pin) in doc
+        .shards
+        .pins
+        .iter()
+        .enumerate()
+        .take(super::bounds::MAX_PINS)
+    {
         let idc = idc_ids.get(pin.idc.as_str()).copied();
         if idc.is_none() {
             c.fail(
@@ -282,15 +291,18 @@ pub fn build(
                 format!("unknown IDC `{}`", pin.idc),
             );
         }
-        match parse_range(&pin.range, doc.shard_count.max(1)) {
+        match parse_range(&pin.range, shard_count) {
             Err(e) => c.fail(format!("shards.pins[{i}].range"), e),
             Ok((a, b)) => {
                 if let Some(idc) = idc {
+                    // Filling stops at the first overlap (the document is rejected then), so
+                    // any number of overlapping pins costs at most one pass over the table.
                     let mut overlap = None;
                     for s in a..=b {
                         let slot = &mut pinned[s as usize];
-                        if slot.is_some() && overlap.is_none() {
+                        if slot.is_some() {
                             overlap = Some(s);
+                            break;
                         }
                         *slot = Some(idc);
                     }
