@@ -167,6 +167,13 @@ pub struct Overrides {
     /// Move records by id (`move/<id>`), applied in the order of their `fence_revision`.
     #[serde(default)]
     pub moves: BTreeMap<String, MoveRecord>,
+    /// etcd only: the mod revision of every key these overrides and the document were read
+    /// from, by name relative to the cluster prefix (`topology`, `override/idc/sh`,
+    /// `move/m1`). Owner epochs are computed from them (`topology::epochs`). Kept with the
+    /// overrides so the snapshot cache carries them, and never written to etcd (records are
+    /// written one by one, never this struct whole).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, u64>,
 }
 
 impl Overrides {
