@@ -168,3 +168,66 @@ impl Gateway {
         }))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+mod tests {
+    use super::*;
+    use crate::forward::Upstreams;
+    use crate::topology::{build, BuildContext, Overrides, RawTopology};
+
+    fn topology() -> Topology {
+        let doc = RawTopology::parse(
+            "cluster = \"t\"\nshard_count = 16\n[sets.core]\n\
+             [[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7001\"]\n\
+             [[idcs]]\nname = \"bj\"\npools.core = [\"127.0.0.1:7002\"]\n\
+             [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\n",
+        )
+        .unwrap();
+        let ctx = BuildContext {
+            revision: 7,
+            now: 1_000_000,
+            ..BuildContext::default()
+        };
+        build(doc, &Overrides::default(), &ctx, &Upstreams::new()).unwrap()
+    }
+
+    fn answer(owner: &str, epoch: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(headers::OWNER, owner.parse().unwrap());
+        h.insert(headers::OWNER_EPOCH, epoch.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn only_a_newer_known_owner_with_the_request_at_hand_is_tried() {
+        let t = topology();
+        let shard = Shard(3);
+        assert_eq!(t.owner_epoch(shard), 7);
+        let bj = t.idc_by_name("bj").unwrap();
+        assert_eq!(
+            misdirected(&t, shard, &answer("bj", "8"), true),
+            Misdirected::Reforward { to: bj, epoch: 8 }
+        );
+        for older_or_same in ["7", "1", "0"] {
+            assert_eq!(
+                misdirected(&t, shard, &answer("bj", older_or_same), true),
+                Misdirected::PassThrough
+            );
+        }
+        for not_ours in [HeaderMap::new(), answer("bj", "soon"), answer("bj", "-9")] {
+            assert_eq!(
+                misdirected(&t, shard, &not_ours, true),
+                Misdirected::PassThrough
+            );
+        }
+        assert!(matches!(
+            misdirected(&t, shard, &answer("nowhere", "8"), true),
+            Misdirected::Refuse(why) if why.contains("nowhere")
+        ));
+        assert!(matches!(
+            misdirected(&t, shard, &answer("bj", "8"), false),
+            Misdirected::Refuse(why) if why.contains("not kept")
+        ));
+    }
+}

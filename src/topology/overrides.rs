@@ -177,6 +177,18 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// These overrides on top of another document than the one they were read with (etcd: the
+    /// last good one, while the document in etcd is invalid): the document's revision becomes
+    /// that document's, so owner epochs count the document in effect.
+    pub fn on_document_of(&self, document: &Overrides) -> Overrides {
+        let mut o = self.clone();
+        match document.revisions.get("topology") {
+            Some(&r) => o.revisions.insert("topology".to_owned(), r),
+            None => o.revisions.remove("topology"),
+        };
+        o
+    }
+
     /// The IDC's state at `now` (unix seconds): an expired override no longer applies.
     pub fn idc_state(&self, idc: &str, now: u64) -> Option<&IdcOverride> {
         self.idcs
