@@ -139,3 +139,65 @@ async fn a_stale_gateways_write_is_refused_by_the_old_owner_and_sent_to_the_new_
     fresh.shutdown().await;
     stale.shutdown().await;
 }
+
+/// The `x-shardgate-owner-epoch` a gateway sends for `key` (through a GET).
+async fn owner_epoch(addr: SocketAddr, key: &str) -> Option<u64> {
+    let a = etcd_support::get(addr, "/orders/1", key).await.unwrap();
+    a.body["headers"]["x-shardgate-owner-epoch"]
+        .as_str()
+        .and_then(|e| e.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_booted_from_its_cache_sends_the_same_owner_epochs() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client_addr).await;
+    let idcs = Idcs::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    // sh owns 0-127 and bj 128-255 by pins; bj is then failed over, which changes the owner
+    // of bj's shards (and of no sh shard).
+    let sh_key = key_in(0, 127);
+    let bj_key = key_in(128, 255);
+    etcd.put(
+        "topology",
+        &idcs.document(&[("0-127", "sh"), ("128-255", "bj")]),
+    )
+    .await;
+    let down = etcd
+        .put(
+            "override/idc/bj",
+            r#"{"state":"down","reason":"test","by":"test","at":1}"#,
+        )
+        .await;
+    let opts = GatewayOptions {
+        cache_dir: Some(cache.path().to_owned()),
+        ..GatewayOptions::default()
+    };
+    let g = start_gateway(&relay.url, opts.clone()).await;
+    eventually("the gateway to serve the override", || async {
+        (revision(&g) >= down as u64).then_some(())
+    })
+    .await;
+    let sh_epoch = owner_epoch(g.proxy_addr, &sh_key).await;
+    let bj_epoch = owner_epoch(g.proxy_addr, &bj_key).await;
+    assert_eq!(bj_epoch, Some(down as u64), "bj's shards changed owner");
+    assert!(
+        sh_epoch.is_some_and(|e| e < down as u64),
+        "sh's did not: {sh_epoch:?}"
+    );
+    g.shutdown().await;
+
+    // Restarted while etcd cannot be reached: it serves its cache, with the same epochs as a
+    // gateway that reads etcd itself.
+    relay.cut();
+    let booted = start_gateway(&relay.url, opts).await;
+    let (_, status) = admin(booted.admin_addr, "/status").await;
+    assert_eq!(status["source"]["up"], false, "{status}");
+    assert_eq!(owner_epoch(booted.proxy_addr, &sh_key).await, sh_epoch);
+    assert_eq!(owner_epoch(booted.proxy_addr, &bj_key).await, bj_epoch);
+    let direct = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    assert_eq!(owner_epoch(direct.proxy_addr, &sh_key).await, sh_epoch);
+    assert_eq!(owner_epoch(direct.proxy_addr, &bj_key).await, bj_epoch);
+    booted.shutdown().await;
+    direct.shutdown().await;
+}
