@@ -400,9 +400,9 @@ pub async fn forward(
         // The copy costs a header-map clone, made for every replayable request: besides a
         // retry here, the caller may replay it in the shard's new serving IDC when a failover
         // happened while it was in flight (what the copy is for when the pool has no backend
-        // left to retry on).
-        // With `keep_copy` (a 421 may send it again), the same copy also serves requests that
-        // are not replayable here, when their body is not a stream.
+        // left to retry on). With `keep_copy` the copy is also made for a request that is not
+        // replayable here, when its body is not a stream (empty, or kept whole): a backend's 421
+        // may send it to another IDC, never a retry here. Writes pay one header-map clone.
         let copy = (replayable || policy.keep_copy)
             .then(|| clone_request(&req))
             .flatten();
