@@ -69,7 +69,8 @@ impl IdleTimer {
     }
 }
 
-/// The body sent upstream: the client's body (streamed) or nothing.
+/// The body sent upstream: the client's body (streamed), a small body read whole and kept (so
+/// the request can be sent again after a 421, `proxy::misroute`), or nothing.
 pub enum RequestBody {
     Client {
         inner: Incoming,
@@ -78,6 +79,8 @@ pub enum RequestBody {
         allowed: u64,
         limit: u64,
     },
+    /// Read whole before it was sent; `None` once sent. A copy shares the bytes.
+    Kept(Option<Bytes>),
     Empty,
 }
 
@@ -89,6 +92,15 @@ impl RequestBody {
             timer: IdleTimer::new(idle),
             allowed: limit,
             limit,
+        }
+    }
+
+    /// A copy to send again, when the body is not a stream (empty, or kept whole).
+    pub fn try_clone(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Empty => Some(RequestBody::Empty),
+            RequestBody::Kept(b) => Some(RequestBody::Kept(b.clone())),
+            RequestBody::Client { .. } => None,
         }
     }
 }
@@ -103,6 +115,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Kept(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Client {
                 inner,
                 timer,
@@ -131,6 +144,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Kept(b) => b.is_none(),
             RequestBody::Client { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -138,6 +152,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Kept(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Client { inner, .. } => inner.size_hint(),
         }
     }

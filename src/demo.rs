@@ -44,6 +44,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let mut started = BTreeSet::new();
     let mut backends = Vec::new();
+    // One ownership board for all: a write the gateway sends with a stale owner epoch is
+    // refused (421) as a real service would.
+    let owners = std::sync::Arc::new(crate::sim::owners::Owners::new());
     for idc in &doc.idcs {
         for (set, addrs) in &idc.pools {
             for addr in addrs {
@@ -51,7 +54,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                     .parse()
                     .with_context(|| format!("backend address `{addr}`"))?;
                 if started.insert(sa) {
-                    let b = SimBackend::start(sa, &idc.name, set)
+                    let b = SimBackend::start_on_board(sa, &idc.name, set, owners.clone())
                         .await
                         .with_context(|| {
                             format!(

@@ -33,6 +33,10 @@ pub enum ProxyError {
     UpstreamProtocol(String),
     #[error("the upstream did not answer within {0} ms")]
     UpstreamTimeout(u64),
+    /// A backend answered 421 naming a newer owner, and the request could not be sent there
+    /// (already sent again once, an unknown IDC, or a body that was not kept).
+    #[error("{0}")]
+    Misrouted(String),
     /// Admission said no (budget, shedding, rate limit, degrade switch, breaker).
     #[error("{0}")]
     Refused(Refusal),
@@ -56,6 +60,7 @@ impl ProxyError {
             | ProxyError::NoneInService
             | ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Misrouted(_) => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -73,6 +78,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) | ProxyError::NoneInService => "upstream_connect",
             ProxyError::UpstreamProtocol(_) => "upstream_protocol",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::Misrouted(_) => "misrouted",
             ProxyError::Refused(r) => r.reason(),
         }
     }
@@ -81,6 +87,7 @@ impl ProxyError {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             ProxyError::NoServingIdc(_) => Some("no_idc"),
+            ProxyError::Misrouted(_) => Some("misrouted"),
             ProxyError::Refused(r) => Some(r.reason()),
             _ => None,
         }

@@ -204,7 +204,18 @@ impl ClusterKeys {
         let mut overrides = Overrides::default();
         let mut problems = Vec::new();
         for (name, stored) in &self.keys {
-            match KeyKind::of(name) {
+            let kind = KeyKind::of(name);
+            // The revisions that decide owner epochs (`topology::epochs`): the document, IDC
+            // overrides and move records.
+            if matches!(
+                kind,
+                KeyKind::Topology | KeyKind::IdcOverride(_) | KeyKind::Move(_)
+            ) {
+                overrides
+                    .revisions
+                    .insert(name.clone(), stored.mod_revision.max(0) as u64);
+            }
+            match kind {
                 KeyKind::IdcOverride(idc) => {
                     match serde_json::from_slice::<IdcOverride>(&stored.value) {
                         Ok(o) => {

@@ -305,7 +305,15 @@ pub struct ForwardPolicy<'a> {
     /// An upgrade handshake: always a new connection, able to hand itself over on a 101,
     /// never pooled afterwards.
     pub upgrade: bool,
+    /// Keep a copy of the request (its head, and its body when empty or kept whole) and hand
+    /// it back with the answer: a backend's 421 sends it again to the owner it names
+    /// (`proxy::misroute`). Never used for a retry of a non-idempotent request.
+    pub keep_copy: bool,
 }
+
+/// A backend's answer, the lease on its connection, and the request's copy when one was kept
+/// (`ForwardPolicy::keep_copy`, or a replayable request).
+pub type Answered = (Response<Incoming>, Lease, Option<Request<RequestBody>>);
 
 /// Picks the backend with fewer requests in flight out of two random ones, among those in
 /// service and not yet tried. `None` when none is left: backends out of service are never
@@ -342,7 +350,7 @@ pub async fn forward(
     pool: &[Arc<Backend>],
     mut req: Request<RequestBody>,
     policy: ForwardPolicy<'_>,
-) -> Result<(Response<Incoming>, Lease), (ForwardError, Option<Request<RequestBody>>)> {
+) -> Result<Answered, (ForwardError, Option<Request<RequestBody>>)> {
     let mut tried: u64 = 0;
     let mut attempts_left = policy.retries + 1;
     let mut last_err = if pool.is_empty() {
@@ -397,8 +405,12 @@ pub async fn forward(
         // The copy costs a header-map clone, made for every replayable request: besides a
         // retry here, the caller may replay it in the shard's new serving IDC when a failover
         // happened while it was in flight (what the copy is for when the pool has no backend
-        // left to retry on).
-        let copy = replayable.then(|| clone_head(&req));
+        // left to retry on). With `keep_copy` the copy is also made for a request that is not
+        // replayable here, when its body is not a stream (empty, or kept whole): a backend's 421
+        // may send it to another IDC, never a retry here. Writes pay one header-map clone.
+        let copy = (replayable || policy.keep_copy)
+            .then(|| clone_request(&req))
+            .flatten();
         let sent = tokio::time::timeout_at(policy.deadline, sender.try_send_request(req)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
@@ -419,7 +431,7 @@ pub async fn forward(
                     backend.health.record_success();
                 }
                 lease.sender = Some(sender);
-                return Ok((resp, lease));
+                return Ok((resp, lease, copy));
             }
             Err(mut e) => {
                 let err = match body_too_large(e.error()) {
@@ -445,8 +457,8 @@ pub async fn forward(
                                 .record_failure(last_in_service(pool, backend));
                         }
                         match copy {
-                            Some(c) => req = c,
-                            None => return Err((err, None)),
+                            Some(c) if replayable => req = c,
+                            _ => return Err((err, None)),
                         }
                     }
                 }
@@ -465,13 +477,14 @@ fn last_in_service(pool: &[Arc<Backend>], backend: &Arc<Backend>) -> bool {
         .any(|b| !Arc::ptr_eq(&b.health, &backend.health) && !b.avoided())
 }
 
-fn clone_head(req: &Request<RequestBody>) -> Request<RequestBody> {
-    let mut r = Request::new(RequestBody::Empty);
+/// A copy of the request when its body is not a stream (`RequestBody::try_clone`).
+fn clone_request(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let mut r = Request::new(req.body().try_clone()?);
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
-    r
+    Some(r)
 }
 
 #[cfg(test)]

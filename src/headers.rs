@@ -6,6 +6,13 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 pub const SHARD: HeaderName = HeaderName::from_static("x-shardgate-shard");
 pub const IDC: HeaderName = HeaderName::from_static("x-shardgate-idc");
 pub const EPOCH: HeaderName = HeaderName::from_static("x-shardgate-epoch");
+/// The revision of the last change of the shard's owner (DESIGN.md §12): sent upstream, and
+/// in a backend's 421 with the owner it knows (`OWNER`).
+pub const OWNER_EPOCH: HeaderName = HeaderName::from_static("x-shardgate-owner-epoch");
+/// In a backend's 421: the IDC that owns the shard as the backend knows it.
+pub const OWNER: HeaderName = HeaderName::from_static("x-shardgate-owner");
+/// Upstream, on a request sent again to the owner a backend named in its 421.
+pub const REFORWARD: HeaderName = HeaderName::from_static("x-shardgate-reforward");
 pub const REASON: HeaderName = HeaderName::from_static("x-shardgate-reason");
 pub const SPILL: HeaderName = HeaderName::from_static("x-shardgate-spill");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -6,11 +6,14 @@
 //! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → the
 //!   request-head gate ([`server::gate`]: both lengths, oversized heads) → hyper (HTTP/1.1,
 //!   h2) with connection, header and stream limits and graceful drain.
-//! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward.
+//! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward;
+//!   a backend's 421 naming a newer shard owner sends the request there once
+//!   ([`proxy::misroute`], the contract in docs/backends.md).
 //! - [`route`]: route matching and sharding-key extraction (pure).
 //! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
 //!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
-//! - [`topology`]: the immutable snapshot: validation, shard/serving tables, diff.
+//! - [`topology`]: the immutable snapshot: validation, shard/serving tables, owner epochs
+//!   ([`topology::epochs`]), diff.
 //! - [`forward`]: pooled upstream connections per (IDC, set, backend) among the backends in
 //!   service, TLS to an IDC that asks for it ([`tls::upstream`]), retries, passive outlier
 //!   signals.

@@ -3,7 +3,10 @@
 //! shard, serving IDC) → admit (set budget, shedding, rate limit, degrade switch, breaker) →
 //! build the upstream request → forward (retry in the IDC, spill reads to
 //! the next IDC when the serving one cannot be reached) → response headers → metrics + one
-//! access-log event.
+//! access-log event. A backend's 421 naming a newer shard owner sends the request there once
+//! ([`misroute`]).
+
+pub mod misroute;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -275,6 +278,12 @@ impl Gateway {
         };
         let method = req.method().clone();
         let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
+        // A sharded request may meet a backend that knows a newer owner (421): its small body
+        // is read whole so it can be sent there (`misroute`).
+        let keep_copy = decision.shard.is_some() && upgrade.is_none();
+        if keep_copy {
+            upstream = misroute::keep_small_body(upstream, self.settings.body_timeout).await?;
+        }
         if let Some(n) = spill_first {
             let h = upstream.headers_mut();
             h.insert(headers::IDC, topo.idc(n).header.clone());
@@ -290,6 +299,7 @@ impl Gateway {
             idempotent: is_idempotent(&method),
             retry_budget: Some(&budget),
             upgrade: upgrade.is_some(),
+            keep_copy,
         };
 
         // Checked again as the write leaves (admission may have waited on the body or the
@@ -380,6 +390,9 @@ impl Gateway {
                             .insert(headers::IDC, latest.idc(n).header.clone());
                         r.headers_mut()
                             .insert(headers::EPOCH, latest.epoch_header.clone());
+                        if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
+                            r.headers_mut().insert(headers::OWNER_EPOCH, v.clone());
+                        }
                         upstream = r;
                         idc = n;
                         set = s;
@@ -399,7 +412,7 @@ impl Gateway {
         // (A read spilled at once past an open breaker answers to the target's breaker.)
         if !serving_dead {
             permit.record(match &result {
-                Ok(Ok(((resp, _), landed))) => {
+                Ok(Ok(((resp, _, _), landed))) => {
                     (landed.spilled && spill_first.is_none())
                         || landed.moved
                         || resp.status().is_server_error()
@@ -408,22 +421,35 @@ impl Gateway {
                 _ => true,
             });
         }
-        let ((resp, lease), landed) = match result {
+        let ((mut resp, mut lease, copy), landed) = match result {
             Ok(Ok(done)) => done,
-            Ok(Err(ForwardError::Connect(e))) => return Err(ProxyError::UpstreamConnect(e)),
-            Ok(Err(ForwardError::NoneInService)) => return Err(ProxyError::NoneInService),
-            Ok(Err(ForwardError::Protocol(e))) => return Err(ProxyError::UpstreamProtocol(e)),
-            Ok(Err(ForwardError::BodyTooLarge(max))) => {
-                return Err(ProxyError::PayloadTooLarge(max))
-            }
-            Ok(Err(ForwardError::Timeout)) | Err(_) => {
-                return Err(ProxyError::UpstreamTimeout(timeout_ms))
-            }
+            Ok(Err(e)) => return Err(forward_error(e, route)),
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
         };
         if landed.spilled || landed.moved {
             outcome.idc = Some(landed.idc.clone());
-            outcome.idc_header = Some(landed.idc_header);
+            outcome.idc_header = Some(landed.idc_header.clone());
             outcome.spilled = landed.spilled;
+        }
+        if let (http::StatusCode::MISDIRECTED_REQUEST, Some(shard)) =
+            (resp.status(), decision.shard)
+        {
+            let again = self
+                .correct_misroute(
+                    topo,
+                    route,
+                    shard,
+                    &landed.idc,
+                    resp.headers(),
+                    copy,
+                    policy,
+                )
+                .await?;
+            if let Some(owner) = again {
+                (resp, lease) = (owner.resp, owner.lease);
+                outcome.idc = Some(topo.idc(owner.idc).name.clone());
+                outcome.idc_header = Some(topo.idc(owner.idc).header.clone());
+            }
         }
 
         if let Some((_, client)) = upgrade {
@@ -556,6 +582,9 @@ impl Gateway {
         }
         h.insert(headers::IDC, topo.idc(decision.idc).header.clone());
         h.insert(headers::EPOCH, topo.epoch_header.clone());
+        if let Some(v) = decision.shard.and_then(|s| topo.owner_epoch_header(s)) {
+            h.insert(headers::OWNER_EPOCH, v.clone());
+        }
 
         // Origin form; the path and query bytes are shared, not copied.
         let mut uri_parts = http::uri::Parts::default();
@@ -687,6 +716,17 @@ impl Gateway {
             spilled = o.spilled,
             reason = o.reason.unwrap_or(EMPTY),
         );
+    }
+}
+
+/// How a failed upstream exchange is answered.
+fn forward_error(e: ForwardError, route: &crate::topology::Route) -> ProxyError {
+    match e {
+        ForwardError::Connect(e) => ProxyError::UpstreamConnect(e),
+        ForwardError::NoneInService => ProxyError::NoneInService,
+        ForwardError::Protocol(e) => ProxyError::UpstreamProtocol(e),
+        ForwardError::BodyTooLarge(max) => ProxyError::PayloadTooLarge(max),
+        ForwardError::Timeout => ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64),
     }
 }
 

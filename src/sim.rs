@@ -4,6 +4,12 @@
 //!
 //! Request knobs: `x-sim-delay-ms: N` (answer after N ms), `x-sim-status: N` (answer N),
 //! `x-sim-hold: 1` (answer once `SimBackend::release_held` is called, or after 60 s).
+//!
+//! IDCs started on one [`owners::Owners`] board enforce the misroute contract
+//! (docs/backends.md): a write with an owner epoch older than the board's gets 421 and is not
+//! applied.
+
+pub mod owners;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,6 +30,8 @@ use crate::server::{serve, Handler, ListenerSettings};
 pub struct SimIdc {
     pub idc: String,
     pub set: String,
+    /// The ownership board this IDC checks writes against.
+    owners: Arc<owners::Owners>,
     hits: AtomicU64,
     health_checks: AtomicU64,
     /// Requests waiting for `release_held`, and the release generation they wait on.
@@ -62,6 +70,11 @@ impl SimIdc {
                     return r;
                 }
             }
+        }
+        if let owners::Verdict::Refuse { owner, epoch } =
+            self.owners.check(&self.idc, &parts.method, &parts.headers)
+        {
+            return misdirected(&owner, epoch);
         }
         if parts.headers.contains_key("x-sim-hold") {
             let mut released = self.release.subscribe();
@@ -111,6 +124,23 @@ impl SimIdc {
     }
 }
 
+/// 421: the write was not applied; `owner` owns the shard since `epoch`.
+fn misdirected(owner: &str, epoch: u64) -> Response<ResponseBody> {
+    let body = serde_json::json!({"error": "misdirected", "owner": owner, "owner_epoch": epoch});
+    let mut r = Response::new(ResponseBody::full(format!("{body}\n")));
+    *r.status_mut() = StatusCode::MISDIRECTED_REQUEST;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(owner) {
+        h.insert(crate::headers::OWNER, v);
+    }
+    h.insert(crate::headers::OWNER_EPOCH, http::HeaderValue::from(epoch));
+    r
+}
+
 impl Handler for SimIdc {
     async fn call(
         self: Arc<Self>,
@@ -130,13 +160,26 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
-    /// Starts a backend for (`idc`, `set`) on `addr` (port 0 picks a free port).
+    /// Starts a backend for (`idc`, `set`) on `addr` (port 0 picks a free port), with an
+    /// ownership board of its own.
     pub async fn start(addr: SocketAddr, idc: &str, set: &str) -> std::io::Result<SimBackend> {
+        Self::start_on_board(addr, idc, set, Arc::new(owners::Owners::new())).await
+    }
+
+    /// Starts a backend that checks writes against `owners`, the board of every simulated IDC
+    /// started together.
+    pub async fn start_on_board(
+        addr: SocketAddr,
+        idc: &str,
+        set: &str,
+        owners: Arc<owners::Owners>,
+    ) -> std::io::Result<SimBackend> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let sim = Arc::new(SimIdc {
             idc: idc.to_owned(),
             set: set.to_owned(),
+            owners,
             hits: AtomicU64::new(0),
             health_checks: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -155,6 +198,11 @@ impl SimBackend {
             stop,
             task,
         })
+    }
+
+    /// The ownership board this backend checks writes against.
+    pub fn owners(&self) -> &Arc<owners::Owners> {
+        &self.sim.owners
     }
 
     /// Requests answered (health checks not counted).

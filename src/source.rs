@@ -196,7 +196,8 @@ impl Snapshots {
             local_idc: self.local_idc.clone(),
             running_shard_count: old.as_ref().map(|t| t.shard_count),
         };
-        match topology::build(doc, overrides, &ctx, &self.upstreams) {
+        // The file source carries owner epochs from the snapshot being replaced.
+        match topology::build_with_previous(doc, overrides, &ctx, &self.upstreams, old.as_deref()) {
             Ok(new) => {
                 let new = Arc::new(new);
                 let change = old
@@ -402,12 +403,17 @@ impl FileOverrides {
 }
 
 /// The file source: the topology file plus overrides kept in the cache dir. The revision is a
-/// reload counter that only grows.
+/// reload counter that only grows; with `--cache-dir` across restarts too (kept in
+/// `file-revision` there), so owner epochs, which are file revisions, never go backwards.
+/// Without a cache dir it starts again at 1: a backend that saw higher epochs from the gateway's
+/// previous life refuses its writes (421) until it has reloaded past them.
 pub struct FileSource {
     path: PathBuf,
     overrides: Arc<FileOverrides>,
     snapshots: Arc<Snapshots>,
     revision: u64,
+    /// Where the revision counter is kept (`<cache-dir>/file-revision`).
+    revision_file: Option<PathBuf>,
     seen: Option<Stamp>,
     /// Installed when the source is made, so a SIGHUP right after start-up reloads instead of
     /// killing the process.
@@ -416,6 +422,8 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(path: PathBuf, cache_dir: Option<&Path>, snapshots: Arc<Snapshots>) -> FileSource {
+        let revision_file = cache_dir.map(|d| d.join("file-revision"));
+        let revision = revision_file.as_deref().map_or(0, read_revision);
         FileSource {
             path,
             overrides: Arc::new(FileOverrides {
@@ -425,7 +433,8 @@ impl FileSource {
                 memory: Mutex::new(Overrides::default()),
             }),
             snapshots,
-            revision: 0,
+            revision,
+            revision_file,
             seen: None,
             hangup: hangup_signal(),
         }
@@ -455,6 +464,13 @@ impl FileSource {
         })?;
         self.snapshots.set_source_up(true);
         let next = self.revision + 1;
+        // Kept before it is served: a crash right after the publish must not serve this
+        // revision again, with other owners, after the restart.
+        if let Some(file) = &self.revision_file {
+            if let Err(e) = write_revision(file, next) {
+                tracing::warn!(path = %file.display(), error = %e, "cannot keep the file revision; after a restart owner epochs may go backwards");
+            }
+        }
         let change = self.snapshots.publish(doc, &self.overrides(), next)?;
         self.revision = next;
         Ok(change)
@@ -492,6 +508,30 @@ impl FileSource {
             }
         }
     }
+}
+
+/// The revision counter kept in the cache dir; 0 when there is none (or it is unreadable).
+fn read_revision(path: &Path) -> u64 {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(path = %path.display(), "the file revision counter is unreadable; starting again at 1");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+/// Replaces the counter atomically (write aside, fsync, rename).
+fn write_revision(path: &Path, revision: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{revision}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(unix)]

@@ -43,6 +43,15 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// A request sent again after a backend's 421: its route, the IDC that refused it and the
+/// owner it named.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReforwardLabels {
+    pub route: Arc<String>,
+    pub from: Arc<String>,
+    pub to: Arc<String>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdcLabels {
     pub idc: Arc<String>,
@@ -91,6 +100,7 @@ pub struct Metrics {
     pub idc_state: Family<IdcStateLabels, Gauge>,
     pub inflight: Family<SetLabels, Gauge>,
     pub refused: Family<RefusedLabels, Counter>,
+    pub reforwarded: Family<ReforwardLabels, Counter>,
     pub breaker_state: Family<IdcSetLabels, Gauge>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub idc_healthy: Family<IdcLabels, Gauge>,
@@ -183,6 +193,12 @@ impl Metrics {
             "Requests the gateway refused, by set and reason (set_full, shed, rate_limited, degraded, circuit_open, fenced)",
             refused.clone(),
         );
+        let reforwarded = Family::<ReforwardLabels, Counter>::default();
+        registry.register(
+            "reforwarded",
+            "Requests sent again, once, to the owner a backend named in a 421 with a newer owner epoch, by route, refusing IDC (from) and owner (to)",
+            reforwarded.clone(),
+        );
         let breaker_state = Family::<IdcSetLabels, Gauge>::default();
         registry.register(
             "breaker_state",
@@ -207,6 +223,7 @@ impl Metrics {
             idc_healthy,
             inflight,
             refused,
+            reforwarded,
             breaker_state,
             requests,
             request_duration,

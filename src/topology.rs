@@ -5,6 +5,7 @@
 mod bounds;
 mod build;
 mod diff;
+pub mod epochs;
 mod isolation;
 pub mod moves;
 pub mod overrides;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, Uri};
 
-pub use build::{build, parse_range, warmed, warmup_step_of, BuildContext};
+pub use build::{build, build_with_previous, parse_range, warmed, warmup_step_of, BuildContext};
 pub use diff::{diff, TopologyDiff};
 pub use moves::ShardSet;
 pub use overrides::{DegradeOverride, IdcOverride, IdcState, Overrides};
@@ -177,6 +178,8 @@ pub struct Topology {
     serving: Vec<Option<IdcId>>,
     /// Shards whose writes are fenced by a move in phase `fencing` (empty when none).
     fenced: ShardSet,
+    /// shard → owner epoch (`x-shardgate-owner-epoch`), see `epochs`.
+    owner_epochs: epochs::OwnerEpochs,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
     /// Writes admitted under this snapshot whose exchange with the backend is not over yet.
@@ -314,6 +317,18 @@ impl Topology {
     #[inline]
     pub fn is_fenced(&self, shard: Shard) -> bool {
         self.fenced.contains(shard.0)
+    }
+
+    /// The revision of the last change of the shard's owner (`x-shardgate-owner-epoch`).
+    #[inline]
+    pub fn owner_epoch(&self, shard: Shard) -> u64 {
+        self.owner_epochs.epoch(shard)
+    }
+
+    /// `owner_epoch` as a header value, made once per snapshot.
+    #[inline]
+    pub fn owner_epoch_header(&self, shard: Shard) -> Option<&http::HeaderValue> {
+        self.owner_epochs.header(shard)
     }
 
     /// The shards under a write fence now.

@@ -423,6 +423,8 @@ fn keep_document_apply_overrides(
     let Some(current) = snapshots.current() else {
         return;
     };
+    // The revision of the document in effect, not of the invalid one (owner epochs).
+    let overrides = &overrides.on_document_of(&current.overrides);
     if current.overrides == *overrides {
         return;
     }

@@ -94,6 +94,18 @@ pub fn build(
     ctx: &BuildContext,
     upstreams: &Upstreams,
 ) -> Result<Topology, Problems> {
+    build_with_previous(doc, overrides, ctx, upstreams, None)
+}
+
+/// `build`, given the snapshot it replaces: in file mode owner epochs are carried from it
+/// (`topology::epochs`).
+pub fn build_with_previous(
+    doc: RawTopology,
+    overrides: &Overrides,
+    ctx: &BuildContext,
+    upstreams: &Upstreams,
+    previous: Option<&Topology>,
+) -> Result<Topology, Problems> {
     let mut c = Checker {
         problems: Vec::new(),
     };
@@ -359,6 +371,15 @@ pub fn build(
         &warmup,
         &moves.drain_serves,
     );
+    let owner_epochs = super::epochs::owner_epochs(&super::epochs::EpochInputs {
+        idcs: &idcs,
+        order: &order,
+        serving: &serving,
+        shard_count,
+        overrides,
+        revision: ctx.revision,
+        previous,
+    });
     let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
 
     for route in &mut routes {
@@ -392,6 +413,7 @@ pub fn build(
         order,
         serving,
         fenced: moves.fenced,
+        owner_epochs,
         global,
         writes_in_flight: std::sync::atomic::AtomicU64::new(0),
     })

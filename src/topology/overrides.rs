@@ -218,9 +218,28 @@ pub struct Overrides {
     /// Move records by id (`move/<id>`), applied in the order of their `fence_revision`.
     #[serde(default)]
     pub moves: BTreeMap<String, MoveRecord>,
+    /// etcd only: the mod revision of every key these overrides and the document were read
+    /// from, by name relative to the cluster prefix (`topology`, `override/idc/sh`,
+    /// `move/m1`). Owner epochs are computed from them (`topology::epochs`). Kept with the
+    /// overrides so the snapshot cache carries them, and never written to etcd (records are
+    /// written one by one, never this struct whole).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revisions: BTreeMap<String, u64>,
 }
 
 impl Overrides {
+    /// These overrides on top of another document than the one they were read with (etcd: the
+    /// last good one, while the document in etcd is invalid): the document's revision becomes
+    /// that document's, so owner epochs count the document in effect.
+    pub fn on_document_of(&self, document: &Overrides) -> Overrides {
+        let mut o = self.clone();
+        match document.revisions.get("topology") {
+            Some(&r) => o.revisions.insert("topology".to_owned(), r),
+            None => o.revisions.remove("topology"),
+        };
+        o
+    }
+
     /// The IDC's override as every gateway serves it. `expires_at` is not looked at here: a
     /// gateway's own clock never changes an owner. The driver (`failover::decide`) replaces an
     /// expired override, through the same fenced steps as any other change.

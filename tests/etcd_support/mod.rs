@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use shardgate::config::RawConfig;
+use shardgate::sim::owners::Owners;
 use shardgate::sim::SimBackend;
 use shardgate::topology::Shard;
 use shardgate::Running;
@@ -505,10 +506,13 @@ impl Drop for Relay {
 /// Three simulated IDCs, each with a `core` and a `noncore` backend.
 pub struct Idcs {
     sims: Vec<SimBackend>,
+    /// The ownership board they share (the misroute contract).
+    pub owners: Arc<Owners>,
 }
 
 impl Idcs {
     pub async fn start() -> Idcs {
+        let owners = Arc::new(Owners::new());
         let mut sims = Vec::new();
         for idc in IDCS {
             for set in ["core", "noncore"] {
@@ -516,14 +520,14 @@ impl Idcs {
                 let sim = within(
                     Duration::from_secs(5),
                     "a simulated backend",
-                    SimBackend::start(addr, idc, set),
+                    SimBackend::start_on_board(addr, idc, set, owners.clone()),
                 )
                 .await
                 .expect("start a simulated backend");
                 sims.push(sim);
             }
         }
-        Idcs { sims }
+        Idcs { sims, owners }
     }
 
     /// Answers every request held with `x-sim-hold` by any simulated backend.

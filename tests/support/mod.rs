@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use shardgate::config::Config;
+use shardgate::sim::owners::Owners;
 use shardgate::sim::SimBackend;
 use shardgate::topology::{Shard, Topology};
 use shardgate::Running;
@@ -233,6 +234,8 @@ pub struct Cluster {
     sims: Vec<Option<SimBackend>>,
     /// Their addresses (kept while stopped, so a restart takes the same one).
     sim_addrs: Vec<SocketAddr>,
+    /// The ownership board the simulated IDCs share (the misroute contract).
+    owners: Arc<Owners>,
     /// The address of every `dead` pool, and the socket keeping it refused.
     dead: SocketAddr,
     _dead_port: TcpSocket,
@@ -245,6 +248,7 @@ impl Cluster {
     }
 
     pub async fn start_with(options: Options) -> Cluster {
+        let owners = Arc::new(Owners::new());
         let mut sims = Vec::new();
         for idc in IDCS {
             for set in SETS {
@@ -252,7 +256,7 @@ impl Cluster {
                 let sim = within(
                     Duration::from_secs(5),
                     "a simulated backend to start",
-                    SimBackend::start(addr, idc, set),
+                    SimBackend::start_on_board(addr, idc, set, owners.clone()),
                 )
                 .await
                 .expect("start a simulated backend");
@@ -270,6 +274,7 @@ impl Cluster {
             options,
             sims,
             sim_addrs,
+            owners,
             dead,
             _dead_port: dead_port,
             running: None,
@@ -422,6 +427,11 @@ impl Cluster {
     }
 
     /// The address of a simulated backend (also while it is stopped).
+    /// The ownership board the simulated IDCs share.
+    pub fn owners(&self) -> &Arc<Owners> {
+        &self.owners
+    }
+
     pub fn sim_addr(&self, idc: &str, set: &str) -> SocketAddr {
         self.sim_addrs[Self::sim_index(idc, set)]
     }
@@ -444,7 +454,7 @@ impl Cluster {
         let sim = within(
             Duration::from_secs(5),
             "a simulated backend to restart",
-            SimBackend::start(self.sim_addrs[i], idc, set),
+            SimBackend::start_on_board(self.sim_addrs[i], idc, set, self.owners.clone()),
         )
         .await
         .expect("restart a simulated backend on its address");
