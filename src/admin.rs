@@ -192,6 +192,7 @@ impl Admin {
                             "idle_connections": b.idle_connections(),
                             "avoided": b.avoided(),
                             "healthy": b.health.probe_healthy(),
+                            "probes": b.health.probes(),
                             "ejected": b.health.ejected(),
                             "ejections": b.health.ejections(),
                             "ejection_ms": b.health.ejection_ms(),

@@ -23,6 +23,7 @@ pub use probe::probe;
 
 use crate::source::Snapshots;
 use crate::telemetry::{BackendLabels, IdcLabels, Metrics};
+use crate::tls::upstream::UpstreamTls;
 use crate::topology::{HealthSpec, Topology};
 
 /// Where a decision reads this gateway's health view (IDC name → healthy) from: the file-mode
@@ -72,6 +73,9 @@ type BackendKey = (Arc<String>, SocketAddr);
 struct Probe {
     health: Arc<BackendHealth>,
     spec: HealthSpec,
+    /// The identity of the TLS it speaks (`UpstreamTls::id`), 0 for plain TCP: a new CA or
+    /// server name restarts the probe, like it gets the traffic new connections.
+    tls_id: u64,
     task: JoinHandle<()>,
 }
 
@@ -147,12 +151,14 @@ impl Health {
         let Some(t) = self.snapshots.current() else {
             return;
         };
-        let mut wanted: HashMap<BackendKey, (Arc<BackendHealth>, &HealthSpec)> = HashMap::new();
+        type Wanted<'a> = (Arc<BackendHealth>, &'a HealthSpec, Option<Arc<UpstreamTls>>);
+        let mut wanted: HashMap<BackendKey, Wanted<'_>> = HashMap::new();
         for idc in &t.idcs {
             for b in idc.pools.iter().flat_map(|p| p.iter()) {
+                // TLS is the IDC's, so every pool listing this address agrees on it.
                 wanted
                     .entry((idc.name.clone(), b.addr))
-                    .or_insert_with(|| (b.health.clone(), &idc.health));
+                    .or_insert_with(|| (b.health.clone(), &idc.health, b.tls().cloned()));
             }
         }
         probes.retain(|key, _| {
@@ -162,14 +168,16 @@ impl Health {
             }
             keep
         });
-        for (key, (health, spec)) in wanted {
-            let current = probes
-                .get(&key)
-                .is_some_and(|p| Arc::ptr_eq(&p.health, &health) && p.spec == *spec);
+        for (key, (health, spec, tls)) in wanted {
+            let tls_id = tls.as_ref().map_or(0, |t| t.id());
+            let current = probes.get(&key).is_some_and(|p| {
+                Arc::ptr_eq(&p.health, &health) && p.spec == *spec && p.tls_id == tls_id
+            });
             if !current {
                 let task = tokio::spawn(probe::run(
                     health.clone(),
                     spec.clone(),
+                    tls,
                     self.flipped.clone(),
                 ));
                 probes.insert(
@@ -177,6 +185,7 @@ impl Health {
                     Probe {
                         health,
                         spec: spec.clone(),
+                        tls_id,
                         task,
                     },
                 );
