@@ -28,6 +28,8 @@ pub struct Admin {
     pub token: Option<String>,
     /// The proxy listener's certificates, shown in `/status`.
     pub tls: Option<Arc<crate::tls::Certificates>>,
+    /// The supervised background tasks: one that is down makes `/readyz` fail.
+    pub tasks: Arc<crate::tasks::Tasks>,
 }
 
 impl Handler for Admin {
@@ -118,6 +120,19 @@ impl Admin {
         match path {
             "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => match &topo {
+                Some(_) if !self.tasks.down().is_empty() => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: background tasks down: {}\n",
+                        self.tasks
+                            .down()
+                            .iter()
+                            .map(|(task, why)| format!("{task} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                ),
                 Some(t) => respond(
                     StatusCode::OK,
                     "text/plain",

@@ -396,6 +396,25 @@ impl FileSource {
         }
     }
 
+    /// A new source for a running gateway whose source task died: the same overrides handle
+    /// (the admin API and the deciders write through it) and the revision counter going on
+    /// from the published snapshot, so the revision keeps only growing. Its first poll reads
+    /// the file again.
+    pub fn resume(
+        path: PathBuf,
+        overrides: Arc<FileOverrides>,
+        snapshots: Arc<Snapshots>,
+    ) -> FileSource {
+        FileSource {
+            path,
+            overrides,
+            revision: snapshots.current().map_or(0, |t| t.revision),
+            snapshots,
+            seen: None,
+            hangup: hangup_signal(),
+        }
+    }
+
     fn overrides(&self) -> Overrides {
         self.overrides.read()
     }
