@@ -89,12 +89,14 @@ impl Tasks {
         S: FnMut() -> Option<F> + Send + 'static,
     {
         let tasks = self.clone();
+        // Made before the supervisor runs, so a test can pull it as soon as `start` returns.
+        let switch = self.fault_switch(name);
         let supervisor = tokio::spawn(async move {
             let mut shutdown = tasks.shutdown.clone();
             let mut backoff = FIRST_BACKOFF;
             while let Some(task) = start() {
                 let started = Instant::now();
-                let outcome = tokio::spawn(tasks.with_fault_switch(name, task)).await;
+                let outcome = tokio::spawn(with_fault_switch(&switch, name, task)).await;
                 // Asked to stop, or the gateway dropped without a shutdown (the sender is
                 // gone): the end of the task is no failure.
                 if *shutdown.borrow() || shutdown.has_changed().is_err() {
@@ -180,27 +182,45 @@ impl Tasks {
     }
 
     #[cfg(debug_assertions)]
-    fn with_fault_switch<F>(&self, name: &'static str, task: F) -> impl Future<Output = ()>
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let switch = self
-            .faults
+    fn fault_switch(&self, name: &'static str) -> FaultSwitch {
+        self.faults
             .lock()
             .map(|mut f| f.entry(name).or_default().clone())
-            .unwrap_or_default();
-        async move {
-            tokio::select! {
-                () = task => {}
-                () = switch.notified() => panic!("fault injected into task {name}"),
-            }
-        }
+            .unwrap_or_default()
     }
 
     #[cfg(not(debug_assertions))]
-    fn with_fault_switch<F>(&self, _name: &'static str, task: F) -> F {
-        task
+    fn fault_switch(&self, _name: &'static str) -> FaultSwitch {}
+}
+
+/// Pulled by `Tasks::inject_panic` (debug builds); nothing in release builds.
+#[cfg(debug_assertions)]
+type FaultSwitch = Arc<tokio::sync::Notify>;
+#[cfg(not(debug_assertions))]
+type FaultSwitch = ();
+
+/// The task, panicking when its fault switch is pulled (debug builds).
+#[cfg(debug_assertions)]
+fn with_fault_switch<F>(
+    switch: &FaultSwitch,
+    name: &'static str,
+    task: F,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let switch = switch.clone();
+    async move {
+        tokio::select! {
+            () = task => {}
+            () = switch.notified() => panic!("fault injected into task {name}"),
+        }
     }
+}
+
+#[cfg(not(debug_assertions))]
+fn with_fault_switch<F>(_switch: &FaultSwitch, _name: &'static str, task: F) -> F {
+    task
 }
 
 /// The message a panic was raised with (`panic!("…")`), when it was a string.

@@ -249,3 +249,31 @@ async fn a_dead_health_task_is_counted_and_restarted_and_probes_again() {
     .await;
     assert_eq!(task_failures(&c, "health").await, 1.0);
 }
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_file_source_reloads_and_keeps_the_revision_growing() {
+    let c = Cluster::start().await;
+    let before = c.topology().revision;
+    assert!(c.running().tasks.inject_panic("file_source"));
+    support::eventually("the file source's death to be counted", || async {
+        (task_failures(&c, "file_source").await == 1.0).then_some(())
+    })
+    .await;
+    // The new source reads the file once more, as the next revision (never an old one).
+    support::eventually("the restarted source to publish the next revision", || {
+        let revision = c.topology().revision;
+        async move { (revision == before + 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(c.admin_get("/readyz").await.status, StatusCode::OK);
+
+    // And it follows the file again: every shard pinned to `sh`.
+    c.write_topology(&c.document(&[("0-1023", "sh")]));
+    support::eventually("the edited file to be served", || {
+        let all_sh = c.serving_idc_of("user-1") == "sh" && c.serving_idc_of("user-2") == "sh";
+        async move { all_sh.then_some(()) }
+    })
+    .await;
+    assert_eq!(c.topology().revision, before + 2);
+}
