@@ -22,7 +22,7 @@ pub use backend::{
 pub use probe::probe;
 
 use crate::source::Snapshots;
-use crate::telemetry::{BackendLabels, IdcLabels, Metrics};
+use crate::telemetry::{BackendLabels, IdcLabels, Metrics, TaskLabels};
 use crate::tls::upstream::UpstreamTls;
 use crate::topology::{HealthSpec, Topology};
 
@@ -73,8 +73,9 @@ type BackendKey = (Arc<String>, SocketAddr);
 struct Probe {
     health: Arc<BackendHealth>,
     spec: HealthSpec,
-    /// The identity of the TLS it speaks (`UpstreamTls::id`), 0 for plain TCP: a new CA or
+    /// The TLS it speaks, and its identity (`UpstreamTls::id`, 0 for plain TCP): a new CA or
     /// server name restarts the probe, like it gets the traffic new connections.
+    tls: Option<Arc<UpstreamTls>>,
     tls_id: u64,
     task: JoinHandle<()>,
 }
@@ -123,7 +124,7 @@ impl Health {
         self.sync(&mut probes);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.revive_probes(&mut probes),
                 _ = self.flipped.notified() => {}
                 changed = revisions.changed() => {
                     if changed.is_err() {
@@ -177,7 +178,7 @@ impl Health {
                 let task = tokio::spawn(probe::run(
                     health.clone(),
                     spec.clone(),
-                    tls,
+                    tls.clone(),
                     self.flipped.clone(),
                 ));
                 probes.insert(
@@ -185,6 +186,7 @@ impl Health {
                     Probe {
                         health,
                         spec: spec.clone(),
+                        tls,
                         tls_id,
                         task,
                     },
@@ -194,6 +196,31 @@ impl Health {
         // Backends or IDCs that left the topology leave the metrics.
         self.metrics.backend_healthy.clear();
         self.metrics.idc_healthy.clear();
+    }
+
+    /// Starts again every probe task that died. A probe loops until aborted, so a finished
+    /// task panicked; left alone, its backend's verdict would freeze where it was. Logged and
+    /// counted like the gateway's other tasks (`task_failures{task="health_probe"}`); not a
+    /// readiness matter, since it is back at once.
+    fn revive_probes(&self, probes: &mut HashMap<BackendKey, Probe>) {
+        for ((idc, addr), p) in probes.iter_mut() {
+            if !p.task.is_finished() {
+                continue;
+            }
+            tracing::error!(idc = %idc, backend = %addr, "health probe task died; restarting it");
+            self.metrics
+                .task_failures
+                .get_or_create(&TaskLabels {
+                    task: "health_probe",
+                })
+                .inc();
+            p.task = tokio::spawn(probe::run(
+                p.health.clone(),
+                p.spec.clone(),
+                p.tls.clone(),
+                self.flipped.clone(),
+            ));
+        }
     }
 
     /// Recomputes the view from the backends' state; publishes it when an IDC changed.
@@ -260,8 +287,56 @@ impl Health {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dead_probe_task_is_counted_and_started_again() {
+        let metrics = Arc::new(Metrics::new());
+        let snapshots = Arc::new(Snapshots::new("file", None, metrics.clone()));
+        let health = Health::new(snapshots, metrics.clone());
+        // A port nothing listens on: the revived probe fails its probes, harmlessly.
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let dead = tokio::spawn(async { panic!("a bug in a probe") });
+        while !dead.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let mut probes = HashMap::new();
+        let key: BackendKey = (Arc::new("sh".to_owned()), addr);
+        probes.insert(
+            key.clone(),
+            Probe {
+                health: Arc::new(BackendHealth::new("sh", addr)),
+                spec: HealthSpec {
+                    path: "/healthz".into(),
+                    interval: Duration::from_secs(60),
+                    timeout: Duration::from_millis(300),
+                    rise: 2,
+                    fall: 3,
+                },
+                tls: None,
+                tls_id: 0,
+                task: dead,
+            },
+        );
+        health.revive_probes(&mut probes);
+        assert!(!probes[&key].task.is_finished(), "the probe runs again");
+        let failures = |m: &Metrics| {
+            m.task_failures
+                .get_or_create(&TaskLabels {
+                    task: "health_probe",
+                })
+                .get()
+        };
+        assert_eq!(failures(&metrics), 1);
+        // A running probe is left alone.
+        health.revive_probes(&mut probes);
+        assert_eq!(failures(&metrics), 1);
+    }
 
     #[test]
     fn a_pool_needs_min_healthy_of_its_backends_and_at_least_one() {
