@@ -31,7 +31,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 /// Whether a dead task is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Restart {
+enum Restart {
     /// A fresh instance is as good as the old one: start it again after a backoff.
     Yes,
     /// It owns what cannot be made again in place (a bound socket, open connections): it stays
