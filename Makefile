@@ -1,14 +1,26 @@
 # shardgate: the two commands a newcomer needs, and the checks CI runs.
 #   make demo   build and run the demo (3 simulated IDCs + a gateway on config/topology.toml)
 #   make test   install what the tests need, then fmt, clippy and the whole test suite
+#
+# Building needs nothing but Rust: the etcd client's build runs protoc, and where none is
+# installed tools/run-protoc (wired through .cargo/config.toml) runs one vendored from
+# crates.io. `make demo` therefore installs nothing and needs no root; `make test` still
+# installs etcd (and protoc) for the etcd tests.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Extra arguments of `shardgate demo` (e.g. --listen 127.0.0.1:0 --admin 127.0.0.1:0).
+DEMO_ARGS ?=
 
-.PHONY: demo test deps fmt-check clippy unit bench bench-proxy bench-tls release fuzz
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls release fuzz
 
-demo:
-	$(CARGO) run --release --bin shardgate -- demo
+# A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
+# it shares its build with `make test`.
+demo: demo-build
+	$(CARGO) run --locked --bin shardgate -- demo $(DEMO_ARGS)
+
+demo-build:
+	$(CARGO) build --locked --bin shardgate
 
 # System packages the etcd work needs (protoc for the etcd client, etcd for its tests).
 deps:

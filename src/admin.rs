@@ -28,6 +28,8 @@ pub struct Admin {
     pub token: Option<String>,
     /// The proxy listener's certificates, shown in `/status`.
     pub tls: Option<Arc<crate::tls::Certificates>>,
+    /// The supervised background tasks: one that is down makes `/readyz` fail.
+    pub tasks: Arc<crate::tasks::Tasks>,
 }
 
 impl Handler for Admin {
@@ -117,24 +119,7 @@ impl Admin {
         let topo = self.snapshots.current();
         match path {
             "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-            "/readyz" => match &topo {
-                Some(t) => respond(
-                    StatusCode::OK,
-                    "text/plain",
-                    format!("ready: revision {}\n", t.revision),
-                ),
-                None => respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!(
-                        "not ready: no valid topology snapshot yet{}\n",
-                        self.snapshots
-                            .last_problem()
-                            .map(|p| format!(" ({p})"))
-                            .unwrap_or_default()
-                    ),
-                ),
-            },
+            "/readyz" => self.readiness(topo.as_deref()),
             "/metrics" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -157,6 +142,38 @@ impl Admin {
                 }
             }
         }
+    }
+
+    /// `/readyz`: ready with a valid snapshot and every background task running; otherwise
+    /// 503 with every reason.
+    fn readiness(&self, topo: Option<&Topology>) -> Response<ResponseBody> {
+        let down = self.tasks.down();
+        let tasks = (!down.is_empty()).then(|| {
+            let list: Vec<String> = down
+                .iter()
+                .map(|(task, why)| format!("{task} ({why})"))
+                .collect();
+            format!("background tasks down: {}", list.join("; "))
+        });
+        let (status, text) = match (topo, tasks) {
+            (Some(t), None) => (StatusCode::OK, format!("ready: revision {}", t.revision)),
+            (Some(_), Some(tasks)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {tasks}"),
+            ),
+            (None, tasks) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: no valid topology snapshot yet{}{}",
+                    self.snapshots
+                        .last_problem()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default(),
+                    tasks.map(|t| format!("; {t}")).unwrap_or_default()
+                ),
+            ),
+        };
+        respond(status, "text/plain", format!("{text}\n"))
     }
 
     fn status(&self, t: &Topology) -> Value {
@@ -192,6 +209,7 @@ impl Admin {
                             "idle_connections": b.idle_connections(),
                             "avoided": b.avoided(),
                             "healthy": b.health.probe_healthy(),
+                            "probes": b.health.probes(),
                             "ejected": b.health.ejected(),
                             "ejections": b.health.ejections(),
                             "ejection_ms": b.health.ejection_ms(),

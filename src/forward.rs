@@ -67,6 +67,11 @@ impl Backend {
         }
     }
 
+    /// The TLS its IDC asks for (the health probes speak it too).
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
+    }
+
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
     }

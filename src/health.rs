@@ -22,7 +22,8 @@ pub use backend::{
 pub use probe::probe;
 
 use crate::source::Snapshots;
-use crate::telemetry::{BackendLabels, IdcLabels, Metrics};
+use crate::telemetry::{BackendLabels, IdcLabels, Metrics, TaskLabels};
+use crate::tls::upstream::UpstreamTls;
 use crate::topology::{HealthSpec, Topology};
 
 /// Where a decision reads this gateway's health view (IDC name → healthy) from: the file-mode
@@ -72,6 +73,10 @@ type BackendKey = (Arc<String>, SocketAddr);
 struct Probe {
     health: Arc<BackendHealth>,
     spec: HealthSpec,
+    /// The TLS it speaks, and its identity (`UpstreamTls::id`, 0 for plain TCP): a new CA or
+    /// server name restarts the probe, like it gets the traffic new connections.
+    tls: Option<Arc<UpstreamTls>>,
+    tls_id: u64,
     task: JoinHandle<()>,
 }
 
@@ -119,7 +124,7 @@ impl Health {
         self.sync(&mut probes);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.revive_probes(&mut probes),
                 _ = self.flipped.notified() => {}
                 changed = revisions.changed() => {
                     if changed.is_err() {
@@ -147,12 +152,14 @@ impl Health {
         let Some(t) = self.snapshots.current() else {
             return;
         };
-        let mut wanted: HashMap<BackendKey, (Arc<BackendHealth>, &HealthSpec)> = HashMap::new();
+        type Wanted<'a> = (Arc<BackendHealth>, &'a HealthSpec, Option<Arc<UpstreamTls>>);
+        let mut wanted: HashMap<BackendKey, Wanted<'_>> = HashMap::new();
         for idc in &t.idcs {
             for b in idc.pools.iter().flat_map(|p| p.iter()) {
+                // TLS is the IDC's, so every pool listing this address agrees on it.
                 wanted
                     .entry((idc.name.clone(), b.addr))
-                    .or_insert_with(|| (b.health.clone(), &idc.health));
+                    .or_insert_with(|| (b.health.clone(), &idc.health, b.tls().cloned()));
             }
         }
         probes.retain(|key, _| {
@@ -162,14 +169,16 @@ impl Health {
             }
             keep
         });
-        for (key, (health, spec)) in wanted {
-            let current = probes
-                .get(&key)
-                .is_some_and(|p| Arc::ptr_eq(&p.health, &health) && p.spec == *spec);
+        for (key, (health, spec, tls)) in wanted {
+            let tls_id = tls.as_ref().map_or(0, |t| t.id());
+            let current = probes.get(&key).is_some_and(|p| {
+                Arc::ptr_eq(&p.health, &health) && p.spec == *spec && p.tls_id == tls_id
+            });
             if !current {
                 let task = tokio::spawn(probe::run(
                     health.clone(),
                     spec.clone(),
+                    tls.clone(),
                     self.flipped.clone(),
                 ));
                 probes.insert(
@@ -177,6 +186,8 @@ impl Health {
                     Probe {
                         health,
                         spec: spec.clone(),
+                        tls,
+                        tls_id,
                         task,
                     },
                 );
@@ -185,6 +196,31 @@ impl Health {
         // Backends or IDCs that left the topology leave the metrics.
         self.metrics.backend_healthy.clear();
         self.metrics.idc_healthy.clear();
+    }
+
+    /// Starts again every probe task that died. A probe loops until aborted, so a finished
+    /// task panicked; left alone, its backend's verdict would freeze where it was. Logged and
+    /// counted like the gateway's other tasks (`task_failures{task="health_probe"}`); not a
+    /// readiness matter, since it is back at once.
+    fn revive_probes(&self, probes: &mut HashMap<BackendKey, Probe>) {
+        for ((idc, addr), p) in probes.iter_mut() {
+            if !p.task.is_finished() {
+                continue;
+            }
+            tracing::error!(idc = %idc, backend = %addr, "health probe task died; restarting it");
+            self.metrics
+                .task_failures
+                .get_or_create(&TaskLabels {
+                    task: "health_probe",
+                })
+                .inc();
+            p.task = tokio::spawn(probe::run(
+                p.health.clone(),
+                p.spec.clone(),
+                p.tls.clone(),
+                self.flipped.clone(),
+            ));
+        }
     }
 
     /// Recomputes the view from the backends' state; publishes it when an IDC changed.
@@ -251,8 +287,56 @@ impl Health {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_dead_probe_task_is_counted_and_started_again() {
+        let metrics = Arc::new(Metrics::new());
+        let snapshots = Arc::new(Snapshots::new("file", None, metrics.clone()));
+        let health = Health::new(snapshots, metrics.clone());
+        // A port nothing listens on: the revived probe fails its probes, harmlessly.
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let dead = tokio::spawn(async { panic!("a bug in a probe") });
+        while !dead.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let mut probes = HashMap::new();
+        let key: BackendKey = (Arc::new("sh".to_owned()), addr);
+        probes.insert(
+            key.clone(),
+            Probe {
+                health: Arc::new(BackendHealth::new("sh", addr)),
+                spec: HealthSpec {
+                    path: "/healthz".into(),
+                    interval: Duration::from_secs(60),
+                    timeout: Duration::from_millis(300),
+                    rise: 2,
+                    fall: 3,
+                },
+                tls: None,
+                tls_id: 0,
+                task: dead,
+            },
+        );
+        health.revive_probes(&mut probes);
+        assert!(!probes[&key].task.is_finished(), "the probe runs again");
+        let failures = |m: &Metrics| {
+            m.task_failures
+                .get_or_create(&TaskLabels {
+                    task: "health_probe",
+                })
+                .get()
+        };
+        assert_eq!(failures(&metrics), 1);
+        // A running probe is left alone.
+        health.revive_probes(&mut probes);
+        assert_eq!(failures(&metrics), 1);
+    }
 
     #[test]
     fn a_pool_needs_min_healthy_of_its_backends_and_at_least_one() {

@@ -37,6 +37,10 @@
 //! controller on this gateway's own view), and in etcd mode the elected leader
 //! (`etcd::leader`) deciding from the majority of gateways' views and driving fenced moves.
 //!
+//! Every background task (sources, health, deciders, etcd registration, listeners) runs
+//! supervised by [`tasks`]: a dead one is logged, counted, makes `/readyz` fail, and is
+//! restarted where that is safe.
+//!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
 //! backends for the demo and the tests), [`demo`].
@@ -63,6 +67,7 @@ pub mod self_fence;
 pub mod server;
 pub mod sim;
 pub mod source;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
@@ -74,7 +79,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::config::{Config, SourceConfig};
 use crate::proxy::{Gateway, ProxySettings};
@@ -101,8 +105,9 @@ pub struct Running {
     pub snapshots: Arc<Snapshots>,
     /// This gateway's health view.
     pub health: Arc<health::Health>,
+    /// Its supervised background tasks (which are down, and why).
+    pub tasks: Arc<tasks::Tasks>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -110,18 +115,21 @@ impl Running {
     /// when every listener is done.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.join().await;
     }
 }
 
 /// Binds the listeners, loads the topology and starts serving. Fails, saying why, when the
 /// configuration or the first topology cannot be used.
+///
+/// Every background task runs supervised ([`tasks`]). Restarted when it dies: those that
+/// rebuild all they need from shared state (the published snapshot, the backends' health,
+/// the overrides store, etcd); each says below why that is safe. Never restarted: the
+/// listeners, which own their socket and their open connections.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let tasks = tasks::Tasks::new(metrics.clone(), shutdown_rx.clone());
 
     let mut file_overrides = None;
     let snapshots = match &config.source {
@@ -133,13 +141,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ));
             let mut file =
                 FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
-            file_overrides = Some(file.overrides_handle());
+            let overrides = file.overrides_handle();
+            file_overrides = Some(overrides.clone());
             file.load().map_err(|problems| {
                 anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
             })?;
-            tasks.push(tokio::spawn(
-                file.run(config.file_poll, shutdown_rx.clone()),
-            ));
+            // Restartable: the file and the overrides store are the whole state; a new source
+            // keeps the overrides handle and counts revisions on from the published one.
+            let (path, poll, shutdown, published) = (
+                path.clone(),
+                config.file_poll,
+                shutdown_rx.clone(),
+                snapshots.clone(),
+            );
+            let mut first = Some(file);
+            tasks.spawn_restarting("file_source", move || {
+                let source = first.take().unwrap_or_else(|| {
+                    FileSource::resume(path.clone(), overrides.clone(), published.clone())
+                });
+                source.run(poll, shutdown.clone())
+            });
             snapshots
         }
         SourceConfig::Etcd { access, cluster } => {
@@ -154,10 +175,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 timeout: config.timeouts.etcd,
                 cache_dir: config.cache_dir.clone(),
             };
-            let mut source = etcd::source::EtcdSource::new(settings, snapshots.clone());
+            let mut source = etcd::source::EtcdSource::new(settings.clone(), snapshots.clone());
             source.load_cache();
             let first = source.first_attempt();
-            tasks.push(tokio::spawn(source.run(shutdown_rx.clone())));
+            // Restartable: a new source lists the prefix again, as it does after a compaction,
+            // and publishes what etcd holds; the last good snapshot serves meanwhile.
+            let (shutdown, published) = (shutdown_rx.clone(), snapshots.clone());
+            let mut initial = Some(source);
+            tasks.spawn_restarting("etcd_source", move || {
+                let source = initial.take().unwrap_or_else(|| {
+                    etcd::source::EtcdSource::new(settings.clone(), published.clone())
+                });
+                source.run(shutdown.clone())
+            });
             // Start with etcd's view when etcd answers in time; otherwise with the cached
             // snapshot (or none: not ready, and /readyz says why) until it does. Never block
             // on etcd for longer than a call's deadline or two.
@@ -167,7 +197,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let health = health::Health::new(snapshots.clone(), metrics.clone());
-    tasks.push(tokio::spawn(health.clone().run(shutdown_rx.clone())));
+    {
+        // Restartable: probe verdicts and ejections live in the backends' shared health, so
+        // a new task only starts the probes again (the dead one's are aborted with it).
+        let (health, shutdown) = (health.clone(), shutdown_rx.clone());
+        tasks.spawn_restarting("health", move || health.clone().run(shutdown.clone()));
+    }
     if let Some(store) = &file_overrides {
         // The single instance decides alone, from its own health view: IDC states (woken by
         // every change of the view) and its own fenced moves (in etcd mode the leader does
@@ -176,29 +211,50 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let health = health.clone();
             Arc::new(move || health.idc_view())
         };
-        let controller = failover::controller::FileController::new(
+        // Restartable: its decisions are written to the overrides store; a new controller
+        // only forgets how long an IDC has looked unhealthy, which delays a failover by up
+        // to `detect_ms` and never hastens one.
+        let (snapshots_c, store_c, view_c, health_c, shutdown) = (
             snapshots.clone(),
             store.clone(),
             view.clone(),
-            Some(health.subscribe()),
-        );
-        tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
-        tasks.push(tokio::spawn(moves::driver::run(
-            snapshots.clone(),
-            store.clone(),
-            view,
+            health.clone(),
             shutdown_rx.clone(),
-        )));
+        );
+        tasks.spawn_restarting("failover_controller", move || {
+            failover::controller::FileController::new(
+                snapshots_c.clone(),
+                store_c.clone(),
+                view_c.clone(),
+                Some(health_c.subscribe()),
+            )
+            .run(shutdown.clone())
+        });
+        // Restartable: a move's phase and fence time are in its record, so a new driver
+        // takes every open move up where the records say it is.
+        let (snapshots_d, store_d, shutdown) =
+            (snapshots.clone(), store.clone(), shutdown_rx.clone());
+        tasks.spawn_restarting("move_driver", move || {
+            moves::driver::run(
+                snapshots_d.clone(),
+                store_d.clone(),
+                view.clone(),
+                shutdown.clone(),
+            )
+        });
     }
 
     // Certificates are loaded before any listener is bound, so a bad one fails the start.
     let tls = match &config.tls {
         Some(t) => {
             let tls = tls::Tls::load(t.certs.clone())?;
-            tasks.push(tokio::spawn(
-                tls.certificates()
-                    .run(config.file_poll, shutdown_rx.clone()),
-            ));
+            // Restartable: the loaded set stays in place; a new watcher compares the files
+            // from now on.
+            let (certificates, poll, shutdown) =
+                (tls.certificates(), config.file_poll, shutdown_rx.clone());
+            tasks.spawn_restarting("certificates", move || {
+                certificates.clone().run(poll, shutdown.clone())
+            });
             Some(tls)
         }
         None => None,
@@ -216,16 +272,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .instance
             .clone()
             .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr));
-        let leader = etcd::leader::Leader::new(
-            etcd::leader::LeaderSettings {
-                access: access.clone(),
-                cluster: cluster.clone(),
-                instance: instance.clone(),
-                timeout: config.timeouts.etcd,
-            },
-            snapshots.clone(),
-        );
-        tasks.push(tokio::spawn(leader.run(shutdown_rx.clone())));
+        let leader_settings = etcd::leader::LeaderSettings {
+            access: access.clone(),
+            cluster: cluster.clone(),
+            instance: instance.clone(),
+            timeout: config.timeouts.etcd,
+        };
+        // Restartable: leadership is an etcd lease, moves are records in etcd. The dead
+        // task's session ends with it (its lease expires), and a new campaign takes over,
+        // here or on another gateway, from what etcd holds, as after any lost leadership.
+        let (snapshots_l, shutdown) = (snapshots.clone(), shutdown_rx.clone());
+        tasks.spawn_restarting("leader", move || {
+            etcd::leader::Leader::new(leader_settings.clone(), snapshots_l.clone())
+                .run(shutdown.clone())
+        });
         let registration = etcd::registry::Registration {
             access: access.clone(),
             cluster: cluster.clone(),
@@ -235,9 +295,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             admin_addr,
             timeout: config.timeouts.etcd,
         };
-        let registry =
-            etcd::registry::Registry::new(registration, snapshots.clone(), health.clone());
-        tasks.push(tokio::spawn(registry.run(shutdown_rx.clone())));
+        // Restartable: a new registry writes the same key under a new lease; the dead
+        // task's lease runs out on its own.
+        let (snapshots_r, health_r, shutdown) =
+            (snapshots.clone(), health.clone(), shutdown_rx.clone());
+        tasks.spawn_restarting("registry", move || {
+            etcd::registry::Registry::new(
+                registration.clone(),
+                snapshots_r.clone(),
+                health_r.clone(),
+            )
+            .run(shutdown.clone())
+        });
     }
 
     let settings = ListenerSettings {
@@ -273,12 +342,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             scheme,
         },
     });
-    tasks.push(tokio::spawn(server::serve(
-        proxy_listener,
-        gateway,
-        proxy_settings,
-        shutdown_rx.clone(),
-    )));
+    // Never restarted (nor the other listeners): a listener owns its socket and its open
+    // connections, both gone with it. The gateway stays not ready instead, so that it is
+    // replaced.
+    tasks.spawn_once(
+        "proxy_listener",
+        server::serve(proxy_listener, gateway, proxy_settings, shutdown_rx.clone()),
+    );
     let mut redirect_addr = None;
     if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {
         let listener = TcpListener::bind(addr)
@@ -288,12 +358,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let redirect = Arc::new(tls::Redirect {
             https_port: proxy_addr.port(),
         });
-        tasks.push(tokio::spawn(server::serve(
-            listener,
-            redirect,
-            settings.clone(),
-            shutdown_rx.clone(),
-        )));
+        tasks.spawn_once(
+            "redirect_listener",
+            server::serve(listener, redirect, settings.clone(), shutdown_rx.clone()),
+        );
     }
     let admin = Arc::new(admin::Admin {
         snapshots: snapshots.clone(),
@@ -303,13 +371,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         file_overrides,
         token: config.admin_token.clone(),
         tls: certificates,
+        tasks: tasks.clone(),
     });
-    tasks.push(tokio::spawn(server::serve(
-        admin_listener,
-        admin,
-        settings,
-        shutdown_rx,
-    )));
+    tasks.spawn_once(
+        "admin_listener",
+        server::serve(admin_listener, admin, settings, shutdown_rx),
+    );
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, tls = scheme == "https", redirect = ?redirect_addr, "shardgate serving");
     Ok(Running {
         proxy_addr,
@@ -317,8 +384,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         redirect_addr,
         snapshots,
         health,
-        shutdown: shutdown_tx,
         tasks,
+        shutdown: shutdown_tx,
     })
 }
 

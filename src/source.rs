@@ -440,6 +440,31 @@ impl FileSource {
         }
     }
 
+    /// A new source for a running gateway whose source task died: the same overrides handle
+    /// (the admin API and the deciders write through it) and the revision counter going on
+    /// from the published snapshot, so the revision keeps only growing. Its first poll reads
+    /// the file again.
+    pub fn resume(
+        path: PathBuf,
+        overrides: Arc<FileOverrides>,
+        snapshots: Arc<Snapshots>,
+    ) -> FileSource {
+        // The counter lives beside the overrides file, in the cache dir.
+        let revision_file = overrides
+            .path()
+            .and_then(Path::parent)
+            .map(|d| d.join("file-revision"));
+        FileSource {
+            path,
+            revision: snapshots.current().map_or(0, |t| t.revision),
+            overrides,
+            snapshots,
+            seen: None,
+            hangup: hangup_signal(),
+            revision_file,
+        }
+    }
+
     fn overrides(&self) -> Overrides {
         self.overrides.read()
     }

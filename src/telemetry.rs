@@ -75,6 +75,11 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -104,6 +109,7 @@ pub struct Metrics {
     pub breaker_state: Family<IdcSetLabels, Gauge>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub idc_healthy: Family<IdcLabels, Gauge>,
+    pub task_failures: Family<TaskLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -217,8 +223,15 @@ impl Metrics {
             "1 while the IDC's core pool has at least min_healthy of its backends in service, in this gateway's view",
             idc_healthy.clone(),
         );
+        let task_failures = Family::<TaskLabels, Counter>::default();
+        registry.register(
+            "task_failures",
+            "Background tasks (source, health, failover, moves, leader, registry, listeners) that panicked or ended unasked, by task",
+            task_failures.clone(),
+        );
         Metrics {
             registry,
+            task_failures,
             backend_healthy,
             idc_healthy,
             inflight,

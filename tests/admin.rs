@@ -177,3 +177,103 @@ async fn the_proxy_listener_does_not_serve_admin_paths() {
     }
     c.stop().await;
 }
+
+/// The value of `shardgate_task_failures_total{task="<task>"}` on the admin listener.
+async fn task_failures(c: &Cluster, task: &str) -> f64 {
+    let text = c.admin_get("/metrics").await.text();
+    sum_series(
+        &text,
+        "shardgate_task_failures_total",
+        &[&format!("task=\"{task}\"")],
+    )
+}
+
+// The fault hook exists in debug builds only (absent from release builds).
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_listener_is_counted_and_keeps_the_gateway_not_ready() {
+    let c = Cluster::start().await;
+    assert_eq!(c.admin_get("/readyz").await.status, StatusCode::OK);
+    assert!(c.running().tasks.inject_panic("proxy_listener"));
+
+    let reason = support::eventually("/readyz to report the dead listener", || async {
+        let r = c.admin_get("/readyz").await;
+        (r.status == StatusCode::SERVICE_UNAVAILABLE).then(|| r.text())
+    })
+    .await;
+    assert!(
+        reason.contains("proxy_listener (panicked: fault injected into task proxy_listener)"),
+        "{reason}"
+    );
+    assert_eq!(task_failures(&c, "proxy_listener").await, 1.0);
+    // Never restarted: its socket went with it, and the gateway stays not ready.
+    support::eventually("the proxy port to refuse connections", || async {
+        tokio::net::TcpStream::connect(c.proxy())
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let r = c.admin_get("/readyz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(c.running().tasks.down().contains_key("proxy_listener"));
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_health_task_is_counted_and_restarted_and_probes_again() {
+    let mut c = Cluster::start_with(support::Options {
+        idc_toml: "health.interval_ms = 50\nhealth.fall = 2\nhealth.rise = 1\n".into(),
+        // Keep automatic failover out of the picture: only the health view is looked at.
+        extra_toml: "\n[failover]\ndetect_ms = 600000\n".into(),
+        ..support::Options::default()
+    })
+    .await;
+    assert!(c.running().tasks.inject_panic("health"));
+    support::eventually("the health task's death to be counted", || async {
+        (task_failures(&c, "health").await == 1.0).then_some(())
+    })
+    .await;
+    support::eventually("the health task to be back (ready again)", || async {
+        (c.admin_get("/readyz").await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert!(c.running().tasks.down().is_empty());
+
+    // It works again: probes find a stopped backend and the view follows.
+    c.stop_sim("sh", "core").await;
+    support::eventually("the restarted health task to see `sh` unhealthy", || {
+        let healthy = c.running().health.idc_healthy("sh");
+        async move { (healthy == Some(false)).then_some(()) }
+    })
+    .await;
+    assert_eq!(task_failures(&c, "health").await, 1.0);
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_file_source_reloads_and_keeps_the_revision_growing() {
+    let c = Cluster::start().await;
+    let before = c.topology().revision;
+    assert!(c.running().tasks.inject_panic("file_source"));
+    support::eventually("the file source's death to be counted", || async {
+        (task_failures(&c, "file_source").await == 1.0).then_some(())
+    })
+    .await;
+    // The new source reads the file once more, as the next revision (never an old one).
+    support::eventually("the restarted source to publish the next revision", || {
+        let revision = c.topology().revision;
+        async move { (revision == before + 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(c.admin_get("/readyz").await.status, StatusCode::OK);
+
+    // And it follows the file again: every shard pinned to `sh`.
+    c.write_topology(&c.document(&[("0-1023", "sh")]));
+    support::eventually("the edited file to be served", || {
+        let all_sh = c.serving_idc_of("user-1") == "sh" && c.serving_idc_of("user-2") == "sh";
+        async move { all_sh.then_some(()) }
+    })
+    .await;
+    assert_eq!(c.topology().revision, before + 2);
+}

@@ -664,3 +664,90 @@ async fn isolation_knobs_and_degrade_switches_in_etcd_apply_without_a_restart() 
     .await;
     g.shutdown().await;
 }
+
+/// The lease holding the cluster's election key (the leader's campaign), if any.
+async fn leader_lease(etcd: &Etcd) -> Option<i64> {
+    let c = etcd.client().await;
+    let mut e = c.election_client();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        e.leader(format!("/shardgate/{CLUSTER}/leader")),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    resp.kv().map(|kv| kv.lease())
+}
+
+// The fault hook exists in debug builds only (absent from release builds).
+#[cfg(debug_assertions)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_etcd_tasks_are_counted_restarted_and_follow_etcd_again() {
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let key = key_in(0, 127);
+    etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
+        .await;
+    let g = start_gateway(
+        &etcd.url,
+        GatewayOptions {
+            instance: Some("gw-restarts".into()),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let first_lease = eventually("this gateway to lead", || leader_lease(&etcd)).await;
+    eventually("this gateway to be registered", || async {
+        etcd.get("gateway/gw-restarts").await.map(|_| ())
+    })
+    .await;
+
+    for task in ["etcd_source", "registry", "leader"] {
+        assert!(g.tasks.inject_panic(task), "{task}");
+    }
+    eventually("the three deaths to be counted", || async {
+        let (_, m) = admin(g.admin_addr, "/metrics").await;
+        let m = m.as_str().unwrap_or("").to_owned();
+        ["etcd_source", "registry", "leader"]
+            .iter()
+            .all(|t| m.contains(&format!("shardgate_task_failures_total{{task=\"{t}\"}} 1")))
+            .then_some(())
+    })
+    .await;
+    eventually("the tasks to be back (ready again)", || async {
+        (admin(g.admin_addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+
+    // The source is back: an edit in etcd is served.
+    let edited = etcd
+        .put("topology", &idcs.document(&[("0-127", "bj")]))
+        .await;
+    eventually("an edit after the restart to apply", || async {
+        (revision(&g) >= edited as u64).then_some(())
+    })
+    .await;
+    assert_eq!(routed_idc(&g, &key).await, "bj");
+    // The registry is back: the registration reports the new revision.
+    eventually("the registration to report the edit", || async {
+        let record = etcd.get("gateway/gw-restarts").await?;
+        let v: serde_json::Value = serde_json::from_slice(&record).ok()?;
+        (v["applied_revision"].as_u64()? >= edited as u64).then_some(())
+    })
+    .await;
+    // The leader is back: a new campaign (a new lease) holds the election once the dead
+    // one's lease ran out.
+    within(Duration::from_secs(20), "a new campaign to lead", async {
+        loop {
+            if leader_lease(&etcd)
+                .await
+                .is_some_and(|lease| lease != first_lease)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    g.shutdown().await;
+}

@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shardgate::config::Config;
 use shardgate::Running;
-use support::{get, send, within};
+use support::{eventually, get, send, within};
 use tokio::net::TcpListener;
 
 type Ca = CertifiedIssuer<'static, KeyPair>;
@@ -218,6 +218,78 @@ async fn a_backend_not_signed_by_the_ca_or_not_named_is_a_502() {
         !String::from_utf8_lossy(&got).contains("/api/secret"),
         "the request went out in clear text"
     );
+    gw.shutdown().await;
+}
+
+/// Fast probes that give up on a backend after two failures, so a handful of cycles decides.
+const FAST_PROBES: &str =
+    "health = { path = \"/healthz\", interval_ms = 50, timeout_ms = 2000, rise = 1, fall = 2 }";
+
+/// The one backend of the `far` IDC's core pool in the gateway's current snapshot.
+fn far_backend(gw: &Running) -> Arc<shardgate::forward::Backend> {
+    let t = gw.snapshots.current().unwrap();
+    t.idcs[0].pools[0][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_idc_stays_in_service_through_many_probe_cycles() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca("upstream CA");
+    let (backend, seen) = tls_backend(&ca, &["api.far.internal"]).await;
+    let ca_path = write_ca(dir.path(), &ca);
+    let tls = format!(
+        "tls = {{ ca = \"{ca_path}\", server_name = \"api.far.internal\" }}\n{FAST_PROBES}"
+    );
+    let gw = gateway(dir.path(), &topology(backend, &tls)).await;
+    let far = far_backend(&gw);
+
+    // Ten probe cycles: with fall = 2, plaintext probes would have called it dead long before.
+    eventually("ten health probes of the TLS backend", || {
+        let n = far.health.probes();
+        async move { (n >= 10).then_some(()) }
+    })
+    .await;
+    assert!(
+        far.health.probe_healthy(),
+        "the probes call the TLS backend unhealthy"
+    );
+    assert_eq!(gw.health.idc_healthy("far"), Some(true));
+    let reply = send(gw.proxy_addr, get("/api/after-probes", &[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "tls-backend /api/after-probes");
+    // The probes spoke TLS with the IDC's server name, like the traffic.
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() >= 10, "only {} TLS handshakes", seen.len());
+    assert!(seen
+        .iter()
+        .all(|(sni, _)| sni.as_deref() == Some("api.far.internal")));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_backend_the_idc_ca_does_not_trust_fails_its_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = test_ca("trusted CA");
+    let other = test_ca("another CA");
+    let (stranger, _) = tls_backend(&other, &["api.far.internal"]).await;
+    let ca_path = write_ca(dir.path(), &trusted);
+    let tls = format!(
+        "tls = {{ ca = \"{ca_path}\", server_name = \"api.far.internal\" }}\n{FAST_PROBES}"
+    );
+    let gw = gateway(dir.path(), &topology(stranger, &tls)).await;
+    let far = far_backend(&gw);
+    // No request is sent, so no passive ejection: the probes alone decide.
+    eventually("the probes to call the untrusted backend unhealthy", || {
+        let down = !far.health.probe_healthy();
+        async move { down.then_some(()) }
+    })
+    .await;
+    assert!(!far.health.ejected(), "only the probes were to judge it");
+    eventually("the IDC to be unhealthy in the gateway's view", || {
+        let healthy = gw.health.idc_healthy("far");
+        async move { (healthy == Some(false)).then_some(()) }
+    })
+    .await;
     gw.shutdown().await;
 }
 

@@ -130,9 +130,6 @@ impl EtcdSource {
             // Events may be missed from now on: writes wait until the source has caught up
             // again (the self-fence).
             self.snapshots.self_fence().source_lost();
-            if let Some(first) = self.first.take() {
-                let _ = first.send(());
-            }
             if self.snapshots.current().is_none() {
                 let cache = self.cache.as_ref().map_or_else(
                     || "no --cache-dir".to_owned(),
@@ -140,6 +137,11 @@ impl EtcdSource {
                 );
                 self.snapshots
                     .note_not_ready(format!("no topology yet: {err}; {cache}"));
+            }
+            // Told after the reason is noted: `start()` may return on it, and /readyz must
+            // already say why it is not ready.
+            if let Some(first) = self.first.take() {
+                let _ = first.send(());
             }
             if outage_logged {
                 tracing::debug!(error = %err, "etcd still unreachable");

@@ -48,6 +48,8 @@ pub struct BackendHealth {
     /// Consecutive probe results in the current direction (written by the one probe task).
     probe_successes: AtomicU32,
     probe_failures: AtomicU32,
+    /// Probes finished since the backend was first named (`/status`; tests wait on it).
+    probes: AtomicU64,
     /// Consecutive 5xx answers / timeouts from real traffic.
     failures: AtomicU32,
     /// Ejections in a row (the period multiplier); decays after a quiet period.
@@ -67,6 +69,7 @@ impl BackendHealth {
             probe_healthy: AtomicBool::new(true),
             probe_successes: AtomicU32::new(0),
             probe_failures: AtomicU32::new(0),
+            probes: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -82,6 +85,11 @@ impl BackendHealth {
 
     fn in_service_at(&self, now: u64) -> bool {
         self.probe_healthy() && !self.ejected_at(now)
+    }
+
+    /// Probes finished so far, whatever their result.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
     }
 
     pub fn probe_healthy(&self) -> bool {
@@ -172,6 +180,7 @@ impl BackendHealth {
 
     /// One probe result, with the IDC's `rise`/`fall`. Returns the new verdict when it flipped.
     pub fn record_probe(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        self.probes.fetch_add(1, Ordering::Relaxed);
         let healthy = self.probe_healthy();
         if ok {
             self.probe_failures.store(0, Ordering::Relaxed);

@@ -1,23 +1,32 @@
-//! Active health probes: one task per backend identity (IDC + address) sends a plain
-//! HTTP/1.1 `GET <health.path>` every `interval`, each with a deadline of `timeout`; a 2xx
-//! status is a success. Results go to the backend's shared `BackendHealth` (rise/fall).
+//! Active health probes: one task per backend identity (IDC + address) sends an HTTP/1.1
+//! `GET <health.path>` every `interval`, each with a deadline of `timeout`; a 2xx status is a
+//! success. Results go to the backend's shared `BackendHealth` (rise/fall). A probe speaks to
+//! a backend the way the traffic does: over TLS, with the IDC's CA and server name, when the
+//! IDC's backends are TLS-only (a plaintext probe would call every such backend dead).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::BackendHealth;
+use crate::tls::upstream::UpstreamTls;
 use crate::topology::HealthSpec;
 
 /// The longest status line (and headers before it) read from a probe answer.
 const MAX_HEAD: usize = 1024;
 
-/// Probes `backend` until the task is aborted. `flipped` is told when the verdict changes.
-pub async fn run(backend: Arc<BackendHealth>, spec: HealthSpec, flipped: Arc<Notify>) {
+/// Probes `backend` (over `tls` when its IDC asks for it) until the task is aborted.
+/// `flipped` is told when the verdict changes.
+pub async fn run(
+    backend: Arc<BackendHealth>,
+    spec: HealthSpec,
+    tls: Option<Arc<UpstreamTls>>,
+    flipped: Arc<Notify>,
+) {
     // Spread the first probes of many backends over one interval, so a reload that names a
     // thousand backends does not open a thousand connections in the same millisecond.
     let spread = spec.interval.as_millis() as u64;
@@ -26,7 +35,7 @@ pub async fn run(backend: Arc<BackendHealth>, spec: HealthSpec, flipped: Arc<Not
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = probe(backend.addr, &spec.path, spec.timeout).await;
+        let result = probe(backend.addr, &spec.path, spec.timeout, tls.as_deref()).await;
         match (
             backend.record_probe(result.is_ok(), spec.rise, spec.fall),
             &result,
@@ -47,19 +56,45 @@ pub async fn run(backend: Arc<BackendHealth>, spec: HealthSpec, flipped: Arc<Not
     }
 }
 
-/// One probe: connect, send the request, read the status line, all within `timeout`.
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, exchange(addr, path)).await {
+/// One probe: connect (and the TLS handshake, with `tls`), send the request, read the status
+/// line, all within `timeout`.
+pub async fn probe(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, connect_and_ask(addr, path, tls)).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
 }
 
-async fn exchange(addr: SocketAddr, path: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+async fn connect_and_ask(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
+    match tls {
+        Some(tls) => {
+            let stream = tls
+                .connect(stream, addr)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            exchange(stream, addr, path).await
+        }
+        None => exchange(stream, addr, path).await,
+    }
+}
+
+async fn exchange<S>(mut stream: S, addr: SocketAddr, path: &str) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: shardgate-health\r\nConnection: close\r\n\r\n"
     );
@@ -134,11 +169,14 @@ mod tests {
         };
         let t = Duration::from_millis(300);
         let ok = answer("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
-        assert_eq!(probe(ok, "/healthz", t).await, Ok(()));
+        assert_eq!(probe(ok, "/healthz", t, None).await, Ok(()));
         let bad = answer("HTTP/1.1 500 Oops\r\n\r\n").await;
-        assert!(probe(bad, "/healthz", t).await.unwrap_err().contains("500"));
+        assert!(probe(bad, "/healthz", t, None)
+            .await
+            .unwrap_err()
+            .contains("500"));
         let silent = answer("").await;
-        assert!(probe(silent, "/healthz", t)
+        assert!(probe(silent, "/healthz", t, None)
             .await
             .unwrap_err()
             .contains("300 ms"));
@@ -146,6 +184,6 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(probe(closed, "/healthz", t).await.is_err());
+        assert!(probe(closed, "/healthz", t, None).await.is_err());
     }
 }
