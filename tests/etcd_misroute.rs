@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_support::{
-    admin, eventually, key_in, revision, start_gateway, Etcd, GatewayOptions, Idcs, Relay,
+    admin, eventually, key_in, revision, start_gateway, within, Etcd, GatewayOptions, Idcs, Relay,
 };
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -66,9 +66,13 @@ async fn a_stale_gateways_write_is_refused_by_the_old_owner_and_sent_to_the_new_
     let fresh = start_gateway(&etcd.url, GatewayOptions::default()).await;
     let stale = start_gateway(&relay.url, GatewayOptions::default()).await;
     for g in [&fresh, &stale] {
-        eventually("both gateways to serve the document", || async {
-            (revision(g) >= first as u64).then_some(())
-        })
+        eventually(
+            "both gateways to serve the document and take writes",
+            || async {
+                let (_, v) = admin(g.admin_addr, "/status").await;
+                (revision(g) >= first as u64 && v["self_fence"]["writes"] == "open").then_some(())
+            },
+        )
         .await;
     }
     let (status, idc, body) = post(stale.proxy_addr, &key).await;
@@ -79,13 +83,12 @@ async fn a_stale_gateways_write_is_refused_by_the_old_owner_and_sent_to_the_new_
         Some(first_epoch.as_str())
     );
 
-    relay.cut();
-    eventually("the stale gateway to see etcd gone", || async {
-        let (_, v) = admin(stale.admin_addr, "/status").await;
-        (v["source"]["up"] == false).then_some(())
-    })
-    .await;
-    // The shard's owner changes while the stale gateway cannot hear it.
+    // Packets to and from etcd are dropped: the stale gateway does not know yet. Until its own
+    // deadline (the lease TTL less a margin after its last confirmed keep-alive, at least 3 s
+    // from here) it still takes writes, by its old snapshot.
+    relay.stall();
+    // The shard's owner changes while the stale gateway cannot hear it (a document push: an
+    // owner change with no fence to wait for the stale gateway's acknowledgement).
     let moved = etcd
         .put("topology", &idcs.document(&[("0-127", "gz")]))
         .await;
@@ -128,12 +131,33 @@ async fn a_stale_gateways_write_is_refused_by_the_old_owner_and_sent_to_the_new_
         "the fresh gateway sent nothing again"
     );
 
-    relay.restore();
+    // Then its self-fence closes: a gateway that cannot hear etcd writes nothing at all.
+    let fenced = within(
+        Duration::from_secs(10),
+        "the stale gateway to fence itself",
+        async {
+            loop {
+                let (status, _, _) = post(stale.proxy_addr, &key).await;
+                if status == 503 {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(fenced, 503);
+
+    relay.resume();
     eventually("the stale gateway to catch up", || async {
         (revision(&stale) >= moved as u64).then_some(())
     })
     .await;
-    let (status, idc, body) = post(stale.proxy_addr, &key).await;
+    let (status, idc, body) = eventually("the caught-up gateway to take writes", || async {
+        let answer = post(stale.proxy_addr, &key).await;
+        (answer.0 == 200).then_some(answer)
+    })
+    .await;
     assert_eq!((status, idc.as_deref()), (200, Some("gz")), "{body}");
     assert!(body["headers"]["x-shardgate-reforward"].is_null(), "{body}");
     fresh.shutdown().await;

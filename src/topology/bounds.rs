@@ -185,14 +185,19 @@ key = ["header:x-user-id"]
                 "`{field}` is not bounded:\n{text}"
             );
         }
-        // At the bound, accepted.
-        let text = problems(|d| format!("{d}timeout_ms = {MAX_DURATION_MS}\n"));
+        // At the bound, accepted (with a fence that covers the route, as validation wants).
+        let text = problems(|d| {
+            format!("{d}timeout_ms = {MAX_DURATION_MS}\n[failover]\nfence_ms = {MAX_DURATION_MS}\n")
+        });
         assert_eq!(text, "");
     }
 
     #[test]
     fn the_largest_route_timeout_does_not_overflow_a_deadline() {
-        let t = build_text(&format!("{BASE}timeout_ms = {MAX_DURATION_MS}\n")).unwrap();
+        let t = build_text(&format!(
+            "{BASE}timeout_ms = {MAX_DURATION_MS}\n[failover]\nfence_ms = {MAX_DURATION_MS}\n"
+        ))
+        .unwrap();
         let timeout = t.routes[0].timeout;
         assert!(tokio::time::Instant::now().checked_add(timeout).is_some());
         assert!(std::time::Instant::now().checked_add(timeout).is_some());

@@ -444,8 +444,32 @@ impl Drop for Etcd {
 pub struct Relay {
     pub url: String,
     open: Arc<AtomicBool>,
+    /// While false, relayed bytes are held back (connections stay open): a black hole.
+    flowing: tokio::sync::watch::Sender<bool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     task: JoinHandle<()>,
+}
+
+/// Copies `from` to `to`, holding each chunk back while `flowing` is false.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut flowing: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if flowing.wait_for(|f| *f).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Relay {
@@ -455,20 +479,24 @@ impl Relay {
             .expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         let open = Arc::new(AtomicBool::new(true));
+        let flowing = tokio::sync::watch::channel(true).0;
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::new(Mutex::new(Vec::new()));
         let task = {
             let open = open.clone();
             let conns = conns.clone();
+            let flowing = flowing.clone();
             tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
+                while let Ok((inbound, _)) = listener.accept().await {
                     if !open.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
+                    let (up, down) = (flowing.subscribe(), flowing.subscribe());
                     let handle = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(outbound) = TcpStream::connect(upstream).await {
+                            let (ir, iw) = inbound.into_split();
+                            let (or, ow) = outbound.into_split();
+                            tokio::join!(pump(ir, ow, up), pump(or, iw, down));
                         }
                     });
                     conns.lock().unwrap().push(handle.abort_handle());
@@ -478,9 +506,21 @@ impl Relay {
         Relay {
             url: format!("http://{addr}"),
             open,
+            flowing,
             conns,
             task,
         }
+    }
+
+    /// Holds every byte back without closing anything: a partition that drops packets, so
+    /// the gateway notices only by its own deadlines (a stalled watch, unanswered keep-alives).
+    pub fn stall(&self) {
+        self.flowing.send_replace(false);
+    }
+
+    /// Lets the held bytes through again.
+    pub fn resume(&self) {
+        self.flowing.send_replace(true);
     }
 
     /// Closes every relayed connection and refuses new ones.
