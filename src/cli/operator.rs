@@ -475,7 +475,7 @@ pub(super) fn print_overrides_and_moves(v: &Value) {
     }
     println!("moves:");
     println!(
-        "  {:<28} {:<6} {:<12} {:<6} {:<6} {:<12} {:>6}  NOTE",
+        "  {:<28} {:<8} {:<12} {:<6} {:<6} {:<12} {:>6}  NOTE",
         "ID", "KIND", "SHARDS", "FROM", "TO", "PHASE", "AGE"
     );
     for m in &moves {
@@ -493,7 +493,7 @@ pub(super) fn print_overrides_and_moves(v: &Value) {
             format!("{} shards", count_shards(&ranges))
         };
         println!(
-            "  {:<28} {:<6} {:<12} {:<6} {:<6} {:<12} {:>5}s  {}",
+            "  {:<28} {:<8} {:<12} {:<6} {:<6} {:<12} {:>5}s  {}",
             s(&m["id"]),
             s(&m["kind"]),
             shards,
