@@ -268,13 +268,12 @@ pub fn upstream_violation(
             return Some(format!("hop-by-hop `{name}` reached the upstream"));
         }
     }
-    // The first `Connection` line names headers that must go (every line, once item 6 of the
-    // robustness issue makes `strip_hop_by_hop` read them all).
+    // Every `Connection` line names headers that must go.
     let named = client
-        .get(http::header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(',')
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty() && !GATEWAY_SET.contains(&t.as_str()))
         .collect::<Vec<_>>();
