@@ -518,9 +518,14 @@ fn refusal_justified(refusal: Refusal, bytes: &[u8]) -> Result<(), String> {
     }
 }
 
-/// The length of the head at the start of `bytes`, through the blank line that ends it.
+/// The length of the head at the start of `bytes`, through the blank line that ends it
+/// (empty lines before the request line are part of no head's end).
 fn head_len(bytes: &[u8]) -> Option<usize> {
-    (0..bytes.len()).find_map(|i| {
+    let lead = bytes
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    (lead..bytes.len()).find_map(|i| {
         if bytes[i] != b'\n' {
             return None;
         }

@@ -184,7 +184,14 @@ impl Scanner {
     /// returns how many bytes followed it. `None`: still incomplete, or the gate stepped
     /// aside or closed (the held bytes are dealt with).
     fn check_head(&mut self, out: &mut Vec<u8>) -> Option<usize> {
-        let from = self.searched.saturating_sub(3);
+        // Empty lines before a request line are no head's end (RFC 9112 §2.2 lets a server
+        // skip them): the search starts after them, whatever the client's cuts.
+        let lead = self
+            .pending
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        let from = self.searched.saturating_sub(3).max(lead);
         let ended = head_end(&self.pending[from..]).map(|end| from + end);
         self.searched = self.pending.len();
         let Some(end) = ended else {
