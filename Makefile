@@ -60,9 +60,15 @@ bench-proxy: release
 bench-tls: release
 	benches/proxy/tls.sh
 
-# Coverage-guided fuzzing (libFuzzer) of the topology parser/validator and request routing,
-# 60 s each. Needs cargo-fuzz; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.
+# Coverage-guided fuzzing (libFuzzer) of the topology parser/validator, request routing and
+# header hygiene, and the request-head gate: FUZZ_SECONDS each, then the corpus is minimized
+# in place (commit what it adds; `make test` replays fuzz/corpus). Needs cargo-fuzz;
+# RUSTC_BOOTSTRAP lets the stable toolchain take its flags.
+FUZZ_TARGETS := topology_document request_routing request_head_gate
+FUZZ_SECONDS ?= 60
 fuzz:
 	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run topology_document -- -max_total_time=60
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run request_routing -- -max_total_time=60
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -dict=dict/$$t.dict && \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz cmin $$t || exit 1; \
+	done

@@ -1,12 +1,14 @@
 //! The admin listener on a real socket: health, readiness, metrics after traffic, explain,
-//! topology and status; and the proxy listener never serving admin paths.
+//! topology and status; the operator writes refusing bad, oversized and slow bodies; and the
+//! proxy listener never serving admin paths.
 
 mod support;
 
 use http::StatusCode;
 use serde_json::Value;
 use shardgate::topology::Shard;
-use support::{get, keys_where, Cluster};
+use support::{get, keys_where, request, send, within, Cluster, Options, REQUEST_DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sum of the samples of `name` whose labels contain every one of `labels`.
 fn sum_series(text: &str, name: &str, labels: &[&str]) -> f64 {
@@ -276,4 +278,74 @@ async fn a_restarted_file_source_reloads_and_keeps_the_revision_growing() {
     })
     .await;
     assert_eq!(c.topology().revision, before + 2);
+}
+
+/// Every operator write on the admin API (file mode) with a body that is not JSON, JSON of
+/// the wrong shape, over 64 KiB, or too slow: each refused with its reason, and nothing
+/// written or published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_writes_refuse_bad_big_and_slow_bodies_and_change_nothing() {
+    let c = Cluster::start_with(Options {
+        cache_dir: true,
+        ..Options::default()
+    })
+    .await;
+    let revision = c.topology().revision;
+    let big = format!(
+        r#"{{"on":true,"state":"down","range":"0-3","to":"gz","reason":"{}"}}"#,
+        "x".repeat(65 * 1024)
+    );
+    for path in ["/override/degrade/noncore", "/override/idc/gz", "/move"] {
+        for (body, status, kind) in [
+            ("{\"on\": tru", 400, "bad_json"),
+            ("[1, 2]", 400, "bad_json"),
+            (big.as_str(), 400, "bad_body"),
+        ] {
+            let r = send(
+                c.admin(),
+                request(
+                    http::Method::POST,
+                    path,
+                    &[("content-type", "application/json")],
+                    body.to_owned(),
+                ),
+            )
+            .await;
+            assert_eq!(r.status.as_u16(), status, "{path}: {}", r.text());
+            assert_eq!(r.json()["error"], kind, "{path}: {}", r.text());
+        }
+    }
+
+    // A body that promises 100 bytes and stops after 10: refused once the body deadline
+    // passes, with the connection still open.
+    let mut s = tokio::net::TcpStream::connect(c.admin())
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /override/idc/gz HTTP/1.1\r\nhost: admin\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"state\":",
+    )
+    .await
+    .expect("write a partial body");
+    let mut got = Vec::new();
+    within(REQUEST_DEADLINE, "the slow body to be refused", async {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("\"error\"") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""error":"timeout""#), "{text}");
+
+    // Nothing was written or published.
+    assert_eq!(c.topology().revision, revision);
+    let st = c.admin_get("/status").await.json();
+    assert_eq!(st["overrides"], serde_json::json!([]), "{st}");
+    assert_eq!(st["moves"], serde_json::json!([]), "{st}");
+    assert!(!c.dir.path().join("cache/overrides.json").exists());
+    c.stop().await;
 }

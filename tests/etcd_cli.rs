@@ -289,7 +289,7 @@ async fn status_and_explain_read_the_cluster_from_etcd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_etcd_exits_4_and_missing_flags_exit_2() {
-    let url = format!("http://127.0.0.1:{}", free_port());
+    let (_held, url) = refused_url();
     let dir = tempfile::tempdir().unwrap();
     let idcs = Idcs::start().await;
     let file = write_file(dir.path(), "a.toml", &idcs.document(&[]));

@@ -15,6 +15,13 @@ use serde_json::{json, Value};
 const FAILOVER: &str =
     "\n[failover]\ndetect_ms = 1000\nrecover_ms = 1500\nauto_failback = true\nwarmup_s = 600\nfence_ms = 2000\n";
 
+/// For the hysteresis test: views flap every `FLAP_MS`, ten times faster than `detect_ms`
+/// and `recover_ms`, so that only a stall of seconds between two of the test's etcd writes
+/// could make a flap look steady to the leader.
+const FLAP_MS: u64 = 400;
+const HYSTERESIS: &str =
+    "\n[failover]\ndetect_ms = 4000\nrecover_ms = 4000\nauto_failback = true\nwarmup_s = 600\nfence_ms = 2000\n";
+
 fn opts(instance: &str) -> GatewayOptions {
     GatewayOptions {
         instance: Some(instance.to_owned()),
@@ -103,7 +110,7 @@ async fn a_majority_of_views_decides_with_hysteresis_and_fails_back() {
     let etcd = Etcd::start().await;
     let idcs = Idcs::start().await;
     let mut doc = idcs.document(&[("0-255", "sh")]);
-    doc.push_str(FAILOVER);
+    doc.push_str(HYSTERESIS);
     etcd.put("topology", &doc).await;
     // One real gateway (the leader, seeing every IDC healthy) and two registered views.
     let g = start_gateway(&etcd.url, opts("g1")).await;
@@ -114,19 +121,20 @@ async fn a_majority_of_views_decides_with_hysteresis_and_fails_back() {
     })
     .await;
 
-    // One gateway of three sees sh unhealthy: for three detect periods, nothing is written.
+    // One gateway of three sees sh unhealthy: for longer than detect_ms, nothing is written.
     fake_gateway(&etcd, "fake-a", false).await;
-    for _ in 0..30 {
+    for _ in 0..45 {
         assert!(
             etcd.get("override/idc/sh").await.is_none(),
             "a lone view must not fail sh over"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A second one flaps faster than detect_ms: the majority never holds long enough.
+    // A second one flaps ten times faster than detect_ms: the majority never holds long
+    // enough.
     for i in 0..10 {
         fake_gateway(&etcd, "fake-b", i % 2 == 1).await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(FLAP_MS)).await;
         assert!(etcd.get("override/idc/sh").await.is_none(), "flap {i}");
     }
     // Two of three, steadily: down, reason auto, by the leader; the gateway serves it.
@@ -154,12 +162,12 @@ async fn a_majority_of_views_decides_with_hysteresis_and_fails_back() {
         (Some("down"), Some("auto"))
     );
 
-    // Healthy views that flap faster than recover_ms do not bring it back.
+    // Healthy views that flap ten times faster than recover_ms do not bring it back.
     for i in 0..8 {
         let healthy = i % 2 == 0;
         fake_gateway(&etcd, "fake-a", healthy).await;
         fake_gateway(&etcd, "fake-b", healthy).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(FLAP_MS)).await;
         let now = json_at(&etcd, "override/idc/sh").await.unwrap();
         assert_eq!(now["state"], "down", "flap {i}: {now}");
     }
@@ -247,7 +255,9 @@ async fn a_move_whose_leader_is_killed_is_finished_by_the_next_leader() {
     let g2 = start_gateway(&etcd.url, opts("g2")).await;
     let g3 = start_gateway(&etcd.url, opts("g3")).await;
 
-    // Phase 1 written; the leader dies before fence_ms has passed.
+    // Phase 1 written while a registered gateway has not acknowledged it, so the doomed
+    // leader cannot finish the move, however long it takes to die.
+    hold_phase_2(&etcd, "holdout").await;
     etcd.put("move/m1", &move_record("move", Some("bj"), "sh"))
         .await;
     child.start_kill().unwrap();
@@ -258,7 +268,17 @@ async fn a_move_whose_leader_is_killed_is_finished_by_the_next_leader() {
     )
     .await
     .unwrap();
+    let successor = eventually("a new leader", || async {
+        leader(&etcd).await.filter(|l| l == "g2" || l == "g3")
+    })
+    .await;
+    assert_eq!(
+        json_at(&etcd, "move/m1").await.unwrap()["phase"],
+        "fencing",
+        "the killed leader finished the move"
+    );
 
+    release_phase_2(&etcd, "holdout").await;
     let done = eventually("the move to be finished by a new leader", || async {
         json_at(&etcd, "move/m1")
             .await
@@ -269,7 +289,7 @@ async fn a_move_whose_leader_is_killed_is_finished_by_the_next_leader() {
     assert!(done["finished_at"].as_u64().is_some(), "{done}");
     assert!(done["fence_revision"].as_u64().unwrap() > 0, "{done}");
     let now = leader(&etcd).await.unwrap();
-    assert!(now == "g2" || now == "g3", "{now}");
+    assert!(now == "g2" || now == "g3", "{now} (after {successor})");
     g2.shutdown().await;
     g3.shutdown().await;
 }

@@ -127,8 +127,11 @@ async fn record(etcd: &Etcd, id: &str) -> Value {
 async fn drain_fences_writes_on_every_gateway_then_the_leader_moves_the_shards() {
     let etcd = Etcd::start().await;
     let idcs = Idcs::start().await;
-    let (g1, g2) = setup(&etcd, &idcs, 1500).await;
+    let (g1, g2) = setup(&etcd, &idcs, 300).await;
     let key = key_in(0, 63);
+    // A third registered gateway that has not acknowledged the fence: the leader cannot
+    // start phase 2 until the test lets it, however slowly the checks below run.
+    hold_phase_2(&etcd, "holdout").await;
 
     let out = cli(&etcd, &["drain", "sh", "--reason", "maintenance"]).await;
     assert_eq!(out.code, 0, "{out:?}");
@@ -141,8 +144,9 @@ async fn drain_fences_writes_on_every_gateway_then_the_leader_moves_the_shards()
     assert_eq!(over["state"], "draining");
     assert_eq!(over["by"], "tester");
 
-    // Phase 1 on both gateways: writes fenced, reads still from sh. Nobody drives phase 2
-    // yet, so the fence holds for as long as the test looks.
+    // Phase 1 on both gateways: writes fenced, reads still from sh. The leader waits for
+    // the held-back gateway's acknowledgement, so the fence holds for as long as the test
+    // looks.
     for g in [&g1, &g2] {
         eventually("the fence to reach the gateway", || async {
             let (status, reason, _) = post(g.proxy_addr, &key).await;
@@ -152,8 +156,14 @@ async fn drain_fences_writes_on_every_gateway_then_the_leader_moves_the_shards()
         let r = get(g.proxy_addr, "/orders", &key).await.unwrap();
         assert_eq!((r.status, r.idc.as_deref()), (200, Some("sh")));
     }
+    assert_eq!(
+        record(&etcd, &id).await["phase"],
+        "fencing",
+        "phase 2 before every gateway acknowledged the fence"
+    );
 
-    // The leader's pass: applied once both gateways acknowledged and fence_ms passed.
+    // The leader's pass: applied once every gateway acknowledged and fence_ms passed.
+    release_phase_2(&etcd, "holdout").await;
     assert_eq!(drive_until_decided(&etcd, &id).await, Step::Apply);
     let stored = record(&etcd, &id).await;
     assert_eq!(stored["phase"], "applied");
@@ -235,6 +245,8 @@ async fn move_wait_returns_when_applied_everywhere_and_exits_1_on_a_rollback() {
     }
 
     // A move whose target fails during the fence is rolled back; --wait says so (exit 1).
+    // The held-back gateway keeps phase 2 from happening before the target fails.
+    hold_phase_2(&etcd, "holdout").await;
     let url = etcd.url.clone();
     let waiting = tokio::spawn(async move {
         shardgate(&[
@@ -261,6 +273,8 @@ async fn move_wait_returns_when_applied_everywhere_and_exits_1_on_a_rollback() {
     })
     .await;
     assert_eq!(cli(&etcd, &["failover", "bj"]).await.code, 0);
+    assert_eq!(record(&etcd, &id2).await["phase"], "fencing");
+    release_phase_2(&etcd, "holdout").await;
     assert!(matches!(
         drive_until_decided(&etcd, &id2).await,
         Step::RollBack(_)
@@ -360,7 +374,7 @@ async fn failover_restore_and_refusals_through_etcd() {
     );
 
     // etcd that is not there: exit 4.
-    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (_held, nowhere) = refused_url();
     let out = shardgate(&["failover", "gz", "--etcd", &nowhere, "--cluster", CLUSTER]).await;
     assert_eq!(out.code, 4, "{out:?}");
     g1.shutdown().await;
@@ -372,6 +386,8 @@ async fn a_drain_with_nowhere_to_go_is_rolled_back_with_its_override() {
     let etcd = Etcd::start().await;
     let idcs = Idcs::start().await;
     let (g1, g2) = setup(&etcd, &idcs, 300).await;
+    // Phase 2 waits for the test: the IDCs below go down during the fence, not after it.
+    hold_phase_2(&etcd, "holdout").await;
     let out = cli(&etcd, &["drain", "gz"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     let id = printed_move_id(&out);
@@ -379,6 +395,8 @@ async fn a_drain_with_nowhere_to_go_is_rolled_back_with_its_override() {
     let down = r#"{"state":"down","reason":"auto","by":"leader"}"#;
     etcd.put("override/idc/sh", down).await;
     etcd.put("override/idc/bj", down).await;
+    assert_eq!(record(&etcd, &id).await["phase"], "fencing");
+    release_phase_2(&etcd, "holdout").await;
     match drive_until_decided(&etcd, &id).await {
         Step::RollBack(why) => assert!(why.contains("no other IDC"), "{why}"),
         other => panic!("expected a rollback, got {other:?}"),

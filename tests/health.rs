@@ -67,8 +67,11 @@ async fn apply_overrides(c: &Cluster, overrides: Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_take_a_stopped_backend_out_after_fall_and_back_after_rise() {
+    // No automatic failover: gz must stay the serving IDC (reads spill, writes get 502)
+    // however long the checks below take.
     let mut c = Cluster::start_with(Options {
         idc_toml: FAST_PROBES.into(),
+        extra_toml: NO_AUTO_FAILOVER.into(),
         ..Options::default()
     })
     .await;
@@ -155,8 +158,10 @@ async fn probes_take_a_stopped_backend_out_after_fall_and_back_after_rise() {
 async fn probe_state_survives_a_reload_that_keeps_the_backend() {
     // Slow to fall (5 × 100 ms): a reload that forgot the state would show the backend
     // healthy again for half a second.
+    // No automatic failover: its override would be a reload of its own.
     let mut c = Cluster::start_with(Options {
         idc_toml: "health.interval_ms = 100\nhealth.fall = 5\nhealth.rise = 2\n".into(),
+        extra_toml: NO_AUTO_FAILOVER.into(),
         ..Options::default()
     })
     .await;
@@ -536,26 +541,32 @@ async fn an_idempotent_request_is_retried_on_another_backend_when_its_backend_di
     let mut pair: Vec<Option<SimBackend>> = pair.into_iter().map(Some).collect();
     let c = Cluster::start_with(options).await;
     let proxy = c.proxy();
+    // Held by its backend until the backend dies, then held by the other until released:
+    // no answer can come before the backend dies, however slow the machine.
     let inflight =
-        tokio::spawn(async move { send(proxy, get("/pair", &[("x-sim-delay-ms", "3000")])).await });
-    let first = eventually("the request to reach a backend", || {
+        tokio::spawn(async move { send(proxy, get("/pair", &[("x-sim-hold", "1")])).await });
+    let first = eventually("the request to be held by a backend", || {
         let hit = pair
             .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.hits() == 1));
+            .position(|s| s.as_ref().is_some_and(|s| s.held() == 1));
         async move { hit }
     })
     .await;
-    // The backend dies with the request in flight (its connections close after 1 s, before
-    // it would have answered).
+    // The backend dies with the request in flight.
     let dying = pair[first].take().expect("running");
     within(Duration::from_secs(5), "the backend to stop", dying.stop()).await;
+    let survivor = pair[1 - first].as_ref().expect("running");
+    eventually("the retry to reach the other backend", || async {
+        (survivor.held() == 1).then_some(())
+    })
+    .await;
+    survivor.release_held();
     let r = within(REQUEST_DEADLINE, "the request", inflight)
         .await
         .expect("the request task");
     let other = ["pa", "pb"][1 - first];
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.idc(), other, "answered by the surviving backend");
-    let survivor = pair[1 - first].as_ref().expect("running");
     assert_eq!(survivor.hits(), 1);
     c.stop().await;
     for sim in pair.into_iter().flatten() {
@@ -565,7 +576,7 @@ async fn an_idempotent_request_is_retried_on_another_backend_when_its_backend_di
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_idempotent_requests_follow_their_shard_to_a_new_serving_idc() {
-    // `ledger`: like `orders`, with time for a replay after a 3 s answer was cut short.
+    // `ledger`: like `orders`, with time for a replay after a held answer was cut short.
     let mut c = Cluster::start_with(Options {
         cache_dir: true,
         extra_toml: "\n[[routes]]\nname = \"ledger\"\npath_prefix = \"/ledger\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\ntimeout_ms = 15000\n".into(),
@@ -577,14 +588,16 @@ async fn only_idempotent_requests_follow_their_shard_to_a_new_serving_idc() {
     let slow = |method: Method| {
         let key = key.clone();
         tokio::spawn(async move {
-            let headers = [("x-user-id", key.as_str()), ("x-sim-delay-ms", "3000")];
+            // Held by gz's backend until it dies: the failover below always happens while
+            // both are in flight.
+            let headers = [("x-user-id", key.as_str()), ("x-sim-hold", "1")];
             send(proxy, request(method, "/ledger", &headers, "")).await
         })
     };
     let put = slow(Method::PUT);
     let post = slow(Method::POST);
-    eventually("both requests to reach gz", || async {
-        (c.sim("gz", "core").hits() == 2).then_some(())
+    eventually("both requests to be held by gz", || async {
+        (c.sim("gz", "core").held() == 2).then_some(())
     })
     .await;
     // Failover while they are in flight: gz goes down, then its backend dies.
@@ -595,6 +608,12 @@ async fn only_idempotent_requests_follow_their_shard_to_a_new_serving_idc() {
     let owner = c.serving_idc_of(&key);
     assert_ne!(owner, "gz");
     c.stop_sim("gz", "core").await;
+    // The replayed PUT carries the hold too: let the new owner answer it.
+    eventually("the PUT to be replayed in the new owner", || async {
+        (c.sim(&owner, "core").held() == 1).then_some(())
+    })
+    .await;
+    c.sim(&owner, "core").release_held();
 
     let put = within(REQUEST_DEADLINE, "the PUT", put)
         .await

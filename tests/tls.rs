@@ -387,9 +387,46 @@ async fn the_plain_listener_redirects_to_https() {
     c.stop().await;
 }
 
+/// Set in the child process that runs [`sighup_reloads_the_certificates`]'s body alone.
+#[cfg(unix)]
+const SIGHUP_CHILD: &str = "SHARDGATE_TEST_SIGHUP_CHILD";
+
+/// SIGHUP goes to a whole process: this test runs its body in a child process of this test
+/// binary that runs nothing else, and signals only that child, so no gateway of another test
+/// ever sees the signal.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificates() {
+    if std::env::var_os(SIGHUP_CHILD).is_some() {
+        sighup_reloads_the_certificates_here().await;
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let run = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            "sighup_reloads_the_certificates",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(SIGHUP_CHILD, "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within(Duration::from_secs(60), "the SIGHUP test's process", run)
+        .await
+        .expect("run the test binary again");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the SIGHUP test failed in its process ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[cfg(unix)]
+async fn sighup_reloads_the_certificates_here() {
     let p = pki();
     let (cert1, key1, der1) = leaf(&p.ca, &["gw.test"]);
     let files = write_pair(p.dir.path(), "gw", &cert1, &key1);
@@ -415,7 +452,8 @@ async fn sighup_reloads_the_certificates() {
     put(&files.key, &key2);
     put(&files.cert, &cert2);
     // The gateway has installed its SIGHUP handler (the file source and the certificates
-    // both listen), so the signal reloads instead of ending the test process.
+    // both listen), so the signal reloads instead of ending the process. This process runs
+    // this test alone (see above).
     let pid = std::process::id().to_string();
     let (proxy, ca, want) = (c.proxy(), &p.ca, &der2);
     support::eventually("SIGHUP to load the new certificate", || {

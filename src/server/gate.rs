@@ -264,13 +264,26 @@ impl Scanner {
     /// returns how many bytes followed it. `None`: still incomplete, or the gate stepped
     /// aside or closed (the held bytes are dealt with).
     fn check_head(&mut self, out: &mut Vec<u8>) -> Option<usize> {
-        let from = self.searched.saturating_sub(3);
-        let ended = head_end(&self.pending[from..]);
+        // Empty lines before a request line are no head's end (RFC 9112 §2.2 lets a server
+        // skip them): the search starts after them, whatever the client's cuts.
+        let lead = self
+            .pending
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        let from = self.searched.saturating_sub(3).max(lead);
+        let ended = head_end(&self.pending[from..]).map(|end| from + end);
         self.searched = self.pending.len();
-        if !ended {
+        let Some(end) = ended else {
             if self.pending.len() > self.max_head {
                 self.refuse(Refusal::HeadTooLarge, out);
             }
+            return None;
+        };
+        // The size limit is decided before the syntax, as it is while the head is still
+        // coming: the verdict must not depend on how the client cut its bytes.
+        if end > self.max_head {
+            self.refuse(Refusal::HeadTooLarge, out);
             return None;
         }
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -328,12 +341,17 @@ impl Scanner {
     }
 }
 
-/// Whether `bytes` hold the blank line that ends a head (`\n\r\n` or `\n\n`).
-fn head_end(bytes: &[u8]) -> bool {
-    bytes
-        .windows(2)
-        .enumerate()
-        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n')))
+/// Where the first blank line that ends a head (`\n\r\n` or `\n\n`) in `bytes` ends.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).enumerate().find_map(|(i, w)| {
+        if w == b"\n\n" {
+            Some(i + 2)
+        } else if w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n') {
+            Some(i + 3)
+        } else {
+            None
+        }
+    })
 }
 
 /// The body framing of a complete head and whether it asks for an upgrade (an `Upgrade`
@@ -495,7 +513,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 if this.scanner.pending.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                this.out.append(&mut this.scanner.pending);
+                // A held head goes to hyper now; a chunk-size or trailer line was passed on
+                // as it came, so handing it over again would make hyper read it twice.
+                if this.scanner.state == State::Head {
+                    this.out.append(&mut this.scanner.pending);
+                } else {
+                    this.scanner.pending.clear();
+                }
                 this.scanner.state = State::Off;
                 continue;
             }

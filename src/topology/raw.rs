@@ -368,7 +368,13 @@ impl RawTopology {
                     format!("line {line}, column {col}")
                 })
                 .unwrap_or_else(|| "document".to_owned());
-            super::Problems(vec![super::Problem::new(at, e.message().to_owned())])
+            // Some parser errors carry no message (a bare CR in a comment): a problem must
+            // still say what is wrong.
+            let reason = match e.message().trim() {
+                "" => "not valid TOML here".to_owned(),
+                m => m.to_owned(),
+            };
+            super::Problems(vec![super::Problem::new(at, reason)])
         })
     }
 }

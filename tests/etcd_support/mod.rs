@@ -60,11 +60,28 @@ where
     .await
 }
 
-/// A free loopback port: bound, read, released.
+/// A free loopback port: bound, read, released. Another process may take it before etcd
+/// binds it: [`Etcd::start`] checks that the etcd it reaches is its own and retries on new
+/// ports. For an address where nothing answers use [`refused_url`].
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
     l.local_addr().expect("local address").port()
 }
+
+/// An etcd URL where nothing will ever answer: the port stays bound (not listening) for as
+/// long as the returned socket lives, so connections are refused and no other test or
+/// process can be given the port meanwhile.
+pub fn refused_url() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a port");
+    let port = socket.local_addr().expect("local address").port();
+    (socket, format!("http://127.0.0.1:{port}"))
+}
+
+/// How many times [`Etcd::start`] tries new ports when the ones it picked were taken.
+const START_ATTEMPTS: usize = 5;
 
 fn etcd_binary() -> PathBuf {
     let installed = Path::new("/usr/bin/etcd");
@@ -167,21 +184,38 @@ impl Etcd {
     }
 
     async fn start_with(tls: Option<Arc<EtcdTls>>) -> Etcd {
-        let client_port = free_port();
-        let peer_port = free_port();
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut etcd = Etcd {
-            child: None,
-            url: format!("{scheme}://127.0.0.1:{client_port}"),
-            client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)),
-            peer_port,
-            dir: tempfile::tempdir().expect("a temporary directory for etcd"),
-            tls,
-            auth: None,
-        };
-        etcd.spawn();
-        etcd.wait_ready().await;
-        etcd
+        // The ports are picked free but released before etcd binds them: when another
+        // process took one meanwhile, this etcd exits (or another one answers), and the
+        // attempt is repeated on new ports.
+        for attempt in 1..=START_ATTEMPTS {
+            let client_port = free_port();
+            let peer_port = free_port();
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut etcd = Etcd {
+                child: None,
+                url: format!("{scheme}://127.0.0.1:{client_port}"),
+                client_addr: SocketAddr::from(([127, 0, 0, 1], client_port)),
+                peer_port,
+                dir: tempfile::tempdir().expect("a temporary directory for etcd"),
+                tls: tls.clone(),
+                auth: None,
+            };
+            etcd.spawn();
+            match etcd.try_ready().await {
+                Ok(()) => return etcd,
+                Err(why) if attempt < START_ATTEMPTS => {
+                    eprintln!("etcd on port {client_port} did not start ({why}); new ports");
+                }
+                Err(why) => panic!("etcd did not start in {START_ATTEMPTS} attempts: {why}"),
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    /// This etcd's member name: unique, so that the readiness check recognises its own
+    /// process and not another etcd that took the port.
+    fn member_name(&self) -> String {
+        format!("itest-{}-{}", std::process::id(), self.peer_port)
     }
 
     /// Adds the `root` user with `password` and turns etcd's auth on, with etcdctl as an
@@ -265,7 +299,7 @@ impl Etcd {
         }
         let child = command
             .arg("--name")
-            .arg("itest")
+            .arg(self.member_name())
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--listen-client-urls")
@@ -277,7 +311,7 @@ impl Etcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("itest={peer}"))
+            .arg(format!("{}={peer}", self.member_name()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -286,33 +320,54 @@ impl Etcd {
         self.child = Some(child);
     }
 
-    /// Polls until etcd answers a read, for at most 20 s.
-    pub async fn wait_ready(&self) {
+    /// Polls until this etcd (not another process on its port) answers a read, for at most
+    /// 20 s.
+    pub async fn wait_ready(&mut self) {
+        if let Err(why) = self.try_ready().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until etcd answers a read and lists its own member; an error when the process
+    /// exited (a port was taken) or nothing of its own answered within 20 s.
+    async fn try_ready(&mut self) -> Result<(), String> {
         let url = self.url.clone();
+        let name = self.member_name();
         let log = self.dir.path().join("etcd.log");
         let options = self.connect_options();
         let ready = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
+                if let Some(child) = self.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("etcd exited ({status})"));
+                    }
+                }
                 let attempt = tokio::time::timeout(Duration::from_secs(1), async {
                     let mut c =
                         etcd_client::Client::connect([url.as_str()], options.clone()).await?;
-                    c.get("ready-probe", None).await
+                    c.get("ready-probe", None).await?;
+                    c.member_list().await
                 })
                 .await;
-                if let Ok(Ok(_)) = attempt {
-                    return;
+                if let Ok(Ok(members)) = attempt {
+                    if members.members().iter().any(|m| m.name() == name) {
+                        return Ok(());
+                    }
+                    return Err(format!("another etcd answers on {url}"));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await;
-        if ready.is_err() {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!(
-                "etcd at {} did not become ready within 20 s:\n{log}",
-                self.url
-            );
-        }
+        let why = match ready {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(_) => "not ready within 20 s".to_owned(),
+        };
+        // Whatever runs of it goes: the next attempt starts clean.
+        self.kill();
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        Err(format!("etcd at {}: {why}\n{log}", self.url))
     }
 
     /// Kills the process (SIGKILL by PID) and reaps it.
@@ -767,4 +822,26 @@ pub async fn push(etcd_url: &str, file: &str, extra: &[&str]) -> Output {
     let mut args = vec!["push", file, "--etcd", etcd_url, "--cluster", CLUSTER];
     args.extend_from_slice(extra);
     shardgate(&args).await
+}
+
+/// Registers a gateway that exists only as its record (no process, no lease) and has applied
+/// nothing: the leader cannot take any fenced move to phase 2 while it is registered
+/// unacknowledged, so a test controls when phase 2 may happen instead of racing `fence_ms`.
+/// Its view sees every IDC healthy, so it never tips a failover decision.
+pub async fn hold_phase_2(etcd: &Etcd, instance: &str) {
+    register_record(etcd, instance, 0).await;
+}
+
+/// The held-back gateway of [`hold_phase_2`] acknowledges every revision: phase 2 may go on.
+pub async fn release_phase_2(etcd: &Etcd, instance: &str) {
+    register_record(etcd, instance, 1 << 50).await;
+}
+
+async fn register_record(etcd: &Etcd, instance: &str, applied_revision: u64) {
+    let record = serde_json::json!({
+        "idc": "bj", "addr": "127.0.0.1:1", "applied_revision": applied_revision,
+        "view": {"sh": true, "bj": true, "gz": true},
+    });
+    etcd.put(&format!("gateway/{instance}"), &record.to_string())
+        .await;
 }
