@@ -5,7 +5,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test deps fmt-check clippy unit bench bench-proxy bench-tls release fuzz
+.PHONY: demo test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz
 
 demo:
 	$(CARGO) run --release --bin shardgate -- demo
@@ -47,6 +47,11 @@ bench-proxy: release
 # TLS handshakes/s and TLS request throughput beside nginx terminating TLS (benches/proxy/tls.sh).
 bench-tls: release
 	benches/proxy/tls.sh
+
+# The history scenarios (tests/history.rs) run longer on a release build, one after the other,
+# each printing its report; exit 1 when a scenario saw two writers (benches/ownership_drill.sh).
+bench-ownership:
+	benches/ownership_drill.sh
 
 # Coverage-guided fuzzing (libFuzzer) of the topology parser/validator and request routing,
 # 60 s each. Needs cargo-fuzz; RUSTC_BOOTSTRAP lets the stable toolchain take its flags.

@@ -117,6 +117,7 @@ async fn failover_of_an_idc_that_is_still_alive() {
     run.load(1.0).await;
     let revision = run.change(&["failover", "sh"]).await;
     run.all_serve(&["gw-a", "gw-b"], revision).await;
+    run.all_see_none_at("sh").await;
     run.load(2.0).await;
     let report = run.finish().await;
     assert_clean(name, &report);
@@ -136,18 +137,21 @@ async fn drain_move_failover_and_restore_with_warmup_under_load() {
     run.load(1.0).await;
     let revision = run.change(&["restore", "gz", "--warmup", "5s"]).await;
     run.all_serve(&all, revision).await;
-    // The warm-up's steps (5 s), under load.
-    run.load(6.0).await;
+    // The warm-up's steps, under load, until gz serves its home shards again.
+    run.all_see_home_at("gz").await;
+    run.load(1.0).await;
     let (phase, revision) = run.fenced(&["move", "0-1", "--to", "gz"]).await;
     println!("[{name}] move ended {phase} at revision {revision}");
     run.all_serve(&all, revision).await;
     run.load(1.0).await;
     let revision = run.change(&["failover", "bj"]).await;
     run.all_serve(&all, revision).await;
+    run.all_see_none_at("bj").await;
     run.load(1.0).await;
     let revision = run.change(&["restore", "bj", "--warmup", "5s"]).await;
     run.all_serve(&all, revision).await;
-    run.load(6.0).await;
+    run.all_see_home_at("bj").await;
+    run.load(1.0).await;
     let report = run.finish().await;
     assert_clean(name, &report);
 }

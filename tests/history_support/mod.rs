@@ -40,12 +40,14 @@ pub const SHARDS: u32 = 12;
 /// the writers of one shard do not march in step.
 const WRITE_MS: (u64, u64) = (10, 60);
 /// The hot writers' shards: one write after another, so that writes are in flight whenever
-/// the owner changes (sh's and bj's first shards, which the scenarios move; two on shard 0).
-const HOT_SHARDS: [u32; 3] = [0, 0, 4];
-/// Below the route timeout (500 ms), so that a gateway's own deadline is never what fails.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// the owner changes (sh's and bj's first shards, which the scenarios move; two on each).
+const HOT_SHARDS: [u32; 4] = [0, 0, 4, 4];
+/// Longer than a gateway is frozen in the SIGSTOP scenarios (past the 5 s lease), so that the
+/// requests it took in before it stopped are still wanted when it resumes, as a patient client's
+/// would be; and far above the route timeout (500 ms), so a gateway's own deadline answers first.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests per load client, at most.
-const MAX_REQUESTS: u64 = 100_000;
+const MAX_REQUESTS: usize = 100_000;
 /// A change of owner (fence, acks, `fence_ms`, and up to a lease TTL of waiting for a gateway
 /// that went away) is done within this.
 pub const CHANGE_DEADLINE: Duration = Duration::from_secs(40);
@@ -237,6 +239,25 @@ impl Gateway {
                 self.log()
             );
         }
+    }
+
+    /// (shards served, home shards, state) of `idc` in its `/status`.
+    pub async fn shards_of(&self, idc: &str) -> Option<(u64, u64, String)> {
+        let (status, body) = shardgate::admin_client::get(
+            &format!("http://{}", self.admin),
+            "/status",
+            None,
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        let i = v["idcs"].as_array()?.iter().find(|i| i["name"] == idc)?;
+        (status == 200).then_some((
+            i["shards_served"].as_u64()?,
+            i["shards_home"].as_u64()?,
+            i["state"].as_str()?.to_owned(),
+        ))
     }
 
     pub fn log(&self) -> String {
@@ -452,8 +473,7 @@ async fn client(
     ids: Arc<AtomicU64>,
 ) {
     let mut sender = None;
-    let mut n = offset;
-    for _ in 0..MAX_REQUESTS {
+    for n in (offset..).take(MAX_REQUESTS) {
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -461,7 +481,6 @@ async fn client(
         // Every key is read and written in turn, whatever the number of keys; a hot writer
         // (one key) only writes.
         let write = keys.len() == 1 || (n / keys.len() + n) % 2 == 1;
-        n += 1;
         let start_ns = ledger.now_ns();
         if sender.is_none() {
             if let Ok(Ok(stream)) =
@@ -489,7 +508,7 @@ async fn client(
                 .header("x-user-id", key)
                 .header("x-request-id", id);
             let req = if write {
-                let delay = WRITE_MS.0 + (n as u64 * 17) % (WRITE_MS.1 - WRITE_MS.0);
+                let delay = fastrand::u64(WRITE_MS.0..WRITE_MS.1);
                 req.header("x-sim-delay-ms", delay.to_string())
                     .body(Full::new(Bytes::from_static(b"{\"qty\":1}")))
             } else {
@@ -748,6 +767,40 @@ impl Run {
         for n in names {
             self.gateway(n).serves(revision).await;
         }
+    }
+
+    /// Waits until every gateway sees `idc` serving `want(served, home)`: the end of a change
+    /// of owner however many steps and fences it takes.
+    async fn all_see(&self, idc: &str, what: &str, want: impl Fn(u64, u64, &str) -> bool) {
+        for g in &self.gateways {
+            let what = format!("{} to see {idc} {what}", g.name);
+            within(CHANGE_DEADLINE, &what, async {
+                while !g
+                    .shards_of(idc)
+                    .await
+                    .is_some_and(|(served, home, state)| want(served, home, &state))
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Waits until every gateway sees `idc` serve no shard.
+    pub async fn all_see_none_at(&self, idc: &str) {
+        self.all_see(idc, "serve no shard", |served, _, _| served == 0)
+            .await;
+    }
+
+    /// Waits until every gateway sees `idc` active again, serving all its home shards.
+    pub async fn all_see_home_at(&self, idc: &str) {
+        self.all_see(
+            idc,
+            "active, serving its home shards",
+            |served, home, state| home > 0 && served == home && state == "active",
+        )
+        .await;
     }
 
     /// Stops the load, checks the history, prints the report and returns it.
