@@ -219,6 +219,11 @@ impl SimBackend {
         })
     }
 
+    /// The ledger this backend records into, when it keeps one.
+    pub fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.sim.ledger.clone()
+    }
+
     /// Requests answered (health checks not counted).
     pub fn hits(&self) -> u64 {
         self.sim.hits.load(Ordering::Relaxed)

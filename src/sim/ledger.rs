@@ -164,6 +164,79 @@ mod tests {
         assert!(entry("POST", 421).refused());
     }
 
+    /// `method path` to `addr` with `headers`; the status.
+    async fn send(addr: std::net::SocketAddr, method: &str, headers: &[(&str, &str)]) -> u16 {
+        use http_body_util::{BodyExt, Empty};
+        let exchange = async {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::builder().method(method).uri("/orders/1");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = sender
+                .send_request(req.body(Empty::<bytes::Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            resp.into_body().collect().await.unwrap();
+            status
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+            .await
+            .expect("the simulated backend answers within 10 s")
+    }
+
+    #[tokio::test]
+    async fn a_backend_records_what_it_answers_and_serves_its_ledger() {
+        let ledger = std::sync::Arc::new(Ledger::new(DEFAULT_CAP));
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let sim =
+            crate::sim::SimBackend::start_with_ledger(addr, "sh", "core", Some(ledger.clone()))
+                .await
+                .unwrap();
+        let sharded = [
+            ("x-shardgate-shard", "7"),
+            ("x-shardgate-epoch", "12"),
+            ("x-shardgate-owner-epoch", "9"),
+            ("x-request-id", "req-1"),
+        ];
+        assert_eq!(send(sim.addr, "POST", &sharded).await, 200);
+        let mut refused = sharded.to_vec();
+        refused.push(("x-sim-status", "421"));
+        assert_eq!(send(sim.addr, "POST", &refused).await, 421);
+        // Not sharded: not part of the history.
+        assert_eq!(send(sim.addr, "GET", &[]).await, 200);
+        let entries = ledger.entries();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        let e = &entries[0];
+        assert_eq!(
+            (e.shard, e.idc.as_str(), e.method.as_str()),
+            (7, "sh", "POST")
+        );
+        assert_eq!((e.epoch, e.owner_epoch), (Some(12), Some(9)));
+        assert_eq!(e.request_id, "req-1");
+        assert!(e.applied_write() && e.start_ns <= e.end_ns);
+        assert!(entries[1].refused() && !entries[1].applied_write());
+        let (status, body) = crate::admin_client::get(
+            &format!("http://{}", sim.addr),
+            "/_ledger",
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["entries"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["entries"][1]["status"], 421);
+        sim.stop().await;
+    }
+
     #[test]
     fn the_clock_is_the_base_s() {
         let base = Instant::now();
