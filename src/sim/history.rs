@@ -426,9 +426,11 @@ fn next_change(events: &[OwnershipEvent], shard: u32, after: u64) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Per shard that changed owner (or was fenced) and that the load wrote: seconds from the
-/// first failed write of each run of failures to the next successful write (or to the last
-/// failure's answer when none followed).
+/// Per shard that changed owner (or was fenced) and that the load wrote: how long its writes
+/// were failing. Each failed write opens an interval that the next successful write to the
+/// shard (the first to start at or after it) closes at its end (or its own end, when none
+/// follows); the figure is the length of the union of those intervals, so that several
+/// clients failing at once count once.
 fn unavailability(history: &History) -> BTreeMap<u32, f64> {
     let moved: BTreeSet<u32> = history
         .events
@@ -447,20 +449,24 @@ fn unavailability(history: &History) -> BTreeMap<u32, f64> {
         .map(|(shard, mut outcomes)| {
             outcomes.sort_by_key(|o| o.start_ns);
             let mut total = 0u64;
-            let mut failing_since: Option<u64> = None;
-            let mut last_failure_end = 0;
-            for o in outcomes {
-                if o.ok() {
-                    if let Some(since) = failing_since.take() {
-                        total += o.end_ns.saturating_sub(since);
+            // The union being built: [start, end).
+            let mut open: Option<(u64, u64)> = None;
+            for (i, f) in outcomes.iter().enumerate().filter(|(_, o)| !o.ok()) {
+                let end = outcomes[i..]
+                    .iter()
+                    .find(|o| o.ok())
+                    .map_or(f.end_ns, |s| s.end_ns.max(f.start_ns));
+                open = match open {
+                    Some((a, b)) if f.start_ns <= b => Some((a, b.max(end))),
+                    Some((a, b)) => {
+                        total += b - a;
+                        Some((f.start_ns, end))
                     }
-                } else {
-                    failing_since.get_or_insert(o.start_ns);
-                    last_failure_end = o.end_ns;
-                }
+                    None => Some((f.start_ns, end)),
+                };
             }
-            if let Some(since) = failing_since {
-                total += last_failure_end.saturating_sub(since);
+            if let Some((a, b)) = open {
+                total += b - a;
             }
             (shard, secs(total))
         })

@@ -4,8 +4,9 @@
 //! clock, and a bounded mixed GET/POST load through every gateway. `Run::finish` hands it all
 //! to `shardgate::sim::history::check`.
 //!
-//! Knob: `HISTORY_LOAD_SCALE` (default 1) multiplies every load phase (the ownership drill
-//! runs the same scenarios longer with it).
+//! Knobs: `HISTORY_LOAD_SCALE` (default 1) multiplies every load phase (the ownership drill
+//! runs the same scenarios longer with it); `HISTORY_DUMP_SHARD=N` prints every write outcome
+//! and ledger entry of shard N with the report, to follow one shard through a scenario.
 
 #![allow(dead_code, clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -302,6 +303,19 @@ impl Run {
             .ok()
             .and_then(|s| s.parse::<u32>().ok())
         {
+            for o in history
+                .outcomes
+                .iter()
+                .filter(|o| o.shard == shard && o.write)
+            {
+                println!(
+                    "  outcome [{:.4} s, {:.4} s] status {} {:?}",
+                    o.start_ns as f64 / 1e9,
+                    o.end_ns as f64 / 1e9,
+                    o.status,
+                    o.reason
+                );
+            }
             for e in history.entries.iter().filter(|e| e.shard == shard) {
                 println!(
                     "  ledger {} {} at {} [{:.4} s, {:.4} s] epoch {:?} id {}",

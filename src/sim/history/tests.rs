@@ -269,3 +269,29 @@ fn the_report_counts_fenced_writes_and_unavailability() {
     assert!(!r.unavailable_s.contains_key(&2));
     assert!(r.to_string().contains("refused as fenced 2"));
 }
+
+#[test]
+fn unavailability_counts_concurrent_failures_once() {
+    let outcome = |status, start_ms: u64, end_ms: u64| ClientOutcome {
+        shard: 1,
+        write: true,
+        status,
+        reason: None,
+        start_ns: start_ms * MS,
+        end_ns: end_ms * MS,
+    };
+    // Two clients: A fails at 100 and 110, B succeeds at 105-165 and 170-230.
+    let h = History {
+        outcomes: vec![
+            outcome(503, 100, 101),
+            outcome(200, 105, 165),
+            outcome(503, 110, 111),
+            outcome(200, 170, 230),
+        ],
+        events: move_events(),
+        ..History::default()
+    };
+    let s = check(&h).unavailable_s[&1];
+    // [100, 165] ∪ [110, 230] = 130 ms.
+    assert!((s - 0.13).abs() < 1e-9, "{s}");
+}
