@@ -295,3 +295,25 @@ fn unavailability_counts_concurrent_failures_once() {
     // [100, 165] ∪ [110, 230] = 130 ms.
     assert!((s - 0.13).abs() < 1e-9, "{s}");
 }
+
+#[test]
+fn a_later_change_seen_late_by_the_watch_does_not_make_an_old_owner_write() {
+    // A gateway saw the move back to sh (fenced at rev 20, applied at rev 21) a moment before
+    // the test's watch did, and wrote sh by revision 21.
+    let mut events = move_events();
+    events.push(OwnershipEvent {
+        from: Some("bj".into()),
+        to: Some("sh".into()),
+        ..event("m2", Phase::Fenced, 800, 20, &[1])
+    });
+    events.push(OwnershipEvent {
+        from: Some("bj".into()),
+        to: Some("sh".into()),
+        ..event("m2", Phase::Applied, 850, 21, &[1])
+    });
+    let h = history(vec![write("sh", 1, 795, 805, 21)], events);
+    assert_eq!(check(&h).violations, vec![], "{}", check(&h));
+    // The same write by the old snapshot is still one.
+    let h = history(vec![write("sh", 1, 795, 805, 5)], h.events);
+    assert_eq!(check(&h).count(Rule::OldOwner), 1);
+}
