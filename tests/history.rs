@@ -49,13 +49,14 @@ async fn a_gateway_cut_from_etcd_during_a_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_stopped_past_its_lease_during_a_drain() {
     let name = "sigstop-gateway";
-    let run = Run::start(name, &[("gw-a", "bj"), ("gw-b", "gz")]).await;
+    let mut run = Run::start(name, &[("gw-a", "bj"), ("gw-b", "gz")]).await;
     let (leader, stopped) = run.leader_and_follower().await;
     run.load(1.0).await;
     run.gateway(&stopped).signal("STOP").await;
     let (phase, revision) = run.fenced(&["drain", "sh"]).await;
     println!("[{name}] drain ended {phase} at revision {revision}");
     run.all_serve(&[&leader], revision).await;
+    run.burst(&stopped, 0, 20);
     run.load(1.0).await;
     run.gateway(&stopped).signal("CONT").await;
     run.all_serve(&[&stopped], revision).await;
@@ -69,13 +70,14 @@ async fn a_gateway_stopped_past_its_lease_during_a_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_stopped_past_its_lease_during_a_move() {
     let name = "sigstop-leader";
-    let run = Run::start(name, &[("gw-a", "bj"), ("gw-b", "gz")]).await;
+    let mut run = Run::start(name, &[("gw-a", "bj"), ("gw-b", "gz")]).await;
     let (leader, other) = run.leader_and_follower().await;
     run.load(1.0).await;
     run.gateway(&leader).signal("STOP").await;
     let (phase, revision) = run.fenced(&["move", "4-7", "--to", "gz"]).await;
     println!("[{name}] move ended {phase} at revision {revision}");
     run.all_serve(&[&other], revision).await;
+    run.burst(&leader, 4, 20);
     run.load(1.0).await;
     run.gateway(&leader).signal("CONT").await;
     run.all_serve(&[&leader], revision).await;

@@ -33,66 +33,90 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests per load client, at most.
 const MAX_REQUESTS: usize = 100_000;
 
+/// What every load client shares: the clock, the stop flag, where outcomes go, request ids.
+#[derive(Clone)]
+struct Shared {
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<ClientOutcome>>>,
+    ids: Arc<AtomicU64>,
+}
+
 /// Mixed GET/POST load through every gateway, over one key per shard.
 pub struct Load {
-    stop: Arc<AtomicBool>,
+    shared: Shared,
+    keys: Arc<Vec<(String, u32)>>,
     tasks: Vec<JoinHandle<()>>,
-    outcomes: Arc<Mutex<Vec<ClientOutcome>>>,
 }
 
 impl Load {
     /// Per gateway proxy: one hot writer per entry of `HOT_SHARDS`, and two clients over
     /// every shard.
     pub fn start(proxies: &[SocketAddr], ledger: Arc<Ledger>) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let keys = Arc::new(keys());
-        let ids = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
+        let mut load = Load {
+            shared: Shared {
+                ledger,
+                stop: Arc::new(AtomicBool::new(false)),
+                outcomes: Arc::new(Mutex::new(Vec::new())),
+                ids: Arc::new(AtomicU64::new(0)),
+            },
+            keys: Arc::new(keys()),
+            tasks: Vec::new(),
+        };
         for proxy in proxies {
             for (h, hot) in HOT_SHARDS.iter().enumerate() {
-                let key = keys.iter().find(|(_, s)| s == hot).cloned().unwrap();
-                tasks.push(tokio::spawn(client(
-                    *proxy,
-                    Arc::new(vec![key]),
-                    h * 3,
-                    ledger.clone(),
-                    stop.clone(),
-                    outcomes.clone(),
-                    ids.clone(),
-                )));
+                let key = load.key(*hot);
+                load.spawn(*proxy, Arc::new(vec![key]), h * 3, MAX_REQUESTS);
             }
         }
         for (i, proxy) in proxies.iter().enumerate() {
             for c in 0..2 {
-                tasks.push(tokio::spawn(client(
-                    *proxy,
-                    keys.clone(),
-                    i * 5 + c * 7,
-                    ledger.clone(),
-                    stop.clone(),
-                    outcomes.clone(),
-                    ids.clone(),
-                )));
+                load.spawn(*proxy, load.keys.clone(), i * 5 + c * 7, MAX_REQUESTS);
             }
         }
-        Load {
-            stop,
-            tasks,
-            outcomes,
+        load
+    }
+
+    fn key(&self, shard: u32) -> (String, u32) {
+        self.keys
+            .iter()
+            .find(|(_, s)| *s == shard)
+            .cloned()
+            .expect("a key for every shard")
+    }
+
+    fn spawn(
+        &mut self,
+        proxy: SocketAddr,
+        keys: Arc<Vec<(String, u32)>>,
+        offset: usize,
+        limit: usize,
+    ) {
+        let shared = self.shared.clone();
+        self.tasks
+            .push(tokio::spawn(client(proxy, keys, offset, limit, shared)));
+    }
+
+    /// `n` more clients, each sending one write to `shard` through `proxy` on a connection of
+    /// its own: callers that keep arriving at a gateway that does not answer (frozen), all
+    /// taken in at once when it resumes.
+    pub fn burst(&mut self, proxy: SocketAddr, shard: u32, n: usize) {
+        let keys = Arc::new(vec![self.key(shard)]);
+        for _ in 0..n {
+            self.spawn(proxy, keys.clone(), 0, 1);
         }
     }
 
     /// Stops every client (each ends its request in flight first, within its timeout) and
     /// returns what they saw.
     pub async fn stop(self) -> Vec<ClientOutcome> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             within(CLIENT_TIMEOUT * 3, "the load clients to stop", t)
                 .await
                 .unwrap();
         }
-        let outcomes = self.outcomes.lock().unwrap().clone();
+        let outcomes = self.shared.outcomes.lock().unwrap().clone();
         outcomes
     }
 }
@@ -110,17 +134,23 @@ fn keys() -> Vec<(String, u32)> {
         .collect()
 }
 
+/// One client: a keep-alive connection to `proxy`, requests over `keys` from `offset` on, at
+/// most `limit` of them.
 async fn client(
     proxy: SocketAddr,
     keys: Arc<Vec<(String, u32)>>,
     offset: usize,
-    ledger: Arc<Ledger>,
-    stop: Arc<AtomicBool>,
-    out: Arc<Mutex<Vec<ClientOutcome>>>,
-    ids: Arc<AtomicU64>,
+    limit: usize,
+    shared: Shared,
 ) {
+    let Shared {
+        ledger,
+        stop,
+        outcomes: out,
+        ids,
+    } = shared;
     let mut sender = None;
-    for n in (offset..).take(MAX_REQUESTS) {
+    for n in (offset..).take(limit) {
         if stop.load(Ordering::Relaxed) {
             break;
         }

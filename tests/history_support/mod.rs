@@ -127,6 +127,13 @@ impl Run {
         tokio::time::sleep(load_for(secs)).await;
     }
 
+    /// `n` single writes to `shard` through gateway `name`, each on a new connection (see
+    /// `Load::burst`).
+    pub fn burst(&mut self, name: &str, shard: u32, n: usize) {
+        let proxy = self.gateway(name).proxy;
+        self.load.burst(proxy, shard, n);
+    }
+
     pub fn gateway(&self, name: &str) -> &Gateway {
         self.gateways.iter().find(|g| g.name == name).unwrap()
     }
