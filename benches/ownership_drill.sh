@@ -9,8 +9,9 @@
 # fenced, seconds of write unavailability per moved shard, violations (must be 0).
 # docs/failover.md ("Checking the promise: the history checker") says how to read it.
 #
-# Knobs (environment): SCALE (5: multiplies every load phase of a scenario), SCENARIOS (a test
-# name filter, e.g. `partition` or `cut_from_etcd`; default all), PROFILE (release | debug).
+# Knobs (environment): SCALE (5: multiplies every load phase of a scenario), SCENARIOS (a
+# filter on the test names of tests/history.rs, e.g. `cut_from_etcd` or `stopped`; default
+# all), PROFILE (release | debug).
 # Needs etcd on the PATH or in /usr/bin. Exit status: 0 when every scenario had no violation.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
