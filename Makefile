@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra arguments of `shardgate demo` (e.g. --listen 127.0.0.1:0 --admin 127.0.0.1:0).
 DEMO_ARGS ?=
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls release fuzz
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -59,6 +59,11 @@ bench-proxy: release
 # TLS handshakes/s and TLS request throughput beside nginx terminating TLS (benches/proxy/tls.sh).
 bench-tls: release
 	benches/proxy/tls.sh
+
+# The history scenarios (tests/history.rs) run longer on a release build, one after the other,
+# each printing its report; exit 1 when a scenario saw two writers (benches/ownership_drill.sh).
+bench-ownership:
+	benches/ownership_drill.sh
 
 # Coverage-guided fuzzing (libFuzzer) of the topology parser/validator, request routing and
 # header hygiene, and the request-head gate: FUZZ_SECONDS each, then the corpus is minimized

@@ -43,7 +43,7 @@
 //!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
-//! backends for the demo and the tests), [`demo`].
+//! backends for the demo and the tests, their ledger and the history checker), [`demo`].
 
 pub mod admin;
 pub mod admin_client;

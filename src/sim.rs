@@ -8,7 +8,11 @@
 //! IDCs started on one [`owners::Owners`] board enforce the misroute contract
 //! (docs/backends.md): a write with an owner epoch older than the board's gets 421 and is not
 //! applied.
+//! - [`ledger`]: what the backends answered, on one clock (`GET /_ledger` on a backend).
+//! - [`history`]: the history checker: did two IDCs ever write one shard at once?
 
+pub mod history;
+pub mod ledger;
 pub mod owners;
 
 use std::collections::BTreeMap;
@@ -26,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::body::ResponseBody;
 use crate::server::{serve, Handler, ListenerSettings};
+use ledger::{Entry, Ledger};
 
 pub struct SimIdc {
     pub idc: String,
@@ -37,6 +42,8 @@ pub struct SimIdc {
     /// Requests waiting for `release_held`, and the release generation they wait on.
     held: AtomicU64,
     release: watch::Sender<u64>,
+    /// Where every sharded request answered is recorded, when the run keeps a ledger.
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl SimIdc {
@@ -147,7 +154,48 @@ impl Handler for SimIdc {
         req: Request<Incoming>,
         _peer: crate::server::Peer,
     ) -> Response<ResponseBody> {
-        self.answer(req).await
+        let Some(ledger) = self.ledger.clone() else {
+            return self.answer(req).await;
+        };
+        if req.uri().path() == "/_ledger" {
+            let mut r = Response::new(ResponseBody::full(format!("{}\n", ledger.to_json())));
+            r.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
+            return r;
+        }
+        // Recorded around the whole answer, whatever path it takes (a refusal included), and
+        // only for sharded requests: the history is about who wrote which shard.
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+        let Some(shard) = header("x-shardgate-shard").and_then(|v| v.parse::<u32>().ok()) else {
+            return self.answer(req).await;
+        };
+        let method = req.method().as_str().to_owned();
+        let request_id = header("x-request-id").unwrap_or_default();
+        let owner_epoch = number("x-shardgate-owner-epoch");
+        let epoch = number("x-shardgate-epoch");
+        let start_ns = ledger.now_ns();
+        let response = self.answer(req).await;
+        ledger.record(Entry {
+            shard,
+            idc: self.idc.clone(),
+            set: self.set.clone(),
+            method,
+            request_id,
+            owner_epoch,
+            epoch,
+            status: response.status().as_u16(),
+            start_ns,
+            end_ns: ledger.now_ns(),
+        });
+        response
     }
 }
 
@@ -174,6 +222,28 @@ impl SimBackend {
         set: &str,
         owners: Arc<owners::Owners>,
     ) -> std::io::Result<SimBackend> {
+        Self::start_with(addr, idc, set, owners, None).await
+    }
+
+    /// Starts a backend that records what it answers in `ledger` (one ledger shared by all the
+    /// backends of a run puts them on one clock), with an ownership board of its own.
+    pub async fn start_with_ledger(
+        addr: SocketAddr,
+        idc: &str,
+        set: &str,
+        ledger: Option<Arc<Ledger>>,
+    ) -> std::io::Result<SimBackend> {
+        Self::start_with(addr, idc, set, Arc::new(owners::Owners::new()), ledger).await
+    }
+
+    /// Starts a backend on the board `owners`, recording into `ledger` when given.
+    pub async fn start_with(
+        addr: SocketAddr,
+        idc: &str,
+        set: &str,
+        owners: Arc<owners::Owners>,
+        ledger: Option<Arc<Ledger>>,
+    ) -> std::io::Result<SimBackend> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let sim = Arc::new(SimIdc {
@@ -184,6 +254,7 @@ impl SimBackend {
             health_checks: AtomicU64::new(0),
             held: AtomicU64::new(0),
             release: watch::channel(0).0,
+            ledger,
         });
         let (stop, stop_rx) = watch::channel(false);
         let settings = ListenerSettings::plain(
@@ -203,6 +274,11 @@ impl SimBackend {
     /// The ownership board this backend checks writes against.
     pub fn owners(&self) -> &Arc<owners::Owners> {
         &self.sim.owners
+    }
+
+    /// The ledger this backend records into, when it keeps one.
+    pub fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.sim.ledger.clone()
     }
 
     /// Requests answered (health checks not counted).
