@@ -31,7 +31,11 @@
 //! itself (`gateway/<instance>`) with the revision it serves.
 //!
 //! Planned moves and operator IDC control live in [`moves`]: the checks of `drain`, `move`,
-//! `failover`, `restore`, and the phase function of a fenced move with its file-mode driver.
+//! `failover`, `restore`, the phase function of a fenced move (every owner change is one:
+//! drains, moves, failovers, warm-up steps), the drivers' monotonic clocks (`moves::pace`) and
+//! the file-mode driver. A write also needs this gateway's own fence open: [`self_fence`]
+//! (etcd mode: a confirmed registration lease and a source caught up with it); writes in
+//! flight hold back the revision a gateway acknowledges (`Snapshots::acknowledged`).
 //!
 //! Who decides IDC states: [`failover`] (pure rules with hysteresis; in file mode a
 //! controller on this gateway's own view), and in etcd mode the elected leader
