@@ -75,28 +75,6 @@ async fn setup(etcd: &Etcd, idcs: &Idcs, fence_ms: u64) -> (Running, Running) {
     (g1, g2)
 }
 
-async fn cli(etcd: &Etcd, args: &[&str]) -> Output {
-    let mut all = args.to_vec();
-    all.extend([
-        "--etcd",
-        etcd.url.as_str(),
-        "--cluster",
-        CLUSTER,
-        "--by",
-        "tester",
-    ]);
-    shardgate(&all).await
-}
-
-fn printed_move_id(out: &Output) -> String {
-    out.stdout
-        .split("move/")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no move id printed: {out:?}"))
-        .to_owned()
-}
-
 /// Waits until the elected leader (one of the two gateways) decides the move `id`: phase 2
 /// (`applied`) or a rollback, with its note.
 async fn drive_until_decided(etcd: &Etcd, id: &str) -> Step {

@@ -72,32 +72,6 @@ async fn writes_open(g: &Running) -> bool {
     self_fence(g).await["writes"] == "open"
 }
 
-async fn cli(etcd: &Etcd, args: &[&str]) -> Output {
-    let mut all = args.to_vec();
-    all.extend([
-        "--etcd",
-        etcd.url.as_str(),
-        "--cluster",
-        CLUSTER,
-        "--by",
-        "tester",
-    ]);
-    shardgate(&all).await
-}
-
-async fn json_at(etcd: &Etcd, name: &str) -> Option<Value> {
-    serde_json::from_slice(&etcd.get(name).await?).ok()
-}
-
-fn printed_move_id(out: &Output) -> String {
-    out.stdout
-        .split("move/")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no move id printed: {out:?}"))
-        .to_owned()
-}
-
 /// The `applied_revision` gateway `instance` registered.
 async fn acknowledged(etcd: &Etcd, instance: &str) -> u64 {
     json_at(etcd, &format!("gateway/{instance}"))

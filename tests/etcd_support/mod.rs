@@ -845,3 +845,32 @@ async fn register_record(etcd: &Etcd, instance: &str, applied_revision: u64) {
     etcd.put(&format!("gateway/{instance}"), &record.to_string())
         .await;
 }
+
+/// An operator command against this test cluster's etcd, as `tester`.
+pub async fn cli(etcd: &Etcd, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend([
+        "--etcd",
+        etcd.url.as_str(),
+        "--cluster",
+        CLUSTER,
+        "--by",
+        "tester",
+    ]);
+    shardgate(&all).await
+}
+
+/// The `move/<id>` a command printed.
+pub fn printed_move_id(out: &Output) -> String {
+    out.stdout
+        .split("move/")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no move id printed: {out:?}"))
+        .to_owned()
+}
+
+/// A key's JSON value in etcd (`None`: absent or not JSON).
+pub async fn json_at(etcd: &Etcd, name: &str) -> Option<Value> {
+    serde_json::from_slice(&etcd.get(name).await?).ok()
+}
