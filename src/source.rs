@@ -206,6 +206,9 @@ impl Snapshots {
                     .unwrap_or_default();
                 self.current.store(Some(new.clone()));
                 if let (Some(old), Ok(mut retired)) = (&old, self.retired.lock()) {
+                    // Snapshots no request holds any more are gone from the list here too, so
+                    // it stays short even when nobody asks for the acknowledged revision.
+                    retired.retain(|w| w.strong_count() > 0);
                     retired.push(Arc::downgrade(old));
                 }
                 self.revisions.send_replace(revision);
