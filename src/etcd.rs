@@ -177,6 +177,17 @@ pub struct ClusterKeys {
 }
 
 impl ClusterKeys {
+    /// A transaction guard: nothing under `relative` (a prefix) was created or changed since
+    /// this view was read. (A removal leaves no revision behind: guard such a key itself.)
+    pub fn unchanged_under(&self, keys: &Keys, relative: &str) -> etcd_client::Compare {
+        etcd_client::Compare::mod_revision(
+            format!("{}{relative}", keys.prefix()),
+            etcd_client::CompareOp::Less,
+            self.revision + 1,
+        )
+        .with_prefix()
+    }
+
     pub fn topology(&self) -> Option<&Stored> {
         self.keys.get("topology")
     }

@@ -19,8 +19,6 @@ pub struct Policy {
     pub detect_ms: u64,
     pub recover_ms: u64,
     pub auto_failback: bool,
-    /// The document's `warmup_s`, in ms (a restore may carry its own).
-    pub warmup_ms: u64,
 }
 
 impl Policy {
@@ -29,7 +27,6 @@ impl Policy {
             detect_ms: spec.detect.as_millis() as u64,
             recover_ms: spec.recover.as_millis() as u64,
             auto_failback: spec.auto_failback,
-            warmup_ms: spec.warmup.as_millis() as u64,
         }
     }
 }
@@ -156,6 +153,32 @@ pub struct Decision {
     pub why: String,
 }
 
+impl Decision {
+    /// The override this decision writes: a `Clear` as an `active` one, never a removal.
+    pub fn value(&self, by: &str, now_ms: u64) -> IdcOverride {
+        match &self.change {
+            Change::Set(o) => o.clone(),
+            Change::Clear => active_again(by, &self.why, now_ms),
+        }
+    }
+
+    /// With a `down`, the `failover` record that fences the writes of the shards the IDC serves
+    /// in `t` (`moves::failover_record`), written together with the override.
+    pub fn fence(
+        &self,
+        t: &crate::topology::Topology,
+        by: &str,
+        now_ms: u64,
+    ) -> Option<(String, crate::topology::overrides::MoveRecord)> {
+        match &self.change {
+            Change::Set(o) if o.state == IdcState::Down => {
+                crate::moves::failover_record(t, &self.idc, &o.reason, by, now_ms)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The automatic decisions for `idcs` at `now_ms` (unix ms), given the overrides in force and
 /// what `tracker` has seen. Rules:
 /// - active (no override, or an `active` one) or auto-`warming`, seen unhealthy for
@@ -270,16 +293,12 @@ pub fn active_again(by: &str, why: &str, now_ms: u64) -> IdcOverride {
     }
 }
 
-/// Applies decisions to overrides (file mode keeps them all in one file), a `Clear` as an
-/// `active` override. The `failover` record of a `down` is the caller's to add
-/// (`moves::failover_record`): it needs the snapshot.
+/// Applies decisions to overrides (file mode keeps them all in one file), each as
+/// `Decision::value`. The `failover` record of a `down` is the caller's to add
+/// (`Decision::fence`): it needs the snapshot.
 pub fn apply(overrides: &mut Overrides, decisions: &[Decision], by: &str, now_ms: u64) {
     for d in decisions {
-        let value = match &d.change {
-            Change::Set(o) => o.clone(),
-            Change::Clear => active_again(by, &d.why, now_ms),
-        };
-        overrides.idcs.insert(d.idc.clone(), value);
+        overrides.idcs.insert(d.idc.clone(), d.value(by, now_ms));
     }
 }
 

@@ -328,13 +328,9 @@ pub fn plan_failover(
             "IDC {idc} is the last IDC that can serve: failing it over would leave every shard without an owner"
         )));
     }
-    let shards = served_by(t, idc)?;
-    let record = (!unfenced && !shards.is_empty()).then(|| {
-        (
-            new_id(MoveKind::Failover, idc, op.now_ms),
-            op.record(MoveKind::Failover, &shards, Some(idc.to_owned()), None),
-        )
-    });
+    let record = (!unfenced)
+        .then(|| failover_record(t, idc, &op.reason, &op.by, op.now_ms))
+        .flatten();
     Ok((op.idc_override(IdcState::Down), record))
 }
 

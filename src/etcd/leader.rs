@@ -16,9 +16,7 @@ use etcd_client::{
 use tokio::sync::watch;
 
 use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
-use crate::failover::{
-    active_again, decide, majority, unix_now_ms, Change, Decision, Policy, Tracker,
-};
+use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
 use crate::moves::pace::{FenceClocks, WarmupPacer};
 use crate::moves::{self, next_step, HealthView, Operator, Step};
 use crate::source::Snapshots;
@@ -455,13 +453,7 @@ impl Leader {
         now_ms: u64,
     ) {
         let by = &self.settings.instance;
-        let value = match &d.change {
-            Change::Set(o) => o.clone(),
-            Change::Clear => active_again(by, &d.why, now_ms),
-        };
-        let record = (value.state == crate::topology::IdcState::Down)
-            .then(|| moves::failover_record(topo, &d.idc, &value.reason, by, now_ms))
-            .flatten();
+        let (value, record) = (d.value(by, now_ms), d.fence(topo, by, now_ms));
         let mut ops = Vec::new();
         match serde_json::to_vec(&value) {
             Ok(v) => ops.push(TxnOp::put(self.keys.idc_override(&d.idc), v, None)),
@@ -483,7 +475,7 @@ impl Leader {
             .when([
                 Self::still_leader(key),
                 self.unchanged(listed, &format!("override/idc/{}", d.idc)),
-                self.prefix_unchanged(listed, "override/idc/"),
+                listed.unchanged_under(&self.keys, "override/idc/"),
             ])
             .and_then(ops);
         let mut client = etcd.client();
@@ -499,16 +491,6 @@ impl Leader {
             }
             Err(e) => tracing::warn!(idc = %d.idc, error = %e, "cannot write an IDC decision"),
         }
-    }
-
-    /// Nothing under `relative` (a prefix) was written since `listed` was read.
-    fn prefix_unchanged(&self, listed: &ClusterKeys, relative: &str) -> Compare {
-        Compare::mod_revision(
-            format!("{}{relative}", self.keys.prefix()),
-            CompareOp::Less,
-            listed.revision + 1,
-        )
-        .with_prefix()
     }
 
     /// No gateway registered anew since `listed` was read: a phase 2 decided on the
@@ -546,7 +528,7 @@ impl Leader {
             .when([
                 Self::still_leader(key),
                 self.unchanged(listed, &format!("override/idc/{to}")),
-                self.prefix_unchanged(listed, "move/"),
+                listed.unchanged_under(&self.keys, "move/"),
             ])
             .and_then([TxnOp::put(self.keys.move_record(id), value, None)]);
         let mut client = etcd.client();

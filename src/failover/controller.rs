@@ -90,23 +90,14 @@ impl FileController {
                 FILE_MODE_BY,
                 now_ms,
             );
-            apply(o, &decisions, FILE_MODE_BY, now_ms);
             // A `down` fences its shards' writes until this gateway has no write in flight to
             // the departed IDC and fence_ms has passed (the move driver lifts it).
-            for d in &decisions {
-                if let Change::Set(x) = &d.change {
-                    if x.state == crate::topology::IdcState::Down {
-                        if let Some((id, r)) = crate::moves::failover_record(
-                            &topo,
-                            &d.idc,
-                            &x.reason,
-                            FILE_MODE_BY,
-                            now_ms,
-                        ) {
-                            o.moves.insert(id, r);
-                        }
-                    }
-                }
+            apply(o, &decisions, FILE_MODE_BY, now_ms);
+            for (id, r) in decisions
+                .iter()
+                .filter_map(|d| d.fence(&topo, FILE_MODE_BY, now_ms))
+            {
+                o.moves.insert(id, r);
             }
             decisions
         });

@@ -9,7 +9,6 @@ const POLICY: Policy = Policy {
     detect_ms: 1500,
     recover_ms: 10_000,
     auto_failback: true,
-    warmup_ms: 60_000,
 };
 const T0: u64 = 1_700_000_000_000;
 const IDCS: [&str; 3] = ["sh", "bj", "gz"];

@@ -16,16 +16,6 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, OpError> {
     serde_json::to_vec(v).map_err(|e| OpError::Refused(format!("cannot encode: {e}")))
 }
 
-/// Nothing under `move/` was created or changed since `listed` was read.
-fn moves_unchanged(keys: &Keys, listed: &ClusterKeys) -> Compare {
-    Compare::mod_revision(
-        format!("{}move/", keys.prefix()),
-        CompareOp::Less,
-        listed.revision + 1,
-    )
-    .with_prefix()
-}
-
 /// The IDC's override is still what was read (absent: mod_revision 0).
 fn idc_unchanged(keys: &Keys, listed: &ClusterKeys, idc: &str) -> Compare {
     let seen = listed
@@ -49,18 +39,6 @@ fn changed(what: &str) -> OpError {
     ))
 }
 
-/// No IDC override was created, changed or removed since `listed` was read: the checks that
-/// count IDC states (never the last active IDC) still hold when two operators act at once.
-/// (Overrides are never removed by shardgate, only rewritten: `active` replaces a removal.)
-fn idc_overrides_unchanged(keys: &Keys, listed: &ClusterKeys) -> Compare {
-    Compare::mod_revision(
-        format!("{}override/idc/", keys.prefix()),
-        CompareOp::Less,
-        listed.revision + 1,
-    )
-    .with_prefix()
-}
-
 /// `drain`, `failover`, `restore`: writes `override/idc/<idc>`, with the move record that goes
 /// with it (`drain`, a fenced `failover`) in the same transaction, if no IDC override and no
 /// move record changed since the checks read them. Returns the revision of the write.
@@ -74,8 +52,10 @@ pub async fn write_idc(
     let keys = c.keys();
     let guards = vec![
         idc_unchanged(keys, listed, idc),
-        moves_unchanged(keys, listed),
-        idc_overrides_unchanged(keys, listed),
+        listed.unchanged_under(keys, "move/"),
+        // The checks that count IDC states (never the last active IDC) hold when two
+        // operators act at once. (shardgate never removes an override, only rewrites it.)
+        listed.unchanged_under(keys, "override/idc/"),
     ];
     let mut ops = vec![TxnOp::put(keys.idc_override(idc), encode(value)?, None)];
     if let Some((id, r)) = record {
@@ -101,7 +81,7 @@ pub async fn write_move(
 ) -> Result<i64, OpError> {
     let keys = c.keys();
     let txn = Txn::new()
-        .when([moves_unchanged(keys, listed)])
+        .when([listed.unchanged_under(keys, "move/")])
         .and_then([TxnOp::put(keys.move_record(id), encode(record)?, None)]);
     commit(c.etcd(), "write the move", txn)
         .await?

@@ -57,7 +57,8 @@ pub struct IdcOverride {
     pub at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
-    /// Unix milliseconds when it was written (warm-up steps are timed from here; 0 = use `at`).
+    /// Unix milliseconds when it was written, for people reading it (nothing is timed from a
+    /// wall clock: warm-up steps are paced by the driver's monotonic clock).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub at_ms: u64,
     /// `warming` only: the warm-up duration for this restore (`restore --warmup`); the
@@ -188,7 +189,8 @@ pub struct MoveRecord {
     /// (filled in by the reader, not stored); in file mode the snapshot revision.
     #[serde(default)]
     pub fence_revision: u64,
-    /// Unix milliseconds when the fence was written (phase 2 waits `fence_ms` from here).
+    /// Unix milliseconds when the fence was written, for `status` (its age) and to order
+    /// records; phase 2 is timed on the driver's monotonic clock, from the last acknowledgement.
     #[serde(default)]
     pub fenced_at_ms: u64,
     #[serde(default)]
