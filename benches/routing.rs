@@ -5,8 +5,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method, Uri};
-use shardgate::forward::Upstreams;
 use shardgate::topology::{build, BuildContext, Overrides, RawTopology, RequestView};
+use shardgate::upstream::Upstreams;
 
 mod common;
 

@@ -11,11 +11,11 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::admission::Admission;
-use crate::body::ResponseBody;
 use crate::server::Handler;
 use crate::source::Snapshots;
 use crate::telemetry::Metrics;
 use crate::topology::{Shard, Topology};
+use crate::upstream::body::ResponseBody;
 
 pub struct Admin {
     pub snapshots: Arc<Snapshots>,

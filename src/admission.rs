@@ -17,40 +17,18 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
 
-pub use breaker::{Breaker, BreakerSettings, BreakerState, Pass, BREAKER_BUCKETS};
+pub use breaker::{Breaker, BreakerState, Pass};
 pub use bucket::Bucket;
 pub use resolved::Resolved;
 
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, SetLabels};
-use crate::topology::{Fallback, IdcId, RateLimitSpec, Route, RouteId, SetSpec, Topology};
-
-/// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
-/// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
-/// reload changes them while the state they act on (breakers, budgets) carries on.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct IsolationSettings {
-    pub breaker: BreakerSettings,
-    /// Retries allowed per request of a set (0.2: retries ≤ 20% of the set's requests).
-    pub retry_ratio: f64,
-    /// Retries a set may make before its requests have earned any (and the most it can save).
-    pub retry_reserve: u32,
-    /// Instance load (total in-flight ÷ sum of set budgets) at which shedding starts.
-    pub shed_start: f64,
-}
-
-impl Default for IsolationSettings {
-    fn default() -> Self {
-        IsolationSettings {
-            breaker: BreakerSettings::default(),
-            retry_ratio: 0.2,
-            retry_reserve: 10,
-            shed_start: 0.7,
-        }
-    }
-}
+use crate::topology::{
+    Fallback, IdcId, IsolationSpec, RateLimitSpec, Route, RouteId, SetSpec, Topology,
+};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -157,7 +135,7 @@ pub struct Permit {
     total: Arc<AtomicU32>,
     breaker: Arc<BreakerCell>,
     probe: bool,
-    settings: IsolationSettings,
+    settings: IsolationSpec,
 }
 
 impl Permit {
@@ -187,8 +165,10 @@ impl Drop for Permit {
 
 /// The admission state of one gateway instance.
 pub struct Admission {
-    /// Tells apart the handles this instance resolved into a snapshot (`Resolved::owner`).
-    id: u64,
+    /// The handles of the snapshot requests were last admitted with: resolved by name once
+    /// per snapshot, indexed by every later request of it (state outlives snapshots; lookups
+    /// need not).
+    resolved: ArcSwapOption<Resolved>,
     metrics: Arc<Metrics>,
     total: Arc<AtomicU32>,
     sets: RwLock<HashMap<String, Arc<SetState>>>,
@@ -238,9 +218,8 @@ fn secs_ceil(d: Duration) -> u32 {
 
 impl Admission {
     pub fn new(metrics: Arc<Metrics>) -> Admission {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Admission {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            resolved: ArcSwapOption::empty(),
             metrics,
             total: Arc::new(AtomicU32::new(0)),
             sets: RwLock::new(HashMap::new()),
@@ -328,7 +307,7 @@ impl Admission {
     fn resolve(&self, topo: &Topology) -> Resolved {
         let reserve = topo.isolation.retry_reserve;
         Resolved {
-            owner: self.id,
+            snapshot: topo.build_id,
             sets: topo
                 .sets
                 .iter()
@@ -368,10 +347,18 @@ impl Admission {
         let r = topo.route(route);
         let spec = topo.set(r.set);
         let settings = &topo.isolation;
-        let resolved = topo.admission.get_or_init(|| self.resolve(topo));
-        let own = resolved.owner == self.id;
+        let cached = self.resolved.load();
+        let fresh;
+        let resolved: &Resolved = match cached.as_deref() {
+            Some(resolved) if resolved.snapshot == topo.build_id => resolved,
+            _ => {
+                fresh = Arc::new(self.resolve(topo));
+                self.resolved.store(Some(fresh.clone()));
+                &fresh
+            }
+        };
         let set = match resolved.sets.get(r.set.0 as usize) {
-            Some(set) if own => set.clone(),
+            Some(set) => set.clone(),
             _ => self.set_state(&spec.name, settings.retry_reserve),
         };
 
@@ -387,7 +374,7 @@ impl Admission {
         let new_breaker = || self.breaker(&topo.idc(idc).name, &spec.name);
         let slot = usize::from(idc.0) * topo.sets.len() + usize::from(r.set.0);
         let breaker = match resolved.breakers.get(slot) {
-            Some(cell) if own => cell.get_or_init(new_breaker).clone(),
+            Some(cell) => cell.get_or_init(new_breaker).clone(),
             _ => new_breaker(),
         };
         // From here on, dropping the permit gives the slot back.
@@ -419,7 +406,7 @@ impl Admission {
         // 2. The route's rate limit.
         if let Some(limit) = &r.rate_limit {
             let bucket = match resolved.buckets.get(route.0 as usize) {
-                Some(Some(bucket)) if own => bucket.clone(),
+                Some(Some(bucket)) => bucket.clone(),
                 _ => self.bucket(&r.name, limit),
             };
             let taken = bucket.lock().map_or(Ok(()), |mut b| b.take(Instant::now()));

@@ -346,7 +346,7 @@ fn build_offline(file: &std::path::Path) -> Result<topology::Topology, topology:
         doc,
         &Overrides::default(),
         &ctx,
-        &crate::forward::Upstreams::new(),
+        &crate::upstream::Upstreams::new(),
     )
 }
 

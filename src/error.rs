@@ -4,7 +4,7 @@
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::admission::Refusal;
-use crate::body::ResponseBody;
+use crate::upstream::body::ResponseBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {

@@ -618,15 +618,6 @@ impl Default for Backoff {
     }
 }
 
-/// Resolves when `shutdown` turns true (or its sender is gone).
-pub(crate) async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {

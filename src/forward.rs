@@ -1,205 +1,22 @@
-//! Upstream forwarding: pooled HTTP/1.1 keep-alive connections per backend (one pool per
-//! (IDC, set, address), shared across snapshots), power-of-two-choices on in-flight requests
-//! among the backends in service (healthy and not ejected: no fail-open), connect timeouts,
-//! safe retries on another backend of the same IDC, and the passive outlier signals (connect
-//! errors, timeouts, 5xx) that feed `health`.
+//! Upstream forwarding: power-of-two-choices on in-flight requests among the backends of a pool
+//! in service (healthy and not ejected: no fail-open), connect timeouts, safe retries on another
+//! backend of the same IDC, and the passive outlier signals (connect errors, timeouts, 5xx)
+//! that feed backend health. The pools themselves are `upstream`'s.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-use crate::admission::RetryBudget;
-use crate::body::RequestBody;
-use crate::health::BackendHealth;
-use crate::tls::upstream::UpstreamTls;
+use crate::upstream::body::{BodyTooLarge, RequestBody};
+use crate::upstream::{Backend, Lease};
 
-type Sender = SendRequest<RequestBody>;
-
-/// Idle connections kept per backend; more are closed when they come back.
-const MAX_IDLE_PER_BACKEND: usize = 512;
-
-/// One upstream address in one (IDC, set) pool. Its state outlives snapshots: a reload that
-/// keeps the backend keeps its connections and counters.
-pub struct Backend {
-    pub idc: Arc<String>,
-    pub set: Arc<String>,
-    pub addr: SocketAddr,
-    /// TLS to this backend (its IDC's `tls`), or plain TCP.
-    tls: Option<Arc<UpstreamTls>>,
-    inflight: AtomicU32,
-    /// Probe verdict and passive ejection, shared with every pool listing this address in
-    /// this IDC.
-    pub health: Arc<BackendHealth>,
-    idle: Mutex<Vec<Sender>>,
-}
-
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend")
-            .field("idc", &self.idc)
-            .field("set", &self.set)
-            .field("addr", &self.addr)
-            .field("tls", &self.tls.is_some())
-            .field("inflight", &self.inflight.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-impl Backend {
-    fn new(set: &str, health: Arc<BackendHealth>, tls: Option<Arc<UpstreamTls>>) -> Backend {
-        Backend {
-            idc: health.idc.clone(),
-            set: Arc::new(set.to_owned()),
-            addr: health.addr,
-            tls,
-            inflight: AtomicU32::new(0),
-            health,
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// The TLS its IDC asks for (the health probes speak it too).
-    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
-        self.tls.as_ref()
-    }
-
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    pub fn idle_connections(&self) -> usize {
-        self.idle.lock().map_or(0, |v| v.len())
-    }
-
-    /// Gets no traffic now: its probes say unhealthy, or traffic ejected it. Avoided backends
-    /// are never tried, even when nothing else is left: a dead pool is dead (no fail-open).
-    pub fn avoided(&self) -> bool {
-        !self.health.in_service()
-    }
-
-    fn take_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    fn put_idle(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_PER_BACKEND {
-                idle.push(sender);
-            }
-        }
-    }
-
-    /// A new connection: TCP, then the TLS handshake when the IDC asks for it, both within
-    /// one connect timeout (a backend that accepts but never finishes the handshake is as
-    /// unreachable as one that refuses).
-    async fn connect(&self, timeout: Duration, upgrades: bool) -> Result<Sender, ForwardError> {
-        match tokio::time::timeout(timeout, self.open(upgrades)).await {
-            Ok(result) => result,
-            Err(_) if self.tls.is_some() => Err(ForwardError::Connect(format!(
-                "{}: connect and TLS handshake timed out",
-                self.addr
-            ))),
-            Err(_) => Err(ForwardError::Connect(format!(
-                "{}: connect timed out",
-                self.addr
-            ))),
-        }
-    }
-
-    async fn open(&self, upgrades: bool) -> Result<Sender, ForwardError> {
-        // The address is in the message for the log; clients never see it (error.rs).
-        let stream = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| ForwardError::Connect(format!("{}: {e}", self.addr)))?;
-        let _ = stream.set_nodelay(true);
-        match &self.tls {
-            Some(tls) => {
-                let stream = tls.connect(stream, self.addr).await.map_err(|e| {
-                    ForwardError::Connect(format!("TLS handshake with {}: {e}", self.addr))
-                })?;
-                handshake(stream, upgrades).await
-            }
-            None => handshake(stream, upgrades).await,
-        }
-    }
-}
-
-/// The HTTP/1.1 client handshake over any connection; the connection task is spawned. With
-/// `upgrades`, a 101 hands the connection over (`hyper::upgrade::on`) instead of ending it.
-async fn handshake<IO>(io: IO, upgrades: bool) -> Result<Sender, ForwardError>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ForwardError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        let result = if upgrades {
-            conn.with_upgrades().await
-        } else {
-            conn.await
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
-}
-
-/// A backend's in-flight slot and, once the response head arrived, its connection. Dropping it
-/// frees the slot (and closes the connection if it was not released).
-pub struct Lease {
-    backend: Arc<Backend>,
-    sender: Option<Sender>,
-    /// An upgraded connection belongs to its relay: it never goes back to the pool.
-    reusable: bool,
-}
-
-impl Lease {
-    fn new(backend: Arc<Backend>) -> Lease {
-        backend.inflight.fetch_add(1, Ordering::Relaxed);
-        Lease {
-            backend,
-            sender: None,
-            reusable: true,
-        }
-    }
-
-    /// The response ended cleanly: the connection can carry another request.
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take().filter(|_| self.reusable) {
-            self.backend.put_idle(sender);
-        }
-    }
-
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Where a retry is paid for: asked once before each retry, and no retry is made when it says
+/// no. The set's retry budget (`admission`) is the one the proxy hands in.
+pub trait RetryBudget: Sync {
+    fn try_retry(&self) -> bool;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -226,71 +43,12 @@ pub enum ForwardError {
 fn body_too_large(e: &hyper::Error) -> Option<u64> {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        if let Some(limit) = c.downcast_ref::<crate::body::BodyTooLarge>() {
+        if let Some(limit) = c.downcast_ref::<BodyTooLarge>() {
             return Some(limit.0);
         }
         cause = c.source();
     }
     None
-}
-
-/// A backend's identity: (IDC, set, address, TLS identity or 0 for plain TCP).
-type BackendKey = (String, String, SocketAddr, u64);
-
-/// Registry of backends by identity, so that snapshots share pools, and of their health by
-/// (IDC, address), so that the sets listing one address share one verdict.
-#[derive(Default)]
-pub struct Upstreams {
-    backends: Mutex<HashMap<BackendKey, Weak<Backend>>>,
-    health: Mutex<HashMap<(String, SocketAddr), Weak<BackendHealth>>>,
-}
-
-impl Upstreams {
-    pub fn new() -> Upstreams {
-        Upstreams::default()
-    }
-
-    /// The backend for this identity: the existing one while any snapshot holds it.
-    pub fn backend(
-        &self,
-        idc: &str,
-        set: &str,
-        addr: SocketAddr,
-        tls: Option<&Arc<UpstreamTls>>,
-    ) -> Arc<Backend> {
-        let tls = tls.cloned();
-        let Ok(mut map) = self.backends.lock() else {
-            return Arc::new(Backend::new(set, self.health(idc, addr), tls));
-        };
-        let key = (
-            idc.to_owned(),
-            set.to_owned(),
-            addr,
-            tls.as_ref().map_or(0, |t| t.id()),
-        );
-        if let Some(b) = map.get(&key).and_then(Weak::upgrade) {
-            return b;
-        }
-        map.retain(|_, w| w.strong_count() > 0);
-        let b = Arc::new(Backend::new(set, self.health(idc, addr), tls));
-        map.insert(key, Arc::downgrade(&b));
-        b
-    }
-
-    /// The health of this backend identity: the existing one while any backend holds it.
-    fn health(&self, idc: &str, addr: SocketAddr) -> Arc<BackendHealth> {
-        let Ok(mut map) = self.health.lock() else {
-            return Arc::new(BackendHealth::new(idc, addr));
-        };
-        let key = (idc.to_owned(), addr);
-        if let Some(h) = map.get(&key).and_then(Weak::upgrade) {
-            return h;
-        }
-        map.retain(|_, w| w.strong_count() > 0);
-        let h = Arc::new(BackendHealth::new(idc, addr));
-        map.insert(key, Arc::downgrade(&h));
-        h
-    }
 }
 
 /// How one forward may behave.
@@ -306,7 +64,7 @@ pub struct ForwardPolicy<'a> {
     pub idempotent: bool,
     /// The set's retry budget: every retry spends from it, and none is made when it is empty,
     /// so a failing set cannot multiply its own load.
-    pub retry_budget: Option<&'a RetryBudget<'a>>,
+    pub retry_budget: Option<&'a dyn RetryBudget>,
     /// An upgrade handshake: always a new connection, able to hand itself over on a 101,
     /// never pooled afterwards.
     pub upgrade: bool,
@@ -370,7 +128,7 @@ pub async fn forward(
         // Tries that sent nothing on a stale pooled connection are given back and are not
         // retries; every other attempt after the first is one.
         let is_retry = attempts_left <= policy.retries;
-        if is_retry && !policy.retry_budget.is_none_or(RetryBudget::try_retry) {
+        if is_retry && !policy.retry_budget.is_none_or(|b| b.try_retry()) {
             tracing::debug!(idc = %pool[i].idc, set = %pool[i].set, "retry budget spent: no retry");
             break;
         }
@@ -396,7 +154,7 @@ pub async fn forward(
                 Err(e) => {
                     backend.health.record_connect_failure();
                     tracing::debug!(backend = %backend.addr, idc = %backend.idc, error = %e, "upstream connect failed");
-                    last_err = e;
+                    last_err = ForwardError::Connect(e);
                     continue;
                 }
             },
@@ -494,7 +252,10 @@ fn clone_request(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
+    use crate::upstream::Upstreams;
 
     #[test]
     fn pick_skips_backends_out_of_service_and_never_fails_open() {

@@ -11,11 +11,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::forward::Upstreams;
 use crate::server::gate::{Gate, Refusal, MAX_HEADERS};
 use crate::topology::{
     build, BuildContext, IdcState, Overrides, RawTopology, RequestView, Shard, Topology,
 };
+use crate::upstream::Upstreams;
 
 /// Separates a topology document from the build's extra input in a `topology_document` case:
 /// the document's TOML, then this line, then JSON [`Extras`]. The line is a TOML comment, so a

@@ -4,7 +4,6 @@
 //! its backends in service. The view is published to `/status`, the metrics and the etcd
 //! registration, and watched by whoever decides failover.
 
-mod backend;
 mod probe;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,16 +14,13 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-pub use backend::{
-    clock_ms, BackendHealth, EjectionCause, BASE_EJECTION_MS, CONNECT_BASE_EJECTION_MS,
-    CONSECUTIVE_FAILURES, MAX_EJECTION_MS,
-};
 pub use probe::probe;
 
 use crate::source::Snapshots;
 use crate::telemetry::{BackendLabels, IdcLabels, Metrics, TaskLabels};
-use crate::tls::upstream::UpstreamTls;
 use crate::topology::{HealthSpec, Topology};
+use crate::upstream::health::BackendHealth;
+use crate::upstream::tls::UpstreamTls;
 
 /// Where a decision reads this gateway's health view (IDC name → healthy) from: the file-mode
 /// failover controller and move driver ask it when they decide. `Health::idc_view` in the

@@ -52,7 +52,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod admission;
-pub mod body;
+
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -76,6 +76,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod topology;
 pub mod upgrade;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,7 +96,7 @@ impl Handler for Gateway {
         self: Arc<Self>,
         req: http::Request<hyper::body::Incoming>,
         peer: server::Peer,
-    ) -> http::Response<body::ResponseBody> {
+    ) -> http::Response<upstream::body::ResponseBody> {
         self.handle(req, peer.ip_header).await
     }
 }
@@ -359,7 +360,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .await
             .with_context(|| format!("cannot listen on {addr} (redirect_http)"))?;
         redirect_addr = Some(listener.local_addr()?);
-        let redirect = Arc::new(tls::Redirect {
+        let redirect = Arc::new(server::Redirect {
             https_port: proxy_addr.port(),
         });
         tasks.spawn_once(

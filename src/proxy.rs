@@ -17,7 +17,6 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::admission::{Admission, Refusal};
-use crate::body::{RequestBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::forward::{forward, ForwardError, ForwardPolicy};
 use crate::headers;
@@ -26,6 +25,7 @@ use crate::topology::{
     Decision, IdcId, IdcState, RequestView, RouteError, SetId, Shard, Topology, WriteInFlight,
 };
 use crate::upgrade;
+use crate::upstream::body::{RequestBody, ResponseBody};
 
 /// Settings of the data path that do not come from the topology.
 #[derive(Debug, Clone)]
@@ -85,6 +85,13 @@ fn is_safe(m: &Method) -> bool {
 
 fn is_idempotent(m: &Method) -> bool {
     is_safe(m) || matches!(*m, Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// The set's retry budget pays for `forward`'s retries.
+impl crate::forward::RetryBudget for crate::admission::RetryBudget<'_> {
+    fn try_retry(&self) -> bool {
+        crate::admission::RetryBudget::try_retry(self)
+    }
 }
 
 impl Gateway {
@@ -513,7 +520,7 @@ impl Gateway {
         &self,
         mut resp: Response<Incoming>,
         client: hyper::upgrade::OnUpgrade,
-        lease: crate::forward::Lease,
+        lease: crate::upstream::Lease,
         owner: Option<(Shard, Arc<String>, WriteInFlight)>,
     ) -> Response<ResponseBody> {
         let upstream = hyper::upgrade::on(&mut resp);

@@ -10,7 +10,9 @@ use rustc_hash::FxHashMap;
 
 use http::{HeaderMap, HeaderName, Method};
 
-use crate::topology::RouteId;
+/// Index of a route in the snapshot's route list (`Topology::routes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RouteId(pub u32);
 
 /// Longest sharding key we accept; longer values are refused with 400 (`invalid_key`).
 pub const MAX_KEY_BYTES: usize = 256;

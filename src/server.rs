@@ -3,6 +3,7 @@
 //! limits, HTTP/2 stream limits, and graceful drain on shutdown.
 
 pub mod gate;
+mod redirect;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,9 +26,11 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::body::ResponseBody;
 use crate::config::Limits;
 use crate::tls::Tls;
+pub use redirect::{redirect, Redirect};
+
+use crate::upstream::body::ResponseBody;
 
 /// How often a listener at its connection limit says so.
 const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);

@@ -28,8 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::body::ResponseBody;
 use crate::server::{serve, Handler, ListenerSettings};
+use crate::upstream::body::ResponseBody;
 use ledger::{Entry, Ledger};
 
 pub struct SimIdc {

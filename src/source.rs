@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
-use crate::forward::Upstreams;
 use crate::self_fence::SelfFence;
 use crate::telemetry::Metrics;
 use crate::topology::{
     self, BuildContext, Overrides, Problems, RawTopology, Topology, TopologyDiff,
 };
+use crate::upstream::Upstreams;
 
 /// The published snapshot and what it was built from.
 pub struct Snapshots {

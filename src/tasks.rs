@@ -123,7 +123,7 @@ impl Tasks {
                 tracing::error!(task = name, %reason, restart_in_ms = backoff.as_millis() as u64, "background task died; restarting it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = crate::etcd::shutdown_requested(&mut shutdown) => return,
+                    _ = shutdown_requested(&mut shutdown) => return,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 tasks.mark_up(name);
@@ -231,6 +231,15 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Resolves when `shutdown` turns true (or its sender is gone).
+pub(crate) async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,13 +19,15 @@ use http::{HeaderMap, Method, Uri};
 
 pub use build::{build, build_with_previous, parse_range, warmed, warmup_step_of, BuildContext};
 pub use diff::{diff, TopologyDiff};
+pub use isolation::{BreakerSpec, IsolationSpec, BREAKER_BUCKETS};
 pub use moves::ShardSet;
 pub use overrides::{DegradeOverride, IdcOverride, IdcState, Overrides};
 pub use problems::{Problem, Problems};
 pub use raw::RawTopology;
 
-use crate::forward::Backend;
+pub use crate::route::RouteId;
 use crate::route::{extract_key, KeyError, KeySource, Match, RouteMatcher};
+use crate::upstream::Backend;
 
 /// Index of an IDC in `Topology::idcs`. Only meaningful within one snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,10 +36,6 @@ pub struct IdcId(pub u16);
 /// Index of a set in `Topology::sets`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SetId(pub u8);
-
-/// Index of a route in `Topology::routes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RouteId(pub u32);
 
 /// A shard number, `crc32_ieee(key) % shard_count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -157,10 +155,10 @@ pub struct Topology {
     pub failover: FailoverSpec,
     /// Shedding threshold, retry budget and breaker knobs (`[isolation]`): a reload changes
     /// them without touching the admission state they act on.
-    pub isolation: crate::admission::IsolationSettings,
-    /// The admission state this snapshot's sets, breakers and buckets use, looked up by name
-    /// by the first request admitted with it (state outlives snapshots; lookups need not).
-    pub admission: std::sync::OnceLock<crate::admission::Resolved>,
+    pub isolation: crate::topology::IsolationSpec,
+    /// This build's identity, unique in the process: what per-snapshot caches (admission's
+    /// resolved handles) are keyed by.
+    pub build_id: u64,
     /// Sum of the sets' `max_inflight`: the instance load that shedding is measured against.
     pub inflight_capacity: u64,
     /// How many distinct non-zero set priorities there are (shedding tiers).

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardgate::forward::Upstreams;
 use shardgate::topology::{build, BuildContext, Overrides, RawTopology, Shard, Topology};
+use shardgate::upstream::Upstreams;
 
 /// What a finished command left behind.
 struct Run {

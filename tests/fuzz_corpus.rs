@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use shardgate::forward::Upstreams;
 use shardgate::fuzz::{Extras, EXTRAS_LINE};
 use shardgate::topology::{build, BuildContext, IdcState, RawTopology};
+use shardgate::upstream::Upstreams;
 use support::{ClientBody, Cluster};
 
 /// Mutated inputs per target, spread over its cases (at least two each): the grown corpus

@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use shardgate::admission::IsolationSettings;
 use shardgate::sim::SimBackend;
+use shardgate::topology::IsolationSpec;
 use support::*;
 
 async fn status(c: &Cluster) -> Value {
@@ -352,7 +352,7 @@ async fn the_retry_budget_caps_retries_under_a_failing_pool() {
     let flaky = &st["sets"]["flaky"];
     assert_eq!(flaky["requests"], n);
     let retries = flaky["retries"].as_u64().expect("retries in /status");
-    let reserve = u64::from(IsolationSettings::default().retry_reserve);
+    let reserve = u64::from(IsolationSpec::default().retry_reserve);
     // Unbudgeted, each request would retry in every IDC it tried (at least 60).
     assert!(
         retries <= reserve + n / 5,
@@ -575,7 +575,7 @@ async fn isolation_knobs_change_on_reload_and_breakers_carry_on() {
     assert_eq!(c.topology().revision, revision);
     assert_eq!(
         c.topology().isolation.retry_ratio,
-        IsolationSettings::default().retry_ratio
+        IsolationSpec::default().retry_ratio
     );
     c.stop().await;
 }

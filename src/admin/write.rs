@@ -15,9 +15,9 @@ use serde_json::json;
 use super::{error, json_response, Admin};
 
 mod idc;
-use crate::body::ResponseBody;
 use crate::topology::overrides::unix_now;
 use crate::topology::DegradeOverride;
+use crate::upstream::body::ResponseBody;
 pub(super) use idc::{idc, move_range};
 
 /// Admin request bodies are a few fields of JSON.

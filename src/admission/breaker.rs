@@ -3,39 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-/// The counting window slides in this many buckets (ten 1-second buckets by default).
-pub const BREAKER_BUCKETS: usize = 10;
-
-/// Breaker knobs (`[isolation.breaker]` of the topology; DESIGN.md §5 defaults).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BreakerSettings {
-    /// Consecutive system failures that open the breaker.
-    pub consecutive: u32,
-    /// Requests the window needs before its failure ratio counts.
-    pub min_requests: u32,
-    /// Failure ratio (of at least `min_requests` in the window) that opens the breaker.
-    pub failure_ratio: f64,
-    /// Length of the sliding window, counted in `BREAKER_BUCKETS` buckets: an outcome stops
-    /// counting between `window - window/10` and `window` after it was recorded.
-    pub window: Duration,
-    /// How long an open breaker refuses before it lets probes through.
-    pub open_for: Duration,
-    /// Probes let through while half-open; all must succeed to close.
-    pub probes: u32,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings {
-            consecutive: 5,
-            min_requests: 20,
-            failure_ratio: 0.5,
-            window: Duration::from_secs(10),
-            open_for: Duration::from_secs(5),
-            probes: 3,
-        }
-    }
-}
+use crate::topology::{BreakerSpec, BREAKER_BUCKETS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -116,7 +84,7 @@ impl Breaker {
         self.state
     }
 
-    pub fn admit(&mut self, now: Instant, s: &BreakerSettings) -> Pass {
+    pub fn admit(&mut self, now: Instant, s: &BreakerSpec) -> Pass {
         if self.state == BreakerState::Open {
             let open = now.saturating_duration_since(self.since);
             if open < s.open_for {
@@ -151,7 +119,7 @@ impl Breaker {
     /// Records the outcome of a request the breaker let through; `failure` is a system failure
     /// (connect error, timeout, 5xx). Outcomes of requests admitted before the last transition
     /// (a slow request finishing after the breaker opened) are ignored.
-    pub fn record(&mut self, now: Instant, failure: bool, probe: bool, s: &BreakerSettings) {
+    pub fn record(&mut self, now: Instant, failure: bool, probe: bool, s: &BreakerSpec) {
         match (self.state, probe) {
             (BreakerState::Closed, false) => {
                 self.slide(now, s.window);
@@ -235,7 +203,7 @@ mod tests {
 
     #[test]
     fn five_consecutive_failures_open_it_and_four_do_not() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..4 {
@@ -254,7 +222,7 @@ mod tests {
 
     #[test]
     fn half_of_twenty_in_a_window_opens_it() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         // Alternate: never two failures in a row.
@@ -271,7 +239,7 @@ mod tests {
     }
 
     /// Twenty alternating outcomes (ten failures, never two in a row) at `at`.
-    fn alternate(b: &mut Breaker, at: Instant, n: u32, s: &BreakerSettings) {
+    fn alternate(b: &mut Breaker, at: Instant, n: u32, s: &BreakerSpec) {
         for i in 0..n {
             b.record(at, i % 2 == 0, false, s);
         }
@@ -279,7 +247,7 @@ mod tests {
 
     #[test]
     fn the_window_slides_across_bucket_boundaries() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         // Ten outcomes at 9.5 s and ten at 10.5 s are in one 10 s window: a window that
         // restarted every 10 s would have split them.
@@ -293,7 +261,7 @@ mod tests {
 
     #[test]
     fn outcomes_age_out_of_the_window() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         // 19 outcomes (10 failures) at t0; one more failure makes 11 of 20 while they count.
         let mut inside = Breaker::new(t0);
@@ -321,11 +289,11 @@ mod tests {
 
     #[test]
     fn a_changed_window_restarts_the_counts() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         alternate(&mut b, t0, 19, &s);
-        let longer = BreakerSettings {
+        let longer = BreakerSpec {
             window: Duration::from_secs(20),
             ..s
         };
@@ -342,7 +310,7 @@ mod tests {
 
     #[test]
     fn half_open_lets_three_probes_and_closes_when_they_succeed() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {
@@ -365,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_failed_probe_opens_it_again() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {
@@ -380,7 +348,7 @@ mod tests {
 
     #[test]
     fn lost_probes_are_replaced() {
-        let s = BreakerSettings::default();
+        let s = BreakerSpec::default();
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{BreakerCell, Bucket, SetState};
 
-/// The handles of one snapshot, kept in the snapshot (`Topology::admission`).
+/// The handles of one snapshot, kept by `Admission` for the snapshot it last saw.
 pub struct Resolved {
-    /// The `Admission` that resolved them: another one (tests) looks its own state up by name.
-    pub(super) owner: u64,
+    /// The snapshot they were resolved for (`Topology::build_id`).
+    pub(super) snapshot: u64,
     /// By `SetId`.
     pub(super) sets: Vec<Arc<SetState>>,
     /// By `IdcId * sets + SetId`, filled on first use (`/status` lists breakers that have seen

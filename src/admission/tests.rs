@@ -1,8 +1,8 @@
 //! Unit tests of admission, on snapshots built from text, without a runtime.
 
 use super::*;
-use crate::forward::Upstreams;
 use crate::topology::{build, BuildContext, DegradeOverride, Overrides, RawTopology};
+use crate::upstream::Upstreams;
 
 const DOC: &str = r#"
 cluster = "t"

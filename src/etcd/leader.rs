@@ -15,11 +15,12 @@ use etcd_client::{
 };
 use tokio::sync::watch;
 
-use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
+use super::{Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
 use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
 use crate::moves::pace::{FenceClocks, WarmupPacer};
 use crate::moves::{self, next_step, HealthView, Operator, Step};
 use crate::source::Snapshots;
+use crate::tasks::shutdown_requested;
 use crate::topology::overrides::{MovePhase, MoveRecord};
 use crate::topology::{Overrides, Topology};
 

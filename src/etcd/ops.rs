@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 
 use super::{ClusterKeys, Etcd, EtcdAccess, EtcdError, GatewayRecord, Keys};
-use crate::forward::Upstreams;
 use crate::topology::{
     self, BuildContext, DegradeOverride, Overrides, Problems, RawTopology, Shard, Topology,
     TopologyDiff,
 };
+use crate::upstream::Upstreams;
 
 /// Why an operation did not happen.
 #[derive(Debug, thiserror::Error)]

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use etcd_client::PutOptions;
 use tokio::sync::watch;
 
-use super::{shutdown_requested, Backoff, Etcd, EtcdError, GatewayRecord, Keys};
+use super::{Backoff, Etcd, EtcdError, GatewayRecord, Keys};
 use crate::health::Health;
 use crate::source::Snapshots;
+use crate::tasks::shutdown_requested;
 use crate::topology::overrides::unix_now;
 
 /// Lease TTL of a registration (DESIGN.md §6).

@@ -13,8 +13,9 @@ use etcd_client::WatchResponse;
 use tokio::sync::{oneshot, watch};
 
 use super::cache::{CachedSnapshot, SnapshotCache};
-use super::{shutdown_requested, Backoff, ClusterKeys, Etcd, EtcdError, KeyKind, Keys, Stored};
+use super::{Backoff, ClusterKeys, Etcd, EtcdError, KeyKind, Keys, Stored};
 use crate::source::Snapshots;
+use crate::tasks::shutdown_requested;
 use crate::topology::overrides::unix_now;
 use crate::topology::{Overrides, Problems, RawTopology};
 

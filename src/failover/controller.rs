@@ -63,7 +63,7 @@ impl FileController {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = changed => {}
-                _ = crate::etcd::shutdown_requested(&mut shutdown) => return,
+                _ = crate::tasks::shutdown_requested(&mut shutdown) => return,
             }
             self.evaluate(unix_now_ms());
         }

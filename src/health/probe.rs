@@ -12,9 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::BackendHealth;
-use crate::tls::upstream::UpstreamTls;
 use crate::topology::HealthSpec;
+use crate::upstream::health::BackendHealth;
+use crate::upstream::tls::UpstreamTls;
 
 /// The longest status line (and headers before it) read from a probe answer.
 const MAX_HEAD: usize = 1024;

@@ -36,7 +36,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
-            _ = crate::etcd::shutdown_requested(&mut shutdown) => return,
+            _ = crate::tasks::shutdown_requested(&mut shutdown) => return,
         }
         driver.drive_once(&snapshots, &store, &view);
     }

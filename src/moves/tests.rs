@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use super::*;
-use crate::forward::Upstreams;
 use crate::topology::{build, BuildContext, RawTopology, Shard};
+use crate::upstream::Upstreams;
 
 /// Three IDCs, 64 shards: 0-15 pinned to sh, 16-31 to bj, 32-63 to gz; gz fails over to sh.
 fn doc() -> String {

@@ -15,12 +15,13 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
 use super::{forward_error, Gateway};
-use crate::body::RequestBody;
 use crate::error::ProxyError;
-use crate::forward::{forward, Answered, ForwardPolicy, Lease};
+use crate::forward::{forward, Answered, ForwardPolicy};
 use crate::headers;
 use crate::telemetry::ReforwardLabels;
 use crate::topology::{IdcId, Route, Shard, Topology};
+use crate::upstream::body::RequestBody;
+use crate::upstream::Lease;
 
 /// The largest body read whole so a write can be sent again after a 421: small enough that
 /// holding it costs little (one buffer per write in flight), large enough for most API calls.
@@ -83,10 +84,12 @@ pub async fn keep_small_body(
     let read = match tokio::time::timeout(limit, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) => {
-            return Err(match e.downcast_ref::<crate::body::BodyTooLarge>() {
-                Some(too_large) => ProxyError::PayloadTooLarge(too_large.0),
-                None => ProxyError::BadRequest("the request body broke off or stalled"),
-            })
+            return Err(
+                match e.downcast_ref::<crate::upstream::body::BodyTooLarge>() {
+                    Some(too_large) => ProxyError::PayloadTooLarge(too_large.0),
+                    None => ProxyError::BadRequest("the request body broke off or stalled"),
+                },
+            )
         }
         Err(_) => return Err(ProxyError::BadRequest("the request body stalled")),
     };
@@ -173,8 +176,8 @@ impl Gateway {
 #[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
-    use crate::forward::Upstreams;
     use crate::topology::{build, BuildContext, Overrides, RawTopology};
+    use crate::upstream::Upstreams;
 
     fn topology() -> Topology {
         let doc = RawTopology::parse(

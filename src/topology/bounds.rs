@@ -83,8 +83,8 @@ fn duration(problems: &mut Vec<Problem>, at: impl Into<String>, ms: u64) {
 #[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
-    use crate::forward::Upstreams;
     use crate::topology::{build, BuildContext, Overrides, Problems, Topology};
+    use crate::upstream::Upstreams;
 
     const BASE: &str = r#"
 cluster = "t"

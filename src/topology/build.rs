@@ -15,8 +15,8 @@ use super::{
     FailoverSpec, Fallback, HealthSpec, Idc, IdcId, IdcState, MissingKey, Overrides, Problem,
     Problems, RateLimitSpec, Route, RouteId, SetId, SetSpec, Shard, Topology,
 };
-use crate::forward::{Backend, Upstreams};
 use crate::route::{KeySource, RouteMatcher, RouteRule};
+use crate::upstream::{Backend, Upstreams};
 
 /// Largest shard table we build (memory: a few bytes per shard per IDC).
 pub const MAX_SHARD_COUNT: u32 = 1 << 20;
@@ -404,7 +404,7 @@ pub fn build_with_previous(
         routes,
         failover,
         isolation,
-        admission: std::sync::OnceLock::new(),
+        build_id: next_build_id(),
         local_idc,
         document: doc,
         overrides: overrides.clone(),
@@ -565,7 +565,7 @@ fn check_idc(
     c.positive(at("health.fall"), h.fall.into());
 
     let tls = raw.tls.as_ref().and_then(|t| {
-        match crate::tls::upstream::UpstreamTls::load(&t.ca, t.server_name.as_deref()) {
+        match crate::upstream::tls::UpstreamTls::load(&t.ca, t.server_name.as_deref()) {
             Ok(tls) => Some(Arc::new(tls)),
             Err((field, problem)) => {
                 c.fail(at(field), problem);
@@ -788,4 +788,10 @@ fn global_idc(
     );
     candidates.extend((0..idcs.len()).map(|i| IdcId(i as u16)));
     candidates.into_iter().find(active)
+}
+
+/// A new snapshot identity (`Topology::build_id`).
+fn next_build_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

@@ -172,7 +172,7 @@ mod tests {
     use super::super::overrides::{IdcOverride, IdcState, MoveKind, MoveRecord};
     use super::super::{build_with_previous, BuildContext, RawTopology};
     use super::*;
-    use crate::forward::Upstreams;
+    use crate::upstream::Upstreams;
 
     const DOC: &str = r#"
 cluster = "t"

@@ -5,11 +5,69 @@ use std::time::Duration;
 
 use super::raw::RawIsolation;
 use super::Problem;
-use crate::admission::{BreakerSettings, IsolationSettings, BREAKER_BUCKETS};
+
+/// The counting window slides in this many buckets (ten 1-second buckets by default).
+pub const BREAKER_BUCKETS: usize = 10;
+
+/// Breaker knobs (`[isolation.breaker]` of the topology; DESIGN.md §5 defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSpec {
+    /// Consecutive system failures that open the breaker.
+    pub consecutive: u32,
+    /// Requests the window needs before its failure ratio counts.
+    pub min_requests: u32,
+    /// Failure ratio (of at least `min_requests` in the window) that opens the breaker.
+    pub failure_ratio: f64,
+    /// Length of the sliding window, counted in `BREAKER_BUCKETS` buckets: an outcome stops
+    /// counting between `window - window/10` and `window` after it was recorded.
+    pub window: Duration,
+    /// How long an open breaker refuses before it lets probes through.
+    pub open_for: Duration,
+    /// Probes let through while half-open; all must succeed to close.
+    pub probes: u32,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        BreakerSpec {
+            consecutive: 5,
+            min_requests: 20,
+            failure_ratio: 0.5,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+            probes: 3,
+        }
+    }
+}
+
+/// Isolation knobs, resolved from the topology's `[isolation]` table into each snapshot
+/// (defaults from DESIGN.md §5). Admission reads them from the snapshot of each request, so a
+/// reload changes them while the state they act on (breakers, budgets) carries on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IsolationSpec {
+    pub breaker: BreakerSpec,
+    /// Retries allowed per request of a set (0.2: retries ≤ 20% of the set's requests).
+    pub retry_ratio: f64,
+    /// Retries a set may make before its requests have earned any (and the most it can save).
+    pub retry_reserve: u32,
+    /// Instance load (total in-flight ÷ sum of set budgets) at which shedding starts.
+    pub shed_start: f64,
+}
+
+impl Default for IsolationSpec {
+    fn default() -> Self {
+        IsolationSpec {
+            breaker: BreakerSpec::default(),
+            retry_ratio: 0.2,
+            retry_reserve: 10,
+            shed_start: 0.7,
+        }
+    }
+}
 
 /// Checks `[isolation]`, pushing a problem per bad field; the result is only used when
 /// there is none.
-pub(super) fn resolve(raw: &RawIsolation, problems: &mut Vec<Problem>) -> IsolationSettings {
+pub(super) fn resolve(raw: &RawIsolation, problems: &mut Vec<Problem>) -> IsolationSpec {
     let mut fail = |field: &str, reason: &str| {
         problems.push(Problem::new(format!("isolation.{field}"), reason));
     };
@@ -44,8 +102,8 @@ pub(super) fn resolve(raw: &RawIsolation, problems: &mut Vec<Problem>) -> Isolat
     if b.open_ms == 0 {
         fail("breaker.open_ms", "must be greater than 0");
     }
-    IsolationSettings {
-        breaker: BreakerSettings {
+    IsolationSpec {
+        breaker: BreakerSpec {
             consecutive: b.consecutive,
             min_requests: b.min_requests,
             failure_ratio: b.failure_ratio,
@@ -68,7 +126,7 @@ mod tests {
         let mut problems = Vec::new();
         let s = resolve(&RawIsolation::default(), &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        let d = IsolationSettings::default();
+        let d = IsolationSpec::default();
         assert_eq!(s.breaker, d.breaker);
         assert_eq!(
             (s.retry_ratio, s.retry_reserve, s.shed_start),

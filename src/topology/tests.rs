@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::forward::Upstreams;
+use crate::upstream::Upstreams;
 
 fn doc(idcs: &[(&str, u32)], extra: &str) -> String {
     let mut s = String::from(

@@ -10,11 +10,11 @@ use serde_json::json;
 
 use super::{read_body, DEADLINE};
 use crate::admin::{error, json_response, Admin};
-use crate::body::ResponseBody;
 use crate::moves::{self, Operator, Refused};
 use crate::source::FileOverrides;
 use crate::topology::overrides::MoveRecord;
 use crate::topology::{IdcOverride, Overrides, Topology};
+use crate::upstream::body::ResponseBody;
 
 #[derive(Deserialize)]
 struct IdcWrite {

@@ -1,0 +1,12 @@
+//! The upstream side, below everything that decides: one pool per (IDC, set, address) shared
+//! by every snapshot that lists it ([`Upstreams`], [`Backend`], the [`Lease`] a request holds),
+//! the bodies that stream over its connections ([`body`]), each address's observed health
+//! ([`health`]: probe verdicts and passive ejection), and TLS towards an IDC that asks for it
+//! ([`tls`]). It imports nothing of the gateway above it.
+
+pub mod body;
+pub mod health;
+mod pool;
+pub mod tls;
+
+pub use pool::{Backend, Lease, Upstreams};
