@@ -11,9 +11,9 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use crate::self_fence::SelfFence;
-use crate::telemetry::Metrics;
+use crate::telemetry::{IdcLabels, IdcStateLabels, Metrics};
 use crate::topology::{
-    self, BuildContext, Overrides, Problems, RawTopology, Topology, TopologyDiff,
+    self, BuildContext, IdcState, Overrides, Problems, RawTopology, Topology, TopologyDiff,
 };
 use crate::upstream::Upstreams;
 
@@ -212,7 +212,7 @@ impl Snapshots {
                     retired.push(Arc::downgrade(old));
                 }
                 self.revisions.send_replace(revision);
-                self.metrics.observe_snapshot(&new);
+                observe_snapshot(&self.metrics, &new);
                 self.metrics.reload("ok");
                 if let Ok(mut p) = self.last_problem.lock() {
                     *p = None;
@@ -586,6 +586,30 @@ pub(crate) async fn recv_hangup(h: &mut Hangup) {
     }
     let _ = h;
     std::future::pending::<()>().await;
+}
+
+/// Snapshot-level gauges, refreshed when a snapshot is published.
+fn observe_snapshot(metrics: &Metrics, t: &Topology) {
+    metrics.topology_revision.set(t.revision as i64);
+    metrics.shards_served.clear();
+    metrics.idc_state.clear();
+    for (idc, n) in t.idcs.iter().zip(t.shards_served()) {
+        metrics
+            .shards_served
+            .get_or_create(&IdcLabels {
+                idc: idc.name.clone(),
+            })
+            .set(i64::from(n));
+        for state in IdcState::ALL {
+            metrics
+                .idc_state
+                .get_or_create(&IdcStateLabels {
+                    idc: idc.name.clone(),
+                    state: state.as_str(),
+                })
+                .set(i64::from(idc.state == state));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::topology::{IdcState, Topology};
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: Arc<String>,
@@ -257,28 +255,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-
-    /// Snapshot-level gauges, refreshed when a snapshot is published.
-    pub fn observe_snapshot(&self, t: &Topology) {
-        self.topology_revision.set(t.revision as i64);
-        self.shards_served.clear();
-        self.idc_state.clear();
-        for (idc, n) in t.idcs.iter().zip(t.shards_served()) {
-            self.shards_served
-                .get_or_create(&IdcLabels {
-                    idc: idc.name.clone(),
-                })
-                .set(i64::from(n));
-            for state in IdcState::ALL {
-                self.idc_state
-                    .get_or_create(&IdcStateLabels {
-                        idc: idc.name.clone(),
-                        state: state.as_str(),
-                    })
-                    .set(i64::from(idc.state == state));
-            }
-        }
     }
 
     pub fn reload(&self, result: &'static str) {
