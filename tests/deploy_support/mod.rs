@@ -8,6 +8,7 @@
 // Each test uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod k8s;
 pub mod promql;
 
