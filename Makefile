@@ -1,6 +1,8 @@
 # shardgate: the two commands a newcomer needs, and the checks CI runs.
 #   make demo   build and run the demo (3 simulated IDCs + a gateway on config/topology.toml)
 #   make test   install what the tests need, then fmt, clippy and the whole test suite
+#               (tests/deploy.rs checks the Kubernetes manifests, alerts and dashboard in deploy/)
+#   make image  build the container image (deploy/Dockerfile); make image-push publishes it
 #
 # Building needs nothing but Rust: the etcd client's build runs protoc, and where none is
 # installed tools/run-protoc (wired through .cargo/config.toml) runs one vendored from
@@ -11,8 +13,14 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra arguments of `shardgate demo` (e.g. --listen 127.0.0.1:0 --admin 127.0.0.1:0).
 DEMO_ARGS ?=
+# The container image: `make image IMAGE_REPO=registry.example.com/shardgate` tags it
+# registry.example.com/shardgate:<version of Cargo.toml>, the tag deploy/k8s names.
+DOCKER ?= docker
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+IMAGE_REPO ?= shardgate
+IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz image image-push
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -47,6 +55,14 @@ test: deps fmt-check clippy unit
 
 release:
 	$(CARGO) build --release --locked
+
+# The image builds the release binary itself (multi-stage); it needs a Docker engine (or any
+# builder that reads a Dockerfile) and network access for the base images and the crates.
+image:
+	$(DOCKER) build -f deploy/Dockerfile -t $(IMAGE) .
+
+image-push: image
+	$(DOCKER) push $(IMAGE)
 
 # Criterion: the routing decision and the snapshot build.
 bench:
