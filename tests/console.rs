@@ -1,11 +1,13 @@
 //! The operator console at admin `/` in a real headless Chromium (tests/support/browser.rs):
 //! the page loads under its CSP and draws every shard in its serving IDC's colour, the cells
 //! of a drained IDC change colour, an action taken through the page (token, click, confirm)
-//! changes `/status`, and an endpoint's refusal is shown as the endpoint said it.
+//! changes `/status`, and an endpoint's refusal is shown as the endpoint said it. In etcd mode
+//! (a real etcd) the page lists every gateway with its applied revision and the leader.
 //!
 //! `make console-screenshot` runs the ignored `console_screenshot` here, which writes
 //! docs/console.png.
 
+mod etcd_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -470,6 +472,84 @@ async fn a_refusal_shows_in_the_page_as_the_endpoint_said_it() {
     assert!(page.exceptions.is_empty(), "{:?}", page.exceptions);
     browser.close().await;
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_etcd_mode_the_console_lists_the_gateways_and_the_leader() {
+    use etcd_support::{start_gateway, Etcd, GatewayOptions, Idcs};
+    let etcd = Etcd::start().await;
+    let idcs = Idcs::start().await;
+    let revision = etcd.put("topology", &idcs.document(&[])).await as u64;
+    let gateway = |instance: &str, idc: &str| GatewayOptions {
+        instance: Some(instance.into()),
+        idc: Some(idc.into()),
+        ..GatewayOptions::default()
+    };
+    let a = start_gateway(&etcd.url, gateway("gw-a", "sh")).await;
+    let b = start_gateway(&etcd.url, gateway("gw-b", "bj")).await;
+    // Both registered, at the topology's revision or later, and a leader elected, as gateway
+    // a's /status sees them.
+    let status = support::eventually("gateway a to see both gateways and a leader", || async {
+        let st = send(a.admin_addr, get("/status", &[])).await.json();
+        let applied = st["gateways"].as_array().map_or(0, |g| {
+            g.iter()
+                .filter(|g| g["applied_revision"].as_u64() >= Some(revision))
+                .count()
+        });
+        (applied == 2 && st["leader"].is_string()).then_some(st)
+    })
+    .await;
+    let leader = status["leader"].as_str().unwrap_or_default().to_owned();
+
+    let browser = Browser::launch(1400, 1000).await;
+    let mut page = browser.page().await;
+    page.navigate(&format!("http://{}/", a.admin_addr)).await;
+    let rows = page
+        .wait_for(
+            "the gateways panel to list both gateways",
+            "(() => { const rows = [...document.querySelectorAll('#gateways tbody tr')]; \
+             return !document.getElementById('cluster-panel').classList.contains('hidden') \
+             && rows.length === 2 ? rows.map(r => [r.dataset.instance, r.cells[0].textContent, \
+             r.cells[1].textContent, Number(r.cells[3].textContent)]) : null; })()",
+        )
+        .await;
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let instances: Vec<&str> = rows.iter().filter_map(|r| r[0].as_str()).collect();
+    assert_eq!(instances, ["gw-a", "gw-b"], "{rows:?}");
+    for r in &rows {
+        let instance = r[0].as_str().unwrap_or_default();
+        let shown = r[1].as_str().unwrap_or_default();
+        // The leader is starred, and only the leader.
+        assert_eq!(
+            shown.starts_with('★'),
+            instance == leader,
+            "{rows:?} leader {leader}"
+        );
+        assert!(r[3].as_u64() >= Some(revision), "{rows:?}");
+    }
+    assert_eq!(rows[0][2], "sh");
+    assert_eq!(rows[1][2], "bj");
+    let shown_leader = page
+        .value("document.getElementById('leader').textContent")
+        .await;
+    assert_eq!(shown_leader, json!(format!("leader {leader}")));
+    // In etcd mode the page only shows: no action buttons, and a note saying where to act.
+    let actions = page
+        .value("[...document.querySelectorAll('button[data-action]')].filter(b => b.offsetParent !== null).length")
+        .await;
+    assert_eq!(actions, json!(0));
+    let note = page
+        .value("document.getElementById('actions-note').textContent")
+        .await;
+    assert!(
+        note.as_str().is_some_and(|n| n.contains("--etcd")),
+        "{note}"
+    );
+    assert!(page.exceptions.is_empty(), "{:?}", page.exceptions);
+    browser.close().await;
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(idcs);
 }
 
 /// Writes docs/console.png (or `$SHARDGATE_CONSOLE_SCREENSHOT`): the console of a three-IDC
