@@ -373,6 +373,18 @@ async fn an_action_through_the_page_changes_status() {
         ..Options::default()
     })
     .await;
+    // With a token, only the page and its assets load without it; every read needs it.
+    for (path, want) in [
+        ("/", 200),
+        ("/console/console.js", 200),
+        ("/console/console.css", 200),
+        ("/console/map", 401),
+        ("/console/history", 401),
+        ("/status", 401),
+        ("/dashboard", 401),
+    ] {
+        assert_eq!(c.admin_get(path).await.status.as_u16(), want, "{path}");
+    }
     let browser = Browser::launch(1400, 1000).await;
     let mut page = open_console(&c, &browser).await;
     log_in(&mut page, &c).await;
