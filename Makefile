@@ -3,11 +3,12 @@
 #   make test   install what the tests need, then fmt, clippy and the whole test suite
 #               (tests/deploy.rs checks the Kubernetes manifests, alerts and dashboard in deploy/)
 #   make image  build the container image (deploy/Dockerfile); make image-push publishes it
+#   make console-screenshot   docs/console.png: the admin console of a demo-like cluster
 #
 # Building needs nothing but Rust: the etcd client's build runs protoc, and where none is
 # installed tools/run-protoc (wired through .cargo/config.toml) runs one vendored from
 # crates.io. `make demo` therefore installs nothing and needs no root; `make test` still
-# installs etcd (and protoc) for the etcd tests.
+# installs etcd (and protoc) for the etcd tests, and Chromium for the console's browser tests.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -20,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz image image-push
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -30,12 +31,14 @@ demo: demo-build
 demo-build:
 	$(CARGO) build --locked --bin shardgate
 
-# System packages the etcd work needs (protoc for the etcd client, etcd for its tests).
+# System packages the tests need (protoc for the etcd client, etcd for its tests, Chromium for
+# the console's tests in a headless browser).
 deps:
 	@missing=""; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update -qq && \
@@ -63,6 +66,11 @@ image:
 
 image-push: image
 	$(DOCKER) push $(IMAGE)
+# The console under traffic (an IDC failed over, a range moving, a set degraded), photographed
+# by headless Chromium into docs/console.png (tests/console.rs, `console_screenshot`).
+console-screenshot: deps
+	SHARDGATE_CONSOLE_SCREENSHOT=$(CURDIR)/docs/console.png \
+		$(CARGO) test --locked --test console -- --ignored --exact console_screenshot
 
 # Criterion: the routing decision and the snapshot build.
 bench:

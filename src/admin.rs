@@ -1,6 +1,7 @@
 //! The admin listener (DESIGN.md §8): health, readiness, metrics, status, explain, the
-//! effective topology and a live dashboard. Loopback by default; with a token, every endpoint
-//! but `/healthz` needs `Authorization: Bearer <token>`.
+//! effective topology and the live console ([`console`]). Loopback by default; with a token,
+//! every endpoint but `/healthz` and the console's static page needs
+//! `Authorization: Bearer <token>`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct Admin {
     pub tls: Option<Arc<crate::tls::Certificates>>,
     /// The supervised background tasks: one that is down makes `/readyz` fail.
     pub tasks: Arc<crate::tasks::Tasks>,
+    /// The console's history of this gateway's counters (its sparklines).
+    pub console: Arc<console::History>,
 }
 
 impl Handler for Admin {
@@ -97,7 +100,7 @@ impl Admin {
 
     pub fn handle<B>(&self, req: &Request<B>) -> Response<ResponseBody> {
         let path = req.uri().path();
-        if path != "/healthz" && !self.authorized(req) {
+        if path != "/healthz" && !console::is_shell(path) && !self.authorized(req) {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -116,6 +119,9 @@ impl Admin {
                 "admin endpoints here are read-only (GET), but for POST /override/degrade/<target>, /override/idc/<idc> and /move",
             );
         }
+        if let Some(r) = console::serve(self, path) {
+            return r;
+        }
         let topo = self.snapshots.current();
         match path {
             "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -125,7 +131,7 @@ impl Admin {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics.encode(),
             ),
-            "/" => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+            "/dashboard" => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
             _ => {
                 let Some(topo) = topo else {
                     return error(
@@ -364,8 +370,10 @@ fn explain(t: &Topology, query: &str) -> Response<ResponseBody> {
     }
 }
 
+pub mod console;
 mod write;
 
+/// The plain table of IDCs and sets (`/dashboard`), from before the console.
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
 #[cfg(test)]

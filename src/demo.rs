@@ -145,7 +145,7 @@ fn print_tour(
         path.display()
     );
     println!("  proxy     http://{proxy}");
-    println!("  admin     http://{admin}   (dashboard at /, also /status /metrics /explain?key=)");
+    println!("  admin     http://{admin}   (console at /, also /status /metrics /explain?key=)");
     println!();
     println!("Try these: each user id lands in a different IDC (see \"idc\" in the answer):");
     for (key, idc) in keys_per_idc(&t) {

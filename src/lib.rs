@@ -368,6 +368,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             server::serve(listener, redirect, settings.clone(), shutdown_rx.clone()),
         );
     }
+    // Restartable: the samples live in the shared history; a new sampler goes on from the
+    // last reading.
+    let console = admin::console::History::new();
+    {
+        let (history, metrics, shutdown) = (console.clone(), metrics.clone(), shutdown_rx.clone());
+        tasks.spawn_restarting("console_sampler", move || {
+            history.clone().run(metrics.clone(), shutdown.clone())
+        });
+    }
     let admin = Arc::new(admin::Admin {
         snapshots: snapshots.clone(),
         metrics,
@@ -377,6 +386,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         token: config.admin_token.clone(),
         tls: certificates,
         tasks: tasks.clone(),
+        console,
     });
     tasks.spawn_once(
         "admin_listener",

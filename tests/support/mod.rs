@@ -6,6 +6,8 @@
 // Each test crate uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
