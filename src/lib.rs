@@ -47,7 +47,8 @@
 //!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
-//! backends for the demo and the tests, their ledger and the history checker), [`demo`].
+//! backends for the demo and the tests, their ledger and the history checker), [`demo`],
+//! [`util`] (the wall clock in ms, URL percent-encoding).
 
 pub mod admin;
 pub mod admin_client;
@@ -76,6 +77,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod topology;
 pub mod upgrade;
+pub mod util;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
