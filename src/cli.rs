@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::config::{RawConfig, DEFAULT_ADMIN, DEFAULT_LISTEN};
 use crate::telemetry::LogFormat;
 use crate::topology::{self, BuildContext, Overrides};
+use crate::util::encode_query;
 
 mod admin;
 mod etcd;
@@ -388,9 +389,9 @@ fn explain(args: ExplainArgs) -> u8 {
             }
         },
         None => {
-            let mut path = format!("/explain?key={}", encode(&args.key));
+            let mut path = format!("/explain?key={}", encode_query(&args.key));
             if let Some(r) = &args.route {
-                path.push_str(&format!("&route={}", encode(r)));
+                path.push_str(&format!("&route={}", encode_query(r)));
             }
             match admin_get(&args.admin, &path) {
                 Ok(v) if v.get("error").is_some() => {
@@ -537,10 +538,6 @@ fn status(args: StatusArgs) -> u8 {
     println!();
     operator::print_overrides_and_moves(&v);
     exit::OK
-}
-
-fn encode(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// GET on the admin API, with a deadline. Errors are already printed; the exit code comes back.

@@ -185,98 +185,30 @@ impl RawConfig {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
-    /// Validates and fills defaults. Every problem is listed at once.
+    /// Validates and fills defaults. Every problem is listed at once, section by section.
     pub fn into_config(self) -> anyhow::Result<Config> {
         let mut problems = Vec::new();
-        let addr = |field: &str, v: Option<String>, default: &str, problems: &mut Vec<String>| {
-            let text = v.unwrap_or_else(|| default.to_owned());
-            text.parse::<SocketAddr>().unwrap_or_else(|_| {
-                problems.push(format!("{field}: `{text}` is not an `ip:port` address"));
-                default.parse().expect("default address parses")
-            })
-        };
-        let listen = addr("listen", self.listen, DEFAULT_LISTEN, &mut problems);
-        let admin = addr("admin", self.admin, DEFAULT_ADMIN, &mut problems);
-        let etcd_tls_given = self.etcd_ca.is_some()
-            || self.etcd_cert.is_some()
-            || self.etcd_user.is_some()
-            || self.etcd_password_file.is_some();
-        if etcd_tls_given && self.etcd.is_empty() {
-            problems.push(
-                "etcd_ca/etcd_cert/etcd_key/etcd_user: only used with the etcd source (--etcd)"
-                    .into(),
-            );
-        }
-        let mut password = self.etcd_password.filter(|p| !p.0.is_empty());
-        if let (None, Some(file)) = (&password, &self.etcd_password_file) {
-            match std::fs::read_to_string(file) {
-                Ok(text) => {
-                    password = Some(crate::etcd::Password(
-                        text.trim_end_matches(['\r', '\n']).to_owned(),
-                    ))
-                }
-                Err(e) => problems.push(format!("etcd_password_file {}: {e}", file.display())),
-            }
-        }
-        let access = crate::etcd::EtcdAccess {
-            endpoints: self.etcd.clone(),
-            ca: self.etcd_ca,
-            cert: self.etcd_cert,
-            key: self.etcd_key,
-            user: self.etcd_user.filter(|u| !u.is_empty()),
-            password,
-        };
-        if !self.etcd.is_empty() {
-            problems.extend(access.problems());
-        }
-        let source = match (self.topology, self.etcd.is_empty(), self.cluster) {
-            (Some(_), false, _) => {
-                problems.push("topology and etcd: choose one topology source".into());
-                SourceConfig::File(PathBuf::new())
-            }
-            (Some(file), true, _) => SourceConfig::File(file),
-            (None, false, Some(cluster)) => SourceConfig::Etcd { access, cluster },
-            (None, false, None) => {
-                problems.push("etcd needs a cluster name (--cluster)".into());
-                SourceConfig::File(PathBuf::new())
-            }
-            (None, true, _) => {
-                problems.push(
-                    "no topology source: give --topology FILE or --etcd URL --cluster NAME".into(),
-                );
-                SourceConfig::File(PathBuf::new())
-            }
-        };
+        let listen = parse_addr("listen", self.listen, DEFAULT_LISTEN, &mut problems);
+        let admin = parse_addr("admin", self.admin, DEFAULT_ADMIN, &mut problems);
+        let access = etcd_access(
+            RawEtcdAccess {
+                endpoints: self.etcd,
+                ca: self.etcd_ca,
+                cert: self.etcd_cert,
+                key: self.etcd_key,
+                user: self.etcd_user,
+                password: self.etcd_password,
+                password_file: self.etcd_password_file,
+            },
+            &mut problems,
+        );
+        let source = topology_source(self.topology, access, self.cluster, &mut problems);
         if !admin.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
             problems.push(format!(
                 "admin: {admin} is not a loopback address; set an admin token (--admin-token) to expose it"
             ));
         }
-        let ms = |v: Option<u64>, default: u64, field: &str, problems: &mut Vec<String>| {
-            let v = v.unwrap_or(default);
-            if v == 0 {
-                problems.push(format!("timeouts.{field}: must be greater than 0"));
-            } else if v > MAX_TIMEOUT_MS {
-                problems.push(format!(
-                    "timeouts.{field}: at most {MAX_TIMEOUT_MS} (one day)"
-                ));
-            }
-            Duration::from_millis(v.clamp(1, MAX_TIMEOUT_MS))
-        };
-        let t = self.timeouts;
-        let timeouts = Timeouts {
-            header_read: ms(t.header_read_ms, 10_000, "header_read_ms", &mut problems),
-            idle: ms(t.idle_ms, 60_000, "idle_ms", &mut problems),
-            request_body: ms(t.request_body_ms, 30_000, "request_body_ms", &mut problems),
-            upstream_connect: ms(
-                t.upstream_connect_ms,
-                1_000,
-                "upstream_connect_ms",
-                &mut problems,
-            ),
-            drain: ms(t.drain_ms, 30_000, "drain_ms", &mut problems),
-            etcd: ms(t.etcd_ms, 3_000, "etcd_ms", &mut problems),
-        };
+        let timeouts = timeouts(self.timeouts, &mut problems);
         if self.isolation.is_some() {
             // The knobs became part of the topology so that a reload (file or etcd) changes
             // them on every gateway without a restart.
@@ -287,56 +219,8 @@ impl RawConfig {
                     .into(),
             );
         }
-        let max_header_bytes = self.limits.max_header_bytes.unwrap_or(64 * 1024);
-        if !(8192..=1 << 20).contains(&max_header_bytes) {
-            problems.push("limits.max_header_bytes: must be between 8192 and 1048576".into());
-        }
-        let l = self.limits;
-        let d = Limits::default();
-        let limits = Limits {
-            max_connections: l.max_connections.unwrap_or(d.max_connections),
-            h2_max_concurrent_streams: l
-                .h2_max_concurrent_streams
-                .unwrap_or(d.h2_max_concurrent_streams),
-            h2_max_pending_accept_reset_streams: l
-                .h2_max_pending_accept_reset_streams
-                .unwrap_or(d.h2_max_pending_accept_reset_streams),
-            h2_max_local_error_reset_streams: l
-                .h2_max_local_error_reset_streams
-                .unwrap_or(d.h2_max_local_error_reset_streams),
-        };
-        if !(1..=MAX_CONNECTIONS).contains(&limits.max_connections) {
-            problems.push(format!(
-                "limits.max_connections: must be between 1 and {MAX_CONNECTIONS}"
-            ));
-        }
-        if limits.h2_max_concurrent_streams == 0 {
-            problems.push("limits.h2_max_concurrent_streams: must be greater than 0".into());
-        }
-        let tls = self.tls;
-        for (i, c) in tls.certs.iter().enumerate() {
-            if c.cert.as_os_str().is_empty() || c.key.as_os_str().is_empty() {
-                problems.push(format!("tls.certs[{i}]: needs both cert and key"));
-            }
-        }
-        let redirect_http = tls.redirect_http.map(|text| {
-            text.parse::<SocketAddr>().unwrap_or_else(|_| {
-                problems.push(format!(
-                    "tls.redirect_http: `{text}` is not an `ip:port` address"
-                ));
-                SocketAddr::from(([127, 0, 0, 1], 0))
-            })
-        });
-        if redirect_http.is_some() && tls.certs.is_empty() {
-            problems.push(
-                "tls.redirect_http: redirects to https need TLS (--tls-cert/--tls-key or [[tls.certs]])"
-                    .into(),
-            );
-        }
-        let tls = (!tls.certs.is_empty()).then_some(TlsConfig {
-            certs: tls.certs,
-            redirect_http,
-        });
+        let (max_header_bytes, limits) = limits(self.limits, &mut problems);
+        let tls = tls(self.tls, &mut problems);
         if !problems.is_empty() {
             anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
         }
@@ -357,6 +241,173 @@ impl RawConfig {
             file_poll: Duration::from_millis(500),
         })
     }
+}
+
+/// A listener address, or `default` when not given (and, with a problem, when unusable).
+fn parse_addr(
+    field: &str,
+    v: Option<String>,
+    default: &str,
+    problems: &mut Vec<String>,
+) -> SocketAddr {
+    let text = v.unwrap_or_else(|| default.to_owned());
+    text.parse::<SocketAddr>().unwrap_or_else(|_| {
+        problems.push(format!("{field}: `{text}` is not an `ip:port` address"));
+        default.parse().expect("default address parses")
+    })
+}
+
+/// The etcd settings of `RawConfig`, taken out of it together.
+struct RawEtcdAccess {
+    endpoints: Vec<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<crate::etcd::Password>,
+    password_file: Option<PathBuf>,
+}
+
+/// etcd endpoints, TLS and credentials; the password from the environment, else its file.
+/// Checked only when etcd is the source.
+fn etcd_access(raw: RawEtcdAccess, problems: &mut Vec<String>) -> crate::etcd::EtcdAccess {
+    let etcd_tls_given =
+        raw.ca.is_some() || raw.cert.is_some() || raw.user.is_some() || raw.password_file.is_some();
+    if etcd_tls_given && raw.endpoints.is_empty() {
+        problems.push(
+            "etcd_ca/etcd_cert/etcd_key/etcd_user: only used with the etcd source (--etcd)".into(),
+        );
+    }
+    let mut password = raw.password.filter(|p| !p.0.is_empty());
+    if let (None, Some(file)) = (&password, &raw.password_file) {
+        match std::fs::read_to_string(file) {
+            Ok(text) => {
+                password = Some(crate::etcd::Password(
+                    text.trim_end_matches(['\r', '\n']).to_owned(),
+                ))
+            }
+            Err(e) => problems.push(format!("etcd_password_file {}: {e}", file.display())),
+        }
+    }
+    let access = crate::etcd::EtcdAccess {
+        endpoints: raw.endpoints,
+        ca: raw.ca,
+        cert: raw.cert,
+        key: raw.key,
+        user: raw.user.filter(|u| !u.is_empty()),
+        password,
+    };
+    if !access.endpoints.is_empty() {
+        problems.extend(access.problems());
+    }
+    access
+}
+
+/// A topology file or etcd (with a cluster name): exactly one.
+fn topology_source(
+    topology: Option<PathBuf>,
+    access: crate::etcd::EtcdAccess,
+    cluster: Option<String>,
+    problems: &mut Vec<String>,
+) -> SourceConfig {
+    match (topology, access.endpoints.is_empty(), cluster) {
+        (Some(_), false, _) => {
+            problems.push("topology and etcd: choose one topology source".into());
+            SourceConfig::File(PathBuf::new())
+        }
+        (Some(file), true, _) => SourceConfig::File(file),
+        (None, false, Some(cluster)) => SourceConfig::Etcd { access, cluster },
+        (None, false, None) => {
+            problems.push("etcd needs a cluster name (--cluster)".into());
+            SourceConfig::File(PathBuf::new())
+        }
+        (None, true, _) => {
+            problems.push(
+                "no topology source: give --topology FILE or --etcd URL --cluster NAME".into(),
+            );
+            SourceConfig::File(PathBuf::new())
+        }
+    }
+}
+
+/// `[timeouts]`: each above 0 and at most a day.
+fn timeouts(t: RawTimeouts, problems: &mut Vec<String>) -> Timeouts {
+    let mut ms = |v: Option<u64>, default: u64, field: &str| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            problems.push(format!("timeouts.{field}: must be greater than 0"));
+        } else if v > MAX_TIMEOUT_MS {
+            problems.push(format!(
+                "timeouts.{field}: at most {MAX_TIMEOUT_MS} (one day)"
+            ));
+        }
+        Duration::from_millis(v.clamp(1, MAX_TIMEOUT_MS))
+    };
+    Timeouts {
+        header_read: ms(t.header_read_ms, 10_000, "header_read_ms"),
+        idle: ms(t.idle_ms, 60_000, "idle_ms"),
+        request_body: ms(t.request_body_ms, 30_000, "request_body_ms"),
+        upstream_connect: ms(t.upstream_connect_ms, 1_000, "upstream_connect_ms"),
+        drain: ms(t.drain_ms, 30_000, "drain_ms"),
+        etcd: ms(t.etcd_ms, 3_000, "etcd_ms"),
+    }
+}
+
+/// `[limits]`: the largest request head, and the connection and HTTP/2 limits.
+fn limits(l: RawLimits, problems: &mut Vec<String>) -> (usize, Limits) {
+    let max_header_bytes = l.max_header_bytes.unwrap_or(64 * 1024);
+    if !(8192..=1 << 20).contains(&max_header_bytes) {
+        problems.push("limits.max_header_bytes: must be between 8192 and 1048576".into());
+    }
+    let d = Limits::default();
+    let limits = Limits {
+        max_connections: l.max_connections.unwrap_or(d.max_connections),
+        h2_max_concurrent_streams: l
+            .h2_max_concurrent_streams
+            .unwrap_or(d.h2_max_concurrent_streams),
+        h2_max_pending_accept_reset_streams: l
+            .h2_max_pending_accept_reset_streams
+            .unwrap_or(d.h2_max_pending_accept_reset_streams),
+        h2_max_local_error_reset_streams: l
+            .h2_max_local_error_reset_streams
+            .unwrap_or(d.h2_max_local_error_reset_streams),
+    };
+    if !(1..=MAX_CONNECTIONS).contains(&limits.max_connections) {
+        problems.push(format!(
+            "limits.max_connections: must be between 1 and {MAX_CONNECTIONS}"
+        ));
+    }
+    if limits.h2_max_concurrent_streams == 0 {
+        problems.push("limits.h2_max_concurrent_streams: must be greater than 0".into());
+    }
+    (max_header_bytes, limits)
+}
+
+/// `[tls]`: certificates (TLS is on when there is one) and the plain redirect listener.
+fn tls(tls: RawTls, problems: &mut Vec<String>) -> Option<TlsConfig> {
+    for (i, c) in tls.certs.iter().enumerate() {
+        if c.cert.as_os_str().is_empty() || c.key.as_os_str().is_empty() {
+            problems.push(format!("tls.certs[{i}]: needs both cert and key"));
+        }
+    }
+    let redirect_http = tls.redirect_http.map(|text| {
+        text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.push(format!(
+                "tls.redirect_http: `{text}` is not an `ip:port` address"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    });
+    if redirect_http.is_some() && tls.certs.is_empty() {
+        problems.push(
+            "tls.redirect_http: redirects to https need TLS (--tls-cert/--tls-key or [[tls.certs]])"
+                .into(),
+        );
+    }
+    (!tls.certs.is_empty()).then_some(TlsConfig {
+        certs: tls.certs,
+        redirect_http,
+    })
 }
 
 impl Config {

@@ -147,6 +147,14 @@ pub struct Stored {
     pub mod_revision: i64,
 }
 
+impl Stored {
+    /// The value read as JSON of type `T`. The error says what it should have been: `what`
+    /// ("a move record") gives "not a move record: <serde's reason>".
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, String> {
+        serde_json::from_slice(&self.value).map_err(|e| format!("not {what}: {e}"))
+    }
+}
+
 /// `gateway/<instance>`: what each gateway reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayRecord {
@@ -226,41 +234,41 @@ impl ClusterKeys {
                     .revisions
                     .insert(name.clone(), stored.mod_revision.max(0) as u64);
             }
+            let at = || format!("{}{name}", keys.prefix());
             match kind {
                 KeyKind::IdcOverride(idc) => {
-                    match serde_json::from_slice::<IdcOverride>(&stored.value) {
+                    match stored
+                        .decode::<IdcOverride>(r#"an IDC override ({"state","reason","by"})"#)
+                    {
                         Ok(o) => {
                             overrides.idcs.insert(idc, o);
                         }
-                        Err(e) => problems.push(Problem::new(
-                            format!("{}{name}", keys.prefix()),
-                            format!("not an IDC override ({{\"state\",\"reason\",\"by\"}}): {e}"),
-                        )),
+                        Err(e) => problems.push(Problem::new(at(), e)),
                     }
                 }
                 KeyKind::DegradeOverride(target) => {
-                    match serde_json::from_slice::<DegradeOverride>(&stored.value) {
+                    match stored
+                        .decode::<DegradeOverride>(r#"a degrade override ({"on","reason","by"})"#)
+                    {
                         Ok(o) => {
                             overrides.degrade.insert(target, o);
                         }
-                        Err(e) => problems.push(Problem::new(
-                            format!("{}{name}", keys.prefix()),
-                            format!("not a degrade override ({{\"on\",\"reason\",\"by\"}}): {e}"),
-                        )),
+                        Err(e) => problems.push(Problem::new(at(), e)),
                     }
                 }
-                KeyKind::Move(id) => match serde_json::from_slice::<MoveRecord>(&stored.value) {
-                    Ok(mut record) => {
-                        if record.phase == MovePhase::Fencing || record.fence_revision == 0 {
-                            record.fence_revision = stored.mod_revision.max(0) as u64;
+                KeyKind::Move(id) => {
+                    match stored
+                        .decode::<MoveRecord>(r#"a move record ({"kind","ranges","phase",…})"#)
+                    {
+                        Ok(mut record) => {
+                            if record.phase == MovePhase::Fencing || record.fence_revision == 0 {
+                                record.fence_revision = stored.mod_revision.max(0) as u64;
+                            }
+                            overrides.moves.insert(id, record);
                         }
-                        overrides.moves.insert(id, record);
+                        Err(e) => problems.push(Problem::new(at(), e)),
                     }
-                    Err(e) => problems.push(Problem::new(
-                        format!("{}{name}", keys.prefix()),
-                        format!("not a move record ({{\"kind\",\"ranges\",\"phase\",…}}): {e}"),
-                    )),
-                },
+                }
                 _ => {}
             }
         }
@@ -687,6 +695,34 @@ mod tests {
         let p = ck.overrides(&keys).unwrap_err();
         assert_eq!(p.0.len(), 1);
         assert!(p.0[0].at.ends_with("override/idc/bj"), "{p}");
+        assert!(
+            p.0[0]
+                .reason
+                .starts_with(r#"not an IDC override ({"state","reason","by"}): "#),
+            "{p}"
+        );
+        put(&mut ck, "move/m2", "[]", 10);
+        put(&mut ck, "override/degrade/core", "1", 11);
+        let p = ck.overrides(&keys).unwrap_err();
+        assert_eq!(p.0.len(), 3, "{p}");
+        assert!(p.0.iter().any(|p| p.at.ends_with("move/m2")
+            && p.reason
+                .starts_with(r#"not a move record ({"kind","ranges","phase",…}): "#)));
+        assert!(p.0.iter().any(|p| p.at.ends_with("override/degrade/core")
+            && p.reason
+                .starts_with(r#"not a degrade override ({"on","reason","by"}): "#)));
+    }
+
+    #[test]
+    fn a_stored_value_decodes_or_says_what_it_should_be() {
+        let stored = |v: &str| Stored {
+            value: v.as_bytes().to_vec(),
+            mod_revision: 1,
+        };
+        let n: u32 = stored("7").decode("a number").unwrap();
+        assert_eq!(n, 7);
+        let e = stored("x").decode::<u32>("a number").unwrap_err();
+        assert!(e.starts_with("not a number: expected value"), "{e}");
     }
 
     #[test]

@@ -302,12 +302,5 @@ pub fn apply(overrides: &mut Overrides, decisions: &[Decision], by: &str, now_ms
     }
 }
 
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests;

@@ -47,12 +47,12 @@
 //!
 //! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
 //! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
-//! backends for the demo and the tests, their ledger and the history checker), [`demo`].
+//! backends for the demo and the tests, their ledger and the history checker), [`demo`],
+//! [`util`] (the wall clock in ms, URL percent-encoding).
 
 pub mod admin;
 pub mod admin_client;
 pub mod admission;
-
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -77,6 +77,7 @@ pub mod tls;
 pub mod topology;
 pub mod upgrade;
 pub mod upstream;
+pub mod util;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,83 +136,180 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = tasks::Tasks::new(metrics.clone(), shutdown_rx.clone());
-
-    let mut file_overrides = None;
-    let snapshots = match &config.source {
-        SourceConfig::File(path) => {
-            let snapshots = Arc::new(Snapshots::new(
-                "file",
-                config.local_idc.clone(),
-                metrics.clone(),
-            ));
-            let mut file =
-                FileSource::new(path.clone(), config.cache_dir.as_deref(), snapshots.clone());
-            let overrides = file.overrides_handle();
-            file_overrides = Some(overrides.clone());
-            file.load().map_err(|problems| {
-                anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
-            })?;
-            // Restartable: the file and the overrides store are the whole state; a new source
-            // keeps the overrides handle and counts revisions on from the published one.
-            let (path, poll, shutdown, published) = (
-                path.clone(),
-                config.file_poll,
-                shutdown_rx.clone(),
-                snapshots.clone(),
-            );
-            let mut first = Some(file);
-            tasks.spawn_restarting("file_source", move || {
-                let source = first.take().unwrap_or_else(|| {
-                    FileSource::resume(path.clone(), overrides.clone(), published.clone())
-                });
-                source.run(poll, shutdown.clone())
-            });
-            snapshots
-        }
-        SourceConfig::Etcd { access, cluster } => {
-            let snapshots = Snapshots::new("etcd", config.local_idc.clone(), metrics.clone());
-            let snapshots = Arc::new(match config.cache_dir {
-                Some(_) => snapshots.with_cache(),
-                None => snapshots,
-            });
-            let settings = etcd::source::EtcdSettings {
-                access: access.clone(),
-                cluster: cluster.clone(),
-                timeout: config.timeouts.etcd,
-                cache_dir: config.cache_dir.clone(),
-            };
-            let mut source = etcd::source::EtcdSource::new(settings.clone(), snapshots.clone());
-            source.load_cache();
-            let first = source.first_attempt();
-            // Restartable: a new source lists the prefix again, as it does after a compaction,
-            // and publishes what etcd holds; the last good snapshot serves meanwhile.
-            let (shutdown, published) = (shutdown_rx.clone(), snapshots.clone());
-            let mut initial = Some(source);
-            tasks.spawn_restarting("etcd_source", move || {
-                let source = initial.take().unwrap_or_else(|| {
-                    etcd::source::EtcdSource::new(settings.clone(), published.clone())
-                });
-                source.run(shutdown.clone())
-            });
-            // Start with etcd's view when etcd answers in time; otherwise with the cached
-            // snapshot (or none: not ready, and /readyz says why) until it does. Never block
-            // on etcd for longer than a call's deadline or two.
-            let _ = tokio::time::timeout(config.timeouts.etcd * 2, first).await;
-            snapshots
-        }
+    let up = Startup {
+        metrics,
+        tasks,
+        shutdown: shutdown_rx,
     };
 
-    let health = health::Health::new(snapshots.clone(), metrics.clone());
-    {
+    let (snapshots, file_overrides) = match &config.source {
+        SourceConfig::File(path) => {
+            let (snapshots, overrides) = up.file_source(&config, path)?;
+            (snapshots, Some(overrides))
+        }
+        SourceConfig::Etcd { access, cluster } => {
+            (up.etcd_source(&config, access, cluster).await, None)
+        }
+    };
+    let health = up.health(&snapshots);
+    if let Some(store) = &file_overrides {
+        up.file_deciders(&snapshots, store, &health);
+    }
+    // Certificates are loaded before any listener is bound, so a bad one fails the start.
+    let tls = up.certificates(&config)?;
+    let proxy_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    if let SourceConfig::Etcd { access, cluster } = &config.source {
+        up.etcd_membership(
+            &config, access, cluster, proxy_addr, admin_addr, &snapshots, &health,
+        );
+    }
+    let redirect_addr = up
+        .listeners(
+            &config,
+            Listeners {
+                proxy: proxy_listener,
+                admin: admin_listener,
+                proxy_addr,
+                admin_addr,
+            },
+            tls,
+            &snapshots,
+            &health,
+            file_overrides,
+        )
+        .await?;
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        redirect_addr,
+        snapshots,
+        health,
+        tasks: up.tasks,
+        shutdown: shutdown_tx,
+    })
+}
+
+/// What every step of [`start`] shares: the metrics, the supervisor of the background tasks,
+/// and the shutdown signal they all watch.
+struct Startup {
+    metrics: Arc<Metrics>,
+    tasks: Arc<tasks::Tasks>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The two listeners bound by [`start`], with their addresses.
+struct Listeners {
+    proxy: TcpListener,
+    admin: TcpListener,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Startup {
+    /// File mode: the first load must succeed; the source then polls the file.
+    fn file_source(
+        &self,
+        config: &Config,
+        path: &std::path::Path,
+    ) -> anyhow::Result<(Arc<Snapshots>, Arc<source::FileOverrides>)> {
+        let snapshots = Arc::new(Snapshots::new(
+            "file",
+            config.local_idc.clone(),
+            self.metrics.clone(),
+        ));
+        let mut file = FileSource::new(
+            path.to_path_buf(),
+            config.cache_dir.as_deref(),
+            snapshots.clone(),
+        );
+        let overrides = file.overrides_handle();
+        let file_overrides = overrides.clone();
+        file.load().map_err(|problems| {
+            anyhow::anyhow!("topology {} is invalid: {problems}", path.display())
+        })?;
+        // Restartable: the file and the overrides store are the whole state; a new source
+        // keeps the overrides handle and counts revisions on from the published one.
+        let (path, poll, shutdown, published) = (
+            path.to_path_buf(),
+            config.file_poll,
+            self.shutdown.clone(),
+            snapshots.clone(),
+        );
+        let mut first = Some(file);
+        self.tasks.spawn_restarting("file_source", move || {
+            let source = first.take().unwrap_or_else(|| {
+                FileSource::resume(path.clone(), overrides.clone(), published.clone())
+            });
+            source.run(poll, shutdown.clone())
+        });
+        Ok((snapshots, file_overrides))
+    }
+
+    /// etcd mode: the cached snapshot first, then etcd's view when it answers in time.
+    async fn etcd_source(
+        &self,
+        config: &Config,
+        access: &etcd::EtcdAccess,
+        cluster: &str,
+    ) -> Arc<Snapshots> {
+        let snapshots = Snapshots::new("etcd", config.local_idc.clone(), self.metrics.clone());
+        let snapshots = Arc::new(match config.cache_dir {
+            Some(_) => snapshots.with_cache(),
+            None => snapshots,
+        });
+        let settings = etcd::source::EtcdSettings {
+            access: access.clone(),
+            cluster: cluster.to_owned(),
+            timeout: config.timeouts.etcd,
+            cache_dir: config.cache_dir.clone(),
+        };
+        let mut source = etcd::source::EtcdSource::new(settings.clone(), snapshots.clone());
+        source.load_cache();
+        let first = source.first_attempt();
+        // Restartable: a new source lists the prefix again, as it does after a compaction,
+        // and publishes what etcd holds; the last good snapshot serves meanwhile.
+        let (shutdown, published) = (self.shutdown.clone(), snapshots.clone());
+        let mut initial = Some(source);
+        self.tasks.spawn_restarting("etcd_source", move || {
+            let source = initial.take().unwrap_or_else(|| {
+                etcd::source::EtcdSource::new(settings.clone(), published.clone())
+            });
+            source.run(shutdown.clone())
+        });
+        // Start with etcd's view when etcd answers in time; otherwise with the cached
+        // snapshot (or none: not ready, and /readyz says why) until it does. Never block
+        // on etcd for longer than a call's deadline or two.
+        let _ = tokio::time::timeout(config.timeouts.etcd * 2, first).await;
+        snapshots
+    }
+
+    /// Active probes and passive ejection over the published snapshot's backends.
+    fn health(&self, snapshots: &Arc<Snapshots>) -> Arc<health::Health> {
+        let health = health::Health::new(snapshots.clone(), self.metrics.clone());
         // Restartable: probe verdicts and ejections live in the backends' shared health, so
         // a new task only starts the probes again (the dead one's are aborted with it).
-        let (health, shutdown) = (health.clone(), shutdown_rx.clone());
-        tasks.spawn_restarting("health", move || health.clone().run(shutdown.clone()));
+        let (probes, shutdown) = (health.clone(), self.shutdown.clone());
+        self.tasks
+            .spawn_restarting("health", move || probes.clone().run(shutdown.clone()));
+        health
     }
-    if let Some(store) = &file_overrides {
-        // The single instance decides alone, from its own health view: IDC states (woken by
-        // every change of the view) and its own fenced moves (in etcd mode the leader does
-        // both).
+
+    /// File mode: the single instance decides alone, from its own health view: IDC states
+    /// (woken by every change of the view) and its own fenced moves (in etcd mode the leader
+    /// does both).
+    fn file_deciders(
+        &self,
+        snapshots: &Arc<Snapshots>,
+        store: &Arc<source::FileOverrides>,
+        health: &Arc<health::Health>,
+    ) {
         let view: health::ViewSource = {
             let health = health.clone();
             Arc::new(move || health.idc_view())
@@ -224,9 +322,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             store.clone(),
             view.clone(),
             health.clone(),
-            shutdown_rx.clone(),
+            self.shutdown.clone(),
         );
-        tasks.spawn_restarting("failover_controller", move || {
+        self.tasks.spawn_restarting("failover_controller", move || {
             failover::controller::FileController::new(
                 snapshots_c.clone(),
                 store_c.clone(),
@@ -238,8 +336,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Restartable: a move's phase and fence time are in its record, so a new driver
         // takes every open move up where the records say it is.
         let (snapshots_d, store_d, shutdown) =
-            (snapshots.clone(), store.clone(), shutdown_rx.clone());
-        tasks.spawn_restarting("move_driver", move || {
+            (snapshots.clone(), store.clone(), self.shutdown.clone());
+        self.tasks.spawn_restarting("move_driver", move || {
             moves::driver::run(
                 snapshots_d.clone(),
                 store_d.clone(),
@@ -249,51 +347,56 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
 
-    // Certificates are loaded before any listener is bound, so a bad one fails the start.
-    let tls = match &config.tls {
-        Some(t) => {
-            let tls = tls::Tls::load(t.certs.clone())?;
-            // Restartable: the loaded set stays in place; a new watcher compares the files
-            // from now on.
-            let (certificates, poll, shutdown) =
-                (tls.certificates(), config.file_poll, shutdown_rx.clone());
-            tasks.spawn_restarting("certificates", move || {
-                certificates.clone().run(poll, shutdown.clone())
-            });
-            Some(tls)
-        }
-        None => None,
-    };
-    let proxy_listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("cannot listen on {} (--admin)", config.admin))?;
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    if let SourceConfig::Etcd { access, cluster } = &config.source {
+    /// The proxy listener's certificates, when TLS is configured, watched for changes.
+    fn certificates(&self, config: &Config) -> anyhow::Result<Option<tls::Tls>> {
+        let Some(t) = &config.tls else {
+            return Ok(None);
+        };
+        let tls = tls::Tls::load(t.certs.clone())?;
+        // Restartable: the loaded set stays in place; a new watcher compares the files
+        // from now on.
+        let (certificates, poll, shutdown) =
+            (tls.certificates(), config.file_poll, self.shutdown.clone());
+        self.tasks.spawn_restarting("certificates", move || {
+            certificates.clone().run(poll, shutdown.clone())
+        });
+        Ok(Some(tls))
+    }
+
+    /// etcd mode: the leader election (and, when elected, the cluster's decisions) and this
+    /// gateway's registration.
+    #[allow(clippy::too_many_arguments)] // start's pieces, each used once
+    fn etcd_membership(
+        &self,
+        config: &Config,
+        access: &etcd::EtcdAccess,
+        cluster: &str,
+        proxy_addr: SocketAddr,
+        admin_addr: SocketAddr,
+        snapshots: &Arc<Snapshots>,
+        health: &Arc<health::Health>,
+    ) {
         let instance = config
             .instance
             .clone()
             .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr));
         let leader_settings = etcd::leader::LeaderSettings {
             access: access.clone(),
-            cluster: cluster.clone(),
+            cluster: cluster.to_owned(),
             instance: instance.clone(),
             timeout: config.timeouts.etcd,
         };
         // Restartable: leadership is an etcd lease, moves are records in etcd. The dead
         // task's session ends with it (its lease expires), and a new campaign takes over,
         // here or on another gateway, from what etcd holds, as after any lost leadership.
-        let (snapshots_l, shutdown) = (snapshots.clone(), shutdown_rx.clone());
-        tasks.spawn_restarting("leader", move || {
+        let (snapshots_l, shutdown) = (snapshots.clone(), self.shutdown.clone());
+        self.tasks.spawn_restarting("leader", move || {
             etcd::leader::Leader::new(leader_settings.clone(), snapshots_l.clone())
                 .run(shutdown.clone())
         });
         let registration = etcd::registry::Registration {
             access: access.clone(),
-            cluster: cluster.clone(),
+            cluster: cluster.to_owned(),
             instance,
             idc: config.local_idc.clone(),
             proxy_addr,
@@ -303,8 +406,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Restartable: a new registry writes the same key under a new lease; the dead
         // task's lease runs out on its own.
         let (snapshots_r, health_r, shutdown) =
-            (snapshots.clone(), health.clone(), shutdown_rx.clone());
-        tasks.spawn_restarting("registry", move || {
+            (snapshots.clone(), health.clone(), self.shutdown.clone());
+        self.tasks.spawn_restarting("registry", move || {
             etcd::registry::Registry::new(
                 registration.clone(),
                 snapshots_r.clone(),
@@ -314,94 +417,99 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
 
-    let settings = ListenerSettings {
-        header_read_timeout: config.timeouts.header_read,
-        idle_timeout: config.timeouts.idle,
-        max_header_bytes: config.max_header_bytes,
-        drain: config.timeouts.drain,
-        limits: config.limits.clone(),
-        tls: None,
-        head_gate: false,
-    };
-    let certificates = tls.as_ref().map(tls::Tls::certificates);
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let proxy_settings = ListenerSettings {
-        tls,
-        head_gate: true,
-        ..settings.clone()
-    };
-    let admission = Arc::new(admission::Admission::new(metrics.clone()));
-    let gateway = Arc::new(Gateway {
-        topology: snapshots.cell(),
-        self_fence: snapshots.self_fence(),
-        metrics: metrics.clone(),
-        admission: admission.clone(),
-        local_idc_header: config
-            .local_idc
-            .as_deref()
-            .and_then(|i| http::HeaderValue::from_str(i).ok()),
-        settings: ProxySettings {
-            connect_timeout: config.timeouts.upstream_connect,
-            body_timeout: config.timeouts.request_body,
-            upgrade_idle: config.timeouts.idle,
-            scheme,
-        },
-    });
-    // Never restarted (nor the other listeners): a listener owns its socket and its open
-    // connections, both gone with it. The gateway stays not ready instead, so that it is
-    // replaced.
-    tasks.spawn_once(
-        "proxy_listener",
-        server::serve(proxy_listener, gateway, proxy_settings, shutdown_rx.clone()),
-    );
-    let mut redirect_addr = None;
-    if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (redirect_http)"))?;
-        redirect_addr = Some(listener.local_addr()?);
-        let redirect = Arc::new(server::Redirect {
-            https_port: proxy_addr.port(),
+    /// The proxy, the https redirect (when configured) and the admin listener, serving.
+    /// Returns the redirect's address.
+    async fn listeners(
+        &self,
+        config: &Config,
+        bound: Listeners,
+        tls: Option<tls::Tls>,
+        snapshots: &Arc<Snapshots>,
+        health: &Arc<health::Health>,
+        file_overrides: Option<Arc<source::FileOverrides>>,
+    ) -> anyhow::Result<Option<SocketAddr>> {
+        let settings = ListenerSettings {
+            header_read_timeout: config.timeouts.header_read,
+            idle_timeout: config.timeouts.idle,
+            max_header_bytes: config.max_header_bytes,
+            drain: config.timeouts.drain,
+            limits: config.limits.clone(),
+            tls: None,
+            head_gate: false,
+        };
+        let certificates = tls.as_ref().map(tls::Tls::certificates);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let proxy_settings = ListenerSettings {
+            tls,
+            head_gate: true,
+            ..settings.clone()
+        };
+        let admission = Arc::new(admission::Admission::new(self.metrics.clone()));
+        let gateway = Arc::new(Gateway {
+            topology: snapshots.cell(),
+            self_fence: snapshots.self_fence(),
+            metrics: self.metrics.clone(),
+            admission: admission.clone(),
+            local_idc_header: config
+                .local_idc
+                .as_deref()
+                .and_then(|i| http::HeaderValue::from_str(i).ok()),
+            settings: ProxySettings {
+                connect_timeout: config.timeouts.upstream_connect,
+                body_timeout: config.timeouts.request_body,
+                upgrade_idle: config.timeouts.idle,
+                scheme,
+            },
         });
-        tasks.spawn_once(
-            "redirect_listener",
-            server::serve(listener, redirect, settings.clone(), shutdown_rx.clone()),
+        // Never restarted (nor the other listeners): a listener owns its socket and its open
+        // connections, both gone with it. The gateway stays not ready instead, so that it is
+        // replaced.
+        self.tasks.spawn_once(
+            "proxy_listener",
+            server::serve(bound.proxy, gateway, proxy_settings, self.shutdown.clone()),
         );
-    }
-    // Restartable: the samples live in the shared history; a new sampler goes on from the
-    // last reading.
-    let console = admin::console::History::new();
-    {
-        let (history, metrics, shutdown) = (console.clone(), metrics.clone(), shutdown_rx.clone());
-        tasks.spawn_restarting("console_sampler", move || {
-            history.clone().run(metrics.clone(), shutdown.clone())
+        let mut redirect_addr = None;
+        if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (redirect_http)"))?;
+            redirect_addr = Some(listener.local_addr()?);
+            let redirect = Arc::new(server::Redirect {
+                https_port: bound.proxy_addr.port(),
+            });
+            self.tasks.spawn_once(
+                "redirect_listener",
+                server::serve(listener, redirect, settings.clone(), self.shutdown.clone()),
+            );
+        }
+        // Restartable: the samples live in the shared history; a new sampler goes on from the
+        // last reading.
+        let console = admin::console::History::new();
+        {
+            let (history, metrics, shutdown) =
+                (console.clone(), self.metrics.clone(), self.shutdown.clone());
+            self.tasks.spawn_restarting("console_sampler", move || {
+                history.clone().run(metrics.clone(), shutdown.clone())
+            });
+        }
+        let admin = Arc::new(admin::Admin {
+            snapshots: snapshots.clone(),
+            metrics: self.metrics.clone(),
+            admission,
+            health: health.clone(),
+            file_overrides,
+            token: config.admin_token.clone(),
+            tls: certificates,
+            tasks: self.tasks.clone(),
+            console,
         });
+        self.tasks.spawn_once(
+            "admin_listener",
+            server::serve(bound.admin, admin, settings, self.shutdown.clone()),
+        );
+        tracing::info!(proxy = %bound.proxy_addr, admin = %bound.admin_addr, tls = scheme == "https", redirect = ?redirect_addr, "shardgate serving");
+        Ok(redirect_addr)
     }
-    let admin = Arc::new(admin::Admin {
-        snapshots: snapshots.clone(),
-        metrics,
-        admission,
-        health: health.clone(),
-        file_overrides,
-        token: config.admin_token.clone(),
-        tls: certificates,
-        tasks: tasks.clone(),
-        console,
-    });
-    tasks.spawn_once(
-        "admin_listener",
-        server::serve(admin_listener, admin, settings, shutdown_rx),
-    );
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, tls = scheme == "https", redirect = ?redirect_addr, "shardgate serving");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        redirect_addr,
-        snapshots,
-        health,
-        tasks,
-        shutdown: shutdown_tx,
-    })
 }
 
 /// Runs until `stop` resolves, then shuts down gracefully.

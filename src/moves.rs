@@ -15,6 +15,8 @@ use std::time::Duration;
 use crate::topology::moves::record_shards;
 use crate::topology::overrides::{unix_now, MoveKind, MovePhase, MoveRecord};
 use crate::topology::{IdcOverride, IdcState, Overrides, ShardSet, Topology};
+// `admin.rs` still reads the clock through this path.
+pub use crate::util::unix_now_ms;
 
 /// A `fencing` record older than `fence_ms` plus this is rolled back: a fence must not hold
 /// writes hostage to a gateway that never acknowledges it, or to a driver that went away.
@@ -86,13 +88,6 @@ pub fn next_step(record: &MoveRecord, facts: &FenceFacts, hold: Duration) -> Ste
         return Step::RollBack(format!("{target} when the fence ended"));
     }
     Step::Apply
-}
-
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why an operator command was not accepted. Both end the command with exit 1.

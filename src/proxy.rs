@@ -4,8 +4,10 @@
 //! build the upstream request → forward (retry in the IDC, spill reads to
 //! the next IDC when the serving one cannot be reached) → response headers → metrics + one
 //! access-log event. A backend's 421 naming a newer shard owner sends the request there once
-//! ([`misroute`]).
+//! ([`misroute`]); after a failed attempt [`hop`] decides whether it spills, is replayed in
+//! the shard's new IDC, or stops.
 
+pub mod hop;
 pub mod misroute;
 
 use std::sync::Arc;
@@ -16,9 +18,10 @@ use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::admission::{Admission, Refusal};
+use self::hop::NextHop;
+use crate::admission::{Admission, Permit, Refusal};
 use crate::error::ProxyError;
-use crate::forward::{forward, ForwardError, ForwardPolicy};
+use crate::forward::{forward, Answered, ForwardError, ForwardPolicy};
 use crate::headers;
 use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, RequestLabels, RouteLabels};
 use crate::topology::{
@@ -75,6 +78,31 @@ struct Landed {
     spilled: bool,
     /// Replayed in the shard's new serving IDC (a newer snapshot).
     moved: bool,
+}
+
+/// What admission gave a decided request.
+struct Admitted {
+    /// The set's in-flight slot, and its breaker's verdict on the exchange.
+    permit: Permit,
+    /// A read sent straight to this IDC: its serving IDC's breaker is open over a dead pool.
+    spill_first: Option<IdcId>,
+    /// A write on a sharded route, counted in flight under the snapshot.
+    write_in_flight: Option<WriteInFlight>,
+}
+
+/// A WebSocket handshake's `Upgrade` header and the client's side of the connection.
+type ClientUpgrade = Option<(HeaderValue, hyper::upgrade::OnUpgrade)>;
+
+/// A decided, admitted request on its way upstream: what the exchange and the answer share.
+struct Trip<'a> {
+    snapshot: &'a Arc<Topology>,
+    decision: &'a Decision,
+    route: &'a crate::topology::Route,
+    /// GET, HEAD or OPTIONS.
+    safe: bool,
+    policy: ForwardPolicy<'a>,
+    /// Admission sent the read straight to this IDC (see `Admitted`).
+    spill_first: Option<IdcId>,
 }
 
 const EMPTY: &str = "";
@@ -186,18 +214,95 @@ impl Gateway {
         resp
     }
 
+    /// A request under a snapshot, phase by phase: decide (route, key, shard, IDC) → admit
+    /// (fences, body limit, set budget and breaker) → prepare the upstream request → exchange
+    /// (spilling or replaying across IDCs, within the route's timeout) → breaker verdict →
+    /// answer (a 421 corrected, an upgrade switched, the response head cleaned).
     async fn route_and_forward(
         &self,
-        topo: Arc<Topology>,
+        snapshot: Arc<Topology>,
         mut req: Request<Incoming>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        check_authority(&req)?;
-        normalize_path(&mut req)?;
-        let snapshot = topo;
         let topo: &Topology = &snapshot;
+        let decision = self.decide(topo, &mut req, outcome)?;
+        let route = topo.route(decision.route);
+
+        // The set's in-flight slot is held by `permit` until this function returns, that is
+        // until the response head is handed to the client: the budget bounds requests waiting
+        // on backends (what a slow set piles up); streaming bodies are bounded by the backend
+        // connection they hold, not by the set budget.
+        let Admitted {
+            permit,
+            spill_first,
+            write_in_flight,
+        } = self.admit(&snapshot, &req, &decision)?;
+        let budget = permit.retry_budget();
+        let safe = is_safe(req.method());
+        let (upstream, upgrade, policy) = self
+            .prepare(
+                topo,
+                req,
+                &decision,
+                spill_first,
+                &budget,
+                client_ip,
+                ids,
+                outcome,
+            )
+            .await?;
+
+        // Checked again as the write leaves (admission may have waited on the body or the
+        // budget): a gateway cut from etcd meanwhile does not send it. A process paused
+        // after this point is the backend's owner-epoch check's to catch (docs/backends.md).
+        if let (Some(shard), Some(_)) = (decision.shard, &write_in_flight) {
+            self.self_fence
+                .check()
+                .map_err(|why| self.self_fenced(topo, route.set, shard, why))?;
+        }
+
+        let trip = Trip {
+            snapshot: &snapshot,
+            decision: &decision,
+            route,
+            safe,
+            policy,
+            spill_first,
+        };
+        // Set when the serving IDC's pool had no backend in service: nothing was sent there.
+        let mut serving_dead = false;
+        let result = tokio::time::timeout(
+            route.timeout,
+            self.exchange(&trip, upstream, &mut serving_dead),
+        )
+        .await;
+        // A pool with no backend in service was not called at all: health already keeps
+        // traffic off it, and counting its spilled reads would open the breaker and refuse
+        // reads that the spill serves.
+        if !serving_dead {
+            permit.record(breaker_failure(&result, spill_first));
+        }
+        let (answered, landed) = match result {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(forward_error(e, route)),
+            Err(_) => return Err(ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64)),
+        };
+        self.answer(&trip, answered, landed, upgrade, write_in_flight, outcome)
+            .await
+    }
+
+    /// Decide: the request's target checked and its path normalised, then the route, shard
+    /// and serving IDC, noted in `outcome`.
+    fn decide(
+        &self,
+        topo: &Topology,
+        req: &mut Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<Decision, ProxyError> {
+        check_authority(req)?;
+        normalize_path(req)?;
         let decision = topo
             .decide(RequestView {
                 method: req.method(),
@@ -211,7 +316,18 @@ impl Gateway {
         outcome.shard = decision.shard.map(|s| s.0);
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
+        Ok(decision)
+    }
 
+    /// Admit: the write fences, the route's body limit, then the set's budget and breaker.
+    fn admit(
+        &self,
+        snapshot: &Arc<Topology>,
+        req: &Request<Incoming>,
+        decision: &Decision,
+    ) -> Result<Admitted, ProxyError> {
+        let topo: &Topology = snapshot;
+        let route = topo.route(decision.route);
         // The write fence (§5): while a planned move is in phase 1 its shards take reads
         // (at the old owner) but no writes, so the new owner never sees a write the old one
         // has not replicated. One bit test, only for requests that may write.
@@ -241,10 +357,6 @@ impl Gateway {
             }
         }
 
-        // The set's in-flight slot is held by `permit` until this function returns, that is
-        // until the response head is handed to the client: the budget bounds requests waiting
-        // on backends (what a slow set piles up); streaming bodies are bounded by the backend
-        // connection they hold, not by the set budget.
         // A read whose serving IDC's breaker is open while its pool has no backend in service
         // at all spills at once (§5: reads spill when the serving pool is known dead), admitted
         // by the target's breaker instead. An open breaker over a pool that still answers
@@ -257,7 +369,7 @@ impl Gateway {
                     pool.iter().all(|b| b.avoided())
                 };
                 let target = (is_safe(req.method()) && dead())
-                    .then(|| spill_target(topo, &decision, decision.idc, route.set))
+                    .then(|| spill_target(topo, decision, decision.idc, route.set))
                     .flatten();
                 let Some(n) = target else {
                     return Err(ProxyError::Refused(refusal));
@@ -270,8 +382,28 @@ impl Gateway {
             }
             Err(refusal) => return Err(ProxyError::Refused(refusal)),
         };
-        let budget = permit.retry_budget();
+        Ok(Admitted {
+            permit,
+            spill_first,
+            write_in_flight,
+        })
+    }
 
+    /// Prepare: the upstream request (a kept copy of a small body on a sharded route, the
+    /// spill and upgrade headers), the client's side of an upgrade, and the forward policy.
+    #[allow(clippy::too_many_arguments)] // the request's pieces, each used once
+    async fn prepare<'a>(
+        &self,
+        topo: &Topology,
+        mut req: Request<Incoming>,
+        decision: &Decision,
+        spill_first: Option<IdcId>,
+        budget: &'a crate::admission::RetryBudget<'a>,
+        client_ip: &HeaderValue,
+        ids: &headers::Ids,
+        outcome: &mut Outcome,
+    ) -> Result<(Request<RequestBody>, ClientUpgrade, ForwardPolicy<'a>), ProxyError> {
+        let route = topo.route(decision.route);
         // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
         // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
         // and the request goes upstream as a plain GET.
@@ -284,7 +416,7 @@ impl Gateway {
             None
         };
         let method = req.method().clone();
-        let mut upstream = self.upstream_request(topo, req, &decision, client_ip, ids, outcome)?;
+        let mut upstream = self.upstream_request(topo, req, decision, client_ip, ids, outcome)?;
         // A sharded request may meet a backend that knows a newer owner (421): its small body
         // is read whole so it can be sent there (`misroute`).
         let keep_copy = decision.shard.is_some() && upgrade.is_none();
@@ -304,135 +436,112 @@ impl Gateway {
             deadline: tokio::time::Instant::now() + route.timeout,
             retries: route.retries,
             idempotent: is_idempotent(&method),
-            retry_budget: Some(&budget),
+            retry_budget: Some(budget),
             upgrade: upgrade.is_some(),
             keep_copy,
         };
+        Ok((upstream, upgrade, policy))
+    }
 
-        // Checked again as the write leaves (admission may have waited on the body or the
-        // budget): a gateway cut from etcd meanwhile does not send it. A process paused
-        // after this point is the backend's owner-epoch check's to catch (docs/backends.md).
-        if let (Some(shard), Some(_)) = (decision.shard, &write_in_flight) {
-            self.self_fence
-                .check()
-                .map_err(|why| self.self_fenced(topo, route.set, shard, why))?;
-        }
-
-        // Set when the serving IDC's pool had no backend in service: nothing was sent there.
-        let mut serving_dead = false;
-        let exchange = async {
-            let mut idc = spill_first.unwrap_or(decision.idc);
-            let mut set = route.set;
-            let mut spilled = spill_first.is_some();
-            // A newer snapshot this request was re-routed by (see below), once.
-            let mut moved: Option<Arc<Topology>> = None;
-            loop {
-                let t: &Topology = moved.as_deref().unwrap_or(topo);
-                let pool = t.idc(idc).pool(set);
-                let sent_at = Instant::now();
-                match forward(pool, upstream, policy).await {
-                    Ok(ok) => {
-                        let at = t.idc(idc);
-                        self.metrics
-                            .upstream_duration
-                            .get_or_create(&IdcSetLabels {
-                                idc: at.name.clone(),
-                                set: t.set(set).name.clone(),
-                            })
-                            .observe(sent_at.elapsed().as_secs_f64());
-                        let landed = Landed {
+    /// Exchange: the request is sent to its serving IDC (or the IDC admission spilled it to),
+    /// and after each failed attempt where [`hop::next_hop`] says: the next IDC, the IDC a
+    /// newer snapshot serves it from, or nowhere. `serving_dead` is set when the serving IDC's
+    /// pool had no backend in service: nothing was sent there.
+    async fn exchange(
+        &self,
+        trip: &Trip<'_>,
+        mut upstream: Request<RequestBody>,
+        serving_dead: &mut bool,
+    ) -> Result<(Answered, Landed), ForwardError> {
+        let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
+        let mut idc = trip.spill_first.unwrap_or(decision.idc);
+        let mut set = route.set;
+        let mut spilled = trip.spill_first.is_some();
+        // A newer snapshot this request was re-routed by (see below), once.
+        let mut moved: Option<Arc<Topology>> = None;
+        loop {
+            let t: &Topology = moved.as_deref().unwrap_or(topo);
+            let pool = t.idc(idc).pool(set);
+            let sent_at = Instant::now();
+            let (err, unsent) = match forward(pool, upstream, trip.policy).await {
+                Ok(answered) => {
+                    let at = t.idc(idc);
+                    self.metrics
+                        .upstream_duration
+                        .get_or_create(&IdcSetLabels {
                             idc: at.name.clone(),
-                            idc_header: at.header.clone(),
-                            spilled,
-                            moved: moved.is_some(),
-                        };
-                        return Ok((ok, landed));
-                    }
-                    Err((err, unsent)) => {
-                        if !spilled && moved.is_none() {
-                            serving_dead = matches!(err, ForwardError::NoneInService);
-                        }
-                        // Nothing of the answer reached the client yet: a read that failed in
-                        // its serving IDC (no connection, or a broken exchange it can be sent
-                        // again after, being bodiless) is served by the next IDC.
-                        let unreachable = matches!(
-                            err,
-                            ForwardError::Connect(_)
-                                | ForwardError::NoneInService
-                                | ForwardError::Protocol(_)
-                        );
-                        let Some(mut r) = unsent else {
-                            return Err(err);
-                        };
-                        // Reads spill, writes never do (§5): only a safe request whose serving
-                        // IDC could not be reached at all may go to the next IDC, once.
-                        let spill =
-                            (unreachable && !spilled && moved.is_none() && is_safe(&method))
-                                .then(|| spill_target(t, &decision, idc, set))
-                                .flatten();
-                        if let Some(n) = spill {
-                            tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
-                            r.headers_mut()
-                                .insert(headers::IDC, t.idc(n).header.clone());
-                            r.headers_mut()
-                                .insert(headers::SPILL, HeaderValue::from_static("1"));
-                            upstream = r;
-                            idc = n;
-                            spilled = true;
-                            continue;
-                        }
-                        // A request is replayed in another IDC only when it is idempotent and
-                        // a newer snapshot moved its shard there meanwhile (failover): the new
-                        // owner is where a fresh request would go, so no second writer appears.
-                        if !policy.idempotent || moved.is_some() {
-                            return Err(err);
-                        }
-                        let Some((latest, n, s)) =
-                            self.moved_to(t, &decision, idc, route, !is_safe(&method))
-                        else {
-                            return Err(err);
-                        };
-                        tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
-                        r.headers_mut()
-                            .insert(headers::IDC, latest.idc(n).header.clone());
-                        r.headers_mut()
-                            .insert(headers::EPOCH, latest.epoch_header.clone());
-                        if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
-                            r.headers_mut().insert(headers::OWNER_EPOCH, v.clone());
-                        }
-                        upstream = r;
-                        idc = n;
-                        set = s;
-                        moved = Some(latest);
-                    }
+                            set: t.set(set).name.clone(),
+                        })
+                        .observe(sent_at.elapsed().as_secs_f64());
+                    let landed = Landed {
+                        idc: at.name.clone(),
+                        idc_header: at.header.clone(),
+                        spilled,
+                        moved: moved.is_some(),
+                    };
+                    return Ok((answered, landed));
                 }
+                Err(failed) => failed,
+            };
+            if !spilled && moved.is_none() {
+                *serving_dead = matches!(err, ForwardError::NoneInService);
             }
-        };
-        let timeout_ms = route.timeout.as_millis() as u64;
-        let result = tokio::time::timeout(route.timeout, exchange).await;
-        // System failures only trip the breaker of the serving IDC's set: no connection,
-        // a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the business
-        // answering, a body over the route's limit is the client's doing, and an answer from
-        // another IDC means the serving IDC could not serve it. A pool with no backend in
-        // service was not called at all: health already keeps traffic off it, and counting its
-        // spilled reads would open the breaker and refuse reads that the spill serves.
-        // (A read spilled at once past an open breaker answers to the target's breaker.)
-        if !serving_dead {
-            permit.record(match &result {
-                Ok(Ok(((resp, _, _), landed))) => {
-                    (landed.spilled && spill_first.is_none())
-                        || landed.moved
-                        || resp.status().is_server_error()
+            // Nothing of the answer reached the client yet: the request may still go elsewhere.
+            let attempt = hop::Attempt {
+                resendable: unsent.is_some(),
+                spilled,
+                moved: moved.is_some(),
+                safe: trip.safe,
+                idempotent: trip.policy.idempotent,
+            };
+            let next = hop::next_hop(
+                &err,
+                attempt,
+                || spill_target(t, decision, idc, set),
+                || self.moved_to(t, decision, idc, route, !trip.safe),
+            );
+            match (next, unsent) {
+                (NextHop::Spill(n), Some(mut r)) => {
+                    tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
+                    r.headers_mut()
+                        .insert(headers::IDC, t.idc(n).header.clone());
+                    r.headers_mut()
+                        .insert(headers::SPILL, HeaderValue::from_static("1"));
+                    upstream = r;
+                    idc = n;
+                    spilled = true;
                 }
-                Ok(Err(ForwardError::BodyTooLarge(_))) => false,
-                _ => true,
-            });
+                (NextHop::Replay((latest, n, s)), Some(mut r)) => {
+                    tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
+                    r.headers_mut()
+                        .insert(headers::IDC, latest.idc(n).header.clone());
+                    r.headers_mut()
+                        .insert(headers::EPOCH, latest.epoch_header.clone());
+                    if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
+                        r.headers_mut().insert(headers::OWNER_EPOCH, v.clone());
+                    }
+                    upstream = r;
+                    idc = n;
+                    set = s;
+                    moved = Some(latest);
+                }
+                _ => return Err(err),
+            }
         }
-        let ((mut resp, mut lease, copy), landed) = match result {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => return Err(forward_error(e, route)),
-            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout_ms)),
-        };
+    }
+
+    /// Answer: the IDC that answered noted, a 421 naming a newer owner corrected once, an
+    /// upgrade switched, or the upstream response head cleaned for the client.
+    async fn answer(
+        &self,
+        trip: &Trip<'_>,
+        (mut resp, mut lease, copy): Answered,
+        landed: Landed,
+        upgrade: ClientUpgrade,
+        write_in_flight: Option<WriteInFlight>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
         if landed.spilled || landed.moved {
             outcome.idc = Some(landed.idc.clone());
             outcome.idc_header = Some(landed.idc_header.clone());
@@ -449,7 +558,7 @@ impl Gateway {
                     &landed.idc,
                     resp.headers(),
                     copy,
-                    policy,
+                    trip.policy,
                 )
                 .await?;
             if let Some(owner) = again {
@@ -466,8 +575,7 @@ impl Gateway {
                 // soon as its shard is fenced or served by another IDC.
                 let owner = decision.shard.map(|shard| {
                     let guard = write_in_flight
-                        .take()
-                        .unwrap_or_else(|| WriteInFlight::new(snapshot.clone()));
+                        .unwrap_or_else(|| WriteInFlight::new(trip.snapshot.clone()));
                     (shard, landed.idc.clone(), guard)
                 });
                 return Ok(self.switch_protocols(resp, client, lease, owner));
@@ -723,6 +831,26 @@ impl Gateway {
             spilled = o.spilled,
             reason = o.reason.unwrap_or(EMPTY),
         );
+    }
+}
+
+/// Whether an exchange counts against the breaker of the serving IDC's set. System failures
+/// only: no connection, a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the
+/// business answering, a body over the route's limit is the client's doing, and an answer from
+/// another IDC means the serving IDC could not serve it. (A read spilled at once past an open
+/// breaker answers to the target's breaker.)
+fn breaker_failure(
+    result: &Result<Result<(Answered, Landed), ForwardError>, tokio::time::error::Elapsed>,
+    spill_first: Option<IdcId>,
+) -> bool {
+    match result {
+        Ok(Ok(((resp, _, _), landed))) => {
+            (landed.spilled && spill_first.is_none())
+                || landed.moved
+                || resp.status().is_server_error()
+        }
+        Ok(Err(ForwardError::BodyTooLarge(_))) => false,
+        _ => true,
     }
 }
 

@@ -10,6 +10,8 @@ use rustc_hash::FxHashMap;
 
 use http::{HeaderMap, HeaderName, Method};
 
+use crate::util::percent_decode;
+
 /// Index of a route in the snapshot's route list (`Topology::routes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RouteId(pub u32);
@@ -170,36 +172,6 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
         }
     }
     None
-}
-
-/// Decodes `%XX`; malformed escapes are kept as they are.
-pub fn percent_decode(input: &[u8]) -> Cow<'_, [u8]> {
-    if !input.contains(&b'%') {
-        return Cow::Borrowed(input);
-    }
-    let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        if input[i] == b'%' && i + 2 < input.len() {
-            if let (Some(h), Some(l)) = (hex(input[i + 1]), hex(input[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(input[i]);
-        i += 1;
-    }
-    Cow::Owned(out)
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// What the matcher needs to know of a route.
@@ -481,13 +453,6 @@ mod tests {
         assert!(KeySource::parse("header")
             .unwrap_err()
             .contains("kind:name"));
-    }
-
-    #[test]
-    fn percent_decode_keeps_malformed_escapes() {
-        assert_eq!(percent_decode(b"a%2Fb").as_ref(), b"a/b");
-        assert_eq!(percent_decode(b"100%").as_ref(), b"100%");
-        assert_eq!(percent_decode(b"%zz%4").as_ref(), b"%zz%4");
     }
 
     #[test]

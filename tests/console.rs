@@ -7,7 +7,10 @@
 //! `make console-screenshot` runs the ignored `console_screenshot` here, which writes
 //! docs/console.png.
 
+// Both support modules include tests/common: one test needs a file-mode cluster and an etcd one.
+#[allow(clippy::duplicate_mod)]
 mod etcd_support;
+#[allow(clippy::duplicate_mod)]
 mod support;
 
 use std::collections::BTreeMap;

@@ -214,7 +214,7 @@ async fn an_operator_override_is_never_touched_by_the_leader() {
 fn move_record(kind: &str, to: Option<&str>, from: &str) -> String {
     json!({
         "kind": kind, "ranges": ["0-63"], "from": from, "to": to, "phase": "fencing",
-        "fenced_at_ms": shardgate::failover::unix_now_ms(), "reason": "test", "by": "alice",
+        "fenced_at_ms": shardgate::util::unix_now_ms(), "reason": "test", "by": "alice",
         "at": shardgate::topology::overrides::unix_now(),
     })
     .to_string()

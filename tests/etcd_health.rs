@@ -9,7 +9,8 @@ mod etcd_support;
 use std::time::Duration;
 
 use etcd_support::*;
-use shardgate::topology::overrides::{unix_now, unix_now_ms};
+use shardgate::topology::overrides::unix_now;
+use shardgate::util::unix_now_ms;
 
 /// Fast probes in every IDC.
 fn fast_probes(doc: &str) -> String {

@@ -13,7 +13,8 @@ use std::time::Duration;
 use http::Method;
 use serde_json::Value;
 use shardgate::sim::SimBackend;
-use shardgate::topology::overrides::{unix_now, unix_now_ms};
+use shardgate::topology::overrides::unix_now;
+use shardgate::util::unix_now_ms;
 use support::*;
 
 /// Fast probes: a stopped backend is out after 3 × 100 ms, back after 2 × 100 ms.

@@ -7,41 +7,18 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::Value;
-use support::{get, keys_where, request, within, Cluster, Options};
-
-/// What a `shardgate` command did.
-#[derive(Debug)]
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+use support::{get, keys_where, request, run_shardgate, within, Cluster, Options, Output};
 
 /// Runs the binary against the cluster's admin API: `shardgate <args> --admin URL`.
 async fn shardgate(c: &Cluster, args: &[&str]) -> Output {
     let admin = format!("http://{}", c.admin());
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .args(args)
-        .args(["--admin", &admin, "--by", "tester"])
-        .env_remove("SHARDGATE_ETCD")
-        .env_remove("SHARDGATE_CLUSTER")
-        .env_remove("SHARDGATE_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = within(Duration::from_secs(90), "a shardgate command", child)
-        .await
-        .unwrap();
-    Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut all = args.to_vec();
+    all.extend(["--admin", &admin, "--by", "tester"]);
+    run_shardgate(&all, &[], Duration::from_secs(90)).await
 }
 
 /// A gateway keeping overrides in its cache dir, with this `fence_ms`. Shards 0-63 are
@@ -365,12 +342,14 @@ async fn refusals_exit_1_and_write_nothing() {
 
     // A gateway that is not there: exit 4.
     let (_port, addr) = support::refused_port();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .args(["failover", "sh", "--admin", &format!("http://{addr}")])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let admin = format!("http://{addr}");
+    let out = run_shardgate(
+        &["failover", "sh", "--admin", &admin],
+        &[],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(out.code, 4, "{out:?}");
     c.stop().await;
 }
 

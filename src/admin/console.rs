@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{error, json_response, Admin};
-use crate::body::ResponseBody;
+use crate::upstream::body::ResponseBody;
 use crate::topology::{parse_range, Shard, Topology};
 
 pub use history::History;
@@ -136,7 +136,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // a test fails loudly on purpose
 
     use super::*;
-    use crate::forward::Upstreams;
+    use crate::upstream::Upstreams;
     use crate::topology::overrides::{MoveKind, MovePhase, MoveRecord};
     use crate::topology::{build, BuildContext, IdcOverride, IdcState, Overrides, RawTopology};
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{etcd, exit, runtime, DegradeArgs};
+use crate::util::encode_segment_keeping_colon;
 
 /// `degrade` against a file-mode gateway: `POST /override/degrade/<target>`. The gateway checks
 /// the target against its live snapshot (core and non-degradable sets need `--force`).
@@ -22,7 +23,10 @@ pub fn degrade(args: &DegradeArgs) -> u8 {
         return exit::REFUSED;
     };
     let admin = &args.admin;
-    let path = format!("/override/degrade/{}", encode_path(&args.target));
+    let path = format!(
+        "/override/degrade/{}",
+        encode_segment_keeping_colon(&args.target)
+    );
     let result = rt.block_on(crate::admin_client::post_json(
         &admin.admin,
         &path,
@@ -63,16 +67,4 @@ pub fn degrade(args: &DegradeArgs) -> u8 {
             exit::REFUSED
         }
     }
-}
-
-/// A degrade target in a path: `route:` keeps its colon, anything unusual is escaped.
-fn encode_path(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -530,7 +530,7 @@ pub fn status_json(c: &EtcdCluster, listed: &ClusterKeys) -> Value {
                 .map(|(id, v)| json!({"id": id, "value": v}))
                 .collect()
         },
-        |o| crate::moves::status_json(&o, crate::moves::unix_now_ms()),
+        |o| crate::moves::status_json(&o, crate::util::unix_now_ms()),
     );
     let gateways: Vec<Value> = listed
         .gateways()

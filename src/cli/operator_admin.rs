@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::exit;
 use super::operator::{count_shards, report, short_ranges, OperatorArgs, Parts};
+use crate::util::encode_segment;
 
 /// One admin call's deadline: the gateway answers once the change is served (up to 5 s).
 const CALL: Duration = Duration::from_secs(10);
@@ -206,14 +207,4 @@ async fn wait_applied(args: &OperatorArgs, command: &str, id: &str) -> u8 {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// An IDC name in a path: anything but letters, digits, `-`, `_`, `.` is escaped.
-fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

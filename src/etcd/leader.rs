@@ -16,13 +16,14 @@ use etcd_client::{
 use tokio::sync::watch;
 
 use super::{Backoff, ClusterKeys, Etcd, EtcdError, Keys, Stored};
-use crate::failover::{decide, majority, unix_now_ms, Change, Decision, Policy, Tracker};
+use crate::failover::{decide, majority, Change, Decision, Policy, Tracker};
 use crate::moves::pace::{FenceClocks, WarmupPacer};
 use crate::moves::{self, next_step, HealthView, Operator, Step};
 use crate::source::Snapshots;
 use crate::tasks::shutdown_requested;
 use crate::topology::overrides::{MovePhase, MoveRecord};
 use crate::topology::{Overrides, Topology};
+use crate::util::unix_now_ms;
 
 /// TTL of the leader's lease: a leader that dies without resigning is replaced once it
 /// expires. Short, but long enough that a few lost keep-alives do not depose a live leader.

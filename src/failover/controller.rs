@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{apply, decide, unix_now_ms, Change, Policy, Tracker};
+use super::{apply, decide, Change, Policy, Tracker};
 use crate::source::{FileOverrides, Snapshots};
+use crate::util::unix_now_ms;
 
 pub use crate::health::ViewSource as HealthView;
 

@@ -122,8 +122,9 @@ pub async fn wait_move(
             let Some(stored) = listed.keys.get(&format!("move/{id}")) else {
                 return Err(OpError::Refused(format!("move/{id} is gone from etcd")));
             };
-            let record: MoveRecord = serde_json::from_slice(&stored.value)
-                .map_err(|e| OpError::Refused(format!("move/{id} is not a move record: {e}")))?;
+            let record: MoveRecord = stored
+                .decode("a move record")
+                .map_err(|e| OpError::Refused(format!("move/{id} is {e}")))?;
             let gateways: Vec<u64> = listed
                 .gateways()
                 .into_iter()

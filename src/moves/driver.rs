@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::pace::{FenceClocks, WarmupPacer};
-use super::{finish, next_step, target_can_serve, unix_now_ms, Operator, Step};
+use super::{finish, next_step, target_can_serve, Operator, Step};
 use crate::source::{FileOverrides, Snapshots};
 use crate::topology::overrides::unix_now;
+use crate::util::unix_now_ms;
 
 /// How often open records are looked at: small against `fence_ms` (default 2 s), and free
 /// when no record is open (the check reads the published snapshot, not the disk).

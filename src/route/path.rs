@@ -6,6 +6,8 @@
 
 use std::borrow::Cow;
 
+use crate::util::hex_digit;
+
 /// Why a path is refused (400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -100,7 +102,7 @@ fn decode_unreserved(bytes: &[u8]) -> Result<Cow<'_, [u8]>, PathError> {
     let mut i = 0;
     while i < bytes.len() {
         let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', h, l]) => hex(*h).zip(hex(*l)).map(|(h, l)| h << 4 | l),
+            Some([b'%', h, l]) => hex_digit(*h).zip(hex_digit(*l)).map(|(h, l)| h << 4 | l),
             _ => None,
         };
         match escaped {
@@ -116,15 +118,6 @@ fn decode_unreserved(bytes: &[u8]) -> Result<Cow<'_, [u8]>, PathError> {
         }
     }
     Ok(Cow::Owned(out))
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

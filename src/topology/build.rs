@@ -110,6 +110,80 @@ pub fn build_with_previous(
         problems: Vec::new(),
     };
 
+    // Validate, section by section, every problem collected; nothing is built past a problem.
+    check_cluster(&mut c, &doc, ctx);
+    let sets = check_sets(&mut c, &doc);
+    let idc_ids = check_idc_names(&mut c, &doc);
+    let (mut routes, used_sets) = check_routes(&mut c, &doc, &sets.ids);
+    let idcs = check_idcs(
+        &mut c, &doc, &sets.ids, &idc_ids, &used_sets, overrides, upstreams,
+    );
+    let failover = check_failover(&mut c, &doc);
+    let isolation = super::isolation::resolve(&doc.isolation, &mut c.problems);
+    super::bounds::check(&doc, &mut c.problems);
+    let shard_count = doc.shard_count.clamp(1, MAX_SHARD_COUNT);
+    let pinned = check_pins(&mut c, &doc, &idc_ids, shard_count);
+    let local_idc = check_local_idc(&mut c, ctx, &idc_ids);
+    if !c.problems.is_empty() {
+        return Err(Problems(c.problems));
+    }
+
+    // Build: the route matcher, the shard and serving tables, owner epochs, degrade switches.
+    let matcher = route_matcher(&routes);
+    let ring = idc_ring(&doc.idcs);
+    let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
+    let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
+    let warmup = warmup_steps(&idcs, overrides);
+    let serving = serving_table(
+        &idcs,
+        &home,
+        &order,
+        shard_count,
+        &warmup,
+        &moves.drain_serves,
+    );
+    let owner_epochs = super::epochs::owner_epochs(&super::epochs::EpochInputs {
+        idcs: &idcs,
+        order: &order,
+        serving: &serving,
+        shard_count,
+        overrides,
+        revision: ctx.revision,
+        previous,
+    });
+    let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
+    apply_degrade_switches(&mut routes, &sets.specs, overrides);
+    let inflight_capacity = sets.specs.iter().map(|s| u64::from(s.max_inflight)).sum();
+
+    Ok(Topology {
+        revision: ctx.revision,
+        inflight_capacity,
+        shed_tiers: sets.shed_tiers,
+        epoch_header: http::HeaderValue::from(ctx.revision),
+        cluster: doc.cluster.clone(),
+        shard_count,
+        sets: sets.specs,
+        idcs,
+        routes,
+        failover,
+        isolation,
+        build_id: next_build_id(),
+        local_idc,
+        document: doc,
+        overrides: overrides.clone(),
+        matcher,
+        home,
+        order,
+        serving,
+        fenced: moves.fenced,
+        owner_epochs,
+        global,
+        writes_in_flight: std::sync::atomic::AtomicU64::new(0),
+    })
+}
+
+/// The cluster's name and its shard count (bounded; changed only with `allow_reshard`).
+fn check_cluster(c: &mut Checker, doc: &RawTopology, ctx: &BuildContext) {
     c.name("cluster".into(), &doc.cluster);
     if doc.shard_count == 0 || doc.shard_count > MAX_SHARD_COUNT {
         c.fail(
@@ -128,21 +202,30 @@ pub fn build_with_previous(
             );
         }
     }
+}
 
-    // Sets.
+/// The sets, in document order, and their ids by name.
+struct Sets<'d> {
+    specs: Vec<SetSpec>,
+    ids: HashMap<&'d str, SetId>,
+    /// How many distinct positive priorities: the shedding tiers.
+    shed_tiers: usize,
+}
+
+fn check_sets<'d>(c: &mut Checker, doc: &'d RawTopology) -> Sets<'d> {
     if doc.sets.is_empty() {
         c.fail("sets", "declare at least one set (e.g. [sets.core])");
     }
     if doc.sets.len() > u8::MAX as usize {
         c.fail("sets", "too many sets (at most 255)");
     }
-    let mut sets = Vec::new();
-    let mut set_ids: HashMap<&str, SetId> = HashMap::new();
+    let mut specs = Vec::new();
+    let mut ids: HashMap<&str, SetId> = HashMap::new();
     for (name, raw) in &doc.sets {
         c.name(format!("sets.{name}"), name);
         c.positive(format!("sets.{name}.max_inflight"), raw.max_inflight.into());
-        set_ids.insert(name.as_str(), SetId(sets.len() as u8));
-        sets.push(SetSpec {
+        ids.insert(name.as_str(), SetId(specs.len() as u8));
+        specs.push(SetSpec {
             name: Arc::new(name.clone()),
             priority: raw.priority,
             max_inflight: raw.max_inflight,
@@ -150,17 +233,28 @@ pub fn build_with_previous(
             shed_rank: 0,
         });
     }
-    let mut priorities: Vec<u32> = sets.iter().map(|s| s.priority).filter(|&p| p > 0).collect();
+    let mut priorities: Vec<u32> = specs
+        .iter()
+        .map(|s| s.priority)
+        .filter(|&p| p > 0)
+        .collect();
     priorities.sort_unstable_by(|a, b| b.cmp(a));
     priorities.dedup();
-    for set in &mut sets {
+    for set in &mut specs {
         set.shed_rank = priorities
             .iter()
             .position(|&p| p == set.priority)
             .unwrap_or(0);
     }
+    Sets {
+        specs,
+        ids,
+        shed_tiers: priorities.len(),
+    }
+}
 
-    // IDC names first, so references between IDCs resolve in any order.
+/// IDC names first, so references between IDCs resolve in any order; and their weights.
+fn check_idc_names<'d>(c: &mut Checker, doc: &'d RawTopology) -> HashMap<&'d str, IdcId> {
     if doc.idcs.is_empty() {
         c.fail("idcs", "declare at least one IDC ([[idcs]])");
     }
@@ -189,8 +283,16 @@ pub fn build_with_previous(
             "at least one IDC needs a weight above 0 to own shards",
         );
     }
+    idc_ids
+}
 
-    // Routes (before IDCs: an IDC must have a pool for every set a route uses).
+/// Routes (before IDCs: an IDC must have a pool for every set a route uses). Also returns the
+/// sets the routes use, each with the first route using it.
+fn check_routes(
+    c: &mut Checker,
+    doc: &RawTopology,
+    set_ids: &HashMap<&str, SetId>,
+) -> (Vec<Route>, BTreeMap<SetId, String>) {
     let mut routes = Vec::new();
     let mut used_sets: BTreeMap<SetId, String> = BTreeMap::new();
     let mut route_names = HashSet::new();
@@ -204,7 +306,7 @@ pub fn build_with_previous(
                 format!("route `{}` is declared twice", raw.name),
             );
         }
-        if let Some(route) = check_route(&mut c, i, raw, &set_ids) {
+        if let Some(route) = check_route(c, i, raw, set_ids) {
             let place = (
                 route.host.to_ascii_lowercase(),
                 route.path_prefix.trim_end_matches('/').to_owned(),
@@ -231,12 +333,23 @@ pub fn build_with_previous(
             routes.push(route);
         }
     }
+    (routes, used_sets)
+}
 
-    // IDCs.
+/// Every IDC (`check_idc`); an override naming an IDC the document lacks is only logged.
+fn check_idcs(
+    c: &mut Checker,
+    doc: &RawTopology,
+    set_ids: &HashMap<&str, SetId>,
+    idc_ids: &HashMap<&str, IdcId>,
+    used_sets: &BTreeMap<SetId, String>,
+    overrides: &Overrides,
+    upstreams: &Upstreams,
+) -> Vec<Idc> {
     let mut idcs = Vec::new();
     for (i, raw) in doc.idcs.iter().enumerate() {
         idcs.push(check_idc(
-            &mut c, i, raw, &doc, &set_ids, &idc_ids, &used_sets, overrides, upstreams,
+            c, i, raw, doc, set_ids, idc_ids, used_sets, overrides, upstreams,
         ));
     }
     for name in overrides.idcs.keys() {
@@ -244,8 +357,11 @@ pub fn build_with_previous(
             tracing::warn!(idc = %name, "override names an IDC the document does not declare; ignored");
         }
     }
+    idcs
+}
 
-    // Failover settings.
+/// Failover settings.
+fn check_failover(c: &mut Checker, doc: &RawTopology) -> FailoverSpec {
     let f = &doc.failover;
     c.positive("failover.detect_ms".into(), f.detect_ms);
     c.positive("failover.recover_ms".into(), f.recover_ms);
@@ -273,21 +389,25 @@ pub fn build_with_previous(
     if !(0.0..=1.0).contains(&f.min_healthy) {
         c.fail("failover.min_healthy", "must be between 0.0 and 1.0");
     }
-    let failover = FailoverSpec {
+    FailoverSpec {
         detect: Duration::from_millis(f.detect_ms),
         recover: Duration::from_millis(f.recover_ms),
         auto_failback: f.auto_failback,
         min_healthy: f.min_healthy,
         warmup: Duration::from_secs(f.warmup_s),
         fence: Duration::from_millis(f.fence_ms),
-    };
-    let isolation = super::isolation::resolve(&doc.isolation, &mut c.problems);
-    super::bounds::check(&doc, &mut c.problems);
+    }
+}
 
-    // Pins. Ranges are checked against the table they fill: with a `shard_count` out of
-    // bounds (a problem above) that is the clamped one, and a pin past it one more problem.
-    // Past `MAX_PINS` (a problem too) the rest are not looked at.
-    let shard_count = doc.shard_count.clamp(1, MAX_SHARD_COUNT);
+/// Pins: shard → the IDC it is pinned to. Ranges are checked against the table they fill:
+/// with a `shard_count` out of bounds (a problem already) that is the clamped one, and a pin
+/// past it one more problem. Past `MAX_PINS` (a problem too) the rest are not looked at.
+fn check_pins(
+    c: &mut Checker,
+    doc: &RawTopology,
+    idc_ids: &HashMap<&str, IdcId>,
+    shard_count: u32,
+) -> Vec<Option<IdcId>> {
     let mut pinned: Vec<Option<IdcId>> = vec![None; shard_count as usize];
     for (i, pin) in doc
         .shards
@@ -328,25 +448,29 @@ pub fn build_with_previous(
             }
         }
     }
+    pinned
+}
 
-    let local_idc = match &ctx.local_idc {
-        Some(name) => match idc_ids.get(name.as_str()) {
-            Some(id) => Some(*id),
-            None => {
-                c.fail(
-                    "local IDC (--idc)",
-                    format!("`{name}` is not an IDC of this topology"),
-                );
-                None
-            }
-        },
-        None => None,
-    };
-
-    if !c.problems.is_empty() {
-        return Err(Problems(c.problems));
+/// This instance's IDC (`--idc`) must be one of the document's.
+fn check_local_idc(
+    c: &mut Checker,
+    ctx: &BuildContext,
+    idc_ids: &HashMap<&str, IdcId>,
+) -> Option<IdcId> {
+    let name = ctx.local_idc.as_ref()?;
+    match idc_ids.get(name.as_str()) {
+        Some(id) => Some(*id),
+        None => {
+            c.fail(
+                "local IDC (--idc)",
+                format!("`{name}` is not an IDC of this topology"),
+            );
+            None
+        }
     }
+}
 
+fn route_matcher(routes: &[Route]) -> RouteMatcher {
     let rules: Vec<RouteRule> = routes
         .iter()
         .enumerate()
@@ -357,66 +481,19 @@ pub fn build_with_previous(
             methods: r.methods.clone(),
         })
         .collect();
-    let matcher = RouteMatcher::new(&rules);
+    RouteMatcher::new(&rules)
+}
 
-    let ring = idc_ring(&doc.idcs);
-    let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
-    let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
-    let warmup = warmup_steps(&idcs, overrides);
-    let serving = serving_table(
-        &idcs,
-        &home,
-        &order,
-        shard_count,
-        &warmup,
-        &moves.drain_serves,
-    );
-    let owner_epochs = super::epochs::owner_epochs(&super::epochs::EpochInputs {
-        idcs: &idcs,
-        order: &order,
-        serving: &serving,
-        shard_count,
-        overrides,
-        revision: ctx.revision,
-        previous,
-    });
-    let global = global_idc(&idcs, local_idc, &idc_ids, &ring);
-
-    for route in &mut routes {
+/// Marks each route degraded by the degrade override that is on for its set or for it
+/// (`route:NAME`), if any.
+fn apply_degrade_switches(routes: &mut [Route], sets: &[SetSpec], overrides: &Overrides) {
+    for route in routes {
         let set = sets[route.set.0 as usize].name.as_str();
         route.degraded_by = overrides.degrade.iter().find_map(|(target, o)| {
             let hit = target == set || target.strip_prefix("route:") == Some(route.name.as_str());
             (o.on && hit).then(|| target.clone())
         });
     }
-    let inflight_capacity = sets.iter().map(|s| u64::from(s.max_inflight)).sum();
-    let shed_tiers = priorities.len();
-
-    Ok(Topology {
-        revision: ctx.revision,
-        inflight_capacity,
-        shed_tiers,
-        epoch_header: http::HeaderValue::from(ctx.revision),
-        cluster: doc.cluster.clone(),
-        shard_count,
-        sets,
-        idcs,
-        routes,
-        failover,
-        isolation,
-        build_id: next_build_id(),
-        local_idc,
-        document: doc,
-        overrides: overrides.clone(),
-        matcher,
-        home,
-        order,
-        serving,
-        fenced: moves.fenced,
-        owner_epochs,
-        global,
-        writes_in_flight: std::sync::atomic::AtomicU64::new(0),
-    })
 }
 
 fn check_route(

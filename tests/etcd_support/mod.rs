@@ -7,7 +7,6 @@
 // Each test crate uses a different part of this module; tests may unwrap.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,36 +28,16 @@ use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
 
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(unused_imports)] // each test crate uses a different part
+pub use common::{eventually, run_shardgate, within, Output};
+
 pub const IDCS: [&str; 3] = ["sh", "bj", "gz"];
 pub const CLUSTER: &str = "itest";
 
 /// How long a polled condition may take to come true before the test fails.
 pub const POLL_DEADLINE: Duration = Duration::from_secs(20);
-
-/// Awaits `fut`, failing the test if it takes longer than `limit`.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing the test after `POLL_DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    within(POLL_DEADLINE, what, async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
 
 /// A free loopback port: bound, read, released. Another process may take it before etcd
 /// binds it: [`Etcd::start`] checks that the etcd it reaches is its own and retries on new
@@ -777,37 +756,17 @@ pub async fn admin(addr: SocketAddr, path: &str) -> (u16, Value) {
 }
 
 /// What a `shardgate` command did.
-#[derive(Debug)]
-pub struct Output {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
+/// How long an operator command may run before the test fails.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs the `shardgate` binary with `args`; killed if it runs over 60 s.
 pub async fn shardgate(args: &[&str]) -> Output {
-    shardgate_with_env(args, &[]).await
+    run_shardgate(args, &[], COMMAND_DEADLINE).await
 }
 
 /// Runs the `shardgate` binary with `args` and these environment variables.
 pub async fn shardgate_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .args(args)
-        .env_remove("SHARDGATE_ETCD")
-        .env_remove("SHARDGATE_CLUSTER")
-        .env_remove("SHARDGATE_ETCD_PASSWORD")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = within(Duration::from_secs(60), "a shardgate command", child)
-        .await
-        .expect("run shardgate");
-    Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_shardgate(args, env, COMMAND_DEADLINE).await
 }
 
 /// Writes `text` to a file in `dir` and returns its path as a string.

@@ -8,7 +8,6 @@
 
 pub mod browser;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -33,6 +32,11 @@ use tempfile::TempDir;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(unused_imports)] // each test crate uses a different part
+pub use common::{eventually, run_shardgate, within, Output};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every test request uses.
 pub type ClientBody = BoxBody<Bytes, BoxError>;
@@ -44,31 +48,6 @@ pub const SETS: [&str; 2] = ["core", "noncore"];
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a polled condition (a reload, a counter) may take to come true.
 pub const POLL_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Awaits `fut`, failing the test if it takes longer than `limit`.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing the test after `POLL_DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    within(POLL_DEADLINE, what, async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
 
 /// A local port that is bound but not listening: connecting to it is refused, and as long as
 /// the socket lives no other test can be given the port.

@@ -275,7 +275,7 @@ impl History {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = crate::etcd::shutdown_requested(&mut shutdown) => return,
+                () = crate::tasks::shutdown_requested(&mut shutdown) => return,
             }
             self.record(
                 &metrics.encode(),
