@@ -16,7 +16,7 @@ pub enum SourceConfig {
     File(PathBuf),
     Etcd {
         /// Endpoints, TLS and credentials.
-        access: crate::etcd::EtcdAccess,
+        access: EtcdAccess,
         cluster: String,
     },
 }
@@ -121,7 +121,7 @@ pub struct RawConfig {
     /// Filled from the environment by `serve`, never from the file (a password in the
     /// bootstrap config would be one more copy of it).
     #[serde(skip)]
-    pub etcd_password: Option<crate::etcd::Password>,
+    pub etcd_password: Option<Password>,
     pub cache_dir: Option<PathBuf>,
     pub instance: Option<String>,
     pub admin_token: Option<String>,
@@ -264,13 +264,13 @@ struct RawEtcdAccess {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     user: Option<String>,
-    password: Option<crate::etcd::Password>,
+    password: Option<Password>,
     password_file: Option<PathBuf>,
 }
 
 /// etcd endpoints, TLS and credentials; the password from the environment, else its file.
 /// Checked only when etcd is the source.
-fn etcd_access(raw: RawEtcdAccess, problems: &mut Vec<String>) -> crate::etcd::EtcdAccess {
+fn etcd_access(raw: RawEtcdAccess, problems: &mut Vec<String>) -> EtcdAccess {
     let etcd_tls_given =
         raw.ca.is_some() || raw.cert.is_some() || raw.user.is_some() || raw.password_file.is_some();
     if etcd_tls_given && raw.endpoints.is_empty() {
@@ -281,15 +281,11 @@ fn etcd_access(raw: RawEtcdAccess, problems: &mut Vec<String>) -> crate::etcd::E
     let mut password = raw.password.filter(|p| !p.0.is_empty());
     if let (None, Some(file)) = (&password, &raw.password_file) {
         match std::fs::read_to_string(file) {
-            Ok(text) => {
-                password = Some(crate::etcd::Password(
-                    text.trim_end_matches(['\r', '\n']).to_owned(),
-                ))
-            }
+            Ok(text) => password = Some(Password(text.trim_end_matches(['\r', '\n']).to_owned())),
             Err(e) => problems.push(format!("etcd_password_file {}: {e}", file.display())),
         }
     }
-    let access = crate::etcd::EtcdAccess {
+    let access = EtcdAccess {
         endpoints: raw.endpoints,
         ca: raw.ca,
         cert: raw.cert,
@@ -306,7 +302,7 @@ fn etcd_access(raw: RawEtcdAccess, problems: &mut Vec<String>) -> crate::etcd::E
 /// A topology file or etcd (with a cluster name): exactly one.
 fn topology_source(
     topology: Option<PathBuf>,
-    access: crate::etcd::EtcdAccess,
+    access: EtcdAccess,
     cluster: Option<String>,
     problems: &mut Vec<String>,
 ) -> SourceConfig {
@@ -422,6 +418,35 @@ impl Config {
     }
 }
 
+/// How to reach etcd: its endpoints, TLS (a CA bundle to trust, a client certificate to
+/// present) and a user/password for etcd's auth. The same value serves the gateway's source,
+/// its registration and the operator commands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    /// PEM bundle of the CAs that sign etcd's server certificate; TLS is on when it is set.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain and key, for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<Password>,
+}
+
+/// A password: `Debug` prints `***`, so it never reaches a log line.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The environment variable that carries the etcd password: a flag's value would be visible
+/// to every user of the machine in `ps`.
+pub const PASSWORD_ENV: &str = "SHARDGATE_ETCD_PASSWORD";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,7 +494,7 @@ mod tests {
         )
         .unwrap();
         let raw = RawConfig {
-            etcd_password: Some(crate::etcd::Password("pw".into())),
+            etcd_password: Some(Password("pw".into())),
             ..raw
         };
         let err = raw.into_config().unwrap_err().to_string();

@@ -336,34 +336,7 @@ impl ClusterKeys {
 #[error("{0}")]
 pub struct EtcdError(pub String);
 
-/// How to reach etcd: its endpoints, TLS (a CA bundle to trust, a client certificate to
-/// present) and a user/password for etcd's auth. The same value serves the gateway's source,
-/// its registration and the operator commands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EtcdAccess {
-    pub endpoints: Vec<String>,
-    /// PEM bundle of the CAs that sign etcd's server certificate; TLS is on when it is set.
-    pub ca: Option<PathBuf>,
-    /// PEM client certificate chain and key, for etcd's `--client-cert-auth`.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password: Option<Password>,
-}
-
-/// A password: `Debug` prints `***`, so it never reaches a log line.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Password(pub String);
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// The environment variable that carries the etcd password: a flag's value would be visible
-/// to every user of the machine in `ps`.
-pub const PASSWORD_ENV: &str = "SHARDGATE_ETCD_PASSWORD";
+pub use crate::config::{EtcdAccess, Password, PASSWORD_ENV};
 
 impl EtcdAccess {
     pub fn new(endpoints: Vec<String>) -> EtcdAccess {

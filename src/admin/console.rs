@@ -11,8 +11,8 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::{error, json_response, Admin};
-use crate::upstream::body::ResponseBody;
 use crate::topology::{parse_range, Shard, Topology};
+use crate::upstream::body::ResponseBody;
 
 pub use history::History;
 
@@ -136,9 +136,9 @@ mod tests {
     #![allow(clippy::unwrap_used)] // a test fails loudly on purpose
 
     use super::*;
-    use crate::upstream::Upstreams;
     use crate::topology::overrides::{MoveKind, MovePhase, MoveRecord};
     use crate::topology::{build, BuildContext, IdcOverride, IdcState, Overrides, RawTopology};
+    use crate::upstream::Upstreams;
 
     /// 16 shards: 0-7 pinned to sh, 8-15 to bj; sh fails over to bj.
     fn topo(overrides: &Overrides) -> Topology {
