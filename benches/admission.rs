@@ -6,10 +6,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use shardgate::admission::Admission;
+use shardgate::control::topology::{build, BuildContext, IdcId, Overrides, RawTopology};
+use shardgate::data::admission::Admission;
+use shardgate::data::upstream::Upstreams;
 use shardgate::telemetry::Metrics;
-use shardgate::topology::{build, BuildContext, IdcId, Overrides, RawTopology};
-use shardgate::upstream::Upstreams;
 
 /// The demo's three sets and IDCs; `orders` has no rate limit, `orders-limited` one high
 /// enough never to refuse, so both measure the admitted path.

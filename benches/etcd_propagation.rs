@@ -16,8 +16,8 @@ mod etcd_support;
 use std::time::{Duration, Instant};
 
 use etcd_support::{start_gateway, Etcd, GatewayOptions, Idcs, CLUSTER};
-use shardgate::topology::{build, BuildContext, Overrides, RawTopology};
-use shardgate::upstream::Upstreams;
+use shardgate::control::topology::{build, BuildContext, Overrides, RawTopology};
+use shardgate::data::upstream::Upstreams;
 
 const GATEWAYS: usize = 3;
 

@@ -5,7 +5,7 @@
 # GET/POST load through both gateways; injects its fault (partition from etcd, SIGSTOP of a
 # gateway or of the leader past the lease TTL, kill -9 and restart from --cache-dir while cut,
 # failover of a live IDC, drain/move/failover/restore with warm-up); then checks the history
-# (src/sim/history.rs) and prints the per-scenario report: writes, reads, writes refused as
+# (src/dev/sim/history.rs) and prints the per-scenario report: writes, reads, writes refused as
 # fenced, seconds of write unavailability per moved shard, violations (must be 0).
 # docs/failover.md ("Checking the promise: the history checker") says how to read it.
 #

@@ -5,8 +5,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Method, Uri};
-use shardgate::topology::{build, BuildContext, Overrides, RawTopology, RequestView};
-use shardgate::upstream::Upstreams;
+use shardgate::control::topology::{build, BuildContext, Overrides, RawTopology, RequestView};
+use shardgate::data::upstream::Upstreams;
 
 mod common;
 
@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
     // A POST while a move fences a quarter of the shards: the decision plus the one bit
     // test the proxy adds for requests that may write.
     let mut fencing = Overrides::default();
-    let record: shardgate::topology::overrides::MoveRecord = serde_json::from_str(
+    let record: shardgate::control::topology::overrides::MoveRecord = serde_json::from_str(
         r#"{"kind":"move","ranges":["0-4095"],"to":"sh","phase":"fencing","fenced_at_ms":1}"#,
     )
     .expect("a move record");

@@ -2,81 +2,49 @@
 //! request, maps it to a shard (`crc32_ieee(key) % shard_count`) and forwards the request to
 //! the IDC that serves that shard now.
 //!
-//! The request path, module by module:
-//! - [`server`]: accept → TLS ([`tls`]: rustls, ALPN, SNI, reloaded certificates) → the
-//!   request-head gate ([`server::gate`]: both lengths, oversized heads) → hyper (HTTP/1.1,
-//!   h2) with connection, header and stream limits and graceful drain.
-//! - [`proxy`]: the pipeline: request id, header hygiene, one snapshot load, decide, forward;
-//!   a backend's 421 naming a newer shard owner sends the request there once
-//!   ([`proxy::misroute`], the contract in docs/backends.md).
-//! - [`route`]: route matching and sharding-key extraction (pure).
-//! - [`admission`]: set budgets, priority shedding, rate limits, degrade switches, circuit
-//!   breakers: admit → permit or refusal (state keyed by name, outlives snapshots).
-//! - [`topology`]: the immutable snapshot: validation, shard/serving tables, owner epochs
-//!   ([`topology::epochs`]), diff.
-//! - [`forward`]: pooled upstream connections per (IDC, set, backend) among the backends in
-//!   service, TLS to an IDC that asks for it ([`tls::upstream`]), retries, passive outlier
-//!   signals.
-//! - [`upgrade`]: WebSocket upgrades on routes that allow them: 101, then bytes both ways.
-//! - [`health`]: active probes + passive ejection → which backends get traffic, and this
-//!   gateway's IDC health view (`/status`, metrics, the etcd registration).
-//! - [`body`]: streaming bodies with idle deadlines; connections back to the pool.
-//! - [`headers`]: the gateway's headers, hop-by-hop stripping, ids and tracing headers.
-//! - [`error`]: the one request-path error and its status mapping.
+//! # Module map
 //!
-//! The reload path: [`source`] (topology file + overrides) → `topology::build` → one
-//! `ArcSwap` store → every later request sees the new snapshot; in-flight ones keep theirs.
-//! In etcd mode [`etcd`] is the source: one watch on `/shardgate/<cluster>/` feeds the same
-//! `Snapshots::publish`, the last good snapshot is cached on disk, and each gateway registers
-//! itself (`gateway/<instance>`) with the revision it serves.
+//! The crate is grouped by role, one directory each, and imports go one way (no module imports
+//! one that imports it back; `tests/layout.rs` checks it):
 //!
-//! Planned moves and operator IDC control live in [`moves`]: the checks of `drain`, `move`,
-//! `failover`, `restore`, the phase function of a fenced move (every owner change is one:
-//! drains, moves, failovers, warm-up steps), the drivers' monotonic clocks (`moves::pace`) and
-//! the file-mode driver. A write also needs this gateway's own fence open: [`self_fence`]
-//! (etcd mode: a confirmed registration lease and a source caught up with it); writes in
-//! flight hold back the revision a gateway acknowledges (`Snapshots::acknowledged`).
+//! ```text
+//!  dev        sim · demo · fuzz
+//!  operator   cli · admin (API and console) · admin_client · cluster (etcd reads and writes)
+//!  data       server, tls → proxy → admission · forward · upgrade · error · headers
+//!  control    etcd (source, registry, leader) · failover · moves · health · source ·
+//!             self_fence · tasks · topology (the snapshot: plain *Spec values)
+//!  low level  data::route (pure matching) · data::upstream (pools, leases, bodies,
+//!             backend health, upstream TLS)
+//!  base       config · telemetry · util
+//! ```
 //!
-//! Who decides IDC states: [`failover`] (pure rules with hysteresis; in file mode a
-//! controller on this gateway's own view), and in etcd mode the elected leader
-//! (`etcd::leader`) deciding from the majority of gateways' views and driving fenced moves.
+//! The request path ([`data`]): [`data::server`] accepts, terminates TLS ([`data::tls`]),
+//! gates the request head ([`data::server::gate`]) and serves HTTP/1.1 and h2 with hyper;
+//! [`data::proxy`] strips client `x-shardgate-*` headers, loads one snapshot, decides the route,
+//! shard and serving IDC ([`data::route`] on the snapshot's tables), admits it
+//! ([`data::admission`]), checks the write fences, and exchanges with a backend
+//! ([`data::forward`] over [`data::upstream`]'s pools); a backend's 421 naming a newer owner
+//! sends the request there once ([`data::proxy::misroute`]).
 //!
-//! Every background task (sources, health, deciders, etcd registration, listeners) runs
-//! supervised by [`tasks`]: a dead one is logged, counted, makes `/readyz` fail, and is
-//! restarted where that is safe.
+//! The reload path ([`control`]): a source ([`control::source`] for the file,
+//! [`control::etcd`] for one etcd watch) builds a [`control::topology::Topology`] and publishes
+//! it through `Snapshots` (one `ArcSwap`); requests in flight keep theirs. Fenced owner changes
+//! (drains, moves, failovers, warm-up steps) are [`control::moves`]' phase function, driven by
+//! the file driver or the elected leader ([`control::etcd::leader`]), which decides IDC states
+//! with [`control::failover`] from [`control::health`]'s views. A write also needs this
+//! gateway's own fence open ([`control::self_fence`]). Every background task runs supervised
+//! ([`control::tasks`]).
 //!
-//! Around them: [`admin`] (health, metrics, status, explain), [`telemetry`] (tracing and
-//! metric names), [`config`] (bootstrap), [`cli`] (operator commands), [`sim`] (simulated IDC
-//! backends for the demo and the tests, their ledger and the history checker), [`demo`],
-//! [`util`] (the wall clock in ms, URL percent-encoding).
+//! The operator side ([`operator`]): the CLI, the admin listener with its console, and the
+//! etcd writes operators make. [`dev`] holds the simulated IDCs, the demo and the fuzz entry
+//! points.
 
-pub mod admin;
-pub mod admin_client;
-pub mod admission;
-pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod error;
-pub mod etcd;
-pub mod failover;
-pub mod forward;
-#[doc(hidden)]
-pub mod fuzz;
-pub mod headers;
-pub mod health;
-pub mod moves;
-pub mod proxy;
-pub mod route;
-pub mod self_fence;
-pub mod server;
-pub mod sim;
-pub mod source;
-pub mod tasks;
+pub mod control;
+pub mod data;
+pub mod dev;
+pub mod operator;
 pub mod telemetry;
-pub mod tls;
-pub mod topology;
-pub mod upgrade;
-pub mod upstream;
 pub mod util;
 
 use std::net::SocketAddr;
@@ -87,17 +55,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, SourceConfig};
-use crate::proxy::{Gateway, ProxySettings};
-use crate::server::{Handler, ListenerSettings};
-use crate::source::{FileSource, Snapshots};
+use crate::control::source::{FileSource, Snapshots};
+use crate::data::proxy::{Gateway, ProxySettings};
+use crate::data::server::{Handler, ListenerSettings};
 use crate::telemetry::Metrics;
 
 impl Handler for Gateway {
     async fn call(
         self: Arc<Self>,
         req: http::Request<hyper::body::Incoming>,
-        peer: server::Peer,
-    ) -> http::Response<upstream::body::ResponseBody> {
+        peer: data::server::Peer,
+    ) -> http::Response<data::upstream::body::ResponseBody> {
         self.handle(req, peer.ip_header).await
     }
 }
@@ -110,9 +78,9 @@ pub struct Running {
     pub redirect_addr: Option<SocketAddr>,
     pub snapshots: Arc<Snapshots>,
     /// This gateway's health view.
-    pub health: Arc<health::Health>,
+    pub health: Arc<control::health::Health>,
     /// Its supervised background tasks (which are down, and why).
-    pub tasks: Arc<tasks::Tasks>,
+    pub tasks: Arc<control::tasks::Tasks>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -135,7 +103,7 @@ impl Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let tasks = tasks::Tasks::new(metrics.clone(), shutdown_rx.clone());
+    let tasks = control::tasks::Tasks::new(metrics.clone(), shutdown_rx.clone());
     let up = Startup {
         metrics,
         tasks,
@@ -200,7 +168,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// and the shutdown signal they all watch.
 struct Startup {
     metrics: Arc<Metrics>,
-    tasks: Arc<tasks::Tasks>,
+    tasks: Arc<control::tasks::Tasks>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -218,7 +186,7 @@ impl Startup {
         &self,
         config: &Config,
         path: &std::path::Path,
-    ) -> anyhow::Result<(Arc<Snapshots>, Arc<source::FileOverrides>)> {
+    ) -> anyhow::Result<(Arc<Snapshots>, Arc<control::source::FileOverrides>)> {
         let snapshots = Arc::new(Snapshots::new(
             "file",
             config.local_idc.clone(),
@@ -256,7 +224,7 @@ impl Startup {
     async fn etcd_source(
         &self,
         config: &Config,
-        access: &etcd::EtcdAccess,
+        access: &control::etcd::EtcdAccess,
         cluster: &str,
     ) -> Arc<Snapshots> {
         let snapshots = Snapshots::new("etcd", config.local_idc.clone(), self.metrics.clone());
@@ -264,13 +232,14 @@ impl Startup {
             Some(_) => snapshots.with_cache(),
             None => snapshots,
         });
-        let settings = etcd::source::EtcdSettings {
+        let settings = control::etcd::source::EtcdSettings {
             access: access.clone(),
             cluster: cluster.to_owned(),
             timeout: config.timeouts.etcd,
             cache_dir: config.cache_dir.clone(),
         };
-        let mut source = etcd::source::EtcdSource::new(settings.clone(), snapshots.clone());
+        let mut source =
+            control::etcd::source::EtcdSource::new(settings.clone(), snapshots.clone());
         source.load_cache();
         let first = source.first_attempt();
         // Restartable: a new source lists the prefix again, as it does after a compaction,
@@ -279,7 +248,7 @@ impl Startup {
         let mut initial = Some(source);
         self.tasks.spawn_restarting("etcd_source", move || {
             let source = initial.take().unwrap_or_else(|| {
-                etcd::source::EtcdSource::new(settings.clone(), published.clone())
+                control::etcd::source::EtcdSource::new(settings.clone(), published.clone())
             });
             source.run(shutdown.clone())
         });
@@ -291,8 +260,8 @@ impl Startup {
     }
 
     /// Active probes and passive ejection over the published snapshot's backends.
-    fn health(&self, snapshots: &Arc<Snapshots>) -> Arc<health::Health> {
-        let health = health::Health::new(snapshots.clone(), self.metrics.clone());
+    fn health(&self, snapshots: &Arc<Snapshots>) -> Arc<control::health::Health> {
+        let health = control::health::Health::new(snapshots.clone(), self.metrics.clone());
         // Restartable: probe verdicts and ejections live in the backends' shared health, so
         // a new task only starts the probes again (the dead one's are aborted with it).
         let (probes, shutdown) = (health.clone(), self.shutdown.clone());
@@ -307,10 +276,10 @@ impl Startup {
     fn file_deciders(
         &self,
         snapshots: &Arc<Snapshots>,
-        store: &Arc<source::FileOverrides>,
-        health: &Arc<health::Health>,
+        store: &Arc<control::source::FileOverrides>,
+        health: &Arc<control::health::Health>,
     ) {
-        let view: health::ViewSource = {
+        let view: control::health::ViewSource = {
             let health = health.clone();
             Arc::new(move || health.idc_view())
         };
@@ -325,7 +294,7 @@ impl Startup {
             self.shutdown.clone(),
         );
         self.tasks.spawn_restarting("failover_controller", move || {
-            failover::controller::FileController::new(
+            control::failover::controller::FileController::new(
                 snapshots_c.clone(),
                 store_c.clone(),
                 view_c.clone(),
@@ -338,7 +307,7 @@ impl Startup {
         let (snapshots_d, store_d, shutdown) =
             (snapshots.clone(), store.clone(), self.shutdown.clone());
         self.tasks.spawn_restarting("move_driver", move || {
-            moves::driver::run(
+            control::moves::driver::run(
                 snapshots_d.clone(),
                 store_d.clone(),
                 view.clone(),
@@ -348,11 +317,11 @@ impl Startup {
     }
 
     /// The proxy listener's certificates, when TLS is configured, watched for changes.
-    fn certificates(&self, config: &Config) -> anyhow::Result<Option<tls::Tls>> {
+    fn certificates(&self, config: &Config) -> anyhow::Result<Option<data::tls::Tls>> {
         let Some(t) = &config.tls else {
             return Ok(None);
         };
-        let tls = tls::Tls::load(t.certs.clone())?;
+        let tls = data::tls::Tls::load(t.certs.clone())?;
         // Restartable: the loaded set stays in place; a new watcher compares the files
         // from now on.
         let (certificates, poll, shutdown) =
@@ -369,18 +338,18 @@ impl Startup {
     fn etcd_membership(
         &self,
         config: &Config,
-        access: &etcd::EtcdAccess,
+        access: &control::etcd::EtcdAccess,
         cluster: &str,
         proxy_addr: SocketAddr,
         admin_addr: SocketAddr,
         snapshots: &Arc<Snapshots>,
-        health: &Arc<health::Health>,
+        health: &Arc<control::health::Health>,
     ) {
         let instance = config
             .instance
             .clone()
-            .unwrap_or_else(|| etcd::registry::default_instance(proxy_addr));
-        let leader_settings = etcd::leader::LeaderSettings {
+            .unwrap_or_else(|| control::etcd::registry::default_instance(proxy_addr));
+        let leader_settings = control::etcd::leader::LeaderSettings {
             access: access.clone(),
             cluster: cluster.to_owned(),
             instance: instance.clone(),
@@ -391,10 +360,10 @@ impl Startup {
         // here or on another gateway, from what etcd holds, as after any lost leadership.
         let (snapshots_l, shutdown) = (snapshots.clone(), self.shutdown.clone());
         self.tasks.spawn_restarting("leader", move || {
-            etcd::leader::Leader::new(leader_settings.clone(), snapshots_l.clone())
+            control::etcd::leader::Leader::new(leader_settings.clone(), snapshots_l.clone())
                 .run(shutdown.clone())
         });
-        let registration = etcd::registry::Registration {
+        let registration = control::etcd::registry::Registration {
             access: access.clone(),
             cluster: cluster.to_owned(),
             instance,
@@ -408,7 +377,7 @@ impl Startup {
         let (snapshots_r, health_r, shutdown) =
             (snapshots.clone(), health.clone(), self.shutdown.clone());
         self.tasks.spawn_restarting("registry", move || {
-            etcd::registry::Registry::new(
+            control::etcd::registry::Registry::new(
                 registration.clone(),
                 snapshots_r.clone(),
                 health_r.clone(),
@@ -423,10 +392,10 @@ impl Startup {
         &self,
         config: &Config,
         bound: Listeners,
-        tls: Option<tls::Tls>,
+        tls: Option<data::tls::Tls>,
         snapshots: &Arc<Snapshots>,
-        health: &Arc<health::Health>,
-        file_overrides: Option<Arc<source::FileOverrides>>,
+        health: &Arc<control::health::Health>,
+        file_overrides: Option<Arc<control::source::FileOverrides>>,
     ) -> anyhow::Result<Option<SocketAddr>> {
         let settings = ListenerSettings {
             header_read_timeout: config.timeouts.header_read,
@@ -437,14 +406,14 @@ impl Startup {
             tls: None,
             head_gate: false,
         };
-        let certificates = tls.as_ref().map(tls::Tls::certificates);
+        let certificates = tls.as_ref().map(data::tls::Tls::certificates);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let proxy_settings = ListenerSettings {
             tls,
             head_gate: true,
             ..settings.clone()
         };
-        let admission = Arc::new(admission::Admission::new(self.metrics.clone()));
+        let admission = Arc::new(data::admission::Admission::new(self.metrics.clone()));
         let gateway = Arc::new(Gateway {
             topology: snapshots.cell(),
             self_fence: snapshots.self_fence(),
@@ -466,7 +435,7 @@ impl Startup {
         // replaced.
         self.tasks.spawn_once(
             "proxy_listener",
-            server::serve(bound.proxy, gateway, proxy_settings, self.shutdown.clone()),
+            data::server::serve(bound.proxy, gateway, proxy_settings, self.shutdown.clone()),
         );
         let mut redirect_addr = None;
         if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {
@@ -474,17 +443,17 @@ impl Startup {
                 .await
                 .with_context(|| format!("cannot listen on {addr} (redirect_http)"))?;
             redirect_addr = Some(listener.local_addr()?);
-            let redirect = Arc::new(server::Redirect {
+            let redirect = Arc::new(data::server::Redirect {
                 https_port: bound.proxy_addr.port(),
             });
             self.tasks.spawn_once(
                 "redirect_listener",
-                server::serve(listener, redirect, settings.clone(), self.shutdown.clone()),
+                data::server::serve(listener, redirect, settings.clone(), self.shutdown.clone()),
             );
         }
         // Restartable: the samples live in the shared history; a new sampler goes on from the
         // last reading.
-        let console = admin::console::History::new();
+        let console = operator::admin::console::History::new();
         {
             let (history, metrics, shutdown) =
                 (console.clone(), self.metrics.clone(), self.shutdown.clone());
@@ -492,7 +461,7 @@ impl Startup {
                 history.clone().run(metrics.clone(), shutdown.clone())
             });
         }
-        let admin = Arc::new(admin::Admin {
+        let admin = Arc::new(operator::admin::Admin {
             snapshots: snapshots.clone(),
             metrics: self.metrics.clone(),
             admission,
@@ -505,7 +474,7 @@ impl Startup {
         });
         self.tasks.spawn_once(
             "admin_listener",
-            server::serve(bound.admin, admin, settings, self.shutdown.clone()),
+            data::server::serve(bound.admin, admin, settings, self.shutdown.clone()),
         );
         tracing::info!(proxy = %bound.proxy_addr, admin = %bound.admin_addr, tls = scheme == "https", redirect = ?redirect_addr, "shardgate serving");
         Ok(redirect_addr)

@@ -1,5 +1,5 @@
 //! `shardgate`: parse the command line and hand over to the library.
 
 fn main() -> std::process::ExitCode {
-    shardgate::cli::main()
+    shardgate::operator::cli::main()
 }

@@ -6,7 +6,7 @@ mod support;
 
 use http::StatusCode;
 use serde_json::Value;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
 use support::{get, keys_where, request, send, within, Cluster, Options, REQUEST_DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

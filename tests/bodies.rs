@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
 use support::{
     channel_body, eventually, open, pattern_chunk, within, ClientBody, Cluster, Options,
     POLL_DEADLINE, REQUEST_DEADLINE,

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardgate::topology::{build, BuildContext, Overrides, RawTopology, Shard, Topology};
-use shardgate::upstream::Upstreams;
+use shardgate::control::topology::{build, BuildContext, Overrides, RawTopology, Shard, Topology};
+use shardgate::data::upstream::Upstreams;
 
 /// What a finished command left behind.
 struct Run {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
 use support::browser::{base64_decode, Browser, Page};
 use support::{get, request, send, Cluster, ConfigTweak, Options};
 

@@ -251,7 +251,11 @@ fn the_gateway_accepts_the_bootstrap_file_as_the_pod_runs_it() {
     // The environment variables the gateway reads, and no misspelt one.
     for name in env.keys().filter(|n| n.starts_with("SHARDGATE_")) {
         assert!(
-            ["SHARDGATE_ADMIN_TOKEN", shardgate::etcd::PASSWORD_ENV].contains(&name.as_str()),
+            [
+                "SHARDGATE_ADMIN_TOKEN",
+                shardgate::control::etcd::PASSWORD_ENV
+            ]
+            .contains(&name.as_str()),
             "env {name} is not read by the gateway"
         );
     }
@@ -297,17 +301,17 @@ fn the_gateway_accepts_the_bootstrap_file_as_the_pod_runs_it() {
     argv.push("--admin-token".into());
     argv.push(env["SHARDGATE_ADMIN_TOKEN"].clone());
 
-    let cli = shardgate::cli::Cli::try_parse_from(&argv)
+    let cli = shardgate::operator::cli::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("the gateway's command line {argv:?}: {e}"));
-    let shardgate::cli::Command::Serve(args) = cli.command else {
+    let shardgate::operator::cli::Command::Serve(args) = cli.command else {
         panic!("the container does not run `shardgate serve`: {argv:?}");
     };
     let mut raw = args.into_raw().expect("the bootstrap file loads");
     if let Some(pw) = env
-        .get(shardgate::etcd::PASSWORD_ENV)
+        .get(shardgate::control::etcd::PASSWORD_ENV)
         .filter(|p| !p.is_empty())
     {
-        raw.etcd_password = Some(shardgate::etcd::Password(pw.clone()));
+        raw.etcd_password = Some(shardgate::control::etcd::Password(pw.clone()));
     }
     let config = raw
         .into_config()
@@ -630,7 +634,7 @@ async fn probes_scrape_alerts_and_dashboard_work_against_a_running_gateway() {
     let r = cluster.send(get("/dead", &[("x-user-id", "u-1")])).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     // A drain of gz (home of shards 0-63): its writes are fenced during phase 1.
-    let (status, body) = shardgate::admin_client::post_json(
+    let (status, body) = shardgate::operator::admin_client::post_json(
         &format!("http://{admin}"),
         "/override/idc/gz",
         Some(&token),

@@ -215,7 +215,7 @@ fn move_record(kind: &str, to: Option<&str>, from: &str) -> String {
     json!({
         "kind": kind, "ranges": ["0-63"], "from": from, "to": to, "phase": "fencing",
         "fenced_at_ms": shardgate::util::unix_now_ms(), "reason": "test", "by": "alice",
-        "at": shardgate::topology::overrides::unix_now(),
+        "at": shardgate::control::topology::overrides::unix_now(),
     })
     .to_string()
 }

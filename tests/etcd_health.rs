@@ -9,7 +9,7 @@ mod etcd_support;
 use std::time::Duration;
 
 use etcd_support::*;
-use shardgate::topology::overrides::unix_now;
+use shardgate::control::topology::overrides::unix_now;
 use shardgate::util::unix_now_ms;
 
 /// Fast probes in every IDC.
@@ -85,10 +85,10 @@ async fn warm_up_steps_are_fenced_moves_the_leader_drives() {
     let doc = format!("{}\n[failover]\nfence_ms = 300\n", idcs.document(&[]));
     etcd.put("topology", &doc).await;
     let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
-    let home = |t: &shardgate::topology::Topology| {
+    let home = |t: &shardgate::control::topology::Topology| {
         let gz = t.idc_by_name("gz").unwrap();
         (0..t.shard_count)
-            .filter(|&s| t.home(shardgate::topology::Shard(s)) == gz)
+            .filter(|&s| t.home(shardgate::control::topology::Shard(s)) == gz)
             .count() as u32
     };
     let warming = serde_json::json!({
@@ -115,7 +115,7 @@ async fn warm_up_steps_are_fenced_moves_the_leader_drives() {
                 samples.push((t.revision, served));
             }
             // Every step home, the leader writes gz `active`.
-            if t.idc(gz).state == shardgate::topology::IdcState::Active {
+            if t.idc(gz).state == shardgate::control::topology::IdcState::Active {
                 assert_eq!(served, home(&t), "active before the warm-up ended");
                 return;
             }

@@ -18,7 +18,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
 use tokio::net::TcpStream;
 
 /// `POST /orders/1` with `x-user-id: key`: status, `x-shardgate-idc`, and the simulated

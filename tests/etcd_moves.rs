@@ -16,7 +16,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use shardgate::moves::Step;
+use shardgate::control::moves::Step;
 use shardgate::Running;
 use tokio::net::TcpStream;
 
@@ -313,7 +313,7 @@ async fn failover_restore_and_refusals_through_etcd() {
     let t = g1.snapshots.current().unwrap();
     let bj = t.idc_by_name("bj").unwrap();
     let free = (0..t.shard_count)
-        .map(shardgate::topology::Shard)
+        .map(shardgate::control::topology::Shard)
         .find(|s| !t.is_fenced(*s) && t.serving(*s) == Some(bj))
         .unwrap()
         .0

@@ -15,7 +15,7 @@ use etcd_support::{
     CLUSTER,
 };
 use shardgate::config::RawConfig;
-use shardgate::etcd::Password;
+use shardgate::control::etcd::Password;
 use shardgate::Running;
 
 const PASSWORD: &str = "s3cret-Pw";

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardgate::sim::SimBackend;
+use shardgate::dev::sim::SimBackend;
 use support::*;
 
 const FAILOVER: &str =

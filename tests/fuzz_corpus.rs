@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use shardgate::fuzz::{Extras, EXTRAS_LINE};
-use shardgate::topology::{build, BuildContext, IdcState, RawTopology};
-use shardgate::upstream::Upstreams;
+use shardgate::control::topology::{build, BuildContext, IdcState, RawTopology};
+use shardgate::data::upstream::Upstreams;
+use shardgate::dev::fuzz::{Extras, EXTRAS_LINE};
 use support::{ClientBody, Cluster};
 
 /// Mutated inputs per target, spread over its cases (at least two each): the grown corpus
@@ -105,17 +105,17 @@ fn replay(target: &str, f: fn(&[u8])) {
 
 #[test]
 fn topology_document_corpus_and_mutations() {
-    replay("topology_document", shardgate::fuzz::topology_document);
+    replay("topology_document", shardgate::dev::fuzz::topology_document);
 }
 
 #[test]
 fn request_routing_corpus_and_mutations() {
-    replay("request_routing", shardgate::fuzz::request_routing);
+    replay("request_routing", shardgate::dev::fuzz::request_routing);
 }
 
 #[test]
 fn request_head_gate_corpus_and_mutations() {
-    replay("request_head_gate", shardgate::fuzz::request_head_gate);
+    replay("request_head_gate", shardgate::dev::fuzz::request_head_gate);
 }
 
 /// The topology corpus reaches what the target is for: fenced moves, applied moves, warm-up,
@@ -170,7 +170,7 @@ fn gate_corpus_reaches_every_refusal() {
         let Some(stream) = case.get(2..) else {
             continue;
         };
-        let out = shardgate::fuzz::through_gate(stream, stream.len(), 64 * 1024);
+        let out = shardgate::dev::fuzz::through_gate(stream, stream.len(), 64 * 1024);
         let text = String::from_utf8_lossy(&out);
         let kind = ["both-lengths", "conflicting-lengths", "head-too-large"]
             .into_iter()
@@ -206,7 +206,7 @@ async fn routing_corpus_through_a_real_gateway_keeps_header_hygiene() {
     let epoch = cluster.topology().revision.to_string();
     let mut reached = 0;
     for (name, case) in cases("request_routing") {
-        let (method, uri, client) = shardgate::fuzz::request_parts(&case);
+        let (method, uri, client) = shardgate::dev::fuzz::request_parts(&case);
         let Some(pq) = uri.path_and_query() else {
             continue;
         };
@@ -235,7 +235,7 @@ async fn routing_corpus_through_a_real_gateway_keeps_header_hygiene() {
         reached += 1;
         let names: Vec<String> = upstream.keys().cloned().collect();
         let get = |n: &str| upstream.get(n).and_then(|v| v.as_str()).map(str::to_owned);
-        if let Some(wrong) = shardgate::fuzz::upstream_violation(&sent, get, &names, true) {
+        if let Some(wrong) = shardgate::dev::fuzz::upstream_violation(&sent, get, &names, true) {
             panic!("request_routing/{name}: {wrong} ({upstream:?})");
         }
         assert_eq!(
@@ -270,9 +270,9 @@ fn regressions_the_postconditions_once_caught_stay_fixed() {
     for (target, f) in [
         (
             "topology_document",
-            shardgate::fuzz::topology_document as fn(&[u8]),
+            shardgate::dev::fuzz::topology_document as fn(&[u8]),
         ),
-        ("request_routing", shardgate::fuzz::request_routing),
+        ("request_routing", shardgate::dev::fuzz::request_routing),
     ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fuzz/regressions")

@@ -5,7 +5,7 @@
 mod support;
 
 use http::StatusCode;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
 use support::{get, Cluster};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";

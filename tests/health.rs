@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::Value;
-use shardgate::sim::SimBackend;
-use shardgate::topology::overrides::unix_now;
+use shardgate::control::topology::overrides::unix_now;
+use shardgate::dev::sim::SimBackend;
 use shardgate::util::unix_now_ms;
 use support::*;
 
@@ -277,7 +277,7 @@ async fn failing_answers_eject_a_backend_but_never_the_last_one_in_service() {
     })
     .await;
     assert_eq!(ejected.len(), 1, "{ejected:?}");
-    assert!(sent >= shardgate::upstream::health::CONSECUTIVE_FAILURES);
+    assert!(sent >= shardgate::data::upstream::health::CONSECUTIVE_FAILURES);
     let st = status(&c).await;
     let b = idc(&st, "bj")["backends"]["pair"]
         .as_array()
@@ -287,11 +287,11 @@ async fn failing_answers_eject_a_backend_but_never_the_last_one_in_service() {
     assert_eq!(b["ejections"], 1);
     assert_eq!(
         b["ejection_ms"].as_u64(),
-        Some(shardgate::upstream::health::BASE_EJECTION_MS)
+        Some(shardgate::data::upstream::health::BASE_EJECTION_MS)
     );
     // The other one is the last in service: it keeps every request, failing or not.
     let survivor = if ejected[0] == "pa" { "pb" } else { "pa" };
-    for _ in 0..2 * shardgate::upstream::health::CONSECUTIVE_FAILURES {
+    for _ in 0..2 * shardgate::data::upstream::health::CONSECUTIVE_FAILURES {
         let r = c.send(fail()).await;
         assert_eq!(r.status, 500);
         assert_eq!(r.idc(), survivor, "an ejected backend got traffic");
@@ -332,7 +332,7 @@ async fn connect_errors_take_a_pool_out_for_growing_periods_and_a_dead_pool_gets
     );
     assert_eq!(
         b["ejection_ms"].as_u64(),
-        Some(shardgate::upstream::health::CONNECT_BASE_EJECTION_MS)
+        Some(shardgate::data::upstream::health::CONNECT_BASE_EJECTION_MS)
     );
     // The whole pool is out (loudly): gz is unhealthy, and nothing is tried there any more.
     eventually("gz to be unhealthy", || async {

@@ -2,7 +2,7 @@
 //! real etcd, two real gateway processes each behind its own relay to etcd, simulated IDCs
 //! keeping one ledger, mixed GET/POST load through both gateways; then a fault during a change
 //! of owner. Each scenario ends by checking the history and asserting that no shard was ever
-//! written by two IDCs at once (`shardgate::sim::history`), printing its report.
+//! written by two IDCs at once (`shardgate::dev::sim::history`), printing its report.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -10,7 +10,7 @@ mod etcd_support;
 mod history_support;
 
 use history_support::Run;
-use shardgate::sim::history::Report;
+use shardgate::dev::sim::history::Report;
 
 fn assert_clean(name: &str, report: &Report) {
     assert!(

@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use shardgate::sim::SimBackend;
-use shardgate::topology::IsolationSpec;
+use shardgate::control::topology::IsolationSpec;
+use shardgate::dev::sim::SimBackend;
 use support::*;
 
 async fn status(c: &Cluster) -> Value {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::Value;
-use shardgate::topology::Topology;
+use shardgate::control::topology::Topology;
 use support::{eventually, get, request, try_send, within, Cluster, Options, Reply};
 use tokio::net::TcpStream;
 

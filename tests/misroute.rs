@@ -16,9 +16,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use shardgate::server::{serve, Handler, ListenerSettings, Peer};
-use shardgate::topology::Shard;
-use shardgate::upstream::body::ResponseBody;
+use shardgate::control::topology::Shard;
+use shardgate::data::server::{serve, Handler, ListenerSettings, Peer};
+use shardgate::data::upstream::body::ResponseBody;
 use support::{
     channel_body, keys_where, request, send, within, Cluster, Options, REQUEST_DEADLINE,
 };

@@ -402,7 +402,7 @@ async fn admin_writes_need_the_token_and_say_why_they_refuse() {
     let post = |path: &'static str, token: Option<&'static str>, body: Value| {
         let base = base.clone();
         async move {
-            let (status, body) = shardgate::admin_client::post_json(
+            let (status, body) = shardgate::operator::admin_client::post_json(
                 &base,
                 path,
                 token,

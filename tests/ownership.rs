@@ -308,7 +308,7 @@ async fn a_fence_is_acknowledged_only_once_the_writes_admitted_before_it_are_don
     let id = printed_move_id(&out);
     let fence = eventually("the fence to be served", || async {
         let t = g.snapshots.current()?;
-        t.is_fenced(shardgate::topology::Shard(3))
+        t.is_fenced(shardgate::control::topology::Shard(3))
             .then_some(t.revision)
     })
     .await;

@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 
 use http::{Method, StatusCode, Version};
-use shardgate::topology::{build, BuildContext, Overrides, RawTopology, Shard};
-use shardgate::upstream::Upstreams;
+use shardgate::control::topology::{build, BuildContext, Overrides, RawTopology, Shard};
+use shardgate::data::upstream::Upstreams;
 use support::{get, keys_where, request, send_h2c, Cluster, Options, IDCS};
 
 fn shard(key: &str) -> u32 {

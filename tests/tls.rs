@@ -323,7 +323,7 @@ async fn certificates_reload_without_dropping_connections_and_bad_ones_are_refus
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_certificate_is_refused_naming_the_file() {
     let p = pki();
-    let err = shardgate::tls::Tls::load(vec![write_pair(
+    let err = shardgate::data::tls::Tls::load(vec![write_pair(
         p.dir.path(),
         "bad2",
         "not a certificate",

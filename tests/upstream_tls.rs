@@ -226,7 +226,7 @@ const FAST_PROBES: &str =
     "health = { path = \"/healthz\", interval_ms = 50, timeout_ms = 2000, rise = 1, fall = 2 }";
 
 /// The one backend of the `far` IDC's core pool in the gateway's current snapshot.
-fn far_backend(gw: &Running) -> Arc<shardgate::upstream::Backend> {
+fn far_backend(gw: &Running) -> Arc<shardgate::data::upstream::Backend> {
     let t = gw.snapshots.current().unwrap();
     t.idcs[0].pools[0][0].clone()
 }

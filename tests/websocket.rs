@@ -205,7 +205,8 @@ async fn an_upgraded_connection_is_closed_when_its_shard_is_fenced() {
     })
     .await;
     let key = "ws-user-1";
-    let shard = shardgate::topology::Shard::of_key(key.as_bytes(), c.topology().shard_count).0;
+    let shard =
+        shardgate::control::topology::Shard::of_key(key.as_bytes(), c.topology().shard_count).0;
     let owner = c.serving_idc_of(key);
     let mut s = TcpStream::connect(c.proxy()).await.unwrap();
     s.write_all(format!("GET /wss/chat HTTP/1.1\r\nx-user-id: {key}\r\n{HANDSHAKE}").as_bytes())

@@ -22,7 +22,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use shardgate::sim::SimBackend;
+use shardgate::dev::sim::SimBackend;
 use tokio::net::TcpStream;
 
 const IDCS: [&str; 3] = ["sh", "bj", "gz"];
@@ -166,7 +166,7 @@ fn document(addrs: &[(SocketAddr, SocketAddr)]) -> String {
 }
 
 async fn admin_json(addr: SocketAddr, path: &str) -> Option<Value> {
-    let (status, body) = shardgate::admin_client::get(
+    let (status, body) = shardgate::operator::admin_client::get(
         &format!("http://{addr}"),
         path,
         None,

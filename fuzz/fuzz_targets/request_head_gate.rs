@@ -2,4 +2,4 @@
 //! cut at arbitrary places.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::fuzz::request_head_gate(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::dev::fuzz::request_head_gate(data));

@@ -1,4 +1,4 @@
 //! Route matching and sharding-key extraction on arbitrary requests.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::fuzz::request_routing(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::dev::fuzz::request_routing(data));

@@ -1,4 +1,4 @@
 //! The topology parser and validator on arbitrary documents.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::fuzz::topology_document(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| shardgate::dev::fuzz::topology_document(data));

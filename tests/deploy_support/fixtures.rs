@@ -233,7 +233,7 @@ pub fn offline_exports(objects: &[Object]) -> Exports {
             .or_default()
             .extend(values.iter().map(|v| v.to_string()));
     };
-    let states: Vec<&str> = shardgate::topology::IdcState::ALL
+    let states: Vec<&str> = shardgate::control::topology::IdcState::ALL
         .iter()
         .map(|s| s.as_str())
         .collect();

@@ -20,9 +20,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use shardgate::config::RawConfig;
-use shardgate::sim::owners::Owners;
-use shardgate::sim::SimBackend;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
+use shardgate::dev::sim::owners::Owners;
+use shardgate::dev::sim::SimBackend;
 use shardgate::Running;
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
@@ -742,7 +742,7 @@ pub async fn get(addr: SocketAddr, path: &str, key: &str) -> Result<Answer, Stri
 
 /// `GET path` on the admin listener, as JSON (or the text as a JSON string).
 pub async fn admin(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, body) = shardgate::admin_client::get(
+    let (status, body) = shardgate::operator::admin_client::get(
         &format!("http://{addr}"),
         path,
         None,

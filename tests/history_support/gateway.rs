@@ -114,7 +114,7 @@ impl Gateway {
 
     /// The revision the gateway serves, from its `/status` (None: no answer, or no snapshot).
     pub async fn revision(&self) -> Option<u64> {
-        let (status, body) = shardgate::admin_client::get(
+        let (status, body) = shardgate::operator::admin_client::get(
             &format!("http://{}", self.admin),
             "/status",
             None,
@@ -176,7 +176,7 @@ impl Gateway {
 
     /// (shards served, home shards, state) of `idc` in its `/status`.
     pub async fn shards_of(&self, idc: &str) -> Option<(u64, u64, String)> {
-        let (status, body) = shardgate::admin_client::get(
+        let (status, body) = shardgate::operator::admin_client::get(
             &format!("http://{}", self.admin),
             "/status",
             None,

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use shardgate::sim::history::ClientOutcome;
-use shardgate::sim::ledger::Ledger;
-use shardgate::topology::Shard;
+use shardgate::control::topology::Shard;
+use shardgate::dev::sim::history::ClientOutcome;
+use shardgate::dev::sim::ledger::Ledger;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 

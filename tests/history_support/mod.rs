@@ -2,7 +2,7 @@
 //! process sharing one ledger, two or more `shardgate serve` processes each reaching etcd
 //! through its own relay (cut/restore), a watch of the ownership records on the ledger's
 //! clock, and a bounded mixed GET/POST load through every gateway. `Run::finish` hands it all
-//! to `shardgate::sim::history::check`.
+//! to `shardgate::dev::sim::history::check`.
 //!
 //! Knobs: `HISTORY_LOAD_SCALE` (default 1) multiplies every load phase (the ownership drill
 //! runs the same scenarios longer with it); `HISTORY_DUMP_SHARD=N` prints every write outcome
@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::GetOptions;
-use shardgate::sim::history::{self, History, Phase, Report};
-use shardgate::sim::ledger::{Ledger, DEFAULT_CAP};
-use shardgate::sim::SimBackend;
+use shardgate::dev::sim::history::{self, History, Phase, Report};
+use shardgate::dev::sim::ledger::{Ledger, DEFAULT_CAP};
+use shardgate::dev::sim::SimBackend;
 use tempfile::TempDir;
 
 use crate::etcd_support::{shardgate, within, Etcd, Output, CLUSTER, IDCS};
@@ -90,7 +90,7 @@ impl Run {
         let ledger = Arc::new(Ledger::new(DEFAULT_CAP));
         // One ownership board for every IDC, as a real service's replicated ownership table:
         // a write carrying an owner epoch older than one already seen is refused (421).
-        let board = Arc::new(shardgate::sim::owners::Owners::new());
+        let board = Arc::new(shardgate::dev::sim::owners::Owners::new());
         let mut sims = Vec::new();
         for idc in IDCS {
             let addr = "127.0.0.1:0".parse().unwrap();

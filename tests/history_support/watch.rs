@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde_json::Value;
-use shardgate::sim::history::{OwnershipEvent, Phase};
-use shardgate::sim::ledger::Ledger;
+use shardgate::dev::sim::history::{OwnershipEvent, Phase};
+use shardgate::dev::sim::ledger::Ledger;
 use tokio::task::JoinHandle;
 
 use super::SHARDS;

@@ -1,0 +1,254 @@
+//! Streaming bodies in both directions. Nothing is buffered whole: frames pass through as they
+//! arrive, under an idle deadline between frames (the timer is armed only when a frame is not
+//! ready at once, so small bodies cost no timer). Upstream connections go back to their pool
+//! when the response body ends.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::data::upstream::Lease;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+pub struct BodyTimeout(&'static str);
+
+impl fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} body stalled past its idle timeout", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// A request body that went past its route's `max_body_bytes` (the limit).
+#[derive(Debug)]
+pub struct BodyTooLarge(pub u64);
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body larger than {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// An idle deadline between frames, armed lazily.
+pub struct IdleTimer {
+    idle: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration) -> IdleTimer {
+        IdleTimer { idle, sleep: None }
+    }
+
+    /// Called when the inner body is pending: true once the deadline has passed.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let idle = self.idle;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// Progress was made: the next wait gets a full idle period.
+    fn reset(&mut self) {
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(Instant::now() + self.idle);
+        }
+    }
+}
+
+/// The body sent upstream: the client's body (streamed), a small body read whole and kept (so
+/// the request can be sent again after a 421, `proxy::misroute`), or nothing.
+pub enum RequestBody {
+    Client {
+        inner: Incoming,
+        timer: IdleTimer,
+        /// Bytes still allowed (`u64::MAX`: no limit) and the limit, for the error.
+        allowed: u64,
+        limit: u64,
+    },
+    /// Read whole before it was sent; `None` once sent. A copy shares the bytes.
+    Kept(Option<Bytes>),
+    Empty,
+}
+
+impl RequestBody {
+    pub fn client(inner: Incoming, idle: Duration, limit: Option<u64>) -> RequestBody {
+        let limit = limit.unwrap_or(u64::MAX);
+        RequestBody::Client {
+            inner,
+            timer: IdleTimer::new(idle),
+            allowed: limit,
+            limit,
+        }
+    }
+
+    /// A copy to send again, when the body is not a stream (empty, or kept whole).
+    pub fn try_clone(&self) -> Option<RequestBody> {
+        match self {
+            RequestBody::Empty => Some(RequestBody::Empty),
+            RequestBody::Kept(b) => Some(RequestBody::Kept(b.clone())),
+            RequestBody::Client { .. } => None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Kept(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Client {
+                inner,
+                timer,
+                allowed,
+                limit,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    timer.reset();
+                    if let Some(Ok(f)) = &frame {
+                        let len = f.data_ref().map_or(0, |d| d.len() as u64);
+                        match allowed.checked_sub(len) {
+                            Some(left) => *allowed = left,
+                            None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*limit))))),
+                        }
+                    }
+                    Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+                }
+                Poll::Pending if timer.expired(cx) => {
+                    Poll::Ready(Some(Err(Box::new(BodyTimeout("request")))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Kept(b) => b.is_none(),
+            RequestBody::Client { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Kept(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Client { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The body sent to the client: an upstream response (streamed) or a gateway-made one.
+pub enum ResponseBody {
+    Upstream {
+        inner: Incoming,
+        timer: IdleTimer,
+        /// The upstream connection; back to its pool when the body ends.
+        lease: Option<Lease>,
+    },
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(inner: Incoming, idle: Duration, lease: Lease) -> ResponseBody {
+        let mut lease = Some(lease);
+        if inner.is_end_stream() {
+            if let Some(l) = lease.take() {
+                l.release();
+            }
+        }
+        ResponseBody::Upstream {
+            inner,
+            timer: IdleTimer::new(idle),
+            lease,
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+        let b = bytes.into();
+        ResponseBody::Full((!b.is_empty()).then_some(b))
+    }
+
+    pub fn empty() -> ResponseBody {
+        ResponseBody::Full(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Upstream {
+                inner,
+                timer,
+                lease,
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    if let Some(l) = lease.take() {
+                        l.release();
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    timer.reset();
+                    if inner.is_end_stream() {
+                        if let Some(l) = lease.take() {
+                            l.release();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The connection is broken: dropping the lease closes it.
+                    lease.take();
+                    Poll::Ready(Some(Err(e.into())))
+                }
+                Poll::Pending if timer.expired(cx) => {
+                    lease.take();
+                    Poll::Ready(Some(Err(Box::new(BodyTimeout("response")))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(d) => d.is_none(),
+            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
