@@ -227,6 +227,11 @@ async fn overrides_in_etcd_reach_the_snapshot() {
     etcd.put("topology", &idcs.document(&[("0-127", "sh")]))
         .await;
     let g = start_gateway(&etcd.url, GatewayOptions::default()).await;
+    // `--wait` waits for the gateways registered when it looks: this one must be among them.
+    eventually("the gateway to register", || async {
+        (!etcd.keys("gateway/").await.is_empty()).then_some(())
+    })
+    .await;
 
     let out = shardgate(&[
         "degrade",

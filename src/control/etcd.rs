@@ -7,7 +7,8 @@
 //! - [`cache`]: the last good snapshot on disk, so a gateway boots while etcd is down.
 //! - [`registry`]: `gateway/<instance>` under a lease, carrying the applied revision.
 //! - [`leader`]: the elected failover decider: majority health decisions, fenced moves.
-//! - [`ops`]: the operator side: read the cluster, push with compare-and-swap, degrade, wait.
+//! - The operator side (read the cluster, push with compare-and-swap, degrade, wait) is
+//!   [`crate::operator::cluster`].
 
 pub mod cache;
 pub mod leader;

@@ -3,7 +3,8 @@
 //! every driver of a `fencing` record (the file-mode gateway, the etcd leader) follows.
 //!
 //! - [`driver`]: the file-mode driver, a task of the single gateway.
-//! - [`cluster`]: the etcd writes of the operator commands and one pass of the etcd driver.
+//! - [`pace`]: the drivers' monotonic fence clocks and warm-up pacing.
+//! - The etcd writes of the operator commands are [`crate::operator::cluster::writes`].
 
 pub mod driver;
 pub mod pace;

@@ -237,7 +237,7 @@ impl EtcdCluster {
         self.etcd.endpoints()
     }
 
-    /// The connection, for writes made elsewhere (`moves::cluster`).
+    /// The connection, for writes made elsewhere (`cluster::writes`).
     pub fn etcd(&self) -> &Etcd {
         &self.etcd
     }
