@@ -144,7 +144,7 @@ pub async fn forward(
         } else {
             backend.take_idle()
         };
-        let (mut sender, reused) = match idle {
+        let (mut conn, reused) = match idle {
             Some(s) => (s, true),
             None => match backend
                 .connect(policy.connect_timeout, policy.upgrade)
@@ -159,7 +159,7 @@ pub async fn forward(
                 }
             },
         };
-        if sender.ready().await.is_err() {
+        if conn.ready().await.is_err() {
             // Closed while idle: nothing was sent; this try does not count.
             attempts_left += u32::from(reused);
             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
@@ -174,7 +174,7 @@ pub async fn forward(
         let copy = (replayable || policy.keep_copy)
             .then(|| clone_request(&req))
             .flatten();
-        let sent = tokio::time::timeout_at(policy.deadline, sender.try_send_request(req)).await;
+        let sent = tokio::time::timeout_at(policy.deadline, conn.send(req)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
             backend
@@ -193,7 +193,7 @@ pub async fn forward(
                 } else {
                     backend.health.record_success();
                 }
-                lease.sender = Some(sender);
+                lease.conn = Some(conn);
                 return Ok((resp, lease, copy));
             }
             Err(mut e) => {

@@ -208,33 +208,41 @@ impl Body for ResponseBody {
                 inner,
                 timer,
                 lease,
-            } => match Pin::new(&mut *inner).poll_frame(cx) {
-                Poll::Ready(None) => {
-                    if let Some(l) = lease.take() {
-                        l.release();
-                    }
-                    Poll::Ready(None)
+            } => {
+                let mut polled = Pin::new(&mut *inner).poll_frame(cx);
+                // Nothing buffered yet: let the connection read (this task drives it), and look
+                // again.
+                if polled.is_pending() && lease.as_mut().is_some_and(|l| l.poll_drive(cx)) {
+                    polled = Pin::new(&mut *inner).poll_frame(cx);
                 }
-                Poll::Ready(Some(Ok(frame))) => {
-                    timer.reset();
-                    if inner.is_end_stream() {
+                match polled {
+                    Poll::Ready(None) => {
                         if let Some(l) = lease.take() {
                             l.release();
                         }
+                        Poll::Ready(None)
                     }
-                    Poll::Ready(Some(Ok(frame)))
+                    Poll::Ready(Some(Ok(frame))) => {
+                        timer.reset();
+                        if inner.is_end_stream() {
+                            if let Some(l) = lease.take() {
+                                l.release();
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        // The connection is broken: dropping the lease closes it.
+                        lease.take();
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    Poll::Pending if timer.expired(cx) => {
+                        lease.take();
+                        Poll::Ready(Some(Err(Box::new(BodyTimeout("response")))))
+                    }
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    // The connection is broken: dropping the lease closes it.
-                    lease.take();
-                    Poll::Ready(Some(Err(e.into())))
-                }
-                Poll::Pending if timer.expired(cx) => {
-                    lease.take();
-                    Poll::Ready(Some(Err(Box::new(BodyTimeout("response")))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            }
         }
     }
 
