@@ -21,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership release fuzz image image-push console-screenshot
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -83,6 +83,22 @@ bench-proxy: release
 # TLS handshakes/s and TLS request throughput beside nginx terminating TLS (benches/proxy/tls.sh).
 bench-tls: release
 	benches/proxy/tls.sh
+
+# RSS of the release gateway with 10,000 idle keep-alive connections, with and without a request
+# made on each first (benches/idle_rss.sh; DESIGN.md §11: under 50 MiB).
+bench-idle-rss: release
+	benches/idle_rss.sh
+
+# 100 topology reloads under wrk's load, file mode and etcd mode: failed requests and dropped
+# connections (benches/reload_under_load.sh; DESIGN.md §11: zero and zero).
+bench-reload: release
+	benches/reload_under_load.sh
+
+# A change in etcd served by every gateway: p50/p99 for a document change and an override-only
+# change of the 1,000-route / 16,384-shard topology (benches/etcd_propagation.rs; DESIGN.md §11:
+# p99 under 100 ms).
+bench-etcd:
+	$(CARGO) bench --locked --bench etcd_propagation
 
 # The history scenarios (tests/history.rs) run longer on a release build, one after the other,
 # each printing its report; exit 1 when a scenario saw two writers (benches/ownership_drill.sh).

@@ -2,8 +2,11 @@
 //! gateway within 100 ms, p99, loopback), against a real etcd and three gateways:
 //! - 100 writes of an edited 3-IDC document, each timed from just before the put to the moment
 //!   every gateway has published that revision;
-//! - the same with a 1,000-route / 16,384-shard document (each write rebuilds that snapshot);
-//! - the rebuild alone of that big snapshot (what every change costs a gateway's CPU).
+//! - the same with a 1,000-route / 16,384-shard document (each write parses the document and
+//!   rebuilds that snapshot);
+//! - with that document in place, 100 writes of an override key only (a degrade switch turned
+//!   on and off): each rebuilds the snapshot from the document's earlier parse;
+//! - the rebuild and the parse alone of that big document (what a change costs a gateway's CPU).
 //!
 //! `cargo bench --bench etcd_propagation`. Under `cargo test` it runs a few
 //! writes as a smoke test. Skipped, saying so, when no `etcd` binary is installed.
@@ -48,12 +51,13 @@ fn report(what: &str, mut samples: Vec<Duration>) {
     );
 }
 
-/// Times `writes` puts of alternating documents: (until the first gateway serves each one,
-/// until every gateway does).
+/// Times `writes` puts of two alternating values of the key `key` (relative to the cluster's
+/// prefix): (until the first gateway serves each one, until every gateway does).
 async fn propagation(
     etcd: &Etcd,
     gateways: &[shardgate::Running],
-    docs: [&str; 2],
+    key: &str,
+    values: [&str; 2],
     writes: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
     let mut first = Vec::with_capacity(writes);
@@ -61,7 +65,7 @@ async fn propagation(
     for i in 0..writes {
         let watchers: Vec<_> = gateways.iter().map(|g| g.snapshots.subscribe()).collect();
         let started = Instant::now();
-        let revision = etcd.put("topology", docs[i % 2]).await as u64;
+        let revision = etcd.put(key, values[i % 2]).await as u64;
         let mut pending = tokio::task::JoinSet::new();
         for mut w in watchers {
             pending.spawn(async move {
@@ -147,14 +151,33 @@ fn main() {
         for _ in 0..GATEWAYS {
             gateways.push(start_gateway(&etcd.url, GatewayOptions::default()).await);
         }
-        let (first, all) = propagation(&etcd, &gateways, [&small[1], &small[0]], writes).await;
+        let (first, all) =
+            propagation(&etcd, &gateways, "topology", [&small[1], &small[0]], writes).await;
         let what = "propagation, 3 IDCs / 2 routes / 1024 shards";
         report(&format!("{what}, first gateway"), first);
         report(&format!("{what}, all {GATEWAYS} gateways"), all);
 
         let big = [big_document("bj"), big_document("sh")];
-        let (first, all) = propagation(&etcd, &gateways, [&big[0], &big[1]], writes).await;
-        let what = "propagation, 1000 routes / 16384 shards (includes the rebuild)";
+        let (first, all) =
+            propagation(&etcd, &gateways, "topology", [&big[0], &big[1]], writes).await;
+        let what = "propagation, 1000 routes / 16384 shards, document change (parse + rebuild)";
+        report(&format!("{what}, first gateway"), first);
+        report(&format!("{what}, all {GATEWAYS} gateways"), all);
+
+        // The document stays; only an override key changes (what `shardgate degrade` writes).
+        let degrade = [
+            r#"{"on":true,"reason":"bench","by":"bench"}"#,
+            r#"{"on":false,"reason":"bench","by":"bench"}"#,
+        ];
+        let (first, all) = propagation(
+            &etcd,
+            &gateways,
+            "override/degrade/noncore",
+            degrade,
+            writes,
+        )
+        .await;
+        let what = "propagation, 1000 routes / 16384 shards, override-only change (rebuild)";
         report(&format!("{what}, first gateway"), first);
         report(&format!("{what}, all {GATEWAYS} gateways"), all);
         for g in gateways {

@@ -216,13 +216,19 @@ pub async fn serve<H: Handler>(
             gate: answers.map(|answers| (settings.max_header_bytes, answers)),
         };
         let tls = settings.tls.clone();
+        // The futures below are boxed, each sized for the path this connection takes: inline,
+        // every connection's task would be as large as the largest of them (a TLS handshake,
+        // hyper on a TLS stream), which 10,000 idle connections pay in memory (DESIGN.md §11).
         connections.spawn(async move {
             match tls {
                 None => connection.serve(io, service).await,
                 Some(tls) => {
                     // The handshake is part of the request head: it gets the same deadline.
-                    let handshake =
-                        tokio::time::timeout(connection.head, tls.acceptor.accept(io)).await;
+                    let handshake = Box::pin(tokio::time::timeout(
+                        connection.head,
+                        tls.acceptor.accept(io),
+                    ))
+                    .await;
                     match handshake {
                         Ok(Ok(stream)) => {
                             connection.activity.mark_boundary();
@@ -281,10 +287,9 @@ impl Connection {
     {
         match self.gate.clone() {
             Some((max_head, answers)) => {
-                self.serve_io(gate::Gate::new(io, max_head, answers), service)
-                    .await
+                Box::pin(self.serve_io(gate::Gate::new(io, max_head, answers), service)).await
             }
-            None => self.serve_io(io, service).await,
+            None => Box::pin(self.serve_io(io, service)).await,
         }
     }
 

@@ -44,6 +44,35 @@ pub struct EtcdSource {
     seen: i64,
     /// Told once, when the first attempt to reach etcd has succeeded or failed.
     first: Option<oneshot::Sender<()>>,
+    /// The document as the last rebuild read it, so that a change to anything else (an
+    /// override, a move) reuses its parse.
+    document: Option<Arc<ParsedDocument>>,
+}
+
+/// The topology document as last read from etcd: its value and what parsing it gave. Parsing
+/// the 1,000-route document costs a gateway milliseconds, and an override or a move record
+/// changing leaves the document's value as it was: its parse is then reused. The snapshot is
+/// still validated and built in full from it and the overrides on every change.
+#[derive(Debug)]
+struct ParsedDocument {
+    /// The document key's value; `None` when there is no document.
+    value: Option<Vec<u8>>,
+    /// Its text and parse, or why there is none.
+    parsed: Result<(String, RawTopology), Problems>,
+}
+
+impl ParsedDocument {
+    /// The document of `state`: `last` again when its value is the same, else a new parse.
+    fn of(state: &ClusterKeys, keys: &Keys, last: Option<Arc<ParsedDocument>>) -> Arc<Self> {
+        let value = state.topology().map(|stored| &stored.value);
+        match last {
+            Some(last) if last.value.as_ref() == value => last,
+            _ => Arc::new(ParsedDocument {
+                value: value.cloned(),
+                parsed: state.document(keys),
+            }),
+        }
+    }
 }
 
 impl EtcdSource {
@@ -61,6 +90,7 @@ impl EtcdSource {
             state: None,
             seen: 0,
             first: None,
+            document: None,
         }
     }
 
@@ -364,33 +394,40 @@ impl EtcdSource {
         };
         let revision = u64::try_from(revision).unwrap_or(0);
         let (state, keys, snapshots) = (state.clone(), self.keys.clone(), self.snapshots.clone());
+        let last = self.document.take();
         // Parsing and building a large topology takes tens of milliseconds of CPU: done off the
         // async workers, so the requests they serve are not held up (with `--threads 1` there
         // is only one). Awaited, so snapshots are still published in revision order.
-        let published = tokio::task::spawn_blocking(move || {
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            let document = ParsedDocument::of(&state, &keys, last);
             let overrides = match state.overrides(&keys) {
                 Ok(o) => o,
                 Err(problems) => {
                     snapshots.reject(&problems, revision);
-                    return None;
+                    return (document, None);
                 }
             };
-            let problems = match state.document(&keys) {
-                Ok((text, doc)) => match snapshots.publish(doc, &overrides, revision) {
-                    Ok(_) => return Some((text, overrides)),
+            let problems = match &document.parsed {
+                Ok((text, doc)) => match snapshots.publish(doc.clone(), &overrides, revision) {
+                    Ok(_) => return (document.clone(), Some((text.clone(), overrides))),
                     // Logged, counted and shown by `publish`.
                     Err(problems) => problems,
                 },
                 Err(problems) => {
-                    snapshots.reject(&problems, revision);
-                    problems
+                    snapshots.reject(problems, revision);
+                    problems.clone()
                 }
             };
             keep_document_apply_overrides(&snapshots, &overrides, revision, &problems);
-            None
+            (document, None)
         })
         .await;
-        let Ok(Some((text, overrides))) = published else {
+        // A rebuild that panicked leaves no document behind: the next one parses again.
+        let published = rebuilt.ok().and_then(|(document, published)| {
+            self.document = Some(document);
+            published
+        });
+        let Some((text, overrides)) = published else {
             // Nothing new was cached: either nothing was published, or overrides were applied
             // on the last good document (not cacheable; a boot from the cache keeps writes
             // fenced until etcd answers, so that revision may be acknowledged).
@@ -458,4 +495,93 @@ async fn store_cache(cache: SnapshotCache, snapshot: CachedSnapshot) {
 fn cache_error(path: &Path, error: &str) {
     let removed = std::fs::remove_file(path).is_ok();
     tracing::error!(path = %path.display(), error, removed, "cannot write the snapshot cache; a restart while etcd is down will not serve until etcd answers");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+mod tests {
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn document(idc: &str) -> String {
+        format!(
+            "cluster = \"c\"\nshard_count = 16\n[sets.core]\n\
+             [[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7000\"]\n\
+             [[idcs]]\nname = \"bj\"\npools.core = [\"127.0.0.1:7001\"]\n\
+             [[shards.pins]]\nrange = \"0-15\"\nidc = \"{idc}\"\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nset = \"core\"\nkey = [\"header:k\"]\n"
+        )
+    }
+
+    fn put(source: &mut EtcdSource, key: &str, value: &str, revision: i64) {
+        let state = source.state.get_or_insert_with(ClusterKeys::default);
+        state.revision = revision;
+        state.keys.insert(
+            key.to_owned(),
+            Stored {
+                value: value.as_bytes().to_vec(),
+                mod_revision: revision,
+            },
+        );
+    }
+
+    #[tokio::test]
+    async fn an_override_change_reuses_the_parsed_document_and_a_document_change_parses_again() {
+        let snapshots = Arc::new(Snapshots::new("etcd", None, Arc::new(Metrics::new())));
+        let settings = EtcdSettings {
+            access: super::super::EtcdAccess {
+                endpoints: vec!["http://127.0.0.1:1".into()],
+                ..Default::default()
+            },
+            cluster: "c".into(),
+            timeout: Duration::from_secs(1),
+            cache_dir: None,
+        };
+        let mut source = EtcdSource::new(settings, snapshots.clone());
+        put(&mut source, "topology", &document("sh"), 1);
+        source.rebuild(1).await;
+        let parsed = source.document.clone().unwrap();
+        assert_eq!(snapshots.current().unwrap().revision, 1);
+
+        // An override only: the same parse, and the override is in the published snapshot.
+        put(
+            &mut source,
+            "override/degrade/core",
+            r#"{"on":true,"reason":"test"}"#,
+            2,
+        );
+        source.rebuild(2).await;
+        assert!(Arc::ptr_eq(&parsed, source.document.as_ref().unwrap()));
+        let served = snapshots.current().unwrap();
+        assert_eq!(served.revision, 2);
+        assert!(served.overrides.degrade["core"].on);
+
+        // The document itself: parsed again, and the new pin is served.
+        put(&mut source, "topology", &document("bj"), 3);
+        source.rebuild(3).await;
+        assert!(!Arc::ptr_eq(&parsed, source.document.as_ref().unwrap()));
+        let served = snapshots.current().unwrap();
+        assert_eq!(served.revision, 3);
+        assert_eq!(served.document.shards.pins[0].idc, "bj");
+        assert!(served.overrides.degrade["core"].on);
+
+        // An invalid document is parsed once too: an override after it reuses the failed
+        // parse, and is applied on the last good document.
+        put(&mut source, "topology", "not toml [", 4);
+        source.rebuild(4).await;
+        let failed = source.document.clone().unwrap();
+        assert!(failed.parsed.is_err());
+        put(
+            &mut source,
+            "override/degrade/core",
+            r#"{"on":false,"reason":"test"}"#,
+            5,
+        );
+        source.rebuild(5).await;
+        assert!(Arc::ptr_eq(&failed, source.document.as_ref().unwrap()));
+        let served = snapshots.current().unwrap();
+        assert_eq!(served.revision, 5);
+        assert!(!served.overrides.degrade["core"].on);
+        assert_eq!(served.document.shards.pins[0].idc, "bj");
+    }
 }

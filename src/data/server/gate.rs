@@ -128,6 +128,25 @@ enum State {
 /// Longest chunk-size or trailer line the gate follows (longer: it steps aside).
 const MAX_LINE: usize = 4096;
 
+/// How much is read from the client at a time: what hyper's read buffer starts with. Read on
+/// the stack, so an idle connection holds no read buffer of the gate's (DESIGN.md §11: 10,000
+/// idle connections in under 50 MiB).
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A buffer of the gate's (a head being collected, bytes not yet read by hyper) keeps up to
+/// this much room once it is empty; past it, the room goes back to the allocator, so one large
+/// head or body burst does not stay with an idle connection.
+const KEEP_ROOM: usize = 1024;
+
+/// Empties `buf`, giving its room back to the allocator when it holds more than [`KEEP_ROOM`].
+fn clear_buffer(buf: &mut Vec<u8>) {
+    if buf.capacity() > KEEP_ROOM {
+        *buf = Vec::new();
+    } else {
+        buf.clear();
+    }
+}
+
 #[derive(Debug)]
 struct Scanner {
     state: State,
@@ -304,7 +323,7 @@ impl Scanner {
             Ok((n, (state, upgrade))) => {
                 let rest = self.pending.len() - n;
                 out.extend_from_slice(&self.pending[..n]);
-                self.pending.clear();
+                clear_buffer(&mut self.pending);
                 self.searched = 0;
                 self.heads += 1;
                 if upgrade {
@@ -443,7 +462,6 @@ pub struct Gate<I> {
     /// Bytes cleared for hyper, not yet read by it, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
-    buf: Box<[u8]>,
 }
 
 impl<I> Gate<I> {
@@ -454,7 +472,6 @@ impl<I> Gate<I> {
             answers,
             out: Vec::new(),
             out_pos: 0,
-            buf: vec![0u8; 16 * 1024].into_boxed_slice(),
         }
     }
 }
@@ -472,7 +489,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    clear_buffer(&mut this.out);
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -503,7 +520,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 }
                 _ => {}
             }
-            let mut raw = ReadBuf::new(&mut this.buf);
+            // Uninitialised: `ReadBuf` hands out only what the read filled, and zeroing 8 KiB
+            // on every read would cost more than the read's copy.
+            let mut chunk = [const { std::mem::MaybeUninit::<u8>::uninit() }; READ_CHUNK];
+            let mut raw = ReadBuf::uninit(&mut chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut raw) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
@@ -523,8 +543,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
                 this.scanner.state = State::Off;
                 continue;
             }
-            let filled = raw.filled().len();
-            this.scanner.feed(&this.buf[..filled], &mut this.out);
+            this.scanner.feed(raw.filled(), &mut this.out);
         }
     }
 }
