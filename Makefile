@@ -21,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-proxy bench-tls bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -75,6 +75,11 @@ console-screenshot: deps
 # Criterion: the routing decision and the snapshot build.
 bench:
 	$(CARGO) bench --bench routing
+
+# Heap allocations and bytes per proxied request, the gateway's share beside the bench's own
+# client and backend (benches/allocations.rs).
+bench-alloc:
+	$(CARGO) bench --locked --bench allocations
 
 # The whole proxy side by side with nginx and HAProxy (see benches/proxy/README.md).
 bench-proxy: release

@@ -418,6 +418,7 @@ impl Startup {
             topology: snapshots.cell(),
             self_fence: snapshots.self_fence(),
             metrics: self.metrics.clone(),
+            request_metrics: data::proxy::metrics::RequestMetrics::new(self.metrics.clone()),
             admission: admission.clone(),
             local_idc_header: config
                 .local_idc

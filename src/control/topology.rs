@@ -11,6 +11,7 @@ pub mod moves;
 pub mod overrides;
 mod problems;
 pub mod raw;
+mod shard_headers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,6 +179,8 @@ pub struct Topology {
     fenced: ShardSet,
     /// shard → owner epoch (`x-shardgate-owner-epoch`), see `epochs`.
     owner_epochs: epochs::OwnerEpochs,
+    /// shard → its number as a header value (`x-shardgate-shard`).
+    shard_headers: shard_headers::ShardHeaders,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
     /// Writes admitted under this snapshot whose exchange with the backend is not over yet.
@@ -321,6 +324,13 @@ impl Topology {
     #[inline]
     pub fn owner_epoch(&self, shard: Shard) -> u64 {
         self.owner_epochs.epoch(shard)
+    }
+
+    /// The shard's number as a header value (`x-shardgate-shard`), a slice of a table made
+    /// once (no formatting per request).
+    #[inline]
+    pub fn shard_header(&self, shard: Shard) -> http::HeaderValue {
+        self.shard_headers.get(shard.0)
     }
 
     /// `owner_epoch` as a header value, made once per snapshot.

@@ -1,6 +1,7 @@
 //! Header hygiene on the way up and down (DESIGN.md §2): the gateway's own `x-shardgate-*`
 //! headers, hop-by-hop stripping, `x-request-id`, `x-forwarded-*` and W3C `traceparent`.
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub const SHARD: HeaderName = HeaderName::from_static("x-shardgate-shard");
@@ -87,6 +88,8 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// One allocation at most: a new trace's request id is a slice of its `traceparent`'s
+    /// buffer (the trace id), and every later copy of either is a reference-count increment.
     pub fn for_request(headers: &HeaderMap) -> Ids {
         let client_id = headers
             .get(REQUEST_ID)
@@ -97,8 +100,11 @@ impl Ids {
             .is_some_and(|v| valid_traceparent(v.as_bytes()));
         if client_trace {
             return Ids {
-                request_id: client_id
-                    .unwrap_or_else(|| hex_value(&fastrand::u128(1..).to_be_bytes())),
+                request_id: client_id.unwrap_or_else(|| {
+                    let mut id = [0u8; 32];
+                    hex_into(&fastrand::u128(1..).to_be_bytes(), &mut id);
+                    shared_value(Bytes::from_owner(id))
+                }),
                 traceparent: None,
             };
         }
@@ -112,11 +118,17 @@ impl Ids {
         tp[35] = b'-';
         hex_into(&span, &mut tp[36..52]);
         tp[52..].copy_from_slice(b"-01");
+        let tp = Bytes::from_owner(tp);
         Ids {
-            request_id: client_id.unwrap_or_else(|| hex_value(&trace)),
-            traceparent: HeaderValue::from_bytes(&tp).ok(),
+            request_id: client_id.unwrap_or_else(|| shared_value(tp.slice(3..35))),
+            traceparent: Some(shared_value(tp)),
         }
     }
+}
+
+/// Lowercase hex made here is always a valid header value.
+fn shared_value(bytes: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// A client's `x-request-id` is kept when it is short and printable.
@@ -133,12 +145,6 @@ fn hex_into(bytes: &[u8], out: &mut [u8]) {
         out[2 * i] = HEX[(b >> 4) as usize];
         out[2 * i + 1] = HEX[(b & 0xf) as usize];
     }
-}
-
-fn hex_value(bytes: &[u8; 16]) -> HeaderValue {
-    let mut out = [0u8; 32];
-    hex_into(bytes, &mut out);
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn valid_traceparent(b: &[u8]) -> bool {

@@ -8,6 +8,7 @@
 //! the shard's new IDC, or stops.
 
 pub mod hop;
+pub mod metrics;
 pub mod misroute;
 
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use self::hop::NextHop;
+use self::metrics::RequestMetrics;
 use crate::control::topology::{
-    Decision, IdcId, IdcState, RequestView, RouteError, SetId, Shard, Topology, WriteInFlight,
+    Decision, IdcId, IdcState, RequestView, RouteError, RouteId, SetId, Shard, Topology,
+    WriteInFlight,
 };
 use crate::data::admission::{Admission, Permit, Refusal};
 use crate::data::error::ProxyError;
@@ -28,7 +31,7 @@ use crate::data::forward::{forward, Answered, ForwardError, ForwardPolicy};
 use crate::data::headers;
 use crate::data::upgrade;
 use crate::data::upstream::body::{RequestBody, ResponseBody};
-use crate::telemetry::{IdcSetLabels, Metrics, RefusedLabels, RequestLabels, RouteLabels};
+use crate::telemetry::{Metrics, RouteLabels};
 
 /// Settings of the data path that do not come from the topology.
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ pub struct Gateway {
     /// This gateway's own write fence (etcd mode: closed while its registration is unsure).
     pub self_fence: Arc<crate::control::self_fence::SelfFence>,
     pub metrics: Arc<Metrics>,
+    /// The request path's metric handles, resolved once per snapshot.
+    pub request_metrics: RequestMetrics,
     /// Set budgets, rate limits, degrade switches and breakers (state outlives snapshots).
     pub admission: Arc<Admission>,
     pub settings: ProxySettings,
@@ -61,6 +66,10 @@ struct Outcome {
     route: Option<Arc<String>>,
     set: Option<Arc<String>>,
     idc: Option<Arc<String>>,
+    /// `route` and `idc` as ids of the request's snapshot, for its metric handles (the IDC is
+    /// `None` when the answer came from another snapshot's IDC).
+    route_id: Option<RouteId>,
+    idc_id: Option<IdcId>,
     /// The serving IDC's name as a header value (precomputed in the snapshot).
     idc_header: Option<HeaderValue>,
     shard: Option<u32>,
@@ -73,6 +82,8 @@ struct Outcome {
 /// Where a forwarded request was answered.
 struct Landed {
     idc: Arc<String>,
+    /// The IDC's id in the request's snapshot (`None` when `moved`).
+    idc_id: Option<IdcId>,
     idc_header: HeaderValue,
     /// Spilled to the next IDC (a read).
     spilled: bool,
@@ -147,6 +158,8 @@ impl Gateway {
             route: None,
             set: None,
             idc: None,
+            route_id: None,
+            idc_id: None,
             idc_header: None,
             shard: None,
             shard_header: None,
@@ -154,12 +167,11 @@ impl Gateway {
             reason: None,
         };
         let topo = self.topology.load_full();
-        let (mut resp, revision) = match (refused, topo) {
+        let (mut resp, snapshot) = match (refused, topo) {
             (Some(refusal), _) => (refusal.to_response(&request_id), None),
             (None, Some(topo)) => {
-                let rev = topo.revision;
                 let resp = match self
-                    .route_and_forward(topo, req, &client_ip, &ids, &mut outcome)
+                    .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
                     .await
                 {
                     Ok(resp) => resp,
@@ -179,7 +191,7 @@ impl Gateway {
                         e.to_response(&request_id)
                     }
                 };
-                (resp, Some(rev))
+                (resp, Some(topo))
             }
             (None, None) => (
                 ProxyError::NoServingIdc("any request: no topology snapshot is loaded yet".into())
@@ -189,6 +201,8 @@ impl Gateway {
         };
 
         let h = resp.headers_mut();
+        // The three below, in one growth of the map at most.
+        h.reserve(3);
         // Refusals before an IDC was chosen name the IDC whose gateway answered.
         if let Some(idc) = outcome
             .idc_header
@@ -213,7 +227,7 @@ impl Gateway {
             resp.status().as_u16(),
             start,
             &request_id,
-            revision,
+            snapshot.as_deref(),
         );
         resp
     }
@@ -224,13 +238,13 @@ impl Gateway {
     /// answer (a 421 corrected, an upgrade switched, the response head cleaned).
     async fn route_and_forward(
         &self,
-        snapshot: Arc<Topology>,
+        snapshot: &Arc<Topology>,
         mut req: Request<Incoming>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let topo: &Topology = &snapshot;
+        let topo: &Topology = snapshot;
         let decision = self.decide(topo, &mut req, outcome)?;
         let route = topo.route(decision.route);
 
@@ -242,7 +256,7 @@ impl Gateway {
             permit,
             spill_first,
             write_in_flight,
-        } = self.admit(&snapshot, &req, &decision)?;
+        } = self.admit(snapshot, &req, &decision)?;
         let budget = permit.retry_budget();
         let safe = is_safe(req.method());
         let (upstream, upgrade, policy) = self
@@ -268,7 +282,7 @@ impl Gateway {
         }
 
         let trip = Trip {
-            snapshot: &snapshot,
+            snapshot,
             decision: &decision,
             route,
             safe,
@@ -319,6 +333,8 @@ impl Gateway {
         outcome.set = Some(topo.set(route.set).name.clone());
         outcome.shard = decision.shard.map(|s| s.0);
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
+        outcome.route_id = Some(decision.route);
+        outcome.idc_id = Some(decision.idc);
         outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
         Ok(decision)
     }
@@ -470,15 +486,11 @@ impl Gateway {
             let (err, unsent) = match forward(pool, upstream, trip.policy).await {
                 Ok(answered) => {
                     let at = t.idc(idc);
-                    self.metrics
-                        .upstream_duration
-                        .get_or_create(&IdcSetLabels {
-                            idc: at.name.clone(),
-                            set: t.set(set).name.clone(),
-                        })
-                        .observe(sent_at.elapsed().as_secs_f64());
+                    self.request_metrics
+                        .upstream(t, idc, set, sent_at.elapsed().as_secs_f64());
                     let landed = Landed {
                         idc: at.name.clone(),
+                        idc_id: moved.is_none().then_some(idc),
                         idc_header: at.header.clone(),
                         spilled,
                         moved: moved.is_some(),
@@ -548,6 +560,7 @@ impl Gateway {
         let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
         if landed.spilled || landed.moved {
             outcome.idc = Some(landed.idc.clone());
+            outcome.idc_id = landed.idc_id;
             outcome.idc_header = Some(landed.idc_header.clone());
             outcome.spilled = landed.spilled;
         }
@@ -568,6 +581,7 @@ impl Gateway {
             if let Some(owner) = again {
                 (resp, lease) = (owner.resp, owner.lease);
                 outcome.idc = Some(topo.idc(owner.idc).name.clone());
+                outcome.idc_id = Some(owner.idc);
                 outcome.idc_header = Some(topo.idc(owner.idc).header.clone());
             }
         }
@@ -681,6 +695,8 @@ impl Gateway {
         };
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
+        // The gateway's headers below (up to ten), in one growth of the map at most.
+        h.reserve(10);
         if let Some(host) = host {
             h.insert(headers::FORWARDED_HOST, host.clone());
             h.insert(http::header::HOST, host);
@@ -695,7 +711,7 @@ impl Gateway {
             h.insert(headers::TRACEPARENT, tp.clone());
         }
         if let Some(shard) = decision.shard {
-            let v = HeaderValue::from(shard.0);
+            let v = topo.shard_header(shard);
             outcome.shard_header = Some(v.clone());
             h.insert(headers::SHARD, v);
         }
@@ -734,13 +750,7 @@ impl Gateway {
         shard: Shard,
         why: crate::control::self_fence::Closed,
     ) -> ProxyError {
-        self.metrics
-            .refused
-            .get_or_create(&RefusedLabels {
-                set: topo.set(set).name.clone(),
-                reason: "fenced",
-            })
-            .inc();
+        self.request_metrics.fenced(topo, set);
         ProxyError::Refused(Refusal::SelfFenced {
             shard: shard.0,
             why: why.as_str(),
@@ -750,13 +760,7 @@ impl Gateway {
 
     /// The refusal of a fenced write, counted in `shardgate_refused_total`.
     fn fenced(&self, topo: &Topology, set: SetId, shard: Shard) -> ProxyError {
-        self.metrics
-            .refused
-            .get_or_create(&RefusedLabels {
-                set: topo.set(set).name.clone(),
-                reason: "fenced",
-            })
-            .inc();
+        self.request_metrics.fenced(topo, set);
         let retry_after_s = (topo.failover.fence.as_millis().div_ceil(1000) as u32).max(1);
         ProxyError::Refused(Refusal::Fenced {
             shard: shard.0,
@@ -770,6 +774,7 @@ impl Gateway {
             let route = topo.route(id);
             outcome.route = Some(route.name.clone());
             outcome.set = Some(topo.set(route.set).name.clone());
+            outcome.route_id = Some(id);
         };
         match e {
             RouteError::NoRoute => ProxyError::NoRoute,
@@ -802,26 +807,25 @@ impl Gateway {
         status: u16,
         start: Instant,
         request_id: &HeaderValue,
-        revision: Option<u64>,
+        snapshot: Option<&Topology>,
     ) {
         let elapsed = start.elapsed();
-        let empty = || Arc::new(String::new());
-        let route = o.route.clone().unwrap_or_else(empty);
-        let set = o.set.clone().unwrap_or_else(empty);
-        let idc = o.idc.clone().unwrap_or_else(empty);
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                set: set.clone(),
-                idc: idc.clone(),
-                status,
-            })
-            .inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&RouteLabels { route, set, idc })
-            .observe(elapsed.as_secs_f64());
+        match (snapshot, o.route_id, o.idc_id) {
+            (Some(topo), Some(route), Some(idc)) => {
+                self.request_metrics
+                    .request(topo, route, idc, status, elapsed.as_secs_f64());
+            }
+            _ => {
+                let empty = || Arc::new(String::new());
+                let labels = RouteLabels {
+                    route: o.route.clone().unwrap_or_else(empty),
+                    set: o.set.clone().unwrap_or_else(empty),
+                    idc: o.idc.clone().unwrap_or_else(empty),
+                };
+                self.request_metrics
+                    .request_by_labels(labels, status, elapsed.as_secs_f64());
+            }
+        }
         tracing::info!(
             target: "shardgate::access",
             route = o.route.as_deref().map_or(EMPTY, |s| s.as_str()),
@@ -831,7 +835,7 @@ impl Gateway {
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or(EMPTY),
-            topology_rev = revision,
+            topology_rev = snapshot.map(|t| t.revision),
             spilled = o.spilled,
             reason = o.reason.unwrap_or(EMPTY),
         );

@@ -177,6 +177,7 @@ pub fn build_with_previous(
         serving,
         fenced: moves.fenced,
         owner_epochs,
+        shard_headers: super::shard_headers::ShardHeaders::for_count(shard_count),
         global,
         writes_in_flight: std::sync::atomic::AtomicU64::new(0),
     })

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -19,7 +20,7 @@ use crate::control::topology::{IdcId, Route, Shard, Topology};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardPolicy};
 use crate::data::headers;
-use crate::data::upstream::body::RequestBody;
+use crate::data::upstream::body::{BoxError, RequestBody};
 use crate::data::upstream::Lease;
 use crate::telemetry::ReforwardLabels;
 
@@ -81,8 +82,8 @@ pub async fn keep_small_body(
         return Ok(req);
     }
     let (parts, body) = req.into_parts();
-    let read = match tokio::time::timeout(limit, body.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
+    let read = match tokio::time::timeout(limit, read_whole(body)).await {
+        Ok(Ok(read)) => read,
         Ok(Err(e)) => {
             return Err(
                 match e.downcast_ref::<crate::data::upstream::body::BodyTooLarge>() {
@@ -94,6 +95,32 @@ pub async fn keep_small_body(
         Err(_) => return Err(ProxyError::BadRequest("the request body stalled")),
     };
     Ok(Request::from_parts(parts, RequestBody::Kept(Some(read))))
+}
+
+/// The body's bytes: a body that arrives in one frame (most small ones) is kept as that frame,
+/// with no list of frames and no copy; one in several frames is joined in one buffer.
+async fn read_whole(mut body: RequestBody) -> Result<Bytes, BoxError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers: not sent again (nor were they by `collect().to_bytes()`)
+        };
+        match (&mut joined, first.take()) {
+            (Some(j), _) => j.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(f)) => {
+                let mut j = BytesMut::with_capacity(f.len() + data.len());
+                j.extend_from_slice(&f);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(j) => j.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// What answered the request in the end, when a 421 sent it to another IDC.
