@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# HTTP/2 clients side by side: h2load speaking cleartext HTTP/2 (prior knowledge) to
+# shardgate, nginx (`listen ... http2`) and HAProxy (`bind ... proto h2`), each routing by
+# X-Shard-Key to the shared harness's three backends over pooled HTTP/1.1, one worker each.
+# Rounds are interleaved (nginx, haproxy, shardgate, nginx, ...). For each target: median
+# req/s over the rounds, mean request time, and the proxy's CPU time (user + sys from /proc)
+# per request, split into user and kernel. Every process started here is stopped by PID on exit.
+#
+# Environment: ROUNDS [5] DURATION [5] s CLIENTS [16] STREAMS [10] (concurrent streams per
+#   client connection) PIN [split|none] (split: h2load + backends on CPU 0, the proxy on CPU 1)
+#   BASE_PORT [19300] OUT [dir] TARGETS ["nginx haproxy shardgate"]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+shared=${SHARED_BENCH:-$repo/../shared/bench}
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-5}
+CLIENTS=${CLIENTS:-16}
+STREAMS=${STREAMS:-10}
+PIN=${PIN:-split}
+BASE_PORT=${BASE_PORT:-19300}
+TARGETS=${TARGETS:-nginx haproxy shardgate}
+OUT=${OUT:-/tmp/shardgate-h2-bench/$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+for tool in nginx haproxy h2load curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
+done
+if [[ -n ${missing:-} ]]; then
+  pkgs=${missing/nginx/nginx-light}
+  pkgs=${pkgs/h2load/nghttp2-client}
+  echo "installing:$pkgs"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
+fi
+if [[ $PIN == split ]]; then client_cpus=0; proxy_cpus=1; else client_cpus=; proxy_cpus=; fi
+on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+
+# Backends: the harness's idc-sim (built once into a writable copy).
+work=${BENCH_DIR:-/tmp/shardgate-bench-harness}
+if [[ ! -x $work/idc-sim/target/release/idc-sim ]]; then
+  [[ -d $shared ]] || { echo "no harness at $shared (set SHARED_BENCH)" >&2; exit 2; }
+  mkdir -p "$work" && cp -r "$shared/." "$work/" && chmod -R u+w "$work"
+  (cd "$work/idc-sim" && cargo build --release -q)
+fi
+[[ -x $repo/target/release/shardgate ]] || (cd "$repo" && cargo build --release -q)
+idc_sim=$work/idc-sim/target/release/idc-sim
+
+pids=()
+cleanup() {
+  [[ -f $OUT/nginx.pid ]] && kill -QUIT "$(cat "$OUT/nginx.pid")" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+start() { # cpus log cmd...: in the background, its PID recorded for cleanup
+  local cpus=$1 log=$2; shift 2
+  local cmd=("$@")
+  [[ -n $cpus ]] && cmd=(taskset -c "$cpus" "$@")
+  "${cmd[@]}" >"$log" 2>&1 &
+  pids+=($!)
+}
+wait_port() {
+  for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "h2.sh: nothing listens on $1 (see $OUT)" >&2; exit 1
+}
+
+a=127.0.0.1:$((BASE_PORT + 1)) b=127.0.0.1:$((BASE_PORT + 2)) c=127.0.0.1:$((BASE_PORT + 3))
+i=0
+for addr in $a $b $c; do
+  i=$((i + 1))
+  start "$client_cpus" "$OUT/idc-$i.log" "$idc_sim" --listen "$addr" --name "idc-$i"
+done
+for addr in $a $b $c; do wait_port "${addr##*:}"; done
+
+nginx_port=$((BASE_PORT + 81)) haproxy_port=$((BASE_PORT + 82)) sg_port=$((BASE_PORT + 90))
+mkdir -p "$OUT/nginx-tmp"
+cat >"$OUT/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+master_process on;
+pid $OUT/nginx.pid;
+error_log $OUT/nginx-error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $OUT/nginx-tmp;
+    proxy_temp_path $OUT/nginx-tmp;
+    fastcgi_temp_path $OUT/nginx-tmp;
+    uwsgi_temp_path $OUT/nginx-tmp;
+    scgi_temp_path $OUT/nginx-tmp;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    http2_max_requests 1000000;
+    http2_max_concurrent_streams 128;
+    tcp_nodelay on;
+    upstream idc_hash {
+        hash \$http_x_shard_key consistent;
+        server $a;
+        server $b;
+        server $c;
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }
+    server {
+        listen 127.0.0.1:$nginx_port http2 backlog=4096;
+        location / {
+            proxy_pass http://idc_hash;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+cat >"$OUT/haproxy.cfg" <<HAPROXY
+global
+    nbthread 1
+    maxconn 20000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend fe
+    bind 127.0.0.1:$haproxy_port proto h2
+    default_backend idc
+backend idc
+    balance hdr(X-Shard-Key)
+    hash-type consistent
+    http-reuse always
+    server a $a
+    server b $b
+    server c $c
+HAPROXY
+cat >"$OUT/topology.toml" <<TOML
+cluster = "bench"
+shard_count = 1024
+[sets.core]
+max_inflight = 100000
+[[idcs]]
+name = "a"
+pools.core = ["$a"]
+[[idcs]]
+name = "b"
+pools.core = ["$b"]
+[[idcs]]
+name = "c"
+pools.core = ["$c"]
+[[routes]]
+name = "shard"
+path_prefix = "/"
+set = "core"
+key = ["header:x-shard-key"]
+TOML
+declare -A port procs
+for t in $TARGETS; do
+  case $t in
+    nginx)
+      start "$proxy_cpus" "$OUT/nginx.log" nginx -c "$OUT/nginx.conf" -p "$OUT"
+      port[nginx]=$nginx_port ;;
+    haproxy)
+      start "$proxy_cpus" "$OUT/haproxy.log" haproxy -db -f "$OUT/haproxy.cfg"
+      port[haproxy]=$haproxy_port procs[haproxy]=${pids[-1]} ;;
+    shardgate)
+      # Access log off, as the peers' (access_log off; no log in HAProxy's config).
+      start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$repo/target/release/shardgate" serve \
+        --listen "127.0.0.1:$sg_port" --admin 127.0.0.1:0 --topology "$OUT/topology.toml" --threads 1
+      port[shardgate]=$sg_port procs[shardgate]=${pids[-1]} ;;
+    *) echo "h2.sh: unknown target $t" >&2; exit 2 ;;
+  esac
+done
+for t in $TARGETS; do wait_port "${port[$t]}"; done
+[[ " $TARGETS " == *" nginx "* ]] && procs[nginx]="$(cat "$OUT/nginx.pid") $(pgrep -P "$(cat "$OUT/nginx.pid")" | tr '\n' ' ')"
+
+# Smoke: every target answers 200 over HTTP/2 with prior knowledge.
+for t in $TARGETS; do
+  code=$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge -H 'X-Shard-Key: u1' "http://127.0.0.1:${port[$t]}/")
+  [[ $code == "200 2" ]] || { echo "h2.sh: $t answered '$code' (want '200 2')" >&2; exit 1; }
+done
+
+# user and system ticks of the given PIDs
+ticks() { local u=0 s=0 f; for p in "$@"; do f=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || continue; u=$((u + $(awk '{print $12}' <<<"$f"))); s=$((s + $(awk '{print $13}' <<<"$f"))); done; echo "$u $s"; }
+hz=$(getconf CLK_TCK)
+printf 'target\tround\treqs\tsecs\tmean_us\tfailed\tuser_ticks\tsys_ticks\n' >"$OUT/raw.tsv"
+run() { # target round
+  local t=$1 round=$2 url="http://127.0.0.1:${port[$1]}/" before after out
+  # shellcheck disable=SC2086
+  before=$(ticks ${procs[$t]})
+  out=$(on "$client_cpus" h2load -c "$CLIENTS" -m "$STREAMS" -t 1 -D "$DURATION" --warm-up-time=1 \
+    -H 'X-Shard-Key: u1' "$url" 2>&1 | tee "$OUT/h2load-$t-$round.txt")
+  # shellcheck disable=SC2086
+  after=$(ticks ${procs[$t]})
+  local secs reqs failed mean
+  secs=$(sed -n 's/^finished in \([0-9.]*\)s.*/\1/p' <<<"$out")
+  reqs=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
+  failed=$(sed -n 's/^requests: .* \([0-9]*\) failed, \([0-9]*\) errored, \([0-9]*\) timeout.*/\1 \2 \3/p' <<<"$out" | awk '{print $1+$2+$3}')
+  mean=$(awk '/^time for request:/ {v=$5; if (v ~ /ms$/) {sub(/ms/,"",v); v*=1000} else if (v ~ /us$/) sub(/us/,"",v); else if (v ~ /s$/) {sub(/s/,"",v); v*=1e6}; print v}' <<<"$out")
+  read -r bu bs <<<"$before"
+  read -r au as <<<"$after"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$round" "${reqs:-0}" "${secs:-1}" "${mean:-0}" "${failed:-0}" \
+    $((au - bu)) $((as - bs)) >>"$OUT/raw.tsv"
+}
+for round in $(seq "$ROUNDS"); do
+  for t in $TARGETS; do run "$t" "$round"; done
+done
+
+echo "HTTP/2 clients side by side ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PIN=$PIN, $ROUNDS rounds x ${DURATION}s; medians)"
+echo "h2load: $CLIENTS connections x $STREAMS concurrent streams, cleartext HTTP/2; upstream HTTP/1.1 pooled"
+awk -F'\t' -v hz="$hz" -v targets="$TARGETS" 'NR>1 && $3>0 {
+    k=$1; n[k]++; i=n[k]
+    rps[k,i]=$3/$4; mean[k,i]=$5/1000; us[k,i]=($7+$8)*1e6/hz/$3
+    usr[k,i]=$7*1e6/hz/$3; sys[k,i]=$8*1e6/hz/$3; fail[k]+=$6
+  }
+  function med(a, k, cnt,   v, j, m, t) {
+    for (j=1; j<=cnt; j++) v[j]=a[k,j]
+    for (j=1; j<=cnt; j++) for (m=j+1; m<=cnt; m++) if (v[m]<v[j]) { t=v[j]; v[j]=v[m]; v[m]=t }
+    return (cnt%2) ? v[(cnt+1)/2] : (v[cnt/2]+v[cnt/2+1])/2
+  }
+  END {
+    printf "%-10s %10s %10s %12s %9s %9s %7s\n", "target", "req/s", "mean ms", "proxy us/req", "user us", "sys us", "failed"
+    nt=split(targets, ts, " ")
+    for (ti=1; ti<=nt; ti++) {
+      t=ts[ti]; if (!(t in n)) continue
+      r[t]=med(rps,t,n[t]); u[t]=med(us,t,n[t]); uu[t]=med(usr,t,n[t])
+      printf "%-10s %10.0f %10.2f %12.1f %9.1f %9.1f %7d\n", t, r[t], med(mean,t,n[t]), u[t], uu[t], med(sys,t,n[t]), fail[t]
+    }
+    for (ti=1; ti<=nt; ti++) { p=ts[ti]; if (p == "shardgate" || !(p in u) || !("shardgate" in u) || u[p] == 0) continue
+      printf "shardgate/%s: req/s %.2f, proxy CPU per request %.2f, user time per request %.2f\n", p, r["shardgate"]/r[p], u["shardgate"]/u[p], (uu[p] > 0) ? uu["shardgate"]/uu[p] : 0 }
+  }' "$OUT/raw.tsv" | tee "$OUT/summary.txt"
+echo "raw rounds: $OUT/raw.tsv"
