@@ -116,7 +116,7 @@ NGINX
 cat >"$OUT/haproxy.cfg" <<HAPROXY
 global
     nbthread 1
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     timeout connect 5s
