@@ -21,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-instructions bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -110,6 +110,11 @@ bench-etcd:
 # HTTP/2 clients (h2load, cleartext) beside nginx and HAProxy speaking h2 (benches/proxy/h2.sh).
 bench-h2: release
 	benches/proxy/h2.sh
+
+# Instructions per proxied request under callgrind: a figure the host's noise does not move
+# (benches/proxy/instructions.sh).
+bench-instructions: release
+	benches/proxy/instructions.sh
 
 # The history scenarios (tests/history.rs) run longer on a release build, one after the other,
 # each printing its report; exit 1 when a scenario saw two writers (benches/ownership_drill.sh).
