@@ -6,26 +6,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${SHARDGATE_BIN:-$here/../../target/release/shardgate}
 dir=$(mktemp -d /tmp/shardgate-bench.XXXXXX)
-cat > "$dir/topology.toml" <<TOML
-cluster = "bench"
-shard_count = 1024
-[sets.core]
-max_inflight = 100000
-[[idcs]]
-name = "a"
-pools.core = ["$BACKEND_A"]
-[[idcs]]
-name = "b"
-pools.core = ["$BACKEND_B"]
-[[idcs]]
-name = "c"
-pools.core = ["$BACKEND_C"]
-[[routes]]
-name = "shard"
-path_prefix = "/"
-set = "core"
-key = ["header:x-shard-key"]
-TOML
+# shellcheck source=common.sh
+source "$here/common.sh"
+bench_topology "$BACKEND_A" "$BACKEND_B" "$BACKEND_C" > "$dir/topology.toml"
 # The peers run with their access logs off (nginx: access_log off); so does the gateway here.
 export RUST_LOG=${RUST_LOG:-warn}
 exec "$bin" serve --listen "$GATEWAY_ADDR" --admin 127.0.0.1:0 \

@@ -32,37 +32,12 @@ if [[ -n ${missing:-} ]]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
 fi
 if [[ $PIN == split ]]; then client_cpus=0; proxy_cpus=1; else client_cpus=; proxy_cpus=; fi
-on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 
-# Backends: the harness's idc-sim (built once into a writable copy).
-work=${BENCH_DIR:-/tmp/shardgate-bench-harness}
-if [[ ! -x $work/idc-sim/target/release/idc-sim ]]; then
-  [[ -d $shared ]] || { echo "no harness at $shared (set SHARED_BENCH)" >&2; exit 2; }
-  mkdir -p "$work" && cp -r "$shared/." "$work/" && chmod -R u+w "$work"
-  (cd "$work/idc-sim" && cargo build --release -q)
-fi
-[[ -x $repo/target/release/shardgate ]] || (cd "$repo" && cargo build --release -q)
-idc_sim=$work/idc-sim/target/release/idc-sim
-
-pids=()
-cleanup() {
-  [[ -f $OUT/nginx.pid ]] && kill -QUIT "$(cat "$OUT/nginx.pid")" 2>/dev/null || true
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 1
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-}
+# shellcheck source=common.sh
+source "$here/common.sh"
 trap cleanup EXIT
-start() { # cpus log cmd...: in the background, its PID recorded for cleanup
-  local cpus=$1 log=$2; shift 2
-  local cmd=("$@")
-  [[ -n $cpus ]] && cmd=(taskset -c "$cpus" "$@")
-  "${cmd[@]}" >"$log" 2>&1 &
-  pids+=($!)
-}
-wait_port() {
-  for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "h2.sh: nothing listens on $1 (see $OUT)" >&2; exit 1
-}
+harness_backend
+release_gateway
 
 a=127.0.0.1:$((BASE_PORT + 1)) b=127.0.0.1:$((BASE_PORT + 2)) c=127.0.0.1:$((BASE_PORT + 3))
 i=0
@@ -134,26 +109,7 @@ backend idc
     server b $b
     server c $c
 HAPROXY
-cat >"$OUT/topology.toml" <<TOML
-cluster = "bench"
-shard_count = 1024
-[sets.core]
-max_inflight = 100000
-[[idcs]]
-name = "a"
-pools.core = ["$a"]
-[[idcs]]
-name = "b"
-pools.core = ["$b"]
-[[idcs]]
-name = "c"
-pools.core = ["$c"]
-[[routes]]
-name = "shard"
-path_prefix = "/"
-set = "core"
-key = ["header:x-shard-key"]
-TOML
+bench_topology "$a" "$b" "$c" >"$OUT/topology.toml"
 declare -A port procs
 for t in $TARGETS; do
   case $t in
@@ -165,7 +121,7 @@ for t in $TARGETS; do
       port[haproxy]=$haproxy_port procs[haproxy]=${pids[-1]} ;;
     shardgate)
       # Access log off, as the peers' (access_log off; no log in HAProxy's config).
-      start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$repo/target/release/shardgate" serve \
+      start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$shardgate" serve \
         --listen "127.0.0.1:$sg_port" --admin 127.0.0.1:0 --topology "$OUT/topology.toml" --threads 1
       port[shardgate]=$sg_port procs[shardgate]=${pids[-1]} ;;
     *) echo "h2.sh: unknown target $t" >&2; exit 2 ;;

@@ -14,7 +14,6 @@ shared=${SHARED_BENCH:-$repo/../shared/bench}
 SMALL=${SMALL:-2000}
 LARGE=${LARGE:-6000}
 BASE_PORT=${BASE_PORT:-19500}
-bin=${SHARDGATE_BIN:-$repo/target/release/shardgate}
 for tool in valgrind h2load; do
   command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
 done
@@ -23,51 +22,24 @@ if [[ -n ${missing:-} ]]; then
   echo "installing:$pkgs"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
 fi
-work=${BENCH_DIR:-/tmp/shardgate-bench-harness}
-if [[ ! -x $work/idc-sim/target/release/idc-sim ]]; then
-  [[ -d $shared ]] || { echo "no harness at $shared (set SHARED_BENCH)" >&2; exit 2; }
-  mkdir -p "$work" && cp -r "$shared/." "$work/" && chmod -R u+w "$work"
-  (cd "$work/idc-sim" && cargo build --release -q)
-fi
-[[ -x $bin ]] || (cd "$repo" && cargo build --release -q)
 out=$(mktemp -d /tmp/shardgate-instructions.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+OUT=$out
+# shellcheck source=common.sh
+source "$here/common.sh"
 trap cleanup EXIT
-wait_port() {
-  for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "instructions.sh: nothing listens on $1 (see $out)" >&2; exit 1
-}
+harness_backend
+release_gateway
 for i in 1 2 3; do
-  "$work/idc-sim/target/release/idc-sim" --listen "127.0.0.1:$((BASE_PORT + i))" --name "idc-$i" \
+  "$idc_sim" --listen "127.0.0.1:$((BASE_PORT + i))" --name "idc-$i" \
     >"$out/idc-$i.log" 2>&1 &
   pids+=($!)
 done
 for i in 1 2 3; do wait_port $((BASE_PORT + i)); done
-cat >"$out/topology.toml" <<TOML
-cluster = "bench"
-shard_count = 1024
-[sets.core]
-max_inflight = 100000
-[[idcs]]
-name = "a"
-pools.core = ["127.0.0.1:$((BASE_PORT + 1))"]
-[[idcs]]
-name = "b"
-pools.core = ["127.0.0.1:$((BASE_PORT + 2))"]
-[[idcs]]
-name = "c"
-pools.core = ["127.0.0.1:$((BASE_PORT + 3))"]
-[[routes]]
-name = "shard"
-path_prefix = "/"
-set = "core"
-key = ["header:x-shard-key"]
-TOML
+bench_topology "127.0.0.1:$((BASE_PORT + 1))" "127.0.0.1:$((BASE_PORT + 2))" "127.0.0.1:$((BASE_PORT + 3))" >"$out/topology.toml"
 port=$((BASE_PORT + 10))
 count() { # requests -> total instructions of the gateway process
   local n=$1
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.$n" "$bin" serve \
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.$n" "$shardgate" serve \
     --listen "127.0.0.1:$port" --admin 127.0.0.1:0 --topology "$out/topology.toml" --threads 1 \
     >"$out/gateway-$n.log" 2>&1 &
   local gw=$!

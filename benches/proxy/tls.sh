@@ -26,37 +26,12 @@ for tool in nginx wrk openssl; do
   command -v "$tool" >/dev/null || { echo "tls.sh: $tool is needed" >&2; exit 2; }
 done
 if [[ $PIN == split ]]; then client_cpus=0; proxy_cpus=1; else client_cpus=; proxy_cpus=; fi
-on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 
-# Backends: the harness's idc-sim (built once into a writable copy).
-work=${BENCH_DIR:-/tmp/shardgate-bench-harness}
-if [[ ! -x $work/idc-sim/target/release/idc-sim ]]; then
-  [[ -d $shared ]] || { echo "no harness at $shared (set SHARED_BENCH)" >&2; exit 2; }
-  mkdir -p "$work" && cp -r "$shared/." "$work/" && chmod -R u+w "$work"
-  (cd "$work/idc-sim" && cargo build --release -q)
-fi
-[[ -x $repo/target/release/shardgate ]] || (cd "$repo" && cargo build --release -q)
-idc_sim=$work/idc-sim/target/release/idc-sim
-
-pids=()
-cleanup() {
-  [[ -f $OUT/nginx.pid ]] && kill -QUIT "$(cat "$OUT/nginx.pid")" 2>/dev/null || true
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  sleep 1
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-}
+# shellcheck source=common.sh
+source "$here/common.sh"
 trap cleanup EXIT
-start() { # cpus log cmd...: in the background, its PID recorded for cleanup
-  local cpus=$1 log=$2; shift 2
-  local cmd=("$@")
-  [[ -n $cpus ]] && cmd=(taskset -c "$cpus" "$@")
-  "${cmd[@]}" >"$log" 2>&1 &
-  pids+=($!)
-}
-wait_port() {
-  for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "tls.sh: nothing listens on $1 (see $OUT)" >&2; exit 1
-}
+harness_backend
+release_gateway
 
 # One ECDSA P-256 certificate for 127.0.0.1, signed by a throwaway CA.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -118,27 +93,9 @@ http {
 }
 NGINX
 start "$proxy_cpus" "$OUT/nginx.log" nginx -c "$OUT/nginx.conf" -p "$OUT"
-cat >"$OUT/topology.toml" <<TOML
-cluster = "bench"
-[sets.core]
-max_inflight = 100000
-[[idcs]]
-name = "a"
-pools.core = ["$a"]
-[[idcs]]
-name = "b"
-pools.core = ["$b"]
-[[idcs]]
-name = "c"
-pools.core = ["$c"]
-[[routes]]
-name = "shard"
-path_prefix = "/"
-set = "core"
-key = ["header:x-shard-key"]
-TOML
+bench_topology "$a" "$b" "$c" >"$OUT/topology.toml"
 # Access log off, as nginx's (access_log off).
-start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$repo/target/release/shardgate" serve \
+start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$shardgate" serve \
   --listen "127.0.0.1:$sg_port" --admin 127.0.0.1:0 --topology "$OUT/topology.toml" \
   --tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem" --threads 1
 wait_port "$nginx_port"

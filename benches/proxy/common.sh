@@ -1,0 +1,70 @@
+# What the proxy benches share (sourced by h2.sh, tls.sh, instructions.sh and gateway.sh): the
+# harness's backend, the release gateway, the bench topology, processes stopped by PID, bounded
+# waits for a port. Sourcing it only defines functions; a script that starts processes sets
+# `trap cleanup EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.
+
+# The harness's idc-sim, built once into a writable copy of ../shared/bench: sets `idc_sim`.
+harness_backend() {
+  local work=${BENCH_DIR:-/tmp/shardgate-bench-harness}
+  if [[ ! -x $work/idc-sim/target/release/idc-sim ]]; then
+    [[ -d $shared ]] || { echo "no harness at $shared (set SHARED_BENCH)" >&2; exit 2; }
+    mkdir -p "$work" && cp -r "$shared/." "$work/" && chmod -R u+w "$work"
+    (cd "$work/idc-sim" && cargo build --release -q)
+  fi
+  idc_sim=$work/idc-sim/target/release/idc-sim
+}
+
+# The release gateway, built when missing: sets `shardgate`.
+release_gateway() {
+  shardgate=${SHARDGATE_BIN:-$repo/target/release/shardgate}
+  [[ -x $shardgate ]] || (cd "$repo" && cargo build --release --locked -q)
+}
+
+# The bench topology on stdout: IDCs a, b, c with one backend each in set `core`, and one
+# route keyed by X-Shard-Key. Arguments: the three backend addresses.
+bench_topology() {
+  cat <<TOML
+cluster = "bench"
+shard_count = 1024
+[sets.core]
+max_inflight = 100000
+[[idcs]]
+name = "a"
+pools.core = ["$1"]
+[[idcs]]
+name = "b"
+pools.core = ["$2"]
+[[idcs]]
+name = "c"
+pools.core = ["$3"]
+[[routes]]
+name = "shard"
+path_prefix = "/"
+set = "core"
+key = ["header:x-shard-key"]
+TOML
+}
+
+# Commands on the given CPUs (taskset), or anywhere when the list is empty.
+on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+
+# Every process started with `start` (or added to `pids`) is stopped by PID by `cleanup`, nginx
+# by its pid file.
+pids=()
+cleanup() {
+  [[ -f $OUT/nginx.pid ]] && kill -QUIT "$(cat "$OUT/nginx.pid")" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+}
+start() { # cpus log cmd...: in the background, its PID recorded for cleanup
+  local cpus=$1 log=$2; shift 2
+  local cmd=("$@")
+  [[ -n $cpus ]] && cmd=(taskset -c "$cpus" "$@")
+  "${cmd[@]}" >"$log" 2>&1 &
+  pids+=($!)
+}
+wait_port() { # port: within 30 s
+  for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "$(basename "$0"): nothing listens on $1 (see $OUT)" >&2; exit 1
+}
