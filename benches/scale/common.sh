@@ -5,6 +5,9 @@
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${SHARDGATE_BIN:-$repo/target/release/shardgate}
+# The bench topology (bench_topology) is the proxy benches' one.
+# shellcheck source=../proxy/common.sh
+source "$here/../proxy/common.sh"
 pids=()
 
 cleanup_all() {
@@ -52,29 +55,10 @@ NGINX
 # The topology over the three backends: one route keyed by x-shard-key. $2 names the IDC that
 # the pinned shards 0-511 go to, so two documents differing only in it move half the shards.
 write_topology() { # $1: path, $2: a | b
-  cat > "$1.tmp" <<TOML
-cluster = "bench"
-shard_count = 1024
-[sets.core]
-max_inflight = 100000
-[[idcs]]
-name = "a"
-pools.core = ["$BACKEND_A"]
-[[idcs]]
-name = "b"
-pools.core = ["$BACKEND_B"]
-[[idcs]]
-name = "c"
-pools.core = ["$BACKEND_C"]
-[[shards.pins]]
-range = "0-511"
-idc = "$2"
-[[routes]]
-name = "shard"
-path_prefix = "/"
-set = "core"
-key = ["header:x-shard-key"]
-TOML
+  {
+    bench_topology "$BACKEND_A" "$BACKEND_B" "$BACKEND_C"
+    printf '[[shards.pins]]\nrange = "0-511"\nidc = "%s"\n' "$2"
+  } > "$1.tmp"
   # Renamed into place, so the gateway never reads half a document.
   mv "$1.tmp" "$1"
 }
