@@ -45,6 +45,50 @@ key = ["header:x-shard-key"]
 TOML
 }
 
+# nginx's config on stdout: one worker routing by X-Shard-Key (consistent hash) to the backends
+# $a, $b, $c over pooled HTTP/1.1, listening on 127.0.0.1:$1 with the `listen` options $2 and
+# the server-block directives $3 (TLS certificates, HTTP/2 limits). Files go under $OUT.
+nginx_conf() {
+  cat <<NGINX
+worker_processes 1;
+daemon off;
+master_process on;
+pid $OUT/nginx.pid;
+error_log $OUT/nginx-error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $OUT/nginx-tmp;
+    proxy_temp_path $OUT/nginx-tmp;
+    fastcgi_temp_path $OUT/nginx-tmp;
+    uwsgi_temp_path $OUT/nginx-tmp;
+    scgi_temp_path $OUT/nginx-tmp;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    tcp_nodelay on;
+    upstream idc_hash {
+        hash \$http_x_shard_key consistent;
+        server $a;
+        server $b;
+        server $c;
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }
+    server {
+        listen 127.0.0.1:$1 $2 backlog=4096;
+        $3
+        location / {
+            proxy_pass http://idc_hash;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+NGINX
+}
+
 # Commands on the given CPUs (taskset), or anywhere when the list is empty.
 on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 

@@ -49,45 +49,7 @@ for addr in $a $b $c; do wait_port "${addr##*:}"; done
 
 nginx_port=$((BASE_PORT + 81)) haproxy_port=$((BASE_PORT + 82)) sg_port=$((BASE_PORT + 90))
 mkdir -p "$OUT/nginx-tmp"
-cat >"$OUT/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-master_process on;
-pid $OUT/nginx.pid;
-error_log $OUT/nginx-error.log warn;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; multi_accept on; }
-http {
-    access_log off;
-    client_body_temp_path $OUT/nginx-tmp;
-    proxy_temp_path $OUT/nginx-tmp;
-    fastcgi_temp_path $OUT/nginx-tmp;
-    uwsgi_temp_path $OUT/nginx-tmp;
-    scgi_temp_path $OUT/nginx-tmp;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;
-    http2_max_requests 1000000;
-    http2_max_concurrent_streams 128;
-    tcp_nodelay on;
-    upstream idc_hash {
-        hash \$http_x_shard_key consistent;
-        server $a;
-        server $b;
-        server $c;
-        keepalive 256;
-        keepalive_requests 1000000;
-        keepalive_timeout 60s;
-    }
-    server {
-        listen 127.0.0.1:$nginx_port http2 backlog=4096;
-        location / {
-            proxy_pass http://idc_hash;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-NGINX
+nginx_conf "$nginx_port" http2 "http2_max_requests 1000000; http2_max_concurrent_streams 128;" >"$OUT/nginx.conf"
 cat >"$OUT/haproxy.cfg" <<HAPROXY
 global
     nbthread 1

@@ -63,12 +63,11 @@ pub struct Gateway {
 
 /// What one request did, for metrics and the access log.
 struct Outcome {
-    route: Option<Arc<String>>,
-    set: Option<Arc<String>>,
-    idc: Option<Arc<String>>,
-    /// `route` and `idc` as ids of the request's snapshot, for its metric handles (the IDC is
-    /// `None` when the answer came from another snapshot's IDC).
+    /// The route matched, in the request's snapshot (its name and set's name are read there).
     route_id: Option<RouteId>,
+    /// The IDC that answered, and its id in the request's snapshot (`None` when the answer
+    /// came from another snapshot's IDC) for its metric handles.
+    idc: Option<Arc<String>>,
     idc_id: Option<IdcId>,
     /// The serving IDC's name as a header value (precomputed in the snapshot).
     idc_header: Option<HeaderValue>,
@@ -77,6 +76,18 @@ struct Outcome {
     spilled: bool,
     /// `x-shardgate-reason` of a gateway refusal (set_full, shed, degraded, …).
     reason: Option<&'static str>,
+}
+
+impl Outcome {
+    /// The matched route's name and its set's, in `topo` (the request's snapshot).
+    fn route_and_set<'t>(
+        &self,
+        topo: Option<&'t Topology>,
+    ) -> Option<(&'t Arc<String>, &'t Arc<String>)> {
+        let (topo, id) = (topo?, self.route_id?);
+        let route = topo.route(id);
+        Some((&route.name, &topo.set(route.set).name))
+    }
 }
 
 /// Where a forwarded request was answered.
@@ -155,8 +166,6 @@ impl Gateway {
             });
         headers::strip_gateway_headers(req.headers_mut());
         let mut outcome = Outcome {
-            route: None,
-            set: None,
             idc: None,
             route_id: None,
             idc_id: None,
@@ -181,7 +190,9 @@ impl Gateway {
                             // The client gets a generic detail; the backend's address and the
                             // underlying error are for the operator.
                             tracing::warn!(
-                                route = outcome.route.as_deref().map_or(EMPTY, |s| s.as_str()),
+                                route = outcome
+                                    .route_and_set(Some(&topo))
+                                    .map_or(EMPTY, |n| n.0.as_str()),
                                 idc = outcome.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
                                 request_id = request_id.to_str().unwrap_or(EMPTY),
                                 error,
@@ -328,9 +339,6 @@ impl Gateway {
                 headers: req.headers(),
             })
             .map_err(|e| self.route_error(topo, e, outcome))?;
-        let route = topo.route(decision.route);
-        outcome.route = Some(route.name.clone());
-        outcome.set = Some(topo.set(route.set).name.clone());
         outcome.shard = decision.shard.map(|s| s.0);
         outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.route_id = Some(decision.route);
@@ -770,12 +778,7 @@ impl Gateway {
 
     fn route_error(&self, topo: &Topology, e: RouteError, outcome: &mut Outcome) -> ProxyError {
         let name = |id| topo.route(id).name.to_string();
-        let mut note_route = |id| {
-            let route = topo.route(id);
-            outcome.route = Some(route.name.clone());
-            outcome.set = Some(topo.set(route.set).name.clone());
-            outcome.route_id = Some(id);
-        };
+        let mut note_route = |id| outcome.route_id = Some(id);
         match e {
             RouteError::NoRoute => ProxyError::NoRoute,
             RouteError::MethodNotAllowed => ProxyError::MethodNotAllowed,
@@ -810,6 +813,7 @@ impl Gateway {
         snapshot: Option<&Topology>,
     ) {
         let elapsed = start.elapsed();
+        let names = o.route_and_set(snapshot);
         match (snapshot, o.route_id, o.idc_id) {
             (Some(topo), Some(route), Some(idc)) => {
                 self.request_metrics
@@ -818,8 +822,8 @@ impl Gateway {
             _ => {
                 let empty = || Arc::new(String::new());
                 let labels = RouteLabels {
-                    route: o.route.clone().unwrap_or_else(empty),
-                    set: o.set.clone().unwrap_or_else(empty),
+                    route: names.map_or_else(empty, |n| n.0.clone()),
+                    set: names.map_or_else(empty, |n| n.1.clone()),
                     idc: o.idc.clone().unwrap_or_else(empty),
                 };
                 self.request_metrics
@@ -828,8 +832,8 @@ impl Gateway {
         }
         tracing::info!(
             target: "shardgate::access",
-            route = o.route.as_deref().map_or(EMPTY, |s| s.as_str()),
-            set = o.set.as_deref().map_or(EMPTY, |s| s.as_str()),
+            route = names.map_or(EMPTY, |n| n.0.as_str()),
+            set = names.map_or(EMPTY, |n| n.1.as_str()),
             shard = o.shard,
             idc = o.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
             status,
@@ -958,4 +962,30 @@ fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
             "the request target's authority and the Host header disagree",
         ))
     }
+}
+
+/// The two-IDC topology the pipeline's unit tests share: `sh` and `bj`, 16 shards, one `orders`
+/// route in set `core` keyed by `x-user-id`, revision 7.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on purpose
+fn test_topology() -> Topology {
+    use crate::control::topology::{build, BuildContext, Overrides, RawTopology};
+    let doc = RawTopology::parse(
+        "cluster = \"t\"\nshard_count = 16\n[sets.core]\n\
+         [[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7001\"]\n\
+         [[idcs]]\nname = \"bj\"\npools.core = [\"127.0.0.1:7002\"]\n\
+         [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\n",
+    )
+    .unwrap();
+    let ctx = BuildContext {
+        revision: 7,
+        ..BuildContext::default()
+    };
+    build(
+        doc,
+        &Overrides::default(),
+        &ctx,
+        &crate::data::upstream::Upstreams::new(),
+    )
+    .unwrap()
 }

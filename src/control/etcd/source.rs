@@ -57,8 +57,8 @@ pub struct EtcdSource {
 struct ParsedDocument {
     /// The document key's value; `None` when there is no document.
     value: Option<Vec<u8>>,
-    /// Its text and parse, or why there is none.
-    parsed: Result<(String, RawTopology), Problems>,
+    /// Its parse, or why there is none.
+    parsed: Result<RawTopology, Problems>,
 }
 
 impl ParsedDocument {
@@ -69,9 +69,14 @@ impl ParsedDocument {
             Some(last) if last.value.as_ref() == value => last,
             _ => Arc::new(ParsedDocument {
                 value: value.cloned(),
-                parsed: state.document(keys),
+                parsed: state.document(keys).map(|(_text, doc)| doc),
             }),
         }
+    }
+
+    /// The document's text (for the snapshot cache); UTF-8 whenever it parsed.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(self.value.as_deref().unwrap_or_default()).into_owned()
     }
 }
 
@@ -408,8 +413,8 @@ impl EtcdSource {
                 }
             };
             let problems = match &document.parsed {
-                Ok((text, doc)) => match snapshots.publish(doc.clone(), &overrides, revision) {
-                    Ok(_) => return (document.clone(), Some((text.clone(), overrides))),
+                Ok(doc) => match snapshots.publish(doc.clone(), &overrides, revision) {
+                    Ok(_) => return (document.clone(), Some((document.text(), overrides))),
                     // Logged, counted and shown by `publish`.
                     Err(problems) => problems,
                 },

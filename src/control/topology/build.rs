@@ -177,7 +177,10 @@ pub fn build_with_previous(
         serving,
         fenced: moves.fenced,
         owner_epochs,
-        shard_headers: super::shard_headers::ShardHeaders::for_count(shard_count),
+        shard_headers: super::shard_headers::ShardHeaders::for_count(
+            shard_count,
+            previous.map(|p| &p.shard_headers),
+        ),
         global,
         writes_in_flight: std::sync::atomic::AtomicU64::new(0),
     })

@@ -1,9 +1,7 @@
 //! Shard numbers as header values (`x-shardgate-shard`, upstream and to the client) without
 //! formatting one per request: one buffer of every number below the shard count, in slots of
-//! equal width, shared by the snapshots of the process; a request's value is a slice of it (a
-//! reference-count increment, no allocation).
-
-use std::sync::Mutex;
+//! equal width, handed from each snapshot to the next one built over it; a request's value is
+//! a slice of it (a reference-count increment, no allocation).
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -16,10 +14,6 @@ pub struct ShardHeaders {
     count: u32,
 }
 
-/// The widest table made so far: a reload with the same (or a smaller) shard count reuses it,
-/// so the table is made once per process, not once per snapshot.
-static MADE: Mutex<Option<ShardHeaders>> = Mutex::new(None);
-
 impl std::fmt::Debug for ShardHeaders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardHeaders")
@@ -28,25 +22,19 @@ impl std::fmt::Debug for ShardHeaders {
     }
 }
 
-fn digits(mut n: u32) -> usize {
-    let mut d = 1;
-    while n >= 10 {
-        n /= 10;
-        d += 1;
-    }
-    d
+/// Decimal digits of `n`.
+fn digits(n: u32) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 impl ShardHeaders {
-    /// The table for shards `0..count`.
-    pub fn for_count(count: u32) -> ShardHeaders {
-        let mut made = MADE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(t) = made.as_ref().filter(|t| t.count >= count) {
-            return t.clone();
+    /// The table for shards `0..count`: `previous` (the last snapshot's) when it covers them,
+    /// so that reloads share one table.
+    pub fn for_count(count: u32, previous: Option<&ShardHeaders>) -> ShardHeaders {
+        match previous {
+            Some(t) if t.count >= count => t.clone(),
+            _ => ShardHeaders::make(count),
         }
-        let t = ShardHeaders::make(count);
-        *made = Some(t.clone());
-        t
     }
 
     fn make(count: u32) -> ShardHeaders {
@@ -92,9 +80,10 @@ mod tests {
                 assert_eq!(t.get(n), HeaderValue::from(n), "{n} of {count}");
             }
         }
-        // A table made for more shards serves fewer.
-        let small = ShardHeaders::for_count(16);
-        assert!(ShardHeaders::for_count(8).count >= 16);
+        // A table made for more shards serves fewer; a larger count makes a new one.
+        let small = ShardHeaders::for_count(16, None);
+        assert_eq!(ShardHeaders::for_count(8, Some(&small)).count, 16);
+        assert_eq!(ShardHeaders::for_count(32, Some(&small)).count, 32);
         assert_eq!(small.get(15), "15");
     }
 }

@@ -1,9 +1,9 @@
 //! The request path's metric handles, resolved once per snapshot (the last step of the
 //! pipeline): `shardgate_requests_total` and `shardgate_request_duration_seconds` per (route,
 //! IDC), `shardgate_upstream_duration_seconds` per (IDC, set), and fenced writes in
-//! `shardgate_refused_total` per set. The first request of a snapshot
-//! that needs a handle finds it in its family by name; every later one indexes an array: no
-//! label clones, no hashing of names, no family lock per request.
+//! `shardgate_refused_total` per set. The first request of a snapshot that needs a handle finds
+//! it in its family by name; every later one indexes an array: no label clones, no hashing of
+//! names, no family lock per request (one reference-count increment for a route's handles).
 
 use std::sync::{Arc, OnceLock};
 
@@ -28,6 +28,35 @@ struct RouteHandles {
     duration: Histogram,
     /// By index in `COMMON_STATUSES`.
     statuses: [OnceLock<Counter>; COMMON_STATUSES.len()],
+}
+
+impl RouteHandles {
+    fn new(metrics: &Metrics, labels: RouteLabels) -> RouteHandles {
+        RouteHandles {
+            duration: metrics.request_duration.get_or_create(&labels).clone(),
+            labels,
+            statuses: Default::default(),
+        }
+    }
+
+    fn record(&self, metrics: &Metrics, status: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        let counter = || {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: self.labels.route.clone(),
+                    set: self.labels.set.clone(),
+                    idc: self.labels.idc.clone(),
+                    status,
+                })
+                .clone()
+        };
+        match COMMON_STATUSES.iter().position(|&s| s == status) {
+            Some(i) => self.statuses[i].get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
+    }
 }
 
 /// The handles of one snapshot.
@@ -57,158 +86,114 @@ impl RequestMetrics {
         }
     }
 
-    /// Runs `f` on the handles of `topo`, resolving them when `topo` is newer than the ones
-    /// kept. `None` for a request still under an older snapshot (during a reload): it looks
-    /// its metrics up by name rather than evict the newer snapshot's handles.
-    fn with<R>(&self, topo: &Topology, f: impl FnOnce(&Resolved) -> R) -> Option<R> {
+    /// `apply` on the handle that `cell` picks among `topo`'s, made by `make` on first use. A
+    /// request still under an older snapshot (during a reload) gets `make`'s own, looked up by
+    /// name, rather than evict the newer snapshot's handles.
+    fn cached<T>(
+        &self,
+        topo: &Topology,
+        cell: impl FnOnce(&Resolved) -> Option<&OnceLock<T>>,
+        make: impl Fn() -> T,
+        apply: impl FnOnce(&T),
+    ) {
         let kept = self.resolved.load();
         match kept.as_deref() {
-            Some(r) if r.snapshot == topo.build_id => return Some(f(r)),
-            Some(r) if r.snapshot > topo.build_id => return None,
-            _ => {}
+            Some(r) if r.snapshot == topo.build_id => on_cell(cell(r), make, apply),
+            Some(r) if r.snapshot > topo.build_id => apply(&make()),
+            // Newer than the handles kept (or none yet): this snapshot's become the kept ones.
+            _ => {
+                let fresh = Arc::new(Resolved {
+                    snapshot: topo.build_id,
+                    routes: cells(topo.routes.len() * topo.idcs.len()),
+                    upstream: cells(topo.idcs.len() * topo.sets.len()),
+                    fenced: cells(topo.sets.len()),
+                });
+                on_cell(cell(&fresh), make, apply);
+                self.resolved.store(Some(fresh));
+            }
         }
-        let fresh = Arc::new(Resolved {
-            snapshot: topo.build_id,
-            routes: (0..topo.routes.len() * topo.idcs.len())
-                .map(|_| OnceLock::new())
-                .collect(),
-            upstream: (0..topo.idcs.len() * topo.sets.len())
-                .map(|_| OnceLock::new())
-                .collect(),
-            fenced: (0..topo.sets.len()).map(|_| OnceLock::new()).collect(),
-        });
-        let out = f(&fresh);
-        self.resolved.store(Some(fresh));
-        Some(out)
     }
 
     /// A request of `route` answered by `idc` (both of `topo`) with `status` after `seconds`.
     pub fn request(&self, topo: &Topology, route: RouteId, idc: IdcId, status: u16, seconds: f64) {
-        let labels = || RouteLabels {
-            route: topo.route(route).name.clone(),
-            set: topo.set(topo.route(route).set).name.clone(),
-            idc: topo.idc(idc).name.clone(),
-        };
-        let counted = self.with(topo, |r| {
-            let slot = usize::from(idc.0) + route.0 as usize * topo.idcs.len();
-            let Some(cell) = r.routes.get(slot) else {
-                return false;
+        let slot = usize::from(idc.0) + route.0 as usize * topo.idcs.len();
+        let make = || {
+            let labels = RouteLabels {
+                route: topo.route(route).name.clone(),
+                set: topo.set(topo.route(route).set).name.clone(),
+                idc: topo.idc(idc).name.clone(),
             };
-            let h = cell.get_or_init(|| {
-                let labels = labels();
-                Box::new(RouteHandles {
-                    duration: self.metrics.request_duration.get_or_create(&labels).clone(),
-                    labels,
-                    statuses: Default::default(),
-                })
-            });
-            h.duration.observe(seconds);
-            match COMMON_STATUSES.iter().position(|&s| s == status) {
-                Some(i) => {
-                    h.statuses[i]
-                        .get_or_init(|| self.counter(&h.labels, status))
-                        .inc();
-                }
-                None => {
-                    self.counter(&h.labels, status).inc();
-                }
-            }
-            true
-        });
-        if counted != Some(true) {
-            self.request_by_labels(labels(), status, seconds);
-        }
+            Box::new(RouteHandles::new(&self.metrics, labels))
+        };
+        self.cached(
+            topo,
+            |r| r.routes.get(slot),
+            make,
+            |h| h.record(&self.metrics, status, seconds),
+        );
     }
 
     /// A request counted under these labels (no routing decision, or a stale snapshot).
     pub fn request_by_labels(&self, labels: RouteLabels, status: u16, seconds: f64) {
-        self.counter(&labels, status).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(seconds);
-    }
-
-    fn counter(&self, labels: &RouteLabels, status: u16) -> Counter {
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: labels.route.clone(),
-                set: labels.set.clone(),
-                idc: labels.idc.clone(),
-                status,
-            })
-            .clone()
+        RouteHandles::new(&self.metrics, labels).record(&self.metrics, status, seconds);
     }
 
     /// An upstream exchange with `idc`'s pool of `set` (both of `topo`) that took `seconds`.
     pub fn upstream(&self, topo: &Topology, idc: IdcId, set: SetId, seconds: f64) {
-        let histogram = || {
+        let slot = usize::from(set.0) + usize::from(idc.0) * topo.sets.len();
+        let make = || {
+            let labels = IdcSetLabels {
+                idc: topo.idc(idc).name.clone(),
+                set: topo.set(set).name.clone(),
+            };
             self.metrics
                 .upstream_duration
-                .get_or_create(&IdcSetLabels {
-                    idc: topo.idc(idc).name.clone(),
-                    set: topo.set(set).name.clone(),
-                })
+                .get_or_create(&labels)
                 .clone()
         };
-        let observed = self.with(topo, |r| {
-            let slot = usize::from(set.0) + usize::from(idc.0) * topo.sets.len();
-            r.upstream
-                .get(slot)
-                .map(|cell| cell.get_or_init(histogram).observe(seconds))
-                .is_some()
-        });
-        if observed != Some(true) {
-            histogram().observe(seconds);
-        }
+        self.cached(topo, |r| r.upstream.get(slot), make, |h| h.observe(seconds));
     }
 
     /// A write of `set` (of `topo`) refused by a fence: a move's, or this gateway's own.
     pub fn fenced(&self, topo: &Topology, set: SetId) {
-        let counter = || {
-            self.metrics
-                .refused
-                .get_or_create(&RefusedLabels {
-                    set: topo.set(set).name.clone(),
-                    reason: "fenced",
-                })
-                .clone()
+        let make = || {
+            let labels = RefusedLabels {
+                set: topo.set(set).name.clone(),
+                reason: "fenced",
+            };
+            self.metrics.refused.get_or_create(&labels).clone()
         };
-        let counted = self.with(topo, |r| {
-            r.fenced
-                .get(usize::from(set.0))
-                .map(|cell| cell.get_or_init(counter).inc())
-                .is_some()
-        });
-        if counted != Some(true) {
-            counter().inc();
-        }
+        self.cached(
+            topo,
+            |r| r.fenced.get(usize::from(set.0)),
+            make,
+            |c| {
+                c.inc();
+            },
+        );
     }
+}
+
+/// `apply` on the cell's handle, made on first use; on one made now when there is no cell (an
+/// id out of range: counted all the same).
+fn on_cell<T>(cell: Option<&OnceLock<T>>, make: impl Fn() -> T, apply: impl FnOnce(&T)) {
+    match cell {
+        Some(c) => apply(c.get_or_init(make)),
+        None => apply(&make()),
+    }
+}
+
+fn cells<T>(n: usize) -> Vec<OnceLock<T>> {
+    (0..n).map(|_| OnceLock::new()).collect()
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
-    use crate::control::topology::{build, BuildContext, Overrides, RawTopology};
-    use crate::data::upstream::Upstreams;
 
     fn topology() -> Topology {
-        let doc = RawTopology::parse(
-            "cluster = \"t\"\nshard_count = 16\n[sets.core]\n\
-             [[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7001\"]\n\
-             [[idcs]]\nname = \"bj\"\npools.core = [\"127.0.0.1:7002\"]\n\
-             [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\n",
-        )
-        .unwrap();
-        build(
-            doc,
-            &Overrides::default(),
-            &BuildContext::default(),
-            &Upstreams::new(),
-        )
-        .unwrap()
+        super::super::test_topology()
     }
 
     #[test]

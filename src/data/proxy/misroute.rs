@@ -208,22 +208,9 @@ impl Gateway {
 #[allow(clippy::unwrap_used)] // a test fails loudly on purpose
 mod tests {
     use super::*;
-    use crate::control::topology::{build, BuildContext, Overrides, RawTopology};
-    use crate::data::upstream::Upstreams;
 
     fn topology() -> Topology {
-        let doc = RawTopology::parse(
-            "cluster = \"t\"\nshard_count = 16\n[sets.core]\n\
-             [[idcs]]\nname = \"sh\"\npools.core = [\"127.0.0.1:7001\"]\n\
-             [[idcs]]\nname = \"bj\"\npools.core = [\"127.0.0.1:7002\"]\n\
-             [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nset = \"core\"\nkey = [\"header:x-user-id\"]\n",
-        )
-        .unwrap();
-        let ctx = BuildContext {
-            revision: 7,
-            ..BuildContext::default()
-        };
-        build(doc, &Overrides::default(), &ctx, &Upstreams::new()).unwrap()
+        super::super::test_topology()
     }
 
     fn answer(owner: &str, epoch: &str) -> HeaderMap {
