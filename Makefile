@@ -53,6 +53,7 @@ clippy:
 
 unit:
 	$(CARGO) test --all-targets --locked
+	$(CARGO) test --locked --manifest-path tools/heap-trim/Cargo.toml --target-dir target/tools
 
 test: deps fmt-check clippy unit
 

@@ -4,15 +4,18 @@
 # opens CONNS connections and holds them, once with one GET made on each first ("after a
 # request") and once with none ("accepted only"). Prints the gateway's VmRSS before and with
 # the connections open, and the difference per connection; ROUNDS rounds each on a fresh
-# gateway, then the medians. Exit 1 when a connection was closed or a request failed.
+# gateway, then the medians. The reading is taken once every connection rests (the gateway's
+# `shardgate_client_connections{state="resting"}`) and the memory release that follows had its
+# period (6 s): the steady state of idle connections, not the burst of their requests. Exit 1
+# when a connection was closed, a request failed, or the connections did not all rest.
 #
-# Knobs (environment): CONNS (10000), ROUNDS (3), HOLD_S (3), SHARDGATE_BIN
+# Knobs (environment): CONNS (10000), ROUNDS (3), HOLD_S (20), SHARDGATE_BIN
 # (target/release/shardgate). Needs python3, nginx and curl.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/scale/common.sh"
 conns=${CONNS:-10000}
 rounds=${ROUNDS:-3}
-hold=${HOLD_S:-3}
+hold=${HOLD_S:-20}
 for tool in nginx python3 curl; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 2; }
 done
@@ -43,7 +46,14 @@ round() { # $1: variant (accepted | requested), $2: round number
     kill -0 "$driver" 2>/dev/null || break
     sleep 0.2
   done
-  sleep 1
+  local resting=0 _
+  for _ in $(seq 100); do
+    resting=$(resting_connections)
+    [ "$resting" = "$conns" ] && break
+    sleep 0.2
+  done
+  [ "$resting" = "$conns" ] || { echo "round $2 ($1): $resting of $conns connections rest" >&2; status=1; }
+  sleep 6
   after=$(rss_kib "$GATEWAY_PID")
   wait "$driver" || status=1
   if ! grep -q '^ready' "$out" || ! grep -q '^closed 0$' "$out" || ! grep -q 'failed_requests 0' "$out"; then
@@ -56,6 +66,11 @@ round() { # $1: variant (accepted | requested), $2: round number
   printf '  %-9s round %d: RSS before %s, with %d idle connections %s, %.1f KiB per connection\n' \
     "$1" "$2" "$(mib "$before")" "$conns" "$(mib "$after")" \
     "$(awk -v a="$after" -v b="$before" -v n="$conns" 'BEGIN {print (a - b) / n}')"
+}
+
+# Connections resting on the proxy listener (the gateway's gauge).
+resting_connections() {
+  curl -fs "http://$ADMIN/metrics" | awk '$1 == "shardgate_client_connections{state=\"resting\"}" {print $2}'
 }
 
 mib() { awk -v k="$1" 'BEGIN {printf "%.1f MiB", k / 1024}'; }

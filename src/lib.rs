@@ -405,14 +405,22 @@ impl Startup {
             limits: config.limits.clone(),
             tls: None,
             head_gate: false,
+            gauges: None,
         };
         let certificates = tls.as_ref().map(data::tls::Tls::certificates);
         let scheme = if tls.is_some() { "https" } else { "http" };
         let proxy_settings = ListenerSettings {
             tls,
             head_gate: true,
+            gauges: Some(data::server::rest::ConnectionGauges::new(&self.metrics)),
             ..settings.clone()
         };
+        if let Some(gauges) = proxy_settings.gauges.clone() {
+            let shutdown = self.shutdown.clone();
+            self.tasks.spawn_restarting("memory_release", move || {
+                data::server::rest::release_memory(gauges.clone(), shutdown.clone())
+            });
+        }
         let admission = Arc::new(data::admission::Admission::new(self.metrics.clone()));
         let gateway = Arc::new(Gateway {
             topology: snapshots.cell(),

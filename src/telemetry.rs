@@ -74,6 +74,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionStateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
     pub task: &'static str,
 }
@@ -108,6 +113,7 @@ pub struct Metrics {
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub idc_healthy: Family<IdcLabels, Gauge>,
     pub task_failures: Family<TaskLabels, Counter>,
+    pub client_connections: Family<ConnectionStateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -227,9 +233,16 @@ impl Metrics {
             "Background tasks (source, health, failover, moves, leader, registry, listeners) that panicked or ended unasked, by task",
             task_failures.clone(),
         );
+        let client_connections = Family::<ConnectionStateLabels, Gauge>::default();
+        registry.register(
+            "client_connections",
+            "Open client connections on the proxy listener, by state: active (hyper serving it) or resting (HTTP/1.1 keep-alive with nothing to do, holding no buffers)",
+            client_connections.clone(),
+        );
         Metrics {
             registry,
             task_failures,
+            client_connections,
             backend_healthy,
             idc_healthy,
             inflight,

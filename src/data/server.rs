@@ -4,14 +4,15 @@
 
 pub mod gate;
 mod redirect;
+pub mod rest;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,7 +23,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
@@ -31,6 +31,7 @@ use crate::data::tls::Tls;
 pub use redirect::{redirect, Redirect};
 
 use crate::data::upstream::body::ResponseBody;
+use rest::{ConnectionGauges, Counted, Lent, Readiness, Sending};
 
 /// How often a listener at its connection limit says so.
 const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -51,8 +52,11 @@ pub struct ListenerSettings {
     pub tls: Option<Tls>,
     /// Request heads go through the [`gate`] (the proxy listener): both `Content-Length` and
     /// `Transfer-Encoding`, conflicting lengths and oversized heads become a refusal the
-    /// handler answers with its JSON body.
+    /// handler answers with its JSON body. Plain connections through the gate rest when
+    /// they have nothing to do ([`rest`]).
     pub head_gate: bool,
+    /// Open connections by state, counted when set (the proxy listener).
+    pub gauges: Option<ConnectionGauges>,
 }
 
 impl ListenerSettings {
@@ -66,6 +70,7 @@ impl ListenerSettings {
             limits: Limits::default(),
             tls: None,
             head_gate: false,
+            gauges: None,
         }
     }
 }
@@ -132,8 +137,11 @@ pub async fn serve<H: Handler>(
     settings: ListenerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(builder(&settings));
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(Builders {
+        first: builder(&settings),
+        // A connection waking from rest goes on in HTTP/1.1: it spoke HTTP/1.1 before.
+        woken: builder(&settings).http1_only(),
+    });
     // One permit per open connection: past the limit a connection is accepted and closed at
     // once, which a client sees as a reset rather than a hang in the backlog.
     // Clamped as well as validated (config.rs): settings made in code skip the validation.
@@ -184,6 +192,7 @@ pub async fn serve<H: Handler>(
         let told = answers.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let busy = in_service.request_started();
+            let in_body = in_service.clone();
             let connect = req.method() == http::Method::CONNECT;
             // Boxed: hyper moves the service future around, and the pipeline's future is
             // large; moving a pointer is cheaper than copying kilobytes per request.
@@ -199,7 +208,7 @@ pub async fn serve<H: Handler>(
                     );
                 }
                 drop(busy);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(response.map(|body| Sending::new(body, in_body)))
             }
         });
         let io = ActivityIo {
@@ -207,50 +216,29 @@ pub async fn serve<H: Handler>(
             activity: activity.clone(),
         };
         let connection = Connection {
-            builder: builder.clone(),
-            watcher: graceful.watcher(),
+            builders: builders.clone(),
+            shutdown: shutdown.clone(),
+            counted: Counted::new(settings.gauges.clone()),
             activity,
             head: settings.header_read_timeout,
             idle: settings.idle_timeout,
             peer,
             gate: answers.map(|answers| (settings.max_header_bytes, answers)),
+            _slot: slot,
         };
-        let tls = settings.tls.clone();
-        // The futures below are boxed, each sized for the path this connection takes: inline,
-        // every connection's task would be as large as the largest of them (a TLS handshake,
-        // hyper on a TLS stream), which 10,000 idle connections pay in memory (DESIGN.md §11).
-        connections.spawn(async move {
-            match tls {
-                None => connection.serve(io, service).await,
-                Some(tls) => {
-                    // The handshake is part of the request head: it gets the same deadline.
-                    let handshake = Box::pin(tokio::time::timeout(
-                        connection.head,
-                        tls.acceptor.accept(io),
-                    ))
-                    .await;
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            connection.activity.mark_boundary();
-                            connection.serve(stream, service).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                        }
-                    }
-                }
-            }
-            drop(slot);
-        });
+        // The task holds a pointer to the future of the path this connection takes, sized
+        // for that path alone: 10,000 idle connections pay for their size (DESIGN.md §11).
+        let task: Pin<Box<dyn Future<Output = ()> + Send>> = match settings.tls.clone() {
+            None => connection.serve(io, service),
+            Some(tls) => Box::pin(connection.serve_tls(tls, io, service)),
+        };
+        connections.spawn(task);
     }
     drop(listener);
-    if tokio::time::timeout(settings.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Every connection saw `shutdown` change: idle and resting ones close at once, busy ones
+    // after their response (hyper's graceful shutdown).
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(settings.drain, drained).await.is_err() {
         tracing::warn!(
             drain_ms = settings.drain.as_millis() as u64,
             open = connections.len(),
@@ -260,22 +248,66 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// hyper's connection settings: for a new connection (HTTP/1.1, or HTTP/2 by preface or
+/// ALPN), and for one waking from rest.
+struct Builders {
+    first: auto::Builder<TokioExecutor>,
+    woken: auto::Builder<TokioExecutor>,
+}
+
 /// One accepted connection, past TLS: served by hyper under the watchdog.
 struct Connection {
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    builders: Arc<Builders>,
+    /// Turns true (or is dropped) when the listener shuts down.
+    shutdown: watch::Receiver<bool>,
+    counted: Counted,
     activity: Arc<Activity>,
     head: Duration,
     idle: Duration,
     peer: SocketAddr,
     /// The head limit and the handler's answers, when request heads go through the gate.
     gate: Option<(usize, Arc<gate::Answers>)>,
+    /// The connection's place under the listener's limit.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How one hyper connection ended.
+enum Served {
+    /// It finished (the client closed, an error, or the connection rested).
+    Done,
+    /// The watchdog or the shutdown ended it.
+    Closed,
 }
 
 impl Connection {
-    async fn serve<I, S, B>(self, io: I, service: S)
+    /// The TLS handshake, then the connection over it.
+    async fn serve_tls<S, B>(self, tls: Tls, io: ActivityIo, service: S)
     where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = self.peer;
+        // The handshake is part of the request head: it gets the same deadline.
+        match tokio::time::timeout(self.head, tls.acceptor.accept(io)).await {
+            Ok(Ok(stream)) => {
+                self.activity.mark_boundary();
+                self.serve(stream, service).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    }
+
+    /// Serves the connection past TLS; boxed, sized for the path it takes.
+    fn serve<I, S, B>(self, io: I, service: S) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    where
+        I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
@@ -286,14 +318,20 @@ impl Connection {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         match self.gate.clone() {
-            Some((max_head, answers)) => {
-                Box::pin(self.serve_io(gate::Gate::new(io, max_head, answers), service)).await
+            Some((max_head, answers)) if io.can_rest() => {
+                let gate = gate::Gate::new(io, max_head, answers);
+                Box::pin(self.serve_resting(gate, service))
             }
-            None => Box::pin(self.serve_io(io, service)).await,
+            Some((max_head, answers)) => {
+                let gate = gate::Gate::new(io, max_head, answers);
+                Box::pin(self.serve_once(gate, service))
+            }
+            None => Box::pin(self.serve_once(io, service)),
         }
     }
 
-    async fn serve_io<I, S, B>(self, io: I, service: S)
+    /// One hyper connection for the connection's life.
+    async fn serve_once<I, S, B>(mut self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -305,36 +343,148 @@ impl Connection {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = self.watcher.watch(conn);
-        let peer = self.peer;
-        tokio::select! {
-            result = conn => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        let activity = self.activity.clone();
+        let closing = activity.closing_time(self.head, self.idle);
+        tokio::pin!(closing);
+        let conn = Box::pin(
+            self.builders
+                .first
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned(),
+        );
+        self.run(conn, closing.as_mut()).await;
+    }
+
+    /// A plain connection through the gate: it starts resting (no hyper until a request
+    /// comes), and rests again each time it has nothing to do ([`rest`]).
+    async fn serve_resting<I, S, B>(mut self, gate: gate::Gate<I>, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let activity = self.activity.clone();
+        let closing = activity.closing_time(self.head, self.idle);
+        tokio::pin!(closing);
+        let home: rest::Home<I> = Arc::new(Mutex::new(Some(gate)));
+        let mut woken = false;
+        loop {
+            let Some(mut gate) = home.lock().ok().and_then(|mut h| h.take()) else {
+                return;
+            };
+            gate.shed_buffers();
+            self.counted.set_resting(true);
+            tokio::select! {
+                ready = rest::readable(&mut gate) => if ready.is_err() { return },
+                () = closing.as_mut() => {
+                    tracing::debug!(peer = %self.peer, "closing an idle client connection");
+                    return;
                 }
+                _ = self.shutdown.changed() => return,
             }
-            () = self.activity.closing_time(self.head, self.idle) => {
-                tracing::debug!(%peer, "closing an idle client connection");
+            self.counted.set_resting(false);
+            self.activity.wake();
+            // A watchdog that was resting may be in a long tick: a fresh one, on short ticks
+            // again, so that the connection can rest soon after this request.
+            closing.set(activity.closing_time(self.head, self.idle));
+            let builder = if woken {
+                &self.builders.woken
+            } else {
+                &self.builders.first
+            };
+            woken = true;
+            // Boxed (no binding of it held across the wait), and dropped when it ends: a
+            // resting connection keeps none of hyper's state.
+            let conn = Box::pin(
+                builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(Lent::new(gate, home.clone(), self.activity.clone())),
+                        service.clone(),
+                    )
+                    .into_owned(),
+            );
+            if let Served::Closed = self.run(conn, closing.as_mut()).await {
+                return;
+            }
+        }
+    }
+
+    /// Runs one hyper connection until it ends, the watchdog closes it, or the listener's
+    /// shutdown has it finish what is in flight.
+    async fn run<C, E>(
+        &mut self,
+        mut conn: Pin<Box<C>>,
+        mut closing: Pin<&mut impl Future<Output = ()>>,
+    ) -> Served
+    where
+        C: Future<Output = Result<(), E>> + GracefulConnection,
+        E: std::fmt::Display,
+    {
+        let mut draining = *self.shutdown.borrow();
+        if draining {
+            conn.as_mut().graceful();
+        }
+        let peer = self.peer;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    return if draining { Served::Closed } else { Served::Done };
+                }
+                () = closing.as_mut() => {
+                    tracing::debug!(%peer, "closing an idle client connection");
+                    return Served::Closed;
+                }
+                _ = self.shutdown.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful();
+                }
             }
         }
     }
 }
 
+/// A hyper connection that can be asked to finish what is in flight and close.
+trait GracefulConnection {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, B, E> GracefulConnection for auto::UpgradeableConnection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
 /// What a connection has done, for the watchdog: reads and writes (counters, so the hot path
-/// pays a relaxed add and no clock read), requests started and in flight, and the read count
-/// at the last request boundary (more reads since then, with nothing in flight, means a
-/// request head is arriving).
+/// pays a relaxed add and no clock read), requests started and in flight, response bodies
+/// being sent, and the read count at the last request boundary (more reads since then, with
+/// nothing in flight, means a request head is arriving). The watchdog also asks a quiet
+/// connection to rest ([`rest`]).
 #[derive(Default)]
-struct Activity {
+pub struct Activity {
     reads: AtomicU64,
     writes: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicU64,
+    bodies: AtomicU64,
     boundary_reads: AtomicU64,
+    rest: AtomicBool,
 }
 
 struct Busy(Arc<Activity>);
@@ -354,7 +504,35 @@ impl Activity {
             .store(self.reads.load(Ordering::Relaxed), Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.rest.store(false, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    fn body_started(&self) {
+        self.bodies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn body_ended(&self) {
+        self.bodies.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// No request in flight and no response body being sent.
+    fn idle_between_requests(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && self.bodies.load(Ordering::Relaxed) == 0
+    }
+
+    /// The watchdog found the connection quiet: it may rest at its next request boundary.
+    fn ask_rest(&self) {
+        self.rest.store(true, Ordering::Relaxed);
+    }
+
+    fn rest_asked(&self) -> bool {
+        self.rest.load(Ordering::Relaxed)
+    }
+
+    /// The connection woke from rest: bytes came.
+    fn wake(&self) {
+        self.rest.store(false, Ordering::Relaxed);
     }
 
     /// A request boundary with nothing in flight: the bytes read so far (a TLS handshake)
@@ -370,27 +548,38 @@ impl Activity {
 
     /// Resolves when the connection should be closed (DESIGN.md §10):
     /// - a new connection silent for `head` (it connected and said nothing);
-    /// - a request head still incomplete after one to two `head` periods (slowloris);
+    /// - a request head still incomplete after `head` (slowloris);
     /// - no request in flight and no bytes moving for `idle` (keep-alive idle).
     ///
-    /// It checks once per `min(head, idle)`, so each limit is kept to within one period. A
-    /// request in flight is bounded by the route's own timeouts, not here.
+    /// It checks once per `min(head, idle)`, so each limit is kept to within one period; and,
+    /// while the connection is awake, once per [`rest::REST_AFTER`] at most, asking it to rest
+    /// once it was quiet that long. A request in flight is bounded by the route's own
+    /// timeouts, not here.
     async fn closing_time(&self, head: Duration, idle: Duration) {
-        let tick = head.min(idle);
         let mut last_io = self.io();
         let mut quiet = Duration::ZERO;
-        let mut head_ticks = 0u32;
+        let mut arriving = Duration::ZERO;
         loop {
+            let tick = if self.rest_asked() {
+                head.min(idle)
+            } else {
+                head.min(idle).min(rest::REST_AFTER)
+            };
             tokio::time::sleep(tick).await;
             let io = self.io();
             if self.in_flight.load(Ordering::Relaxed) > 0 {
-                (last_io, quiet, head_ticks) = (io, Duration::ZERO, 0);
+                (last_io, quiet, arriving) = (io, Duration::ZERO, Duration::ZERO);
                 continue;
             }
             let head_arriving =
                 self.reads.load(Ordering::Relaxed) > self.boundary_reads.load(Ordering::Relaxed);
-            head_ticks = if head_arriving { head_ticks + 1 } else { 0 };
-            if head_ticks >= 2 {
+            arriving = if head_arriving {
+                arriving + tick
+            } else {
+                Duration::ZERO
+            };
+            // Seen arriving at checks `head` apart at least.
+            if arriving >= head + tick {
                 return;
             }
             if io == last_io {
@@ -406,6 +595,11 @@ impl Activity {
             if quiet >= limit {
                 return;
             }
+            if quiet >= rest::REST_AFTER && !head_arriving && !self.rest_asked() {
+                self.ask_rest();
+                // The connection is polled in this task: once more, now that it may rest.
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
@@ -416,7 +610,25 @@ struct ActivityIo {
     activity: Arc<Activity>,
 }
 
-impl ActivityIo {}
+impl Readiness for ActivityIo {
+    fn can_rest(&self) -> bool {
+        true
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl Readiness for tokio_rustls::server::TlsStream<ActivityIo> {
+    fn can_rest(&self) -> bool {
+        false
+    }
+
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_ref().0.poll_readable(cx)
+    }
+}
 
 impl AsyncRead for ActivityIo {
     fn poll_read(

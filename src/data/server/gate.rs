@@ -474,6 +474,29 @@ impl<I> Gate<I> {
             out_pos: 0,
         }
     }
+
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
+
+    /// At a request boundary with nothing owed: no bytes held or waiting for hyper, and every
+    /// head handed over answered (a resting connection loses nothing).
+    pub fn at_rest(&self) -> bool {
+        self.scanner.state == State::Head
+            && self.scanner.pending.is_empty()
+            && self.out_pos >= self.out.len()
+            && self.answers.given.load(Ordering::Acquire) == self.scanner.heads
+    }
+
+    /// Gives the gate's buffers back to the allocator (a resting connection holds none).
+    pub fn shed_buffers(&mut self) {
+        if self.out_pos >= self.out.len() {
+            (self.out, self.out_pos) = (Vec::new(), 0);
+        }
+        if self.scanner.pending.is_empty() {
+            self.scanner.pending = Vec::new();
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Gate<I> {
