@@ -444,7 +444,12 @@ impl Startup {
         // replaced.
         self.tasks.spawn_once(
             "proxy_listener",
-            data::server::serve(bound.proxy, gateway, proxy_settings, self.shutdown.clone()),
+            data::server::serve_accepting_apart(
+                bound.proxy,
+                gateway,
+                proxy_settings,
+                self.shutdown.clone(),
+            ),
         );
         let mut redirect_addr = None;
         if let Some(addr) = config.tls.as_ref().and_then(|t| t.redirect_http) {

@@ -135,8 +135,94 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     settings: ListenerSettings,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    accept_loop(listener, handler, settings, shutdown, None).await
+}
+
+/// [`serve`], with the accept loop on a thread of its own (the proxy listener). Connections
+/// are still served by the runtime this is called on. What a connection keeps for its life
+/// (its task, its state, its socket's registration) is then allocated by that thread, apart
+/// from the buffers its requests use and free on the workers: when idle connections rest, the
+/// memory of those buffers is whole free pages the allocator can give back, not holes between
+/// live connections (DESIGN.md §11). Returns when the accept loop ends (or its thread failed).
+pub async fn serve_accepting_apart<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    settings: ListenerSettings,
+    shutdown: watch::Receiver<bool>,
+) {
+    let workers = tokio::runtime::Handle::current();
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand the listener to its accept thread");
+            return;
+        }
+    };
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    // Dropped with this future (the listener's task aborted or panicked): the accept thread
+    // then closes the listener and its connections, as the task itself would have.
+    let (_abandon, abandoned) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("shardgate-accept".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the accept thread's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        let apart = Some((workers, abandoned));
+                        accept_loop(listener, handler, settings, shutdown, apart).await
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot register the listener"),
+                }
+            });
+            let _ = done.send(());
+        });
+    if let Err(e) = thread {
+        tracing::error!(error = %e, "cannot start the accept thread");
+        return;
+    }
+    // An error here is the thread gone without saying so (a panic): the listener ended.
+    let _ = finished.await;
+}
+
+/// The runtime that serves the connections of an accept loop running apart, and the signal
+/// that the loop's owner is gone.
+type Apart = (tokio::runtime::Handle, tokio::sync::oneshot::Receiver<()>);
+
+/// Accepts and serves until `shutdown`. Apart: connections run on the given runtime (their
+/// sockets registered there), and when the owner is gone the listener and its connections
+/// close at once; otherwise they run on the current runtime.
+async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    settings: ListenerSettings,
+    mut shutdown: watch::Receiver<bool>,
+    apart: Option<Apart>,
+) {
+    let (workers, mut abandoned) = match apart {
+        Some((workers, abandoned)) => (Some(workers), Some(abandoned)),
+        None => (None, None),
+    };
+    let abandoned = async move {
+        match abandoned.as_mut() {
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(abandoned);
     let builders = Arc::new(Builders {
         first: builder(&settings),
         // A connection waking from rest goes on in HTTP/1.1: it spoke HTTP/1.1 before.
@@ -164,6 +250,8 @@ pub async fn serve<H: Handler>(
                 }
             },
             _ = shutdown.changed() => break,
+            // Returning drops the listener and the connections' tasks with it.
+            () = &mut abandoned => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream);
@@ -180,6 +268,17 @@ pub async fn serve<H: Handler>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Served by the workers: the socket is registered with their I/O driver.
+        let stream = match &workers {
+            None => stream,
+            Some(workers) => match rehome(stream, workers) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot hand a connection to the workers");
+                    continue;
+                }
+            },
+        };
         let handler = handler.clone();
         let activity = Arc::new(Activity::default());
         let in_service = activity.clone();
@@ -232,7 +331,10 @@ pub async fn serve<H: Handler>(
             None => connection.serve(io, service),
             Some(tls) => Box::pin(connection.serve_tls(tls, io, service)),
         };
-        connections.spawn(task);
+        match &workers {
+            None => connections.spawn(task),
+            Some(workers) => connections.spawn_on(task, workers),
+        };
     }
     drop(listener);
     // Every connection saw `shutdown` change: idle and resting ones close at once, busy ones
@@ -253,6 +355,13 @@ pub async fn serve<H: Handler>(
 struct Builders {
     first: auto::Builder<TokioExecutor>,
     woken: auto::Builder<TokioExecutor>,
+}
+
+/// `stream`, registered with the I/O driver of `workers` instead of the current runtime's.
+fn rehome(stream: TcpStream, workers: &tokio::runtime::Handle) -> io::Result<TcpStream> {
+    let std = stream.into_std()?;
+    let _entered = workers.enter();
+    TcpStream::from_std(std)
 }
 
 /// One accepted connection, past TLS: served by hyper under the watchdog.
@@ -319,8 +428,9 @@ impl Connection {
     {
         match self.gate.clone() {
             Some((max_head, answers)) if io.can_rest() => {
-                let gate = gate::Gate::new(io, max_head, answers);
-                Box::pin(self.serve_resting(gate, service))
+                // Made here, with the connection (on the accept thread), not on a worker.
+                let home = Arc::new(Mutex::new(Some(gate::Gate::new(io, max_head, answers))));
+                Box::pin(self.serve_resting(home, service))
             }
             Some((max_head, answers)) => {
                 let gate = gate::Gate::new(io, max_head, answers);
@@ -357,7 +467,7 @@ impl Connection {
 
     /// A plain connection through the gate: it starts resting (no hyper until a request
     /// comes), and rests again each time it has nothing to do ([`rest`]).
-    async fn serve_resting<I, S, B>(mut self, gate: gate::Gate<I>, service: S)
+    async fn serve_resting<I, S, B>(mut self, home: rest::Home<I>, service: S)
     where
         I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -372,7 +482,6 @@ impl Connection {
         let activity = self.activity.clone();
         let closing = activity.closing_time(self.head, self.idle);
         tokio::pin!(closing);
-        let home: rest::Home<I> = Arc::new(Mutex::new(Some(gate)));
         let mut woken = false;
         loop {
             let Some(mut gate) = home.lock().ok().and_then(|mut h| h.take()) else {
