@@ -11,6 +11,7 @@ pub mod moves;
 pub mod overrides;
 mod problems;
 pub mod raw;
+mod ring_shards;
 mod shard_headers;
 
 use std::sync::Arc;
@@ -181,6 +182,8 @@ pub struct Topology {
     owner_epochs: epochs::OwnerEpochs,
     /// shard → its number as a header value (`x-shardgate-shard`).
     shard_headers: shard_headers::ShardHeaders,
+    /// What the shard tables took from the hash ring, for the next build to reuse.
+    ring_shards: Arc<ring_shards::RingShards>,
     /// Where non-sharded routes (and `on_missing_key = "local"`) go.
     global: Option<IdcId>,
     /// Writes admitted under this snapshot whose exchange with the backend is not over yet.

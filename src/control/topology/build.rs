@@ -11,6 +11,7 @@ use http::Method;
 
 use super::moves::ShardSet;
 use super::raw::{RawIdc, RawRoute, RawTopology};
+use super::ring_shards::RingShards;
 use super::{
     FailoverSpec, Fallback, HealthSpec, Idc, IdcId, IdcState, MissingKey, Overrides, Problem,
     Problems, RateLimitSpec, Route, RouteId, SetId, SetSpec, Shard, Topology,
@@ -131,7 +132,15 @@ pub fn build_with_previous(
     // Build: the route matcher, the shard and serving tables, owner epochs, degrade switches.
     let matcher = route_matcher(&routes);
     let ring = idc_ring(&doc.idcs);
-    let (mut home, mut order) = shard_tables(&doc.idcs, &idc_ids, &ring, &pinned, shard_count);
+    let ring_shards = RingShards::for_build(
+        &doc.idcs,
+        &idc_ids,
+        &ring,
+        shard_count,
+        previous.map(|p| &p.ring_shards),
+    );
+    let (mut home, mut order) =
+        shard_tables(&doc.idcs, &idc_ids, &ring_shards, &pinned, shard_count);
     let moves = super::moves::apply(overrides, &idc_ids, shard_count, &mut home, &mut order);
     let warmup = warmup_steps(&idcs, overrides);
     let serving = serving_table(
@@ -181,6 +190,7 @@ pub fn build_with_previous(
             shard_count,
             previous.map(|p| &p.shard_headers),
         ),
+        ring_shards,
         global,
         writes_in_flight: std::sync::atomic::AtomicU64::new(0),
     })
@@ -737,38 +747,34 @@ pub fn idc_ring(idcs: &[RawIdc]) -> Ring<String> {
 fn shard_tables(
     raw: &[RawIdc],
     ids: &HashMap<&str, IdcId>,
-    ring: &Ring<String>,
+    ring: &RingShards,
     pinned: &[Option<IdcId>],
     shard_count: u32,
 ) -> (Vec<IdcId>, Vec<IdcId>) {
     let n = raw.len();
+    // Each IDC's `failover_to`, resolved once rather than once per shard.
+    let failover_to: Vec<Vec<IdcId>> = raw
+        .iter()
+        .map(|i| {
+            i.failover_to
+                .iter()
+                .filter_map(|name| ids.get(name.as_str()).copied())
+                .collect()
+        })
+        .collect();
     let mut home = Vec::with_capacity(shard_count as usize);
     let mut order = Vec::with_capacity(shard_count as usize * n);
     let mut row: Vec<IdcId> = Vec::with_capacity(n);
     for shard in 0..shard_count {
         row.clear();
-        let ring_order = ring
-            .replicas(shard)
-            .filter_map(|name| ids.get(name.as_str()).copied());
         let h = match pinned[shard as usize] {
             Some(idc) => idc,
-            None => ring
-                .try_get(shard)
-                .and_then(|name| ids.get(name.as_str()).copied())
-                .unwrap_or(IdcId(0)),
+            None => ring.home(shard).unwrap_or(IdcId(0)),
         };
         home.push(h);
         row.push(h);
-        for next in raw[h.0 as usize]
-            .failover_to
-            .iter()
-            .filter_map(|name| ids.get(name.as_str()).copied())
-        {
-            if !row.contains(&next) {
-                row.push(next);
-            }
-        }
-        for next in ring_order {
+        let after_home = failover_to.get(h.0 as usize).map_or(&[][..], Vec::as_slice);
+        for &next in after_home.iter().chain(ring.order(shard)) {
             if !row.contains(&next) {
                 row.push(next);
             }

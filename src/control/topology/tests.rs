@@ -183,6 +183,55 @@ fn every_shard_has_exactly_one_serving_idc_and_a_full_failover_order() {
     assert_eq!(t.shards_served().iter().sum::<u32>(), 1024);
 }
 
+#[test]
+fn a_rebuild_reuses_the_ring_walk_only_while_the_idcs_are_the_same() {
+    let ctx = BuildContext {
+        revision: 8,
+        ..BuildContext::default()
+    };
+    let with_previous = |text: &str, previous: &Topology| {
+        let raw = RawTopology::parse(text).unwrap();
+        build_with_previous(
+            raw,
+            &Overrides::default(),
+            &ctx,
+            &Upstreams::new(),
+            Some(previous),
+        )
+        .unwrap()
+    };
+    let failover = "[[idcs]]\nname = \"xa\"\nweight = 0\nfailover_to = [\"gz\"]\npools.core = [\"127.0.0.1:7200\"]\npools.noncore = [\"127.0.0.1:7201\"]\n";
+    let first = build_text(
+        &doc(&[("sh", 100), ("bj", 50), ("gz", 100)], ""),
+        &Overrides::default(),
+    )
+    .unwrap();
+    // The same IDCs with pins: the walk is reused, and the tables are those of a build from
+    // nothing.
+    let pinned = doc(
+        &[("sh", 100), ("bj", 50), ("gz", 100)],
+        "[[shards.pins]]\nrange = \"0-99\"\nidc = \"gz\"\n",
+    );
+    let reused = with_previous(&pinned, &first);
+    assert!(Arc::ptr_eq(&reused.ring_shards, &first.ring_shards));
+    let fresh = build_text(&pinned, &Overrides::default()).unwrap();
+    assert_eq!((&reused.home, &reused.order), (&fresh.home, &fresh.order));
+    assert_eq!(reused.serving, fresh.serving);
+    assert_ne!(reused.home, first.home, "the pins took effect");
+
+    // A weight changed, or an IDC added: walked anew, and again the same as from nothing.
+    for text in [
+        doc(&[("sh", 100), ("bj", 80), ("gz", 100)], ""),
+        doc(&[("sh", 100), ("bj", 50), ("gz", 100)], failover),
+    ] {
+        let rebuilt = with_previous(&text, &first);
+        assert!(!Arc::ptr_eq(&rebuilt.ring_shards, &first.ring_shards));
+        let fresh = build_text(&text, &Overrides::default()).unwrap();
+        assert_eq!((&rebuilt.home, &rebuilt.order), (&fresh.home, &fresh.order));
+        assert_ne!(rebuilt.order, first.order, "the change took effect");
+    }
+}
+
 fn state(idc: &str, state: IdcState, at: u64) -> Overrides {
     let mut o = Overrides::default();
     o.idcs.insert(
