@@ -1,7 +1,8 @@
 //! WebSocket upgrades (HTTP/1.1): on a route with `websocket = true` the handshake goes
 //! upstream, the backend's 101 comes back, and raw bytes then flow both ways through the
 //! gateway; on a route without it the upgrade headers are stripped and the backend sees a
-//! plain GET; the request gate steps aside only once a 101 came back. The backend is a raw
+//! plain GET; the request gate steps aside only once a 101 came back; a connection that rested
+//! between requests still upgrades, and an upgraded one never rests. The backend is a raw
 //! TCP server on 127.0.0.1 that answers an upgrade with 101 and then echoes.
 
 #![allow(clippy::unwrap_used)]
@@ -298,4 +299,56 @@ async fn the_request_gate_steps_aside_only_after_a_101() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
     assert_eq!(c.total_hits(), hits + 1, "only the handshake was forwarded");
+}
+
+/// The proxy listener's resting connections (`shardgate_client_connections{state="resting"}`).
+async fn resting(c: &Cluster) -> Option<i64> {
+    let metrics = c.admin_get("/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("shardgate_client_connections{state=\"resting\"} "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_rested_still_upgrades() {
+    let (backend, heads) = upgrading_backend().await;
+    let c = cluster(backend, None).await;
+    let mut s = TcpStream::connect(c.proxy()).await.unwrap();
+    // A plain request first, then quiet until the connection rests (its hyper connection
+    // gone); the handshake then wakes it on the same socket.
+    s.write_all(b"GET /nows/a HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(read_exact(&mut s, 5).await, b"plain");
+    support::eventually("the connection to rest", || async {
+        (resting(&c).await == Some(1)).then_some(())
+    })
+    .await;
+
+    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact(&mut s, 4).await, b"ping");
+    let requests = heads
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| !h.starts_with("GET /healthz"))
+        .count();
+    assert_eq!(
+        requests, 2,
+        "the plain request and the handshake (health probes aside)"
+    );
+    // An upgraded connection never rests: it is no longer HTTP.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(resting(&c).await, Some(0));
+    s.write_all(b"pong").await.unwrap();
+    assert_eq!(read_exact(&mut s, 4).await, b"pong");
 }
