@@ -37,11 +37,7 @@ fn post(path: &str, key: &str, body: impl Into<Bytes>) -> Request<support::Clien
 
 /// `name{labels} value` from the gateway's metrics, 0 when absent.
 async fn metric(c: &Cluster, line_start: &str) -> u64 {
-    let text = c.admin_get("/metrics").await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    c.metric(line_start).await.unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,15 +13,10 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The gauge of client connections in `state`, read from the admin endpoint.
+/// The gauge of client connections in `state`, read from the admin endpoint (-1: absent).
 async fn connections(c: &Cluster, state: &str) -> i64 {
-    let metrics = c.admin_get("/metrics").await.text();
-    let prefix = format!("shardgate_client_connections{{state=\"{state}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1)
+    let series = format!("shardgate_client_connections{{state=\"{state}\"}}");
+    c.metric(&series).await.map_or(-1, |v| v as i64)
 }
 
 /// Reads one response with a `content-length` body from `s`; its status and body.

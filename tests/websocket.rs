@@ -103,6 +103,18 @@ async fn cluster(backend: SocketAddr, idle: Option<Duration>) -> Cluster {
 const HANDSHAKE: &str = "Host: gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
                          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
+/// Upgrades `s` on `/ws/chat`: the 101, the backend's greeting, then one echoed message.
+async fn upgrade_and_echo(s: &mut TcpStream) {
+    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(s).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_exact(s, 18).await, b"hello from backend");
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_exact(s, 4).await, b"ping");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_is_proxied_and_bytes_flow_both_ways() {
     let (backend, heads) = upgrading_backend().await;
@@ -172,14 +184,7 @@ async fn an_idle_upgraded_connection_is_closed() {
     let (backend, _) = upgrading_backend().await;
     let c = cluster(backend, Some(Duration::from_millis(300))).await;
     let mut s = TcpStream::connect(c.proxy()).await.unwrap();
-    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await.expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
-    s.write_all(b"ping").await.unwrap();
-    assert_eq!(read_exact(&mut s, 4).await, b"ping");
+    upgrade_and_echo(&mut s).await;
     // Then silence: the gateway closes the pair on its own (the read ends, at EOF or with a
     // reset, well before the deadline; without the idle limit it would never end).
     let mut rest = Vec::new();
@@ -303,11 +308,9 @@ async fn the_request_gate_steps_aside_only_after_a_101() {
 
 /// The proxy listener's resting connections (`shardgate_client_connections{state="resting"}`).
 async fn resting(c: &Cluster) -> Option<i64> {
-    let metrics = c.admin_get("/metrics").await.text();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("shardgate_client_connections{state=\"resting\"} "))
-        .and_then(|v| v.trim().parse().ok())
+    c.metric("shardgate_client_connections{state=\"resting\"}")
+        .await
+        .map(|v| v as i64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,14 +331,7 @@ async fn a_connection_that_rested_still_upgrades() {
     })
     .await;
 
-    s.write_all(format!("GET /ws/chat HTTP/1.1\r\n{HANDSHAKE}").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await.expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_eq!(read_exact(&mut s, 18).await, b"hello from backend");
-    s.write_all(b"ping").await.unwrap();
-    assert_eq!(read_exact(&mut s, 4).await, b"ping");
+    upgrade_and_echo(&mut s).await;
     let requests = heads
         .lock()
         .unwrap()

@@ -390,16 +390,9 @@ enum Served {
 
 impl Connection {
     /// The TLS handshake, then the connection over it.
-    async fn serve_tls<S, B>(self, tls: Tls, io: ActivityIo, service: S)
+    async fn serve_tls<S>(self, tls: Tls, io: ActivityIo, service: S)
     where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService,
     {
         let peer = self.peer;
         // The handshake is part of the request head: it gets the same deadline.
@@ -414,20 +407,13 @@ impl Connection {
     }
 
     /// Serves the connection past TLS; boxed, sized for the path it takes.
-    fn serve<I, S, B>(self, io: I, service: S) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    fn serve<I, S>(self, io: I, service: S) -> Pin<Box<dyn Future<Output = ()> + Send>>
     where
         I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService,
     {
         match self.gate.clone() {
-            Some((max_head, answers)) if io.can_rest() => {
+            Some((max_head, answers)) if io.socket().is_some() => {
                 // Made here, with the connection (on the accept thread), not on a worker.
                 let home = Arc::new(Mutex::new(Some(gate::Gate::new(io, max_head, answers))));
                 Box::pin(self.serve_resting(home, service))
@@ -441,17 +427,10 @@ impl Connection {
     }
 
     /// One hyper connection for the connection's life.
-    async fn serve_once<I, S, B>(mut self, io: I, service: S)
+    async fn serve_once<I, S>(mut self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService,
     {
         let activity = self.activity.clone();
         let closing = activity.closing_time(self.head, self.idle);
@@ -467,17 +446,10 @@ impl Connection {
 
     /// A plain connection through the gate: it starts resting (no hyper until a request
     /// comes), and rests again each time it has nothing to do ([`rest`]).
-    async fn serve_resting<I, S, B>(mut self, home: rest::Home<I>, service: S)
+    async fn serve_resting<I, S>(mut self, home: rest::Home<I>, service: S)
     where
         I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-        S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: http_body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnService,
     {
         let activity = self.activity.clone();
         let closing = activity.closing_time(self.head, self.idle);
@@ -490,7 +462,7 @@ impl Connection {
             gate.shed_buffers();
             self.counted.set_resting(true);
             tokio::select! {
-                ready = rest::readable(&mut gate) => if ready.is_err() { return },
+                ready = rest::readable(&gate) => if ready.is_err() { return },
                 () = closing.as_mut() => {
                     tracing::debug!(peer = %self.peer, "closing an idle client connection");
                     return;
@@ -526,18 +498,18 @@ impl Connection {
 
     /// Runs one hyper connection until it ends, the watchdog closes it, or the listener's
     /// shutdown has it finish what is in flight.
-    async fn run<C, E>(
+    async fn run<I, S>(
         &mut self,
-        mut conn: Pin<Box<C>>,
+        mut conn: Pin<Box<HyperConnection<I, S>>>,
         mut closing: Pin<&mut impl Future<Output = ()>>,
     ) -> Served
     where
-        C: Future<Output = Result<(), E>> + GracefulConnection,
-        E: std::fmt::Display,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: ConnService,
     {
         let mut draining = *self.shutdown.borrow();
         if draining {
-            conn.as_mut().graceful();
+            conn.as_mut().graceful_shutdown();
         }
         let peer = self.peer;
         loop {
@@ -554,31 +526,41 @@ impl Connection {
                 }
                 _ = self.shutdown.changed(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful();
+                    conn.as_mut().graceful_shutdown();
                 }
             }
         }
     }
 }
 
-/// A hyper connection that can be asked to finish what is in flight and close.
-trait GracefulConnection {
-    fn graceful(self: Pin<&mut Self>);
+/// The per-connection service the listener hands hyper: the handler behind the gate's
+/// bookkeeping, answering with bodies counted while they are sent ([`Sending`]).
+trait ConnService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Sending<ResponseBody>>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
 }
 
-impl<I, S, B, E> GracefulConnection for auto::UpgradeableConnection<'static, I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: auto::HttpServerConnExec<S::Future, B>,
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Sending<ResponseBody>>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
 {
-    fn graceful(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
+
+/// One hyper connection (HTTP/1.1, or HTTP/2 by preface or ALPN) over `I`.
+type HyperConnection<I, S> = auto::UpgradeableConnection<'static, TokioIo<I>, S, TokioExecutor>;
 
 /// What a connection has done, for the watchdog: reads and writes (counters, so the hot path
 /// pays a relaxed add and no clock read), requests started and in flight, response bodies
@@ -720,22 +702,14 @@ struct ActivityIo {
 }
 
 impl Readiness for ActivityIo {
-    fn can_rest(&self) -> bool {
-        true
-    }
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_read_ready(cx)
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(&self.inner)
     }
 }
 
 impl Readiness for tokio_rustls::server::TlsStream<ActivityIo> {
-    fn can_rest(&self) -> bool {
-        false
-    }
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_ref().0.poll_readable(cx)
+    fn socket(&self) -> Option<&TcpStream> {
+        None
     }
 }
 

@@ -457,6 +457,13 @@ impl Cluster {
         send(self.admin(), get(path, &[])).await
     }
 
+    /// The value of the `/metrics` line that starts with `series` (`name{labels}`), if any.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
     /// Stops the gateway (if still running) and the backends.
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::gate::Gate;
@@ -34,28 +35,30 @@ use crate::telemetry::{ConnectionStateLabels, Metrics};
 /// watchdog decides at its ticks).
 pub const REST_AFTER: Duration = Duration::from_secs(1);
 
-/// A client stream whose readability can be awaited without a read buffer.
+/// A client stream that may rest: its socket, when everything the connection has to read is
+/// in it (a plain TCP connection); `None` when it is not (TLS keeps decrypted bytes and session
+/// state in the stream), and the connection never rests.
 pub trait Readiness {
-    /// Whether the connection may rest at all: everything it has to read is in the socket.
-    fn can_rest(&self) -> bool;
-    /// Ready when the socket has bytes to read (or was closed).
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn socket(&self) -> Option<&TcpStream>;
 }
 
 impl<I: Readiness> Readiness for Gate<I> {
-    fn can_rest(&self) -> bool {
-        self.inner().can_rest()
-    }
-
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner().poll_readable(cx)
+    fn socket(&self) -> Option<&TcpStream> {
+        self.inner().socket()
     }
 }
 
-/// Resolves when the socket behind `gate` has bytes to read. (Borrowed mutably, so that the
-/// waiting future is `Send` without the stream being `Sync`.)
-pub fn readable<I: Readiness>(gate: &mut Gate<I>) -> impl Future<Output = io::Result<()>> + '_ {
-    std::future::poll_fn(move |cx| gate.poll_readable(cx))
+/// Resolves when the socket behind `gate` has bytes to read (or was closed); at once, with an
+/// error, for a stream that cannot rest.
+/// (The future holds the socket, not the gate: it is `Send` without the gate being `Sync`.)
+pub fn readable<I: Readiness>(gate: &Gate<I>) -> impl Future<Output = io::Result<()>> + '_ {
+    let socket = gate.socket();
+    async move {
+        match socket {
+            Some(socket) => socket.readable().await,
+            None => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
 }
 
 /// Where a lent gate comes back to when its connection rests.
@@ -85,10 +88,10 @@ impl<I> Lent<I> {
         }
     }
 
-    fn may_rest(&self, gate: &Gate<I>) -> bool {
+    fn may_rest(&self) -> bool {
         self.activity.rest_asked()
             && !self.write_blocked
-            && gate.at_rest()
+            && self.gate.as_ref().is_some_and(Gate::at_rest)
             && self.activity.idle_between_requests()
     }
 }
@@ -117,7 +120,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Lent<I> {
             return Poll::Ready(Ok(()));
         };
         match Pin::new(&mut *gate).poll_read(cx, buf) {
-            Poll::Pending if this.may_rest(this.gate.as_ref().expect("lent gate")) => {
+            Poll::Pending if this.may_rest() => {
                 // Nothing to read, nothing held, nothing owed: hyper sees a clean end at a
                 // request boundary and closes without writing.
                 this.resting = true;
