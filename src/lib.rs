@@ -13,8 +13,8 @@
 //!  data       server, tls → proxy → admission · forward · upgrade · error · headers
 //!  control    etcd (source, registry, leader) · failover · moves · health · source ·
 //!             self_fence · tasks · topology (the snapshot: plain *Spec values)
-//!  low level  data::route (pure matching) · data::upstream (pools, leases, bodies,
-//!             backend health, upstream TLS)
+//!  low level  data::route (pure matching) · data::upstream (pools, leases, the HTTP/1.1
+//!             client, bodies, backend health, upstream TLS)
 //!  base       config · telemetry · util
 //! ```
 //!

@@ -1,6 +1,7 @@
 //! Bodies stream through the gateway in both directions: a 20 MiB chunked upload reaches the
 //! backend whole, an upload is forwarded while the client is still sending it, and a 20 MiB
-//! download reaches the client while the backend is still producing it.
+//! download reaches the client while the backend is still producing it; answers of every
+//! framing (sized, chunked, empty, to HEAD) leave the upstream connection in its pool.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -142,21 +143,27 @@ async fn bulk_answer(
 
 async fn bulk_cluster(state: Arc<Bulk>, go: watch::Receiver<bool>) -> Cluster {
     let addr = start_bulk_backend(state, go).await;
+    cluster_over(addr, "bulk", "timeout_ms = 30000\nretries = 0").await
+}
+
+/// A cluster whose set `bulk` is the backend at `addr`, with a route `name` under `/name`
+/// keyed by `x-user-id` (and `extra` lines).
+async fn cluster_over(addr: SocketAddr, name: &str, extra: &str) -> Cluster {
     Cluster::start_with(Options {
         extra_pools: vec![("bulk".into(), addr)],
-        extra_toml: r#"
+        extra_toml: format!(
+            r#"
 [sets.bulk]
 priority = 1
 
 [[routes]]
-name = "bulk"
-path_prefix = "/bulk"
+name = "{name}"
+path_prefix = "/{name}"
 set = "bulk"
 key = ["header:x-user-id"]
-timeout_ms = 30000
-retries = 0
+{extra}
 "#
-        .into(),
+        ),
         ..Options::default()
     })
     .await
@@ -253,6 +260,125 @@ async fn a_20_mib_download_streams_to_the_client() {
         got.finalize(),
         expected.finalize(),
         "CRC-32 of the download"
+    );
+    c.stop().await;
+}
+
+/// A backend noting which of its connections served `/reuse` requests (health probes come on
+/// connections of their own): `/reuse/sized` answers with a length, `/reuse/chunked` in two
+/// chunks without one, `/reuse/empty` with 204, anything else with its request body's size.
+async fn counting_backend(
+    served_on: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the counting backend");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        let mut next_id = 0u64;
+        while let Ok((stream, _)) = listener.accept().await {
+            next_id += 1;
+            let id = next_id;
+            let served_on = served_on.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let served_on = served_on.clone();
+                async move {
+                    let path = req.uri().path().to_owned();
+                    if path.starts_with("/reuse") {
+                        served_on.lock().expect("the connection set").insert(id);
+                    }
+                    let answer = match path.as_str() {
+                        "/reuse/sized" => Response::new(
+                            Full::new(Bytes::from_static(b"sized"))
+                                .map_err(|e| match e {})
+                                .boxed(),
+                        ),
+                        "/reuse/chunked" => {
+                            let (tx, body) = channel_body();
+                            tokio::spawn(async move {
+                                let _ = tx.send(Bytes::from_static(b"first ")).await;
+                                let _ = tx.send(Bytes::from_static(b"second")).await;
+                            });
+                            Response::new(body)
+                        }
+                        "/reuse/empty" => {
+                            let mut r = Response::new(
+                                Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+                            );
+                            *r.status_mut() = StatusCode::NO_CONTENT;
+                            r
+                        }
+                        _ => {
+                            let n = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map_or(0, |b| b.to_bytes().len());
+                            Response::new(
+                                Full::new(Bytes::from(n.to_string()))
+                                    .map_err(|e| match e {})
+                                    .boxed(),
+                            )
+                        }
+                    };
+                    Ok::<_, Infallible>(answer)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_of_every_framing_leave_the_upstream_connection_pooled() {
+    let served_on = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let addr = counting_backend(served_on.clone()).await;
+    let c = cluster_over(addr, "reuse", "").await;
+    let expected: [(Method, &str, StatusCode, &str); 5] = [
+        (Method::GET, "/reuse/sized", StatusCode::OK, "sized"),
+        (
+            Method::GET,
+            "/reuse/chunked",
+            StatusCode::OK,
+            "first second",
+        ),
+        (Method::GET, "/reuse/empty", StatusCode::NO_CONTENT, ""),
+        (Method::HEAD, "/reuse/sized", StatusCode::OK, ""),
+        (Method::POST, "/reuse/echo", StatusCode::OK, "7"),
+    ];
+    // Sequential requests, each answered whole before the next: one connection carries all.
+    for round in 0..3 {
+        for (method, path, status, body) in expected.clone() {
+            let payload = if method == Method::POST {
+                "payload"
+            } else {
+                ""
+            };
+            let r = c
+                .send(support::request(
+                    method.clone(),
+                    path,
+                    &[("x-user-id", "u")],
+                    payload,
+                ))
+                .await;
+            assert_eq!(
+                r.status,
+                status,
+                "round {round}: {method} {path}: {}",
+                r.text()
+            );
+            assert_eq!(r.text(), body, "round {round}: {method} {path}");
+        }
+    }
+    let connections = served_on.lock().expect("the connection set").len();
+    assert_eq!(
+        connections, 1,
+        "15 sequential exchanges of every framing went over one upstream connection"
     );
     c.stop().await;
 }

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
-use crate::data::upstream::body::{BodyTooLarge, RequestBody};
+use crate::data::upstream::body::{RequestBody, UpstreamBody};
 use crate::data::upstream::{Backend, Lease};
 
 /// Where a retry is paid for: asked once before each retry, and no retry is made when it says
@@ -39,18 +38,6 @@ pub enum ForwardError {
     BodyTooLarge(u64),
 }
 
-/// The body limit that ended an exchange, if that is what ended it.
-fn body_too_large(e: &hyper::Error) -> Option<u64> {
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(limit) = c.downcast_ref::<BodyTooLarge>() {
-            return Some(limit.0);
-        }
-        cause = c.source();
-    }
-    None
-}
-
 /// How one forward may behave.
 #[derive(Clone, Copy)]
 pub struct ForwardPolicy<'a> {
@@ -76,7 +63,7 @@ pub struct ForwardPolicy<'a> {
 
 /// A backend's answer, the lease on its connection, and the request's copy when one was kept
 /// (`ForwardPolicy::keep_copy`, or a replayable request).
-pub type Answered = (Response<Incoming>, Lease, Option<Request<RequestBody>>);
+pub type Answered = (Response<UpstreamBody>, Lease, Option<Request<RequestBody>>);
 
 /// Picks the backend with fewer requests in flight out of two random ones, among those in
 /// service and not yet tried. `None` when none is left: backends out of service are never
@@ -146,10 +133,9 @@ pub async fn forward(
         };
         let (mut conn, reused) = match idle {
             Some(s) => (s, true),
-            None => match backend
-                .connect(policy.connect_timeout, policy.upgrade)
-                .await
-            {
+            // Boxed: a new connection is the rare path, and its future (TCP, TLS, handshake)
+            // would otherwise sit in every request's state.
+            None => match Box::pin(backend.connect(policy.connect_timeout, policy.upgrade)).await {
                 Ok(s) => (s, false),
                 Err(e) => {
                     backend.health.record_connect_failure();
@@ -165,16 +151,13 @@ pub async fn forward(
             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
             continue;
         }
-        // The copy costs a header-map clone, made for every replayable request: besides a
-        // retry here, the caller may replay it in the shard's new serving IDC when a failover
-        // happened while it was in flight (what the copy is for when the pool has no backend
-        // left to retry on). With `keep_copy` the copy is also made for a request that is not
-        // replayable here, when its body is not a stream (empty, or kept whole): a backend's 421
-        // may send it to another IDC, never a retry here. Writes pay one header-map clone.
-        let copy = (replayable || policy.keep_copy)
-            .then(|| clone_request(&req))
-            .flatten();
-        let sent = tokio::time::timeout_at(policy.deadline, conn.send(req)).await;
+        // The request stays here while it is sent (`Conn::send`), whole when its body is not
+        // a stream: besides a retry here, the caller may replay a replayable one in the shard's
+        // new serving IDC when a failover happened while it was in flight, and with `keep_copy`
+        // it comes back with the answer even when it is not replayable here, for a backend's
+        // 421 to send it to another IDC (never a retry here).
+        let resendable = req.body().is_resendable();
+        let sent = tokio::time::timeout_at(policy.deadline, conn.send(&mut req)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
             backend
@@ -194,42 +177,38 @@ pub async fn forward(
                     backend.health.record_success();
                 }
                 lease.conn = Some(conn);
+                let copy = ((replayable || policy.keep_copy) && resendable).then_some(req);
                 return Ok((resp, lease, copy));
             }
-            Err(mut e) => {
-                let err = match body_too_large(e.error()) {
+            Err(e) => {
+                let err = match e.body_limit {
                     Some(limit) => ForwardError::BodyTooLarge(limit),
-                    None => ForwardError::Protocol(e.error().to_string()),
+                    None => ForwardError::Protocol(e.message),
                 };
                 // A broken exchange is the backend's failure unless the client's body broke it.
-                let backend_failed =
-                    matches!(err, ForwardError::Protocol(_)) && !e.error().is_user();
-                match e.take_message() {
+                let backend_failed = matches!(err, ForwardError::Protocol(_)) && !e.client_fault;
+                if e.unsent {
                     // Not sent: a stale pooled connection. Retry freely.
-                    Some(back) => {
-                        req = back;
-                        if reused {
-                            attempts_left += 1;
-                            tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
-                        }
+                    if reused {
+                        attempts_left += 1;
+                        tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
                     }
-                    None => {
-                        if backend_failed {
-                            backend
-                                .health
-                                .record_failure(last_in_service(pool, backend));
-                        }
-                        match copy {
-                            Some(c) if replayable => req = c,
-                            _ => return Err((err, None)),
-                        }
+                } else {
+                    if backend_failed {
+                        backend
+                            .health
+                            .record_failure(last_in_service(pool, backend));
+                    }
+                    // A replayable request is bodiless: it is still whole.
+                    if !replayable {
+                        return Err((err, None));
                     }
                 }
                 last_err = err;
             }
         }
     }
-    // Whatever failed last, `req` was not sent (or is a fresh copy): hand it back.
+    // Whatever failed last, `req` was not sent, or is replayable and whole: hand it back.
     Err((last_err, Some(req)))
 }
 
@@ -238,16 +217,6 @@ fn last_in_service(pool: &[Arc<Backend>], backend: &Arc<Backend>) -> bool {
     !pool
         .iter()
         .any(|b| !Arc::ptr_eq(&b.health, &backend.health) && !b.avoided())
-}
-
-/// A copy of the request when its body is not a stream (`RequestBody::try_clone`).
-fn clone_request(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
-    let mut r = Request::new(req.body().try_clone()?);
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    Some(r)
 }
 
 #[cfg(test)]

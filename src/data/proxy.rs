@@ -30,7 +30,7 @@ use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardError, ForwardPolicy};
 use crate::data::headers;
 use crate::data::upgrade;
-use crate::data::upstream::body::{RequestBody, ResponseBody};
+use crate::data::upstream::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::telemetry::{Metrics, RouteLabels};
 
 /// Settings of the data path that do not come from the topology.
@@ -448,8 +448,13 @@ impl Gateway {
         // A sharded request may meet a backend that knows a newer owner (421): its small body
         // is read whole so it can be sent there (`misroute`).
         let keep_copy = decision.shard.is_some() && upgrade.is_none();
-        if keep_copy {
-            upstream = misroute::keep_small_body(upstream, self.settings.body_timeout).await?;
+        if keep_copy && misroute::small_body(&upstream) {
+            // Boxed: reading a body whole is a wait most requests do not have.
+            upstream = Box::pin(misroute::keep_small_body(
+                upstream,
+                self.settings.body_timeout,
+            ))
+            .await?;
         }
         if let Some(n) = spill_first {
             let h = upstream.headers_mut();
@@ -575,17 +580,18 @@ impl Gateway {
         if let (http::StatusCode::MISDIRECTED_REQUEST, Some(shard)) =
             (resp.status(), decision.shard)
         {
-            let again = self
-                .correct_misroute(
-                    topo,
-                    route,
-                    shard,
-                    &landed.idc,
-                    resp.headers(),
-                    copy,
-                    trip.policy,
-                )
-                .await?;
+            // Boxed: a 421 is rare, and its second exchange would otherwise sit in every
+            // request's state.
+            let again = Box::pin(self.correct_misroute(
+                topo,
+                route,
+                shard,
+                &landed.idc,
+                resp.headers(),
+                copy,
+                trip.policy,
+            ))
+            .await?;
             if let Some(owner) = again {
                 (resp, lease) = (owner.resp, owner.lease);
                 outcome.idc = Some(topo.idc(owner.idc).name.clone());
@@ -652,7 +658,7 @@ impl Gateway {
     /// bytes between the two connections once hyper hands them over.
     fn switch_protocols(
         &self,
-        mut resp: Response<Incoming>,
+        mut resp: Response<UpstreamBody>,
         client: hyper::upgrade::OnUpgrade,
         lease: crate::data::upstream::Lease,
         owner: Option<(Shard, Arc<String>, WriteInFlight)>,

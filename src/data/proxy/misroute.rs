@@ -13,14 +13,13 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 
 use super::{forward_error, Gateway};
 use crate::control::topology::{IdcId, Route, Shard, Topology};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardPolicy};
 use crate::data::headers;
-use crate::data::upstream::body::{BoxError, RequestBody};
+use crate::data::upstream::body::{BoxError, RequestBody, UpstreamBody};
 use crate::data::upstream::Lease;
 use crate::telemetry::ReforwardLabels;
 
@@ -66,19 +65,24 @@ pub fn misdirected(topo: &Topology, shard: Shard, answer: &HeaderMap, kept: bool
     Misdirected::Reforward { to, epoch }
 }
 
+/// The body is the client's, with a declared length up to [`KEPT_BODY_MAX`]: one
+/// [`keep_small_body`] reads whole.
+pub fn small_body(req: &Request<RequestBody>) -> bool {
+    matches!(req.body(), RequestBody::Client { .. })
+        && req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= KEPT_BODY_MAX)
+}
+
 /// Reads a small body whole (declared length up to [`KEPT_BODY_MAX`]), so the request can be
 /// sent again; anything else is left streaming. Bounded by `limit` in all.
 pub async fn keep_small_body(
     req: Request<RequestBody>,
     limit: Duration,
 ) -> Result<Request<RequestBody>, ProxyError> {
-    let small = matches!(req.body(), RequestBody::Client { .. })
-        && req
-            .body()
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= KEPT_BODY_MAX);
-    if !small {
+    if !small_body(&req) {
         return Ok(req);
     }
     let (parts, body) = req.into_parts();
@@ -125,7 +129,7 @@ async fn read_whole(mut body: RequestBody) -> Result<Bytes, BoxError> {
 
 /// What answered the request in the end, when a 421 sent it to another IDC.
 pub struct Reforwarded {
-    pub resp: Response<Incoming>,
+    pub resp: Response<UpstreamBody>,
     pub lease: Lease,
     pub idc: IdcId,
 }

@@ -105,6 +105,20 @@ impl RequestBody {
     }
 }
 
+/// Nothing: what a request keeps in place of a streamed body that was sent.
+impl Default for RequestBody {
+    fn default() -> RequestBody {
+        RequestBody::Empty
+    }
+}
+
+impl RequestBody {
+    /// Can be sent again: not a stream (empty, or kept whole).
+    pub fn is_resendable(&self) -> bool {
+        !matches!(self, RequestBody::Client { .. })
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -158,10 +172,18 @@ impl Body for RequestBody {
     }
 }
 
+/// An upstream response's body as it comes off the exchange.
+pub enum UpstreamBody {
+    /// Read from the connection the lease holds (the gateway's own HTTP/1.1 client).
+    Conn,
+    /// hyper's (an upgrade handshake's connection answered without switching).
+    Hyper(Incoming),
+}
+
 /// The body sent to the client: an upstream response (streamed) or a gateway-made one.
 pub enum ResponseBody {
     Upstream {
-        inner: Incoming,
+        inner: UpstreamBody,
         timer: IdleTimer,
         /// The upstream connection; back to its pool when the body ends.
         lease: Option<Lease>,
@@ -170,18 +192,20 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn upstream(inner: Incoming, idle: Duration, lease: Lease) -> ResponseBody {
-        let mut lease = Some(lease);
-        if inner.is_end_stream() {
-            if let Some(l) = lease.take() {
-                l.release();
-            }
-        }
-        ResponseBody::Upstream {
+    pub fn upstream(inner: UpstreamBody, idle: Duration, lease: Lease) -> ResponseBody {
+        let mut body = ResponseBody::Upstream {
             inner,
             timer: IdleTimer::new(idle),
-            lease,
+            lease: Some(lease),
+        };
+        if body.is_end_stream() {
+            if let ResponseBody::Upstream { lease, .. } = &mut body {
+                if let Some(l) = lease.take() {
+                    l.release();
+                }
+            }
         }
+        body
     }
 
     pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
@@ -191,6 +215,36 @@ impl ResponseBody {
 
     pub fn empty() -> ResponseBody {
         ResponseBody::Full(None)
+    }
+}
+
+/// The next frame of an upstream body: from the lease's connection, or hyper's body.
+fn poll_upstream(
+    inner: &mut UpstreamBody,
+    lease: &mut Option<Lease>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    match inner {
+        UpstreamBody::Hyper(body) => Pin::new(body)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into))),
+        UpstreamBody::Conn => match lease.as_mut().and_then(|l| l.conn.as_mut()?.lean()) {
+            Some(conn) => conn
+                .poll_body(cx)
+                .map(|f| f.map(|r| r.map(Frame::data).map_err(Into::into))),
+            None => Poll::Ready(None),
+        },
+    }
+}
+
+/// The upstream body has no more frames.
+fn upstream_ended(inner: &UpstreamBody, lease: &Option<Lease>) -> bool {
+    match inner {
+        UpstreamBody::Hyper(body) => body.is_end_stream(),
+        UpstreamBody::Conn => lease
+            .as_ref()
+            .and_then(|l| l.conn.as_ref())
+            .is_none_or(|c| c.body_ended()),
     }
 }
 
@@ -209,13 +263,7 @@ impl Body for ResponseBody {
                 timer,
                 lease,
             } => {
-                let mut polled = Pin::new(&mut *inner).poll_frame(cx);
-                // Nothing buffered yet: let the connection read (this task drives it), and look
-                // again.
-                if polled.is_pending() && lease.as_mut().is_some_and(|l| l.poll_drive(cx)) {
-                    polled = Pin::new(&mut *inner).poll_frame(cx);
-                }
-                match polled {
+                match poll_upstream(inner, lease, cx) {
                     Poll::Ready(None) => {
                         if let Some(l) = lease.take() {
                             l.release();
@@ -224,7 +272,7 @@ impl Body for ResponseBody {
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         timer.reset();
-                        if inner.is_end_stream() {
+                        if upstream_ended(inner, lease) {
                             if let Some(l) = lease.take() {
                                 l.release();
                             }
@@ -234,7 +282,7 @@ impl Body for ResponseBody {
                     Poll::Ready(Some(Err(e))) => {
                         // The connection is broken: dropping the lease closes it.
                         lease.take();
-                        Poll::Ready(Some(Err(e.into())))
+                        Poll::Ready(Some(Err(e)))
                     }
                     Poll::Pending if timer.expired(cx) => {
                         lease.take();
@@ -249,14 +297,25 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full(d) => d.is_none(),
-            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Upstream { inner, lease, .. } => upstream_ended(inner, lease),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |b| b.len() as u64)),
-            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+            ResponseBody::Upstream {
+                inner: UpstreamBody::Hyper(body),
+                ..
+            } => body.size_hint(),
+            ResponseBody::Upstream { lease, .. } => {
+                match lease.as_ref().and_then(|l| l.conn.as_ref()) {
+                    Some(c) => c
+                        .body_length()
+                        .map_or_else(SizeHint::default, SizeHint::with_exact),
+                    None => SizeHint::with_exact(0),
+                }
+            }
         }
     }
 }

@@ -2,30 +2,26 @@
 //! counter per (IDC, set, address), shared by every snapshot that lists it, and the lease a
 //! request holds on it.
 //!
-//! A pooled connection has no task of its own: its state machine (hyper's HTTP/1.1 client
-//! connection) is polled by the request that holds it, while the request waits for its head
-//! and then from the response body's `poll_frame`. A request and its response cost no hop
-//! to another task and back. Only an upgrade's connection runs in a task of its own, so that
-//! it can hand itself over on a 101 while the relay holds it.
+//! A pooled connection has no task of its own: it is the gateway's own HTTP/1.1 client
+//! (`h1`), polled by the request that holds it while it waits for the response head and then
+//! from the response body's `poll_frame`. A request and its response cost no hop to another
+//! task and back, and no channel. Only an upgrade's connection is hyper's, in a task of its
+//! own, so that it can hand itself over on a 101 while the relay holds it.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper::client::conn::TrySendError;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::body::RequestBody;
+use super::body::{BodyTooLarge, RequestBody, UpstreamBody};
+use super::h1::{Failure, Http1};
 use super::health::BackendHealth;
 use super::tls::UpstreamTls;
 
@@ -33,50 +29,149 @@ use super::tls::UpstreamTls;
 pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> UpstreamIo for T {}
 
-type Driver = Pin<Box<Connection<TokioIo<Box<dyn UpstreamIo>>, RequestBody>>>;
+/// One upstream HTTP/1.1 connection.
+pub(crate) enum Conn {
+    /// The gateway's own client, driven by the request that holds it (boxed once per
+    /// connection: pools and leases move it by pointer).
+    Lean(Box<Http1>),
+    /// hyper's client, running in a task of its own: an upgrade handshake's, which a 101
+    /// hands over to the relay.
+    Upgradable(SendRequest<RequestBody>),
+}
 
-/// One upstream HTTP/1.1 connection: the handle requests go out on and, unless it runs in a
-/// task of its own (an upgrade), the connection's state machine that its user polls.
-pub(crate) struct Conn {
-    sender: SendRequest<RequestBody>,
-    driver: Option<Driver>,
+/// Why an exchange failed.
+pub(crate) struct SendError {
+    pub message: String,
+    /// The client's body failed (broke off, stalled, went past its limit): not the backend's
+    /// doing.
+    pub client_fault: bool,
+    /// The route's body limit, when that is what the client's body went past.
+    pub body_limit: Option<u64>,
+    /// Nothing was sent: the request is whole, to send elsewhere.
+    pub unsent: bool,
 }
 
 impl Conn {
-    /// Closed: the backend or an error ended it (nothing more can be sent on it).
-    fn is_closed(&self) -> bool {
-        self.sender.is_closed()
-    }
-
-    /// Polled once without a task to wake: true when it is closed, the backend's close
-    /// included when it has arrived.
+    /// Looked at without waiting: true when it cannot carry a request (the backend closed it,
+    /// or it is mid-exchange).
     fn poll_closed(&mut self) -> bool {
-        self.poll_drive(&mut Context::from_waker(Waker::noop()));
-        self.is_closed()
-    }
-
-    /// Lets the connection read and write what it can now. False when it has no state
-    /// machine to poll here (it ended, or it runs in its own task).
-    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
-        poll_driver(&mut self.driver, cx)
+        match self {
+            Conn::Lean(h) => h.poll_closed(),
+            Conn::Upgradable(sender) => sender.is_closed(),
+        }
     }
 
     /// Until the connection can take a request (an error: it closed first).
-    pub(crate) async fn ready(&mut self) -> hyper::Result<()> {
-        let Conn { sender, driver } = self;
-        driving(driver, sender.ready()).await
+    pub(crate) async fn ready(&mut self) -> Result<(), ()> {
+        match self {
+            Conn::Lean(h) => {
+                if h.poll_closed() {
+                    Err(())
+                } else {
+                    Ok(())
+                }
+            }
+            Conn::Upgradable(sender) => sender.ready().await.map_err(|_| ()),
+        }
     }
 
-    /// Sends `req` and waits for the response head, the connection driven meanwhile. A
-    /// request the connection never took comes back in the error.
+    /// Sends `req` and waits for the response head. `req` stays with the caller: whole when
+    /// its body is not a stream (empty, or kept whole), so that it can be sent again; a
+    /// streamed body is taken (an empty one is left in its place).
     pub(crate) async fn send(
         &mut self,
-        req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
-        let Conn { sender, driver } = self;
-        let answer = sender.try_send_request(req);
-        driving(driver, answer).await
+        req: &mut Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        match self {
+            Conn::Lean(h) => {
+                let body = match req.body().try_clone() {
+                    Some(copy) => copy,
+                    None => std::mem::replace(req.body_mut(), RequestBody::Empty),
+                };
+                match h.send(req, body).await {
+                    Ok(resp) => Ok(resp.map(|()| UpstreamBody::Conn)),
+                    Err(failure) => {
+                        let (client_fault, body_limit) = match &failure {
+                            Failure::Client(e) => (true, body_limit(&**e)),
+                            _ => (false, None),
+                        };
+                        Err(SendError {
+                            message: failure.to_string(),
+                            client_fault,
+                            body_limit,
+                            unsent: false,
+                        })
+                    }
+                }
+            }
+            Conn::Upgradable(sender) => {
+                // hyper's client takes the request: a copy stays when the body allows one.
+                let copy = copy_request(req).unwrap_or_default();
+                match sender.try_send_request(std::mem::replace(req, copy)).await {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),
+                    Err(mut e) => {
+                        let back = e.take_message();
+                        let unsent = back.is_some();
+                        if let Some(back) = back {
+                            *req = back;
+                        }
+                        Err(SendError {
+                            message: e.error().to_string(),
+                            client_fault: e.error().is_user(),
+                            body_limit: std::error::Error::source(e.error()).and_then(body_limit),
+                            unsent,
+                        })
+                    }
+                }
+            }
+        }
     }
+
+    /// The response body read off this connection has ended (or there is none).
+    pub(crate) fn body_ended(&self) -> bool {
+        match self {
+            Conn::Lean(h) => h.body_ended(),
+            Conn::Upgradable(_) => true,
+        }
+    }
+
+    /// The exact length of the response body read off this connection, when known.
+    pub(crate) fn body_length(&self) -> Option<u64> {
+        match self {
+            Conn::Lean(h) => h.body_length(),
+            Conn::Upgradable(_) => Some(0),
+        }
+    }
+
+    /// The response body's next bytes (`Lean` only: an upgrade's body is hyper's).
+    pub(crate) fn lean(&mut self) -> Option<&mut Http1> {
+        match self {
+            Conn::Lean(h) => Some(h),
+            Conn::Upgradable(_) => None,
+        }
+    }
+}
+
+/// A copy of the request when its body is not a stream (`RequestBody::try_clone`).
+fn copy_request(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let mut r = Request::new(req.body().try_clone()?);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    Some(r)
+}
+
+/// The body limit in an error's chain, when the client's body went past it.
+fn body_limit(e: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(limit) = c.downcast_ref::<BodyTooLarge>() {
+            return Some(limit.0);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Drops the oldest idle connection when it is closed.
@@ -84,35 +179,6 @@ fn sweep_oldest(idle: &mut VecDeque<Conn>) {
     if idle.front_mut().is_some_and(Conn::poll_closed) {
         idle.pop_front();
     }
-}
-
-fn poll_driver(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
-    let Some(d) = driver else { return false };
-    if let Poll::Ready(ended) = d.as_mut().poll(cx) {
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-        // Dropping the state machine closes the handle too: `is_closed` says so from now on.
-        *driver = None;
-    }
-    true
-}
-
-/// `step` polled with the connection's state machine: the step first, then the connection
-/// (which may complete it), then the step again.
-async fn driving<F: Future>(driver: &mut Option<Driver>, step: F) -> F::Output {
-    let mut step = std::pin::pin!(step);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = step.as_mut().poll(cx) {
-            return Poll::Ready(out);
-        }
-        if poll_driver(driver, cx) {
-            step.as_mut().poll(cx)
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
 }
 
 /// Idle connections kept per backend; more are closed when they come back.
@@ -196,9 +262,12 @@ impl Backend {
     }
 
     fn put_idle(&self, conn: Conn) {
-        if conn.is_closed() {
+        let Conn::Lean(mut h) = conn else { return };
+        if !h.reusable() {
             return;
         }
+        h.recycle();
+        let conn = Conn::Lean(h);
         if let Ok(mut idle) = self.idle.lock() {
             sweep_oldest(&mut idle);
             if idle.len() < MAX_IDLE_PER_BACKEND {
@@ -240,29 +309,22 @@ impl Backend {
     }
 }
 
-/// The HTTP/1.1 client handshake over a connection. With `upgrades`, the connection runs in a
-/// task of its own and a 101 hands it over (`hyper::upgrade::on`) instead of ending it;
-/// otherwise its user drives it.
+/// A new connection's client: the gateway's own, or with `upgrades` hyper's, in a task of
+/// its own, so that a 101 hands it over (`hyper::upgrade::on`) instead of ending it.
 async fn handshake(io: Box<dyn UpstreamIo>, upgrades: bool) -> Result<Conn, String> {
+    if !upgrades {
+        return Ok(Conn::Lean(Box::new(Http1::new(io))));
+    }
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
-    if !upgrades {
-        return Ok(Conn {
-            sender,
-            driver: Some(Box::pin(conn)),
-        });
-    }
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(Conn {
-        sender,
-        driver: None,
-    })
+    Ok(Conn::Upgradable(sender))
 }
 
 /// A backend's in-flight slot and, once the response head arrived, its connection. Dropping it
@@ -289,12 +351,6 @@ impl Lease {
         if let Some(conn) = self.conn.take().filter(|_| self.reusable) {
             self.backend.put_idle(conn);
         }
-    }
-
-    /// Drives the connection (the response body streams through it). False when there is
-    /// nothing to drive here.
-    pub fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
-        self.conn.as_mut().is_some_and(|c| c.poll_drive(cx))
     }
 
     pub fn backend(&self) -> &Arc<Backend> {

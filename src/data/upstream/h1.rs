@@ -1,0 +1,849 @@
+//! The upstream HTTP/1.1 exchange, without a dispatcher: a connection is a byte stream, a read
+//! buffer and two small state machines (the request going out, the response coming in), all
+//! polled by the request that holds the connection. The head goes out in one vectored write
+//! with a kept body; the response head is parsed once (`httparse`) into a header map whose
+//! values share the read buffer; the body is sliced from the same buffer as it arrives.
+//!
+//! Framing follows RFC 9112 as a client must read it, and refuses what a proxy must not pass
+//! on: `Transfer-Encoding` with `Content-Length` is framed by the former and the latter is
+//! dropped; conflicting or malformed lengths, `Transfer-Encoding` in HTTP/1.0, a head past
+//! [`MAX_HEAD`] or [`MAX_HEADERS`], a malformed chunk are errors (a 502 for the client); a
+//! response without a length is read to the close and its connection is not reused. 1xx
+//! answers other than 101 are skipped; a connection that was not opened for an upgrade treats a
+//! 101 as an error.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+
+use super::body::{BoxError, RequestBody};
+use super::pool::UpstreamIo;
+
+/// Largest response head (status line and headers) read.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines in a response head.
+pub const MAX_HEADERS: usize = 100;
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 8 * 1024;
+/// Longest chunk-size line (with its extensions), and most trailer bytes skipped.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// What ended an exchange.
+#[derive(Debug)]
+pub enum Failure {
+    /// The client's request body failed (it broke off, stalled, or went past its limit): not
+    /// the backend's doing.
+    Client(BoxError),
+    /// Reading or writing the connection failed.
+    Io(io::Error),
+    /// The backend broke HTTP/1.1 (or closed the connection early).
+    Protocol(&'static str),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Client(e) => write!(f, "the request body failed: {e}"),
+            Failure::Io(e) => write!(f, "upstream connection: {e}"),
+            Failure::Protocol(what) => write!(f, "upstream response: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Failure::Client(e) => Some(&**e),
+            Failure::Io(e) => Some(e),
+            Failure::Protocol(_) => None,
+        }
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutFraming {
+    /// This many bytes left to send.
+    Length(u64),
+    Chunked,
+}
+
+/// The request going out.
+enum Sending {
+    /// Nothing (more) to send once the outbox is written.
+    Done,
+    Body {
+        body: RequestBody,
+        framing: OutFraming,
+    },
+    /// It failed: the connection is not reused.
+    Broken,
+}
+
+/// How the response body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// To the connection's close.
+    Eof,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data: bytes left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines up to the empty line (bytes skipped so far).
+    Trailers(usize),
+}
+
+/// The response coming in.
+enum Receiving {
+    Idle,
+    /// Head received; the body is being read.
+    Body(Decoder),
+    /// The body ended.
+    Done,
+    /// It failed, or it was read to the close: the connection is not reused.
+    Broken,
+}
+
+/// One upstream HTTP/1.1 connection.
+pub struct Http1 {
+    io: Box<dyn UpstreamIo>,
+    read: BytesMut,
+    /// Written before anything else: the head, a chunk's framing, a body's bytes.
+    outbox: Outbox,
+    sending: Sending,
+    receiving: Receiving,
+    /// The request was HEAD (its response has no body).
+    head_request: bool,
+    /// The backend lets the connection carry another exchange.
+    keep_alive: bool,
+    /// Writing failed before the response head arrived: reported if no head comes (a backend
+    /// may answer, say 413, and close before it read the whole request).
+    write_error: Option<io::Error>,
+}
+
+impl Http1 {
+    pub fn new(io: Box<dyn UpstreamIo>) -> Http1 {
+        Http1 {
+            io,
+            read: BytesMut::new(),
+            outbox: Outbox::default(),
+            sending: Sending::Done,
+            receiving: Receiving::Idle,
+            head_request: false,
+            keep_alive: true,
+            write_error: None,
+        }
+    }
+
+    /// Between exchanges with nothing left over: it can carry a request.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.sending, Sending::Done)
+            && matches!(self.receiving, Receiving::Idle)
+            && self.outbox.is_empty()
+            && self.read.is_empty()
+            && self.keep_alive
+    }
+
+    /// Looked at without waiting: true when the backend closed it or sent bytes nobody asked
+    /// for (either way it cannot be used).
+    pub fn poll_closed(&mut self) -> bool {
+        if !self.is_idle() {
+            return true;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        // The room the next response is read into (a look that finds nothing reads nothing).
+        self.read.reserve(READ_SIZE);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read) {
+            Poll::Pending => false,
+            Poll::Ready(_) => {
+                // End of stream, an error, or unasked-for bytes.
+                self.keep_alive = false;
+                true
+            }
+        }
+    }
+
+    /// The response ended and the connection can carry the next request.
+    pub fn reusable(&self) -> bool {
+        self.keep_alive
+            && matches!(self.sending, Sending::Done)
+            && matches!(self.receiving, Receiving::Done)
+            && self.outbox.is_empty()
+            && self.read.is_empty()
+    }
+
+    /// Resets a reusable connection for its next exchange.
+    pub fn recycle(&mut self) {
+        self.receiving = Receiving::Idle;
+    }
+
+    /// Sends a request (its head by reference: the caller keeps it, to send again elsewhere)
+    /// and returns the response head once it arrived (1xx skipped). The request body keeps
+    /// streaming afterwards, driven by [`Http1::poll_body`].
+    pub async fn send<B>(
+        &mut self,
+        head: &Request<B>,
+        body: RequestBody,
+    ) -> Result<Response<()>, Failure> {
+        self.head_request = head.method() == Method::HEAD;
+        let framing = self.encode_head(head, &body);
+        self.sending = match framing {
+            Some(framing) => match body {
+                RequestBody::Kept(Some(data)) => {
+                    // A kept body goes out with the head, in one write.
+                    self.queue_data(framing, data)?;
+                    if let OutFraming::Chunked = framing {
+                        self.outbox.push(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    Sending::Done
+                }
+                body => Sending::Body { body, framing },
+            },
+            None => Sending::Done,
+        };
+        self.receiving = Receiving::Idle;
+        poll_fn(|cx| self.poll_head(cx)).await
+    }
+
+    /// The request line and headers into the outbox; the body's framing, `None` when it has
+    /// none. The framing rules are hyper's client's, so backends see what they saw before:
+    /// a body that is known empty adds nothing; a body of known length gets `content-length`
+    /// unless the request carries one; a streamed body of unknown length keeps the client's
+    /// `content-length`, or is chunked (GET, HEAD and CONNECT are sent without a body). A
+    /// `transfer-encoding` the request carries is never written: the client decides it.
+    fn encode_head<B>(&mut self, req: &Request<B>, body: &RequestBody) -> Option<OutFraming> {
+        let headers = req.headers();
+        let declared = content_length(headers).ok().flatten();
+        let (framing, added): (_, Option<(&[u8], HeaderValue)>) = if body.is_end_stream() {
+            (None, None)
+        } else if let Some(n) = declared {
+            (Some(OutFraming::Length(n)), None)
+        } else if let Some(n) = body.size_hint().exact() {
+            (
+                Some(OutFraming::Length(n)),
+                Some((b"content-length", HeaderValue::from(n))),
+            )
+        } else if matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT) {
+            (Some(OutFraming::Length(0)), None)
+        } else {
+            let chunked = HeaderValue::from_static("chunked");
+            (
+                Some(OutFraming::Chunked),
+                Some((b"transfer-encoding", chunked)),
+            )
+        };
+        let (method, uri) = (req.method(), req.uri());
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut size = method.as_str().len() + target.len() + 13 + 2;
+        for (name, value) in headers {
+            size += name.as_str().len() + value.len() + 4;
+        }
+        if let Some((name, value)) = &added {
+            size += name.len() + value.len() + 4;
+        }
+        let head = self.outbox.head_buffer(size);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.extend_from_slice(b" ");
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let lines = headers
+            .iter()
+            .filter(|(name, _)| *name != TRANSFER_ENCODING)
+            .map(|(name, value)| (name.as_str().as_bytes(), value))
+            .chain(added.as_ref().map(|(name, value)| (*name, value)));
+        for (name, value) in lines {
+            head.extend_from_slice(name);
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        self.outbox.push_head();
+        framing
+    }
+
+    /// A body frame's bytes into the outbox, framed.
+    fn queue_data(&mut self, framing: OutFraming, data: Bytes) -> Result<OutFraming, Failure> {
+        if data.is_empty() {
+            return Ok(framing);
+        }
+        match framing {
+            OutFraming::Length(left) => {
+                let Some(left) = left.checked_sub(data.len() as u64) else {
+                    return Err(Failure::Client(
+                        "the request body is longer than its content-length".into(),
+                    ));
+                };
+                self.outbox.push(data);
+                Ok(OutFraming::Length(left))
+            }
+            OutFraming::Chunked => {
+                self.outbox
+                    .push(Bytes::from(format!("{:x}\r\n", data.len()).into_bytes()));
+                self.outbox.push(data);
+                self.outbox.push(Bytes::from_static(b"\r\n"));
+                Ok(OutFraming::Chunked)
+            }
+        }
+    }
+
+    /// Writes what is queued and moves the request body along. Ready once everything is sent.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        loop {
+            if let Err(e) = ready!(self.outbox.poll_write(&mut self.io, cx)) {
+                self.sending = Sending::Broken;
+                self.outbox.queue.clear();
+                return Poll::Ready(Err(Failure::Io(e)));
+            }
+            let Sending::Body { body, framing } = &mut self.sending else {
+                return Poll::Ready(match self.sending {
+                    Sending::Broken => Err(Failure::Protocol("the request could not be sent")),
+                    _ => Ok(()),
+                });
+            };
+            let framing = *framing;
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers are not forwarded
+                    };
+                    match self.queue_data(framing, data) {
+                        Ok(next) => {
+                            if let Sending::Body { framing, .. } = &mut self.sending {
+                                *framing = next;
+                            }
+                        }
+                        Err(e) => {
+                            self.sending = Sending::Broken;
+                            return Poll::Ready(Err(e));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    self.sending = Sending::Broken;
+                    return Poll::Ready(Err(Failure::Client(e)));
+                }
+                None => {
+                    match framing {
+                        OutFraming::Length(0) => {}
+                        OutFraming::Length(_) => {
+                            self.sending = Sending::Broken;
+                            return Poll::Ready(Err(Failure::Client(
+                                "the request body ended before its content-length".into(),
+                            )));
+                        }
+                        OutFraming::Chunked => {
+                            self.outbox.push(Bytes::from_static(b"0\r\n\r\n"));
+                        }
+                    }
+                    self.sending = Sending::Done;
+                }
+            }
+        }
+    }
+
+    /// Sends what it can, then reads until a final response head is parsed.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Failure>> {
+        if self.still_sending() {
+            match self.poll_send(cx) {
+                Poll::Ready(Err(Failure::Io(e))) => {
+                    self.keep_alive = false;
+                    self.write_error = Some(e);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                _ => {}
+            }
+        }
+        loop {
+            match parse_head(&mut self.read, self.head_request)? {
+                Some(Parsed::Informational) => continue,
+                Some(Parsed::Final(resp, decoder, keep_alive)) => {
+                    self.keep_alive &= keep_alive;
+                    self.receiving = match decoder {
+                        Decoder::Length(0) => Receiving::Done,
+                        Decoder::Eof => {
+                            self.keep_alive = false;
+                            Receiving::Body(Decoder::Eof)
+                        }
+                        d => Receiving::Body(d),
+                    };
+                    return Poll::Ready(Ok(resp));
+                }
+                None => {}
+            }
+            if self.read.len() >= MAX_HEAD {
+                return Poll::Ready(Err(Failure::Protocol("the response head is too large")));
+            }
+            let filled = match ready!(self.poll_fill(cx)) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.write_error.take().map_or(e, Failure::Io))),
+            };
+            if filled == 0 {
+                self.keep_alive = false;
+                return Poll::Ready(Err(self.write_error.take().map_or(
+                    Failure::Protocol("the connection closed before a response head"),
+                    Failure::Io,
+                )));
+            }
+        }
+    }
+
+    /// One read into the buffer: the bytes read, 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Failure>> {
+        self.read.reserve(READ_SIZE);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read).map_err(|e| {
+            self.keep_alive = false;
+            Failure::Io(e)
+        })
+    }
+
+    /// The response's next body bytes; `None` at its end. The request body, if it is still
+    /// streaming, is moved along first (a backend may answer before it read it all).
+    pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Failure>>> {
+        if self.still_sending() {
+            match self.poll_send(cx) {
+                // The backend stopped reading (it answered): its answer is still read whole.
+                Poll::Ready(Err(Failure::Io(_))) => self.keep_alive = false,
+                Poll::Ready(Err(e)) => {
+                    self.receiving = Receiving::Broken;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                _ => {}
+            }
+        }
+        let result = self.poll_decode(cx);
+        if let Poll::Ready(Some(Err(_))) = &result {
+            self.receiving = Receiving::Broken;
+        }
+        result
+    }
+
+    fn poll_decode(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Failure>>> {
+        loop {
+            let decoder = match &mut self.receiving {
+                Receiving::Body(d) => d,
+                Receiving::Done | Receiving::Idle => return Poll::Ready(None),
+                Receiving::Broken => {
+                    return Poll::Ready(Some(Err(Failure::Protocol("the response broke off"))));
+                }
+            };
+            match decode(decoder, &mut self.read)? {
+                Decoded::Data(data) => {
+                    // Ended with these bytes: say so now, so that the body is seen ended with
+                    // its last bytes (a server writing a sized body may not poll it again),
+                    // and the connection goes back to its pool.
+                    if ends_here(decoder, &self.read) {
+                        if let Decoder::Chunked(_) = decoder {
+                            self.read.clear(); // the terminator, and nothing else
+                        }
+                        self.receiving = Receiving::Done;
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Decoded::End => {
+                    self.receiving = Receiving::Done;
+                    return Poll::Ready(None);
+                }
+                Decoded::More => {}
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                if let Receiving::Body(Decoder::Eof) = self.receiving {
+                    self.receiving = Receiving::Broken; // read to the close: never reused
+                    self.keep_alive = false;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(Failure::Protocol(
+                    "the connection closed before the response body ended",
+                ))));
+            }
+        }
+    }
+
+    /// Request bytes or body are still to go out (and sending has not failed).
+    fn still_sending(&self) -> bool {
+        match self.sending {
+            Sending::Body { .. } => true,
+            Sending::Done => !self.outbox.is_empty(),
+            Sending::Broken => false,
+        }
+    }
+
+    /// The response body has ended (or there is none).
+    pub fn body_ended(&self) -> bool {
+        !matches!(self.receiving, Receiving::Body(_))
+    }
+
+    /// The response body's exact length, when it is known.
+    pub fn body_length(&self) -> Option<u64> {
+        match self.receiving {
+            Receiving::Body(Decoder::Length(n)) => Some(n),
+            Receiving::Body(_) => None,
+            _ => Some(0),
+        }
+    }
+}
+
+/// Bytes waiting to be written, in order, written with one vectored write when they can be.
+#[derive(Default)]
+struct Outbox {
+    queue: std::collections::VecDeque<Bytes>,
+    /// Heads are encoded here; its memory is reused once the written head is dropped.
+    head: BytesMut,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn head_buffer(&mut self, size: usize) -> &mut BytesMut {
+        self.head.clear();
+        self.head.reserve(size);
+        &mut self.head
+    }
+
+    fn push_head(&mut self) {
+        let head = self.head.split().freeze();
+        self.queue.push_back(head);
+    }
+
+    fn push(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.queue.push_back(bytes);
+        }
+    }
+
+    fn poll_write(
+        &mut self,
+        io: &mut Box<dyn UpstreamIo>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            let n = if self.queue.len() > 1 && io.is_write_vectored() {
+                let mut slices = [io::IoSlice::new(&[]); 4];
+                let mut count = 0;
+                for (slot, b) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = io::IoSlice::new(b);
+                    count += 1;
+                }
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?
+            } else {
+                let first = self.queue.front().map_or(&[][..], |b| &b[..]);
+                ready!(Pin::new(&mut *io).poll_write(cx, first))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.consume(n);
+        }
+        Pin::new(&mut **io).poll_flush(cx)
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                return;
+            };
+            if front.len() <= n {
+                n -= front.len();
+                self.queue.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}
+
+enum Parsed {
+    /// A 1xx (not 101): skipped.
+    Informational,
+    /// The final response head, its body's framing, and whether the connection stays open.
+    Final(Response<()>, Decoder, bool),
+}
+
+/// Where the head at the start of `buf` ends (after its empty line), once it is all there.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
+        let at = from + i;
+        match buf.get(at + 1..at + 3) {
+            Some([b'\n', _]) => return Some(at + 2),
+            Some([b'\r', b'\n']) => return Some(at + 3),
+            None if buf.get(at + 1) == Some(&b'\n') => return Some(at + 2),
+            _ => from = at + 1,
+        }
+    }
+    None
+}
+
+/// A response head at the start of `buf`, taken from it; `None` while it is incomplete.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, Failure> {
+    let Some(end) = head_end(buf) else {
+        return Ok(None);
+    };
+    // The head's bytes become the header values' storage: no copy.
+    let head = buf.split_to(end).freeze();
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        &head,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len == head.len() => {}
+        Ok(_) => return Err(Failure::Protocol("the response head is malformed")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Failure::Protocol("the response has too many headers"))
+        }
+        Err(_) => return Err(Failure::Protocol("the response head is malformed")),
+    }
+    let code = parsed.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| Failure::Protocol("the response status is invalid"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Failure::Protocol("the backend switched protocols unasked"));
+    }
+    if status.is_informational() {
+        return Ok(Some(Parsed::Informational));
+    }
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Room for the three headers the gateway adds to every answer (`proxy::handle`).
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 3);
+    let mut close = version == Version::HTTP_10;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Failure::Protocol("a response header name is invalid"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| Failure::Protocol("a response header value is invalid"))?;
+        if name == http::header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let decoder = framing(status, version, head_request, &mut headers)?;
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(Some(Parsed::Final(resp, decoder, !close)))
+}
+
+/// The response body's framing (RFC 9112 §6.3, as a client).
+fn framing(
+    status: StatusCode,
+    version: Version,
+    head_request: bool,
+    headers: &mut HeaderMap,
+) -> Result<Decoder, Failure> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Decoder::Length(0));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(Failure::Protocol(
+                "an HTTP/1.0 response has transfer-encoding",
+            ));
+        }
+        // Transfer-Encoding frames it; a Content-Length beside it is dropped, never passed on.
+        headers.remove(CONTENT_LENGTH);
+        return Ok(if chunked_last(headers) {
+            Decoder::Chunked(Chunk::Size)
+        } else {
+            Decoder::Eof
+        });
+    }
+    match content_length(headers) {
+        Ok(Some(n)) => Ok(Decoder::Length(n)),
+        Ok(None) => Ok(Decoder::Eof),
+        Err(()) => Err(Failure::Protocol("the response content-length is invalid")),
+    }
+}
+
+/// `chunked` is the last transfer coding.
+fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Every `Content-Length` value (lines and comma-separated) as one length: `None` when there
+/// is none, an error when one is not a number or two differ.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut found: Option<u64> = None;
+    for line in headers.get_all(CONTENT_LENGTH) {
+        for item in line.as_bytes().split(|b| *b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if found.is_some_and(|f| f != n) {
+                return Err(());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+enum Decoded {
+    Data(Bytes),
+    End,
+    /// Needs more bytes.
+    More,
+}
+
+/// The last chunk and the empty trailer section after a chunk's data.
+const TERMINATOR: &[u8] = b"\r\n0\r\n\r\n";
+
+/// The body ends right after the bytes just taken: a length run out, or a chunk's data
+/// followed by the last chunk, already read, with nothing after it. (Only the terminator is
+/// then left in `buf`, when chunked.)
+fn ends_here(decoder: &Decoder, buf: &[u8]) -> bool {
+    match decoder {
+        Decoder::Length(left) => *left == 0,
+        Decoder::Chunked(Chunk::DataEnd) => buf == TERMINATOR,
+        _ => false,
+    }
+}
+
+/// The next step of a body out of `buf`.
+fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, Failure> {
+    match decoder {
+        Decoder::Length(0) => Ok(Decoded::End),
+        Decoder::Length(left) => {
+            if buf.is_empty() {
+                return Ok(Decoded::More);
+            }
+            let n = (*left).min(buf.len() as u64) as usize;
+            *left -= n as u64;
+            Ok(Decoded::Data(buf.split_to(n).freeze()))
+        }
+        Decoder::Eof => {
+            if buf.is_empty() {
+                return Ok(Decoded::More);
+            }
+            Ok(Decoded::Data(buf.split().freeze()))
+        }
+        Decoder::Chunked(state) => decode_chunked(state, buf),
+    }
+}
+
+fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Failure> {
+    loop {
+        match *state {
+            Chunk::Size => {
+                let Some(end) = find_line(buf, MAX_CHUNK_LINE)? else {
+                    return Ok(Decoded::More);
+                };
+                let line = &buf[..end];
+                let digits = line
+                    .iter()
+                    .position(|b| !b.is_ascii_hexdigit())
+                    .unwrap_or(line.len());
+                if digits == 0 || digits > 16 {
+                    return Err(Failure::Protocol("a chunk size is invalid"));
+                }
+                // What follows the size is an extension (`;name=value`), ignored, or blanks.
+                let rest = line[digits..].trim_ascii_start();
+                if !rest.is_empty() && rest[0] != b';' {
+                    return Err(Failure::Protocol("a chunk size is invalid"));
+                }
+                let size = line[..digits].iter().fold(0u64, |n, d| {
+                    n << 4 | u64::from((*d as char).to_digit(16).unwrap_or(0))
+                });
+                buf.advance(end + 2);
+                *state = if size == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::More);
+                }
+                let n = left.min(buf.len() as u64) as usize;
+                *state = if n as u64 == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n as u64)
+                };
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::More);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(Failure::Protocol("a chunk does not end with CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers(skipped) => {
+                let Some(end) = find_line(buf, MAX_TRAILERS.saturating_sub(skipped))? else {
+                    return Ok(Decoded::More);
+                };
+                buf.advance(end + 2);
+                if end == 0 {
+                    return Ok(Decoded::End);
+                }
+                *state = Chunk::Trailers(skipped + end + 2);
+            }
+        }
+    }
+}
+
+/// The length of the CRLF-terminated line at the start of `buf` (without the CRLF), `None`
+/// while it is incomplete; an error past `limit` bytes or on a bare LF.
+fn find_line(buf: &[u8], limit: usize) -> Result<Option<usize>, Failure> {
+    match buf
+        .iter()
+        .take(limit.saturating_add(2))
+        .position(|b| *b == b'\n')
+    {
+        Some(0) => Err(Failure::Protocol("a chunk line is malformed")),
+        Some(i) if buf[i - 1] == b'\r' => Ok(Some(i - 1)),
+        Some(_) => Err(Failure::Protocol("a chunk line is malformed")),
+        None if buf.len() > limit => Err(Failure::Protocol("a chunk line is too long")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,427 @@
+//! The HTTP/1.1 client over real loopback sockets: what goes on the wire, how answers are
+//! framed, which are refused, and when a connection may carry the next request.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A client connection and the backend's end of it.
+async fn pair() -> (Http1, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (backend, _) = listener.accept().await.expect("accept");
+    (Http1::new(Box::new(client)), backend)
+}
+
+fn request(method: Method, target: &str, body: RequestBody) -> Request<RequestBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = target.parse().expect("target");
+    req.headers_mut()
+        .insert(http::header::HOST, HeaderValue::from_static("orders"));
+    req
+}
+
+/// Sends `req` on `conn` (its head by reference, as the pool does).
+async fn send(conn: &mut Http1, req: Request<RequestBody>) -> Result<Response<()>, Failure> {
+    let (parts, body) = req.into_parts();
+    conn.send(&Request::from_parts(parts, ()), body).await
+}
+
+/// Reads what the client sent until `until` is in it.
+async fn read_until(backend: &mut TcpStream, until: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(until.len()).any(|w| w == until) {
+        let n = tokio::time::timeout(DEADLINE, backend.read(&mut buf))
+            .await
+            .expect("the client's bytes in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "the client closed; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// Sends `req`, answers with `answer` (written in pieces), and returns the response and its
+/// body, read whole.
+async fn exchange(
+    conn: &mut Http1,
+    backend: &mut TcpStream,
+    req: Request<RequestBody>,
+    answer: &[&[u8]],
+) -> Result<(Response<()>, Vec<u8>), Failure> {
+    for piece in answer {
+        backend.write_all(piece).await.expect("write the answer");
+    }
+    let resp = tokio::time::timeout(DEADLINE, send(conn, req))
+        .await
+        .expect("a head in time")?;
+    let mut body = Vec::new();
+    loop {
+        let next = tokio::time::timeout(DEADLINE, poll_fn(|cx| conn.poll_body(cx)))
+            .await
+            .expect("the body in time");
+        match next {
+            Some(Ok(bytes)) => body.extend_from_slice(&bytes),
+            Some(Err(e)) => return Err(e),
+            None => return Ok((resp, body)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_get_goes_out_as_one_head_and_its_sized_answer_comes_back_whole() {
+    let (mut conn, mut backend) = pair().await;
+    let (resp, body) = exchange(
+        &mut conn,
+        &mut backend,
+        request(Method::GET, "/orders/1?x=2", RequestBody::Empty),
+        &[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Idc: sh\r\n\r\nhello",
+            b" world",
+        ],
+    )
+    .await
+    .expect("the exchange");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-idc"], "sh");
+    assert_eq!(body, b"hello world");
+    let sent = read_until(&mut backend, b"\r\n\r\n").await;
+    assert_eq!(sent, b"GET /orders/1?x=2 HTTP/1.1\r\nhost: orders\r\n\r\n");
+    assert!(
+        conn.reusable(),
+        "a sized answer read whole leaves the connection reusable"
+    );
+    conn.recycle();
+    assert!(!conn.poll_closed(), "an open idle connection is not closed");
+
+    // The same connection carries the next exchange.
+    let (resp, body) = exchange(
+        &mut conn,
+        &mut backend,
+        request(Method::GET, "/orders/2", RequestBody::Empty),
+        &[b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"],
+    )
+    .await
+    .expect("the second exchange");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(body.is_empty());
+    assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn a_kept_body_goes_with_its_length_and_a_chunked_answer_is_decoded() {
+    let (mut conn, mut backend) = pair().await;
+    let (resp, body) = exchange(
+        &mut conn,
+        &mut backend,
+        request(
+            Method::POST,
+            "/orders",
+            RequestBody::Kept(Some(Bytes::from_static(b"{\"a\":1}"))),
+        ),
+        &[
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"4;ext=1\r\nabcd\r\n",
+            b"3\r\nefg\r\n0\r\nx-trailer: t\r\n\r\n",
+        ],
+    )
+    .await
+    .expect("the exchange");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        body, b"abcdefg",
+        "chunks joined, extension and trailer left out"
+    );
+    let sent = read_until(&mut backend, b"{\"a\":1}").await;
+    assert_eq!(
+        sent,
+        b"POST /orders HTTP/1.1\r\nhost: orders\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+    );
+    assert!(
+        conn.reusable(),
+        "a chunked answer read to its last chunk leaves it reusable"
+    );
+}
+
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_dropped_and_chunking_frames_the_body() {
+    let (_, got) = get_once(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    .await;
+    let (resp, body) = got.expect("the exchange");
+    assert_eq!(body, b"ok");
+    assert!(
+        !resp.headers().contains_key(CONTENT_LENGTH),
+        "a content-length beside transfer-encoding is never passed on"
+    );
+}
+
+#[tokio::test]
+async fn informational_answers_are_skipped() {
+    let (_, got) = get_once(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let (resp, body) = got.expect("the exchange");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body, b"ok");
+}
+
+#[tokio::test]
+async fn an_answer_without_a_length_is_read_to_the_close_and_not_reused() {
+    let (mut conn, mut backend) = pair().await;
+    let req = request(Method::GET, "/", RequestBody::Empty);
+    backend
+        .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        .await
+        .expect("write");
+    let resp = send(&mut conn, req).await.expect("the head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(conn.body_length(), None);
+    backend.shutdown().await.expect("close");
+    let mut body = Vec::new();
+    while let Some(next) = poll_fn(|cx| conn.poll_body(cx)).await {
+        body.extend_from_slice(&next.expect("body bytes"));
+    }
+    assert_eq!(body, b"until the end");
+    assert!(!conn.reusable());
+}
+
+/// A new connection that sent a GET and read `answer` whole (or failed to).
+async fn get_once(answer: &[u8]) -> (Http1, Result<(Response<()>, Vec<u8>), Failure>) {
+    let (mut conn, mut backend) = pair().await;
+    let got = exchange(
+        &mut conn,
+        &mut backend,
+        request(Method::GET, "/", RequestBody::Empty),
+        &[answer],
+    )
+    .await;
+    (conn, got)
+}
+
+#[tokio::test]
+async fn connection_close_and_http_1_0_answers_are_not_reused() {
+    let cases: [(&[u8], bool, &str); 3] = [
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            false,
+            "connection: close",
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+            false,
+            "HTTP/1.0 without keep-alive",
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            true,
+            "HTTP/1.0 with keep-alive",
+        ),
+    ];
+    for (answer, reusable, what) in cases {
+        let (conn, got) = get_once(answer).await;
+        assert!(got.is_ok(), "{what}: {:?}", got.err());
+        assert_eq!(conn.reusable(), reusable, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_head_answer_has_no_body_whatever_its_length_says() {
+    let (mut conn, mut backend) = pair().await;
+    let (resp, body) = exchange(
+        &mut conn,
+        &mut backend,
+        request(Method::HEAD, "/", RequestBody::Empty),
+        &[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"],
+    )
+    .await
+    .expect("the exchange");
+    assert_eq!(resp.headers()[CONTENT_LENGTH], "5");
+    assert!(body.is_empty());
+    assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn malformed_answers_are_errors() {
+    let cases: [(&[u8], &str); 7] = [
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+            "two lengths",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\nabcd",
+            "a list of two lengths",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\nabc",
+            "a signed length",
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "chunked HTTP/1.0",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            "a chunk size",
+        ),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+            "an unasked 101",
+        ),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "a status"),
+    ];
+    for (answer, what) in cases {
+        let (conn, got) = get_once(answer).await;
+        assert!(
+            got.is_err(),
+            "{what}: accepted as {:?}",
+            got.map(|(r, b)| (r.status(), b))
+        );
+        assert!(!conn.reusable(), "{what}: the connection is not reused");
+    }
+}
+
+#[tokio::test]
+async fn too_many_header_lines_are_an_error() {
+    let mut answer = b"HTTP/1.1 200 OK\r\n".to_vec();
+    for i in 0..=MAX_HEADERS {
+        answer.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    answer.extend_from_slice(b"content-length: 0\r\n\r\n");
+    let (_, got) = get_once(&answer).await;
+    assert!(matches!(got, Err(Failure::Protocol(_))), "{:?}", got.err());
+}
+
+#[tokio::test]
+async fn a_close_before_the_head_and_a_body_cut_short_are_errors() {
+    let (mut conn, mut backend) = pair().await;
+    backend.shutdown().await.expect("close");
+    let got = send(&mut conn, request(Method::GET, "/", RequestBody::Empty)).await;
+    assert!(got.is_err(), "no head, no response");
+
+    let (mut conn, mut backend) = pair().await;
+    let got = async {
+        backend
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+            .await
+            .expect("write");
+        let _head = send(&mut conn, request(Method::GET, "/", RequestBody::Empty)).await?;
+        backend.shutdown().await.expect("close");
+        let mut all = Vec::new();
+        while let Some(next) = poll_fn(|cx| conn.poll_body(cx)).await {
+            all.extend_from_slice(&next?);
+        }
+        Ok::<_, Failure>(all)
+    }
+    .await;
+    assert!(got.is_err(), "a body shorter than its length: {got:?}");
+    assert!(!conn.reusable());
+}
+
+#[tokio::test]
+async fn a_backend_that_closed_while_idle_is_seen_closed() {
+    let (mut conn, backend) = pair().await;
+    assert!(!conn.poll_closed());
+    drop(backend);
+    let mut closed = false;
+    for _ in 0..50 {
+        if conn.poll_closed() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the backend's close was never seen");
+}
+
+#[tokio::test]
+async fn framing_rules() {
+    let mut h = HeaderMap::new();
+    assert_eq!(content_length(&h), Ok(None));
+    h.append(CONTENT_LENGTH, HeaderValue::from_static("10"));
+    assert_eq!(content_length(&h), Ok(Some(10)));
+    h.append(CONTENT_LENGTH, HeaderValue::from_static("10, 10"));
+    assert_eq!(
+        content_length(&h),
+        Ok(Some(10)),
+        "repeats of one length are one length"
+    );
+    h.append(CONTENT_LENGTH, HeaderValue::from_static(""));
+    assert_eq!(content_length(&h), Err(()));
+    let mut h = HeaderMap::new();
+    h.append(
+        CONTENT_LENGTH,
+        HeaderValue::from_static("99999999999999999999"),
+    );
+    assert_eq!(content_length(&h), Err(()), "past u64");
+
+    let mut h = HeaderMap::new();
+    h.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+    assert!(chunked_last(&h));
+    h.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+    assert!(!chunked_last(&h), "chunked must be the last coding");
+}
+
+#[tokio::test]
+async fn the_client_decides_the_framing_of_what_it_sends() {
+    // A transfer-encoding the request carries is not written; a kept body gets its length.
+    let (mut conn, mut backend) = pair().await;
+    let mut req = request(
+        Method::PUT,
+        "/orders/1",
+        RequestBody::Kept(Some(Bytes::from_static(b"abc"))),
+    );
+    req.headers_mut()
+        .insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+    exchange(
+        &mut conn,
+        &mut backend,
+        req,
+        &[b"HTTP/1.1 204 No Content\r\n\r\n"],
+    )
+    .await
+    .expect("the exchange");
+    let sent = read_until(&mut backend, b"abc").await;
+    assert_eq!(
+        sent,
+        b"PUT /orders/1 HTTP/1.1\r\nhost: orders\r\ncontent-length: 3\r\n\r\nabc"
+    );
+    assert!(conn.reusable(), "a 204 has no body: the exchange is over");
+
+    // A body known empty adds nothing; a content-length the request carries is kept.
+    let mut req = request(
+        Method::POST,
+        "/orders",
+        RequestBody::Kept(Some(Bytes::new())),
+    );
+    req.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    conn.recycle();
+    exchange(
+        &mut conn,
+        &mut backend,
+        req,
+        &[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
+    )
+    .await
+    .expect("the second exchange");
+    let sent = read_until(&mut backend, b"\r\n\r\n").await;
+    assert_eq!(
+        sent,
+        b"POST /orders HTTP/1.1\r\nhost: orders\r\ncontent-length: 0\r\n\r\n"
+    );
+}
