@@ -185,8 +185,12 @@ pub async fn forward(
                     Some(limit) => ForwardError::BodyTooLarge(limit),
                     None => ForwardError::Protocol(e.message),
                 };
-                // A broken exchange is the backend's failure unless the client's body broke it.
-                let backend_failed = matches!(err, ForwardError::Protocol(_)) && !e.client_fault;
+                // A broken exchange is the backend's failure unless the client's body broke it,
+                // or a connection from the pool was closed as the request left (the backend's
+                // idle close racing it).
+                let backend_failed = matches!(err, ForwardError::Protocol(_))
+                    && !e.client_fault
+                    && !(reused && e.closed_early);
                 if e.unsent {
                     // Not sent: a stale pooled connection. Retry freely.
                     if reused {

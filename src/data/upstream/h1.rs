@@ -47,6 +47,10 @@ pub enum Failure {
     Io(io::Error),
     /// The backend broke HTTP/1.1 (or closed the connection early).
     Protocol(&'static str),
+    /// The connection closed (or was reset) before a byte of an answer: on a connection that
+    /// sat idle in the pool, the backend closing it as the request left, not a failure of the
+    /// backend.
+    Closed,
 }
 
 impl fmt::Display for Failure {
@@ -55,6 +59,7 @@ impl fmt::Display for Failure {
             Failure::Client(e) => write!(f, "the request body failed: {e}"),
             Failure::Io(e) => write!(f, "upstream connection: {e}"),
             Failure::Protocol(what) => write!(f, "upstream response: {what}"),
+            Failure::Closed => write!(f, "the connection closed before a response head"),
         }
     }
 }
@@ -64,7 +69,7 @@ impl std::error::Error for Failure {
         match self {
             Failure::Client(e) => Some(&**e),
             Failure::Io(e) => Some(e),
-            Failure::Protocol(_) => None,
+            Failure::Protocol(_) | Failure::Closed => None,
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct Http1 {
     head_request: bool,
     /// The backend lets the connection carry another exchange.
     keep_alive: bool,
+    /// Bytes of the read buffer already searched for the end of a response head.
+    scanned: usize,
     /// Writing failed before the response head arrived: reported if no head comes (a backend
     /// may answer, say 413, and close before it read the whole request).
     write_error: Option<io::Error>,
@@ -150,6 +157,7 @@ impl Http1 {
             receiving: Receiving::Idle,
             head_request: false,
             keep_alive: true,
+            scanned: 0,
             write_error: None,
         }
     }
@@ -205,12 +213,18 @@ impl Http1 {
         body: RequestBody,
     ) -> Result<Response<()>, Failure> {
         self.head_request = head.method() == Method::HEAD;
+        // A 2xx to CONNECT may turn the connection into a tunnel: it is never reused.
+        self.keep_alive &= head.method() != Method::CONNECT;
         let framing = self.encode_head(head, &body);
         self.sending = match framing {
             Some(framing) => match body {
                 RequestBody::Kept(Some(data)) => {
-                    // A kept body goes out with the head, in one write.
-                    self.queue_data(framing, data)?;
+                    // A kept body goes out with the head, in one write, and fills its length.
+                    if let OutFraming::Length(1..) = self.queue_data(framing, data)? {
+                        return Err(Failure::Client(
+                            "the request body ended before its content-length".into(),
+                        ));
+                    }
                     if let OutFraming::Chunked = framing {
                         self.outbox.push(Bytes::from_static(b"0\r\n\r\n"));
                     }
@@ -224,26 +238,33 @@ impl Http1 {
         poll_fn(|cx| self.poll_head(cx)).await
     }
 
-    /// The request line and headers into the outbox; the body's framing, `None` when it has
-    /// none. The framing rules are hyper's client's, so backends see what they saw before:
-    /// a body that is known empty adds nothing; a body of known length gets `content-length`
-    /// unless the request carries one; a streamed body of unknown length keeps the client's
-    /// `content-length`, or is chunked (GET, HEAD and CONNECT are sent without a body). A
-    /// `transfer-encoding` the request carries is never written: the client decides it.
+    /// The request line and headers into the outbox; the body's framing, `None` when none is
+    /// sent. The framing headers are the client's own, written from the framing: the
+    /// request's `content-length` and `transfer-encoding` never go out as they came (an
+    /// invalid length beside a chunked body would be the classic desync pair), and `expect` is
+    /// not forwarded (the gateway answers the client's expectation itself and sends the body
+    /// at once). As hyper's client framed them, so backends see what they saw before: a body
+    /// known empty is sent as none (`content-length: 0` when the request declared a length); a
+    /// body of known or declared length gets `content-length`; a streamed body of unknown
+    /// length is chunked, except on GET, HEAD and CONNECT, which are sent without one.
     fn encode_head<B>(&mut self, req: &Request<B>, body: &RequestBody) -> Option<OutFraming> {
         let headers = req.headers();
-        let declared = content_length(headers).ok().flatten();
+        let declared = content_length(headers);
+        let length = |n: u64| Some((&b"content-length"[..], HeaderValue::from(n)));
         let (framing, added): (_, Option<(&[u8], HeaderValue)>) = if body.is_end_stream() {
-            (None, None)
-        } else if let Some(n) = declared {
-            (Some(OutFraming::Length(n)), None)
-        } else if let Some(n) = body.size_hint().exact() {
             (
-                Some(OutFraming::Length(n)),
-                Some((b"content-length", HeaderValue::from(n))),
+                None,
+                headers
+                    .contains_key(CONTENT_LENGTH)
+                    .then_some(0)
+                    .and_then(length),
             )
+        } else if let Ok(Some(n)) = declared {
+            (Some(OutFraming::Length(n)), length(n))
+        } else if let Some(n) = body.size_hint().exact() {
+            (Some(OutFraming::Length(n)), length(n))
         } else if matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT) {
-            (Some(OutFraming::Length(0)), None)
+            (None, None)
         } else {
             let chunked = HeaderValue::from_static("chunked");
             (
@@ -267,7 +288,11 @@ impl Http1 {
         head.extend_from_slice(b" HTTP/1.1\r\n");
         let lines = headers
             .iter()
-            .filter(|(name, _)| *name != TRANSFER_ENCODING)
+            .filter(|(name, _)| {
+                *name != TRANSFER_ENCODING
+                    && *name != CONTENT_LENGTH
+                    && *name != http::header::EXPECT
+            })
             .map(|(name, value)| (name.as_str().as_bytes(), value))
             .chain(added.as_ref().map(|(name, value)| (*name, value)));
         for (name, value) in lines {
@@ -327,6 +352,9 @@ impl Http1 {
                         continue; // trailers are not forwarded
                     };
                     match self.queue_data(framing, data) {
+                        // The declared length is sent: the exchange does not wait for the
+                        // body's end (an HTTP/2 client may mark it late).
+                        Ok(OutFraming::Length(0)) => self.sending = Sending::Done,
                         Ok(next) => {
                             if let Sending::Body { framing, .. } = &mut self.sending {
                                 *framing = next;
@@ -374,7 +402,7 @@ impl Http1 {
             }
         }
         loop {
-            match parse_head(&mut self.read, self.head_request)? {
+            match parse_head(&mut self.read, &mut self.scanned, self.head_request)? {
                 Some(Parsed::Informational) => continue,
                 Some(Parsed::Final(resp, decoder, keep_alive)) => {
                     self.keep_alive &= keep_alive;
@@ -393,16 +421,24 @@ impl Http1 {
             if self.read.len() >= MAX_HEAD {
                 return Poll::Ready(Err(Failure::Protocol("the response head is too large")));
             }
+            let nothing_read = self.read.is_empty();
             let filled = match ready!(self.poll_fill(cx)) {
                 Ok(n) => n,
+                // Reset before a byte of an answer: the backend dropped the connection.
+                Err(Failure::Io(e))
+                    if nothing_read && e.kind() == io::ErrorKind::ConnectionReset =>
+                {
+                    return Poll::Ready(Err(Failure::Closed));
+                }
                 Err(e) => return Poll::Ready(Err(self.write_error.take().map_or(e, Failure::Io))),
             };
             if filled == 0 {
                 self.keep_alive = false;
-                return Poll::Ready(Err(self.write_error.take().map_or(
-                    Failure::Protocol("the connection closed before a response head"),
-                    Failure::Io,
-                )));
+                return Poll::Ready(Err(if nothing_read {
+                    Failure::Closed
+                } else {
+                    Failure::Protocol("the connection closed in the middle of a response head")
+                }));
             }
         }
     }
@@ -420,14 +456,12 @@ impl Http1 {
     /// streaming, is moved along first (a backend may answer before it read it all).
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Failure>>> {
         if self.still_sending() {
-            match self.poll_send(cx) {
-                // The backend stopped reading (it answered): its answer is still read whole.
-                Poll::Ready(Err(Failure::Io(_))) => self.keep_alive = false,
-                Poll::Ready(Err(e)) => {
-                    self.receiving = Receiving::Broken;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                _ => {}
+            // The backend has answered: if it stopped reading, or the client's body broke off
+            // or went past its limit, sending stops and the answer is still read whole (the
+            // connection is not reused).
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                tracing::debug!(error = %e, "the request body stopped after the response head");
+                self.keep_alive = false;
             }
         }
         let result = self.poll_decode(cx);
@@ -582,8 +616,10 @@ enum Parsed {
 }
 
 /// Where the head at the start of `buf` ends (after its empty line), once it is all there.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
+/// The search starts at `from` (what earlier searches covered, less the two bytes an end
+/// line may straddle), so that a head arriving in many small reads is scanned once.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut from = from.saturating_sub(2).min(buf.len());
     while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
         let at = from + i;
         match buf.get(at + 1..at + 3) {
@@ -597,10 +633,16 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// A response head at the start of `buf`, taken from it; `None` while it is incomplete.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, Failure> {
-    let Some(end) = head_end(buf) else {
+fn parse_head(
+    buf: &mut BytesMut,
+    scanned: &mut usize,
+    head_request: bool,
+) -> Result<Option<Parsed>, Failure> {
+    let Some(end) = head_end(buf, *scanned) else {
+        *scanned = buf.len();
         return Ok(None);
     };
+    *scanned = 0;
     // The head's bytes become the header values' storage: no copy.
     let head = buf.split_to(end).freeze();
     let mut slots =
@@ -633,7 +675,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     };
     // Room for the three headers the gateway adds to every answer (`proxy::handle`).
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 3);
-    let mut close = version == Version::HTTP_10;
+    let (mut saw_close, mut saw_keep_alive) = (false, false);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Failure::Protocol("a response header name is invalid"))?;
@@ -642,15 +684,14 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         if name == http::header::CONNECTION {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
+                saw_close |= token.eq_ignore_ascii_case(b"close");
+                saw_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
         headers.append(name, value);
     }
+    // `close` anywhere wins; HTTP/1.0 stays open only when it says keep-alive.
+    let close = saw_close || (version == Version::HTTP_10 && !saw_keep_alive);
     let decoder = framing(status, version, head_request, &mut headers)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
@@ -778,9 +819,10 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Fail
                 if digits == 0 || digits > 16 {
                     return Err(Failure::Protocol("a chunk size is invalid"));
                 }
-                // What follows the size is an extension (`;name=value`), ignored, or blanks.
-                let rest = line[digits..].trim_ascii_start();
-                if !rest.is_empty() && rest[0] != b';' {
+                // What follows the size is nothing, or an extension (`;name=value`, blanks
+                // allowed before the `;`), ignored.
+                let rest = &line[digits..];
+                if !rest.is_empty() && !rest.trim_ascii_start().starts_with(b";") {
                     return Err(Failure::Protocol("a chunk size is invalid"));
                 }
                 let size = line[..digits].iter().fold(0u64, |n, d| {

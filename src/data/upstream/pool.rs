@@ -49,6 +49,9 @@ pub(crate) struct SendError {
     pub body_limit: Option<u64>,
     /// Nothing was sent: the request is whole, to send elsewhere.
     pub unsent: bool,
+    /// The connection closed before a byte of an answer (on a reused connection, a race
+    /// with the backend's idle close rather than a failure of the backend).
+    pub closed_early: bool,
 }
 
 impl Conn {
@@ -100,6 +103,7 @@ impl Conn {
                             client_fault,
                             body_limit,
                             unsent: false,
+                            closed_early: matches!(failure, Failure::Closed),
                         })
                     }
                 }
@@ -120,6 +124,7 @@ impl Conn {
                             client_fault: e.error().is_user(),
                             body_limit: std::error::Error::source(e.error()).and_then(body_limit),
                             unsent,
+                            closed_early: false,
                         })
                     }
                 }

@@ -215,7 +215,12 @@ async fn get_once(answer: &[u8]) -> (Http1, Result<(Response<()>, Vec<u8>), Fail
 
 #[tokio::test]
 async fn connection_close_and_http_1_0_answers_are_not_reused() {
-    let cases: [(&[u8], bool, &str); 3] = [
+    let cases: [(&[u8], bool, &str); 4] = [
+        (
+            b"HTTP/1.0 200 OK\r\nconnection: close, keep-alive\r\ncontent-length: 0\r\n\r\n",
+            false,
+            "HTTP/1.0 saying close and keep-alive",
+        ),
         (
             b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
             false,
@@ -257,7 +262,15 @@ async fn a_head_answer_has_no_body_whatever_its_length_says() {
 
 #[tokio::test]
 async fn malformed_answers_are_errors() {
-    let cases: [(&[u8], &str); 7] = [
+    let cases: [(&[u8], &str); 9] = [
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2 \r\nok\r\n0\r\n\r\n",
+            "a blank after a chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\r\nok\r\n0\r\n\r\n",
+            "a bare CR after a chunk size",
+        ),
         (
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
             "two lengths",
@@ -311,7 +324,24 @@ async fn a_close_before_the_head_and_a_body_cut_short_are_errors() {
     let (mut conn, mut backend) = pair().await;
     backend.shutdown().await.expect("close");
     let got = send(&mut conn, request(Method::GET, "/", RequestBody::Empty)).await;
-    assert!(got.is_err(), "no head, no response");
+    assert!(
+        matches!(got, Err(Failure::Closed)),
+        "a close before a byte of an answer: {:?}",
+        got.map(|r| r.status())
+    );
+
+    let (mut conn, mut backend) = pair().await;
+    backend
+        .write_all(b"HTTP/1.1 200 OK\r\ncont")
+        .await
+        .expect("write");
+    backend.shutdown().await.expect("close");
+    let got = send(&mut conn, request(Method::GET, "/", RequestBody::Empty)).await;
+    assert!(
+        matches!(got, Err(Failure::Protocol(_))),
+        "a close in the middle of a head: {:?}",
+        got.map(|r| r.status())
+    );
 
     let (mut conn, mut backend) = pair().await;
     let got = async {
@@ -387,6 +417,10 @@ async fn the_client_decides_the_framing_of_what_it_sends() {
     );
     req.headers_mut()
         .insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+    req.headers_mut().insert(
+        http::header::EXPECT,
+        HeaderValue::from_static("100-continue"),
+    );
     exchange(
         &mut conn,
         &mut backend,
@@ -424,4 +458,50 @@ async fn the_client_decides_the_framing_of_what_it_sends() {
         sent,
         b"POST /orders HTTP/1.1\r\nhost: orders\r\ncontent-length: 0\r\n\r\n"
     );
+}
+
+#[tokio::test]
+async fn a_kept_body_shorter_than_its_declared_length_is_not_sent() {
+    let (mut conn, _backend) = pair().await;
+    let mut req = request(
+        Method::POST,
+        "/orders",
+        RequestBody::Kept(Some(Bytes::from_static(b"abc"))),
+    );
+    req.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("10"));
+    let got = send(&mut conn, req).await;
+    assert!(
+        matches!(got, Err(Failure::Client(_))),
+        "a body short of its length: {:?}",
+        got.map(|r| r.status())
+    );
+}
+
+#[tokio::test]
+async fn a_head_arriving_a_byte_at_a_time_is_read_once_whole() {
+    let (mut conn, mut backend) = pair().await;
+    let answer = b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok";
+    let writer = tokio::spawn(async move {
+        for byte in answer {
+            backend.write_all(&[*byte]).await.expect("write a byte");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        backend
+    });
+    let resp = tokio::time::timeout(
+        DEADLINE,
+        send(&mut conn, request(Method::GET, "/", RequestBody::Empty)),
+    )
+    .await
+    .expect("a head in time")
+    .expect("the head");
+    assert_eq!(resp.headers()["x-a"], "1");
+    let mut body = Vec::new();
+    while let Some(next) = poll_fn(|cx| conn.poll_body(cx)).await {
+        body.extend_from_slice(&next.expect("body bytes"));
+    }
+    assert_eq!(body, b"ok");
+    assert!(conn.reusable());
+    drop(writer.await.expect("the writer"));
 }
