@@ -1,7 +1,9 @@
 //! Small helpers more than one module needs and none owns: the wall clock in Unix
-//! milliseconds, and percent-encoding of URL parts (both ways).
+//! milliseconds, percent-encoding of URL parts (both ways), and HTTP/1.1 framing ([`http1`]).
 
 use std::borrow::Cow;
+
+pub mod http1;
 
 /// Unix milliseconds now (0 if the clock is before 1970). Wall-clock times recorded for
 /// display, warm-up steps and fences; decisions that must not jump use monotonic clocks.

@@ -21,6 +21,8 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::util::http1::{chunked_last, decimal, head_end};
+
 /// The marker header of the stand-in request; its value names the refusal. A client sending
 /// it itself only gets its own request refused.
 pub const REFUSED: &str = "x-shardgate-refused";
@@ -360,19 +362,6 @@ impl Scanner {
     }
 }
 
-/// Where the first blank line that ends a head (`\n\r\n` or `\n\n`) in `bytes` ends.
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(2).enumerate().find_map(|(i, w)| {
-        if w == b"\n\n" {
-            Some(i + 2)
-        } else if w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n') {
-            Some(i + 3)
-        } else {
-            None
-        }
-    })
-}
-
 /// The body framing of a complete head and whether it asks for an upgrade (an `Upgrade`
 /// header or CONNECT: what hyper may switch protocols on), or why it is refused (`Err(None)`:
 /// step aside).
@@ -414,12 +403,7 @@ fn framing_of_body(
     coding: Option<&[u8]>,
 ) -> Result<State, Option<Refusal>> {
     if let Some(coding) = coding {
-        let last = coding
-            .rsplit(|b| *b == b',')
-            .next()
-            .unwrap_or(b"")
-            .trim_ascii();
-        return match (req.version, last.eq_ignore_ascii_case(b"chunked")) {
+        return match (req.version, chunked_last(coding)) {
             (Some(1), true) => Ok(State::ChunkSize),
             // hyper refuses these (400).
             _ => Err(None),
@@ -427,12 +411,7 @@ fn framing_of_body(
     }
     match length {
         None => Ok(State::Head),
-        Some(v) => match std::str::from_utf8(v).ok().and_then(|v| {
-            v.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| v.parse::<u64>().ok())
-                .flatten()
-        }) {
+        Some(v) => match decimal(v) {
             Some(0) => Ok(State::Head),
             Some(n) => Ok(State::Fixed(n)),
             None => Err(None),

@@ -26,6 +26,8 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
+use crate::util::hex_digit;
+use crate::util::http1::{chunked_last, decimal, head_end};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -142,9 +144,6 @@ pub struct Http1 {
     keep_alive: bool,
     /// Bytes of the read buffer already searched for the end of a response head.
     scanned: usize,
-    /// Writing failed before the response head arrived: reported if no head comes (a backend
-    /// may answer, say 413, and close before it read the whole request).
-    write_error: Option<io::Error>,
 }
 
 impl Http1 {
@@ -158,7 +157,6 @@ impl Http1 {
             head_request: false,
             keep_alive: true,
             scanned: 0,
-            write_error: None,
         }
     }
 
@@ -339,11 +337,9 @@ impl Http1 {
                 self.outbox.queue.clear();
                 return Poll::Ready(Err(Failure::Io(e)));
             }
+            // Called only while sending (`still_sending`): `Done` here means all is written.
             let Sending::Body { body, framing } = &mut self.sending else {
-                return Poll::Ready(match self.sending {
-                    Sending::Broken => Err(Failure::Protocol("the request could not be sent")),
-                    _ => Ok(()),
-                });
+                return Poll::Ready(Ok(()));
             };
             let framing = *framing;
             match ready!(Pin::new(body).poll_frame(cx)) {
@@ -393,9 +389,11 @@ impl Http1 {
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Failure>> {
         if self.still_sending() {
             match self.poll_send(cx) {
+                // The backend may answer (say 413) and close before it read the whole
+                // request: its answer, or its close, is what the read below reports.
                 Poll::Ready(Err(Failure::Io(e))) => {
+                    tracing::debug!(error = %e, "writing the request failed before an answer");
                     self.keep_alive = false;
-                    self.write_error = Some(e);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 _ => {}
@@ -430,7 +428,7 @@ impl Http1 {
                 {
                     return Poll::Ready(Err(Failure::Closed));
                 }
-                Err(e) => return Poll::Ready(Err(self.write_error.take().map_or(e, Failure::Io))),
+                Err(e) => return Poll::Ready(Err(e)),
             };
             if filled == 0 {
                 self.keep_alive = false;
@@ -481,16 +479,11 @@ impl Http1 {
                 }
             };
             match decode(decoder, &mut self.read)? {
-                Decoded::Data(data) => {
-                    // Ended with these bytes: say so now, so that the body is seen ended with
-                    // its last bytes (a server writing a sized body may not poll it again),
-                    // and the connection goes back to its pool.
-                    if ends_here(decoder, &self.read) {
-                        if let Decoder::Chunked(_) = decoder {
-                            self.read.clear(); // the terminator, and nothing else
-                        }
-                        self.receiving = Receiving::Done;
-                    }
+                Decoded::Data(data) => return Poll::Ready(Some(Ok(data))),
+                // The body is seen ended with its last bytes (a server writing a sized body
+                // may not poll it again), and the connection goes back to its pool.
+                Decoded::Last(data) => {
+                    self.receiving = Receiving::Done;
                     return Poll::Ready(Some(Ok(data)));
                 }
                 Decoded::End => {
@@ -615,30 +608,16 @@ enum Parsed {
     Final(Response<()>, Decoder, bool),
 }
 
-/// Where the head at the start of `buf` ends (after its empty line), once it is all there.
-/// The search starts at `from` (what earlier searches covered, less the two bytes an end
-/// line may straddle), so that a head arriving in many small reads is scanned once.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut from = from.saturating_sub(2).min(buf.len());
-    while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
-        let at = from + i;
-        match buf.get(at + 1..at + 3) {
-            Some([b'\n', _]) => return Some(at + 2),
-            Some([b'\r', b'\n']) => return Some(at + 3),
-            None if buf.get(at + 1) == Some(&b'\n') => return Some(at + 2),
-            _ => from = at + 1,
-        }
-    }
-    None
-}
-
 /// A response head at the start of `buf`, taken from it; `None` while it is incomplete.
 fn parse_head(
     buf: &mut BytesMut,
     scanned: &mut usize,
     head_request: bool,
 ) -> Result<Option<Parsed>, Failure> {
-    let Some(end) = head_end(buf, *scanned) else {
+    // The search resumes where the last one stopped (less the two bytes an end line may
+    // straddle), so that a head arriving in many small reads is scanned once.
+    let from = scanned.saturating_sub(2).min(buf.len());
+    let Some(end) = head_end(&buf[from..]).map(|end| from + end) else {
         *scanned = buf.len();
         return Ok(None);
     };
@@ -718,7 +697,8 @@ fn framing(
         }
         // Transfer-Encoding frames it; a Content-Length beside it is dropped, never passed on.
         headers.remove(CONTENT_LENGTH);
-        return Ok(if chunked_last(headers) {
+        let last_line = headers.get_all(TRANSFER_ENCODING).iter().next_back();
+        return Ok(if last_line.is_some_and(|v| chunked_last(v.as_bytes())) {
             Decoder::Chunked(Chunk::Size)
         } else {
             Decoder::Eof
@@ -731,27 +711,13 @@ fn framing(
     }
 }
 
-/// `chunked` is the last transfer coding.
-fn chunked_last(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
 /// Every `Content-Length` value (lines and comma-separated) as one length: `None` when there
 /// is none, an error when one is not a number or two differ.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
     let mut found: Option<u64> = None;
     for line in headers.get_all(CONTENT_LENGTH) {
         for item in line.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            let n = decimal(item.trim_ascii()).ok_or(())?;
             if found.is_some_and(|f| f != n) {
                 return Err(());
             }
@@ -763,24 +729,16 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
 
 enum Decoded {
     Data(Bytes),
+    /// The body's last bytes: it ends with them.
+    Last(Bytes),
     End,
     /// Needs more bytes.
     More,
 }
 
-/// The last chunk and the empty trailer section after a chunk's data.
+/// What follows a chunk's data when it was the last one: its CRLF, the last chunk and an
+/// empty trailer section.
 const TERMINATOR: &[u8] = b"\r\n0\r\n\r\n";
-
-/// The body ends right after the bytes just taken: a length run out, or a chunk's data
-/// followed by the last chunk, already read, with nothing after it. (Only the terminator is
-/// then left in `buf`, when chunked.)
-fn ends_here(decoder: &Decoder, buf: &[u8]) -> bool {
-    match decoder {
-        Decoder::Length(left) => *left == 0,
-        Decoder::Chunked(Chunk::DataEnd) => buf == TERMINATOR,
-        _ => false,
-    }
-}
 
 /// The next step of a body out of `buf`.
 fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, Failure> {
@@ -792,7 +750,12 @@ fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, Failure>
             }
             let n = (*left).min(buf.len() as u64) as usize;
             *left -= n as u64;
-            Ok(Decoded::Data(buf.split_to(n).freeze()))
+            let data = buf.split_to(n).freeze();
+            Ok(if *left == 0 {
+                Decoded::Last(data)
+            } else {
+                Decoded::Data(data)
+            })
         }
         Decoder::Eof => {
             if buf.is_empty() {
@@ -825,9 +788,9 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Fail
                 if !rest.is_empty() && !rest.trim_ascii_start().starts_with(b";") {
                     return Err(Failure::Protocol("a chunk size is invalid"));
                 }
-                let size = line[..digits].iter().fold(0u64, |n, d| {
-                    n << 4 | u64::from((*d as char).to_digit(16).unwrap_or(0))
-                });
+                let size = line[..digits]
+                    .iter()
+                    .fold(0u64, |n, d| n << 4 | u64::from(hex_digit(*d).unwrap_or(0)));
                 buf.advance(end + 2);
                 *state = if size == 0 {
                     Chunk::Trailers(0)
@@ -840,12 +803,19 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Fail
                     return Ok(Decoded::More);
                 }
                 let n = left.min(buf.len() as u64) as usize;
-                *state = if n as u64 == left {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left - n as u64)
-                };
-                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                let data = buf.split_to(n).freeze();
+                if n as u64 != left {
+                    *state = Chunk::Data(left - n as u64);
+                    return Ok(Decoded::Data(data));
+                }
+                // The chunk is whole; when the end of the body is already read right behind
+                // it (and nothing else), these are its last bytes.
+                if buf[..] == *TERMINATOR {
+                    buf.clear();
+                    return Ok(Decoded::Last(data));
+                }
+                *state = Chunk::DataEnd;
+                return Ok(Decoded::Data(data));
             }
             Chunk::DataEnd => {
                 if buf.len() < 2 {

@@ -64,16 +64,11 @@ impl Conn {
         }
     }
 
-    /// Until the connection can take a request (an error: it closed first).
+    /// Until the connection can take a request (an error: it closed first). A pooled one was
+    /// looked at as it was taken (`take_idle`), a new one is fresh: neither is read again.
     pub(crate) async fn ready(&mut self) -> Result<(), ()> {
         match self {
-            Conn::Lean(h) => {
-                if h.poll_closed() {
-                    Err(())
-                } else {
-                    Ok(())
-                }
-            }
+            Conn::Lean(h) => h.is_idle().then_some(()).ok_or(()),
             Conn::Upgradable(sender) => sender.ready().await.map_err(|_| ()),
         }
     }

@@ -1,0 +1,65 @@
+//! HTTP/1.1 message framing, as both ends of the gateway read it: the request-head gate on
+//! the client side (`data::server::gate`) and the upstream client (`data::upstream::h1`).
+
+/// Where the first blank line that ends a head (`\n\r\n` or `\n\n`) in `bytes` ends.
+pub fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(2).enumerate().find_map(|(i, w)| {
+        if w == b"\n\n" {
+            Some(i + 2)
+        } else if w == b"\n\r" && bytes.get(i + 2) == Some(&b'\n') {
+            Some(i + 3)
+        } else {
+            None
+        }
+    })
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no blanks), within `u64`.
+pub fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, d| {
+        let digit = d.is_ascii_digit().then(|| u64::from(d - b'0'))?;
+        n.checked_mul(10)?.checked_add(digit)
+    })
+}
+
+/// The last transfer coding of a `Transfer-Encoding` value is `chunked`.
+pub fn chunked_last(coding: &[u8]) -> bool {
+    coding
+        .rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_end_at_their_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r"), None);
+    }
+
+    #[test]
+    fn lengths_are_plain_digits_within_u64() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"0042"), Some(42));
+        assert_eq!(decimal(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(decimal(b"18446744073709551616"), None);
+        for bad in [&b""[..], b"+1", b"-1", b" 1", b"1 ", b"0x1", b"1,1"] {
+            assert_eq!(decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn only_a_last_chunked_coding_counts() {
+        assert!(chunked_last(b"chunked"));
+        assert!(chunked_last(b"gzip, Chunked "));
+        assert!(!chunked_last(b"chunked, gzip"));
+        assert!(!chunked_last(b""));
+    }
+}
