@@ -33,13 +33,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::UPGRADE,
 ];
 
+/// One of [`HOP_BY_HOP`], or `proxy-connection`: a match on the name's text, where a lookup
+/// in the array would build (and drop) its names on every call.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+    )
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names is cheaper than nine removals, each
     // of which hashes its name.
-    let any = headers
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k.as_str() == "proxy-connection");
+    let any = headers.keys().any(is_hop_by_hop);
     if !any {
         return;
     }
@@ -166,9 +181,16 @@ fn valid_traceparent(b: &[u8]) -> bool {
 /// every line the client sent, in order, then the address.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
     // Every line counts, as for `Connection`: a backend reading the list must see each hop,
-    // not only the first line's.
+    // not only the first line's. One lookup of the name, found or not.
+    let mut entry = match headers.entry(FORWARDED_FOR) {
+        http::header::Entry::Vacant(vacant) => {
+            vacant.insert(client.clone());
+            return;
+        }
+        http::header::Entry::Occupied(occupied) => occupied,
+    };
     let mut joined: Vec<u8> = Vec::new();
-    for prev in headers.get_all(FORWARDED_FOR) {
+    for prev in entry.iter() {
         let prev = prev.as_bytes().trim_ascii();
         if !prev.is_empty() {
             joined.extend_from_slice(prev);
@@ -181,7 +203,8 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
         joined.extend_from_slice(client.as_bytes());
         HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
     };
-    headers.insert(FORWARDED_FOR, value);
+    // Replaces every line with the one joined.
+    entry.insert(value);
 }
 
 #[cfg(test)]
@@ -199,6 +222,30 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-user-id"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_goes() {
+        let names = HOP_BY_HOP
+            .into_iter()
+            .chain([HeaderName::from_static("proxy-connection")]);
+        for name in names {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), "x".parse().unwrap());
+            h.insert("x-user-id", "7".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(&name), "{name} kept");
+            assert!(h.contains_key("x-user-id"));
+        }
+        for kept in [
+            "host",
+            "content-length",
+            "x-connection",
+            "tee",
+            "upgrade-insecure-requests",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(kept)), "{kept}");
+        }
     }
 
     #[test]

@@ -250,16 +250,10 @@ impl Scanner {
                         _ => State::Trailers,
                     };
                 }
-                State::Head => {
-                    let fresh = input.len();
-                    self.pending.extend_from_slice(input);
-                    // The previous bytes held no complete head, so the head ends inside this
-                    // input and what follows it is the tail of `input`.
-                    match self.check_head(out) {
-                        Some(rest) => input = &input[fresh - rest.min(fresh)..],
-                        None => return,
-                    }
-                }
+                State::Head => match self.take_head(input, out) {
+                    Some(rest) => input = rest,
+                    None => return,
+                },
             }
         }
     }
@@ -281,51 +275,37 @@ impl Scanner {
         None
     }
 
-    /// With the head complete: hands it (or a stand-in) to `out`, sets the body's state and
-    /// returns how many bytes followed it. `None`: still incomplete, or the gate stepped
-    /// aside or closed (the held bytes are dealt with).
-    fn check_head(&mut self, out: &mut Vec<u8>) -> Option<usize> {
-        // Empty lines before a request line are no head's end (RFC 9112 §2.2 lets a server
-        // skip them): the search starts after them, whatever the client's cuts.
-        let lead = self
-            .pending
-            .iter()
-            .take_while(|b| matches!(b, b'\r' | b'\n'))
-            .count();
-        let from = self.searched.saturating_sub(3).max(lead);
-        let ended = head_end(&self.pending[from..]).map(|end| from + end);
-        self.searched = self.pending.len();
-        let Some(end) = ended else {
-            if self.pending.len() > self.max_head {
-                self.refuse(Refusal::HeadTooLarge, out);
-            }
-            return None;
-        };
-        // The size limit is decided before the syntax, as it is while the head is still
-        // coming: the verdict must not depend on how the client cut its bytes.
-        if end > self.max_head {
-            self.refuse(Refusal::HeadTooLarge, out);
-            return None;
+    /// Acts on what [`examine`] made of a head: hands it (or a stand-in) to `out` and sets
+    /// the body's state. The head's bytes are `pending` when `in_pending`, else the start of
+    /// `input`. Returns what of `input` follows the head; `None` when all of it was dealt
+    /// with (still incomplete: kept in `pending`; or the gate stepped aside or closed).
+    fn take_head<'i>(&mut self, input: &'i [u8], out: &mut Vec<u8>) -> Option<&'i [u8]> {
+        let in_pending = !self.pending.is_empty();
+        if in_pending {
+            self.pending.extend_from_slice(input);
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
-        let verdict = match req.parse(&self.pending) {
-            Ok(httparse::Status::Complete(n)) if n > self.max_head => {
-                Err(Some(Refusal::HeadTooLarge))
-            }
-            Ok(httparse::Status::Complete(n)) => framing(&req).map(|f| (n, f)),
-            // Blank lines before a request line: wait for the rest.
-            Ok(httparse::Status::Partial) if self.pending.len() <= self.max_head => return None,
-            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                Err(Some(Refusal::HeadTooLarge))
-            }
-            Err(_) => Err(None),
-        };
+        let bytes = if in_pending { &self.pending[..] } else { input };
+        let verdict = examine(bytes, self.searched, self.max_head);
         match verdict {
-            Ok((n, (state, upgrade))) => {
-                let rest = self.pending.len() - n;
-                out.extend_from_slice(&self.pending[..n]);
-                clear_buffer(&mut self.pending);
+            Examined::Incomplete => {
+                if !in_pending {
+                    self.pending.extend_from_slice(input);
+                }
+                self.searched = self.pending.len();
+                None
+            }
+            Examined::Head {
+                len,
+                state,
+                upgrade,
+            } => {
+                out.extend_from_slice(&bytes[..len]);
+                // The previous bytes held no complete head, so the head ends inside this
+                // input and what follows it is the tail of `input`.
+                let rest = bytes.len() - len;
+                if in_pending {
+                    clear_buffer(&mut self.pending);
+                }
                 self.searched = 0;
                 self.heads += 1;
                 if upgrade {
@@ -335,16 +315,20 @@ impl Scanner {
                     State::Head => self.after_body(),
                     body => body,
                 };
-                Some(rest)
+                Some(&input[input.len() - rest.min(input.len())..])
             }
-            Err(Some(refusal)) => {
+            Examined::Refused(refusal) => {
                 self.refuse(refusal, out);
                 None
             }
-            Err(None) => {
+            Examined::StepAside => {
                 // Not a request head the gate follows (HTTP/2's preface, bad bytes): hyper
                 // gets it as it came and decides.
-                out.append(&mut self.pending);
+                if in_pending {
+                    out.append(&mut self.pending);
+                } else {
+                    out.extend_from_slice(input);
+                }
                 self.state = State::Off;
                 None
             }
@@ -359,6 +343,72 @@ impl Scanner {
         self.pending = Vec::new();
         out.extend_from_slice(&refusal.stand_in());
         self.state = State::Closed;
+    }
+}
+
+/// What the gate makes of the bytes of a head as far as they came.
+enum Examined {
+    /// No blank line yet, or only blank lines before the request line: wait for more.
+    Incomplete,
+    /// A head of `len` bytes that passes, the state its body puts the stream in, and whether
+    /// it asks for an upgrade.
+    Head {
+        len: usize,
+        state: State,
+        upgrade: bool,
+    },
+    Refused(Refusal),
+    /// Not a request head the gate follows: hyper decides.
+    StepAside,
+}
+
+/// Examines the bytes of a head (searched for its end up to `searched` before).
+fn examine(bytes: &[u8], searched: usize, max_head: usize) -> Examined {
+    // Empty lines before a request line are no head's end (RFC 9112 §2.2 lets a server skip
+    // them): the search starts after them, whatever the client's cuts.
+    let lead = bytes
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    let from = searched.saturating_sub(3).max(lead);
+    let Some(end) = head_end(&bytes[from..]).map(|end| from + end) else {
+        return if bytes.len() > max_head {
+            Examined::Refused(Refusal::HeadTooLarge)
+        } else {
+            Examined::Incomplete
+        };
+    };
+    // The size limit is decided before the syntax, as it is while the head is still coming:
+    // the verdict must not depend on how the client cut its bytes.
+    if end > max_head {
+        return Examined::Refused(Refusal::HeadTooLarge);
+    }
+    // Uninitialised slots: httparse writes those it fills, and writing a hundred empty ones
+    // first would cost more than the parse.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, bytes, &mut slots)
+    {
+        Ok(httparse::Status::Complete(n)) if n > max_head => {
+            Examined::Refused(Refusal::HeadTooLarge)
+        }
+        Ok(httparse::Status::Complete(len)) => match framing(&req) {
+            Ok((state, upgrade)) => Examined::Head {
+                len,
+                state,
+                upgrade,
+            },
+            Err(Some(refusal)) => Examined::Refused(refusal),
+            Err(None) => Examined::StepAside,
+        },
+        // Blank lines before a request line: wait for the rest.
+        Ok(httparse::Status::Partial) if bytes.len() <= max_head => Examined::Incomplete,
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            Examined::Refused(Refusal::HeadTooLarge)
+        }
+        Err(_) => Examined::StepAside,
     }
 }
 

@@ -33,6 +33,11 @@ use crate::util::http1::{chunked_last, decimal, head_end};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in a response head.
 pub const MAX_HEADERS: usize = 100;
+/// Room in a response's header map beyond the backend's headers. The gateway adds its own to
+/// every answer (`proxy::handle`), and hyper's HTTP/1 server keeps the emptied map of an answer
+/// to parse the connection's next request into, where the gateway adds up to ten more
+/// (`proxy::upstream_request`): with this room neither grows (a growth rehashes every entry).
+const HEADER_ROOM: usize = 16;
 /// Room made in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
 /// Longest chunk-size line (with its extensions), and most trailer bytes skipped.
@@ -652,8 +657,7 @@ fn parse_head(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    // Room for the three headers the gateway adds to every answer (`proxy::handle`).
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 3);
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
