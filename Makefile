@@ -21,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-instructions bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-h1-split bench-instructions bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -108,9 +108,15 @@ bench-reload: release
 bench-etcd:
 	$(CARGO) bench --locked --bench etcd_propagation
 
-# HTTP/2 clients (h2load, cleartext) beside nginx and HAProxy speaking h2 (benches/proxy/h2.sh).
+# HTTP/2 clients (h2load, cleartext) beside nginx and HAProxy speaking h2, the proxies' CPU
+# split into user and kernel time (benches/proxy/clients.sh).
 bench-h2: release
-	benches/proxy/h2.sh
+	PROTO=h2 benches/proxy/clients.sh
+
+# The same for HTTP/1.1 keep-alive clients: where the user-time half of the CPU per request is
+# measured beside HAProxy's (the shared harness reports user + sys together).
+bench-h1-split: release
+	PROTO=h1 benches/proxy/clients.sh
 
 # Instructions per proxied request under callgrind: a figure the host's noise does not move
 # (benches/proxy/instructions.sh).

@@ -1,4 +1,4 @@
-# What the proxy benches share (sourced by h2.sh, tls.sh, instructions.sh and gateway.sh): the
+# What the proxy benches share (sourced by clients.sh, tls.sh, instructions.sh and gateway.sh): the
 # harness's backend, the release gateway, the bench topology, processes stopped by PID, bounded
 # waits for a port. Sourcing it only defines functions; a script that starts processes sets
 # `trap cleanup EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.

@@ -302,8 +302,10 @@ impl Gateway {
         };
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
         let mut serving_dead = false;
-        let result = tokio::time::timeout(
-            route.timeout,
+        // The deadline each attempt's answer is awaited under (`forward`): the same instant,
+        // not a second reading of the clock.
+        let result = tokio::time::timeout_at(
+            trip.policy.deadline,
             self.exchange(&trip, upstream, &mut serving_dead),
         )
         .await;

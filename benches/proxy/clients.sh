@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# HTTP/2 clients side by side: h2load speaking cleartext HTTP/2 (prior knowledge) to
-# shardgate, nginx (`listen ... http2`) and HAProxy (`bind ... proto h2`), each routing by
-# X-Shard-Key to the shared harness's three backends over pooled HTTP/1.1, one worker each.
-# Rounds are interleaved (nginx, haproxy, shardgate, nginx, ...). For each target: median
-# req/s over the rounds, mean request time, and the proxy's CPU time (user + sys from /proc)
-# per request, split into user and kernel. Every process started here is stopped by PID on exit.
+# Clients side by side with the proxy's CPU split into user and kernel time: h2load speaking
+# HTTP/1.1 (PROTO=h1: keep-alive, one request at a time per connection) or cleartext HTTP/2
+# with prior knowledge (PROTO=h2) to shardgate, nginx and HAProxy, each routing by X-Shard-Key
+# to the shared harness's three backends over pooled HTTP/1.1, one worker each. Rounds are
+# interleaved (nginx, haproxy, shardgate, nginx, ...). For each target: median req/s over the
+# rounds, mean request time, and the proxy's CPU time (user + sys from /proc) per request,
+# split into user and kernel; then shardgate's ratios to each peer. (The shared harness
+# reports user + sys together; this is where the user-time half is measured.) Every process
+# started here is stopped by PID on exit.
 #
-# Environment: ROUNDS [5] DURATION [5] s CLIENTS [16] STREAMS [10] (concurrent streams per
-#   client connection) PIN [split|none] (split: h2load + backends on CPU 0, the proxy on CPU 1)
-#   BASE_PORT [19300] OUT [dir] TARGETS ["nginx haproxy shardgate"]
+# Environment: PROTO [h2|h1] ROUNDS [5] DURATION [5] s CLIENTS [16 for h2, 64 for h1]
+#   STREAMS [10] (concurrent streams per HTTP/2 connection) PIN [split|none] (split: h2load
+#   + backends on CPU 0, the proxy on CPU 1) BASE_PORT [19300] OUT [dir]
+#   TARGETS ["nginx haproxy shardgate"]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 shared=${SHARED_BENCH:-$repo/../shared/bench}
+PROTO=${PROTO:-h2}
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}
-CLIENTS=${CLIENTS:-16}
-STREAMS=${STREAMS:-10}
+case $PROTO in
+  h2) CLIENTS=${CLIENTS:-16} STREAMS=${STREAMS:-10} h2load_proto=() curl_proto=--http2-prior-knowledge
+      want=2 nginx_listen=http2 haproxy_bind="proto h2" ;;
+  h1) CLIENTS=${CLIENTS:-64} STREAMS=1 h2load_proto=(--h1) curl_proto=--http1.1
+      want=1.1 nginx_listen= haproxy_bind= ;;
+  *) echo "clients.sh: PROTO must be h2 or h1" >&2; exit 2 ;;
+esac
 PIN=${PIN:-split}
 BASE_PORT=${BASE_PORT:-19300}
 TARGETS=${TARGETS:-nginx haproxy shardgate}
-OUT=${OUT:-/tmp/shardgate-h2-bench/$(date -u +%Y%m%d-%H%M%S)}
+OUT=${OUT:-/tmp/shardgate-clients-bench/$PROTO-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 for tool in nginx haproxy h2load curl; do
   command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
@@ -49,7 +59,7 @@ for addr in $a $b $c; do wait_port "${addr##*:}"; done
 
 nginx_port=$((BASE_PORT + 81)) haproxy_port=$((BASE_PORT + 82)) sg_port=$((BASE_PORT + 90))
 mkdir -p "$OUT/nginx-tmp"
-nginx_conf "$nginx_port" http2 "http2_max_requests 1000000; http2_max_concurrent_streams 128;" >"$OUT/nginx.conf"
+nginx_conf "$nginx_port" "$nginx_listen" "http2_max_requests 1000000; http2_max_concurrent_streams 128;" >"$OUT/nginx.conf"
 cat >"$OUT/haproxy.cfg" <<HAPROXY
 global
     nbthread 1
@@ -61,7 +71,7 @@ defaults
     timeout server 60s
     timeout http-keep-alive 60s
 frontend fe
-    bind 127.0.0.1:$haproxy_port proto h2
+    bind 127.0.0.1:$haproxy_port $haproxy_bind
     default_backend idc
 backend idc
     balance hdr(X-Shard-Key)
@@ -86,16 +96,16 @@ for t in $TARGETS; do
       start "$proxy_cpus" "$OUT/shardgate.log" env RUST_LOG=warn "$shardgate" serve \
         --listen "127.0.0.1:$sg_port" --admin 127.0.0.1:0 --topology "$OUT/topology.toml" --threads 1
       port[shardgate]=$sg_port procs[shardgate]=${pids[-1]} ;;
-    *) echo "h2.sh: unknown target $t" >&2; exit 2 ;;
+    *) echo "clients.sh: unknown target $t" >&2; exit 2 ;;
   esac
 done
 for t in $TARGETS; do wait_port "${port[$t]}"; done
 [[ " $TARGETS " == *" nginx "* ]] && procs[nginx]="$(cat "$OUT/nginx.pid") $(pgrep -P "$(cat "$OUT/nginx.pid")" | tr '\n' ' ')"
 
-# Smoke: every target answers 200 over HTTP/2 with prior knowledge.
+# Smoke: every target answers 200 in the protocol asked.
 for t in $TARGETS; do
-  code=$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge -H 'X-Shard-Key: u1' "http://127.0.0.1:${port[$t]}/")
-  [[ $code == "200 2" ]] || { echo "h2.sh: $t answered '$code' (want '200 2')" >&2; exit 1; }
+  code=$(curl -s -o /dev/null -w '%{http_code} %{http_version}' "$curl_proto" -H 'X-Shard-Key: u1' "http://127.0.0.1:${port[$t]}/")
+  [[ $code == "200 $want" ]] || { echo "clients.sh: $t answered '$code' (want '200 $want')" >&2; exit 1; }
 done
 
 # user and system ticks of the given PIDs
@@ -106,7 +116,7 @@ run() { # target round
   local t=$1 round=$2 url="http://127.0.0.1:${port[$1]}/" before after out
   # shellcheck disable=SC2086
   before=$(ticks ${procs[$t]})
-  out=$(on "$client_cpus" h2load -c "$CLIENTS" -m "$STREAMS" -t 1 -D "$DURATION" --warm-up-time=1 \
+  out=$(on "$client_cpus" h2load "${h2load_proto[@]}" -c "$CLIENTS" -m "$STREAMS" -t 1 -D "$DURATION" --warm-up-time=1 \
     -H 'X-Shard-Key: u1' "$url" 2>&1 | tee "$OUT/h2load-$t-$round.txt")
   # shellcheck disable=SC2086
   after=$(ticks ${procs[$t]})
@@ -124,8 +134,12 @@ for round in $(seq "$ROUNDS"); do
   for t in $TARGETS; do run "$t" "$round"; done
 done
 
-echo "HTTP/2 clients side by side ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PIN=$PIN, $ROUNDS rounds x ${DURATION}s; medians)"
-echo "h2load: $CLIENTS connections x $STREAMS concurrent streams, cleartext HTTP/2; upstream HTTP/1.1 pooled"
+echo "$PROTO clients side by side ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PIN=$PIN, $ROUNDS rounds x ${DURATION}s; medians)"
+if [[ $PROTO == h2 ]]; then
+  echo "h2load: $CLIENTS connections x $STREAMS concurrent streams, cleartext HTTP/2; upstream HTTP/1.1 pooled"
+else
+  echo "h2load --h1: $CLIENTS keep-alive connections, one request at a time each; upstream HTTP/1.1 pooled"
+fi
 awk -F'\t' -v hz="$hz" -v targets="$TARGETS" 'NR>1 && $3>0 {
     k=$1; n[k]++; i=n[k]
     rps[k,i]=$3/$4; mean[k,i]=$5/1000; us[k,i]=($7+$8)*1e6/hz/$3
