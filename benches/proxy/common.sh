@@ -108,6 +108,17 @@ start() { # cpus log cmd...: in the background, its PID recorded for cleanup
   "${cmd[@]}" >"$log" 2>&1 &
   pids+=($!)
 }
+# The harness's three backends on BASE_PORT + 1..3, on the CPUs given (none: anywhere), each
+# answering before this returns: sets `a`, `b` and `c` to their addresses.
+start_backends() {
+  a=127.0.0.1:$((BASE_PORT + 1)) b=127.0.0.1:$((BASE_PORT + 2)) c=127.0.0.1:$((BASE_PORT + 3))
+  local i=0 addr
+  for addr in $a $b $c; do
+    i=$((i + 1))
+    start "$1" "$OUT/idc-$i.log" "$idc_sim" --listen "$addr" --name "idc-$i"
+  done
+  for addr in $a $b $c; do wait_port "${addr##*:}"; done
+}
 wait_port() { # port: within 30 s
   for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
   echo "$(basename "$0"): nothing listens on $1 (see $OUT)" >&2; exit 1

@@ -42,13 +42,7 @@ printf 'subjectAltName=IP:127.0.0.1\n' >"$OUT/ext.cnf"
 openssl x509 -req -in "$OUT/req.csr" -CA "$OUT/ca.pem" -CAkey "$OUT/ca.key" -CAcreateserial \
   -days 2 -extfile "$OUT/ext.cnf" -out "$OUT/cert.pem" 2>/dev/null
 
-a=127.0.0.1:$((BASE_PORT + 1)) b=127.0.0.1:$((BASE_PORT + 2)) c=127.0.0.1:$((BASE_PORT + 3))
-i=0
-for addr in $a $b $c; do
-  i=$((i + 1))
-  start "$client_cpus" "$OUT/idc-$i.log" "$idc_sim" --listen "$addr" --name "idc-$i"
-done
-for addr in $a $b $c; do wait_port "${addr##*:}"; done
+start_backends "$client_cpus"
 
 nginx_port=$((BASE_PORT + 81)) sg_port=$((BASE_PORT + 90))
 mkdir -p "$OUT/nginx-tmp"
