@@ -86,6 +86,11 @@ async fn a_stalled_request_body_is_cut_by_the_body_idle_timeout() {
         !text.starts_with("HTTP/1.1 200"),
         "a stalled body was answered as complete: {text}"
     );
+    // The client's failure, answered as one (not a 502 blamed on the backend).
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "a stalled body is the client's failure: {text}"
+    );
     c.stop().await;
 }
 

@@ -36,6 +36,10 @@ pub enum ForwardError {
     /// exchange was abandoned and the backend never got a whole request.
     #[error("the request body went past {0} bytes")]
     BodyTooLarge(u64),
+    /// The client's body broke off or stalled while it streamed upstream: the client's
+    /// failure, not the backend's (no health or breaker count).
+    #[error("the request body broke off or stalled: {0}")]
+    ClientBody(String),
 }
 
 /// How one forward may behave.
@@ -181,16 +185,16 @@ pub async fn forward(
                 return Ok((resp, lease, copy));
             }
             Err(e) => {
-                let err = match e.body_limit {
-                    Some(limit) => ForwardError::BodyTooLarge(limit),
-                    None => ForwardError::Protocol(e.message),
+                let err = match (e.body_limit, e.client_fault) {
+                    (Some(limit), _) => ForwardError::BodyTooLarge(limit),
+                    (None, true) => ForwardError::ClientBody(e.message),
+                    (None, false) => ForwardError::Protocol(e.message),
                 };
                 // A broken exchange is the backend's failure unless the client's body broke it,
                 // or a connection from the pool was closed as the request left (the backend's
                 // idle close racing it).
-                let backend_failed = matches!(err, ForwardError::Protocol(_))
-                    && !e.client_fault
-                    && !(reused && e.closed_early);
+                let backend_failed =
+                    matches!(err, ForwardError::Protocol(_)) && !(reused && e.closed_early);
                 if e.unsent {
                     // Not sent: a stale pooled connection. Retry freely.
                     if reused {

@@ -856,7 +856,7 @@ impl Gateway {
 
 /// Whether an exchange counts against the breaker of the serving IDC's set. System failures
 /// only: no connection, a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the
-/// business answering, a body over the route's limit is the client's doing, and an answer from
+/// business answering, a body over the route's limit or broken off is the client's doing, and an answer from
 /// another IDC means the serving IDC could not serve it. (A read spilled at once past an open
 /// breaker answers to the target's breaker.)
 fn breaker_failure(
@@ -869,7 +869,8 @@ fn breaker_failure(
                 || landed.moved
                 || resp.status().is_server_error()
         }
-        Ok(Err(ForwardError::BodyTooLarge(_))) => false,
+        // The client's body failing is no system failure (DESIGN.md §5).
+        Ok(Err(ForwardError::BodyTooLarge(_) | ForwardError::ClientBody(_))) => false,
         _ => true,
     }
 }
@@ -881,6 +882,9 @@ fn forward_error(e: ForwardError, route: &crate::control::topology::Route) -> Pr
         ForwardError::NoneInService => ProxyError::NoneInService,
         ForwardError::Protocol(e) => ProxyError::UpstreamProtocol(e),
         ForwardError::BodyTooLarge(max) => ProxyError::PayloadTooLarge(max),
+        ForwardError::ClientBody(_) => {
+            ProxyError::BadRequest("the request body broke off or stalled")
+        }
         ForwardError::Timeout => ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64),
     }
 }

@@ -112,6 +112,7 @@ mod tests {
         assert!(unreachable(&ForwardError::Protocol("reset".into())));
         assert!(!unreachable(&ForwardError::Timeout));
         assert!(!unreachable(&ForwardError::BodyTooLarge(10)));
+        assert!(!unreachable(&ForwardError::ClientBody("stalled".into())));
     }
 
     #[test]
