@@ -134,15 +134,11 @@ if [[ $PROTO == h2 ]]; then
 else
   echo "h2load --h1: $CLIENTS keep-alive connections, one request at a time each; upstream HTTP/1.1 pooled"
 fi
-awk -F'\t' -v hz="$hz" -v targets="$TARGETS" 'NR>1 && $3>0 {
+awk -F'\t' -v hz="$hz" -v targets="$TARGETS" "$AWK_MEDIAN"'
+NR>1 && $3>0 {
     k=$1; n[k]++; i=n[k]
     rps[k,i]=$3/$4; mean[k,i]=$5/1000; us[k,i]=($7+$8)*1e6/hz/$3
     usr[k,i]=$7*1e6/hz/$3; sys[k,i]=$8*1e6/hz/$3; fail[k]+=$6
-  }
-  function med(a, k, cnt,   v, j, m, t) {
-    for (j=1; j<=cnt; j++) v[j]=a[k,j]
-    for (j=1; j<=cnt; j++) for (m=j+1; m<=cnt; m++) if (v[m]<v[j]) { t=v[j]; v[j]=v[m]; v[m]=t }
-    return (cnt%2) ? v[(cnt+1)/2] : (v[cnt/2]+v[cnt/2+1])/2
   }
   END {
     printf "%-10s %10s %10s %12s %9s %9s %7s\n", "target", "req/s", "mean ms", "proxy us/req", "user us", "sys us", "failed"

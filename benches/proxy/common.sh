@@ -89,6 +89,14 @@ http {
 NGINX
 }
 
+# awk: med(a, k, n), the median of a[k,1..n] (put before a program that calls it).
+AWK_MEDIAN='
+function med(a, k, cnt,   v, j, m, t) {
+  for (j=1; j<=cnt; j++) v[j]=a[k,j]
+  for (j=1; j<=cnt; j++) for (m=j+1; m<=cnt; m++) if (v[m]<v[j]) { t=v[j]; v[j]=v[m]; v[m]=t }
+  return (cnt%2) ? v[(cnt+1)/2] : (v[cnt/2]+v[cnt/2+1])/2
+}'
+
 # Commands on the given CPUs (taskset), or anywhere when the list is empty.
 on() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
 

@@ -101,14 +101,10 @@ done
 
 echo "TLS side by side ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, PIN=$PIN, $ROUNDS rounds x ${DURATION}s; medians)"
 echo "handshake: one request per connection, $HS_CONNS connections; keepalive: $CONNS connections"
-awk -F'\t' -v hz="$hz" 'NR>1 {
+awk -F'\t' -v hz="$hz" "$AWK_MEDIAN"'
+NR>1 {
     k=$1"\t"$2; n[k]++; i=n[k]
     rps[k,i]=$4/$5; p50[k,i]=$6/1000; p99[k,i]=$7/1000; us[k,i]=($4>0)? $9*1e6/hz/$4 : 0; err[k]+=$8; keys[k]=1
-  }
-  function med(a, k, cnt,   v, j, m, t) {
-    for (j=1; j<=cnt; j++) v[j]=a[k,j]
-    for (j=1; j<=cnt; j++) for (m=j+1; m<=cnt; m++) if (v[m]<v[j]) { t=v[j]; v[j]=v[m]; v[m]=t }
-    return (cnt%2) ? v[(cnt+1)/2] : (v[cnt/2]+v[cnt/2+1])/2
   }
   END {
     printf "%-10s %-10s %10s %8s %8s %12s %6s\n", "target", "mode", "req/s", "p50 ms", "p99 ms", "proxy us/req", "errs"

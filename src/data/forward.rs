@@ -129,7 +129,6 @@ pub async fn forward(
         attempts_left -= 1;
         let backend = &pool[i];
         let mut lease = Lease::new(backend.clone());
-        lease.reusable = !policy.upgrade;
         let idle = if policy.upgrade {
             None
         } else {

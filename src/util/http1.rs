@@ -22,6 +22,17 @@ pub fn decimal(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// A chunk size: ASCII hex digits only, within `u64`.
+pub fn hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let digit = crate::util::hex_digit(*d)?;
+        n.checked_mul(16)?.checked_add(u64::from(digit))
+    })
+}
+
 /// The last transfer coding of a `Transfer-Encoding` value is `chunked`.
 pub fn chunked_last(coding: &[u8]) -> bool {
     coding
@@ -77,6 +88,17 @@ mod tests {
         assert_eq!(decimal(b"18446744073709551616"), None);
         for bad in [&b""[..], b"+1", b"-1", b" 1", b"1 ", b"0x1", b"1,1"] {
             assert_eq!(decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_plain_hex_within_u64() {
+        assert_eq!(hex(b"0"), Some(0));
+        assert_eq!(hex(b"1aF"), Some(0x1af));
+        assert_eq!(hex(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(hex(b"10000000000000000"), None);
+        for bad in [&b""[..], b"g", b" 1", b"1 ", b"-1", b"0x1"] {
+            assert_eq!(hex(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 

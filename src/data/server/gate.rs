@@ -21,7 +21,7 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::util::http1::{chunked_last, decimal, head_end};
+use crate::util::http1::{chunked_last, decimal, head_end, hex};
 
 /// The marker header of the stand-in request; its value names the refusal. A client sending
 /// it itself only gets its own request refused.
@@ -475,10 +475,10 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
         .split(|b| *b == b';' || *b == b'\r' || *b == b'\n')
         .next()?
         .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    if digits.len() > 15 {
         return None;
     }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    hex(digits)
 }
 
 /// The client connection as hyper reads it: heads pass through the [`Scanner`]; writes go

@@ -26,8 +26,7 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
-use crate::util::hex_digit;
-use crate::util::http1::{chunked_last, decimal, head_end};
+use crate::util::http1::{chunked_last, decimal, head_end, hex};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -783,18 +782,12 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Fail
                     .iter()
                     .position(|b| !b.is_ascii_hexdigit())
                     .unwrap_or(line.len());
-                if digits == 0 || digits > 16 {
-                    return Err(Failure::Protocol("a chunk size is invalid"));
-                }
                 // What follows the size is nothing, or an extension (`;name=value`, blanks
                 // allowed before the `;`), ignored.
                 let rest = &line[digits..];
-                if !rest.is_empty() && !rest.trim_ascii_start().starts_with(b";") {
-                    return Err(Failure::Protocol("a chunk size is invalid"));
-                }
-                let size = line[..digits]
-                    .iter()
-                    .fold(0u64, |n, d| n << 4 | u64::from(hex_digit(*d).unwrap_or(0)));
+                let size = hex(&line[..digits])
+                    .filter(|_| rest.is_empty() || rest.trim_ascii_start().starts_with(b";"))
+                    .ok_or(Failure::Protocol("a chunk size is invalid"))?;
                 buf.advance(end + 2);
                 *state = if size == 0 {
                     Chunk::Trailers(0)

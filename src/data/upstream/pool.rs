@@ -252,9 +252,11 @@ impl Backend {
     /// closed and dropped here rather than tried.
     pub(crate) fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        sweep_oldest(&mut idle);
         while let Some(mut conn) = idle.pop_back() {
             if !conn.poll_closed() {
+                // The oldest after it, looked at once per take: one closed while idle goes
+                // (the newest was just looked at; a lone connection is not looked at twice).
+                sweep_oldest(&mut idle);
                 return Some(conn);
             }
         }
@@ -332,8 +334,6 @@ async fn handshake(io: Box<dyn UpstreamIo>, upgrades: bool) -> Result<Conn, Stri
 pub struct Lease {
     backend: Arc<Backend>,
     pub(crate) conn: Option<Conn>,
-    /// An upgraded connection belongs to its relay: it never goes back to the pool.
-    pub(crate) reusable: bool,
 }
 
 impl Lease {
@@ -342,13 +342,13 @@ impl Lease {
         Lease {
             backend,
             conn: None,
-            reusable: true,
         }
     }
 
-    /// The response ended cleanly: the connection can carry another request.
+    /// The response ended cleanly: the connection can carry another request (an upgraded
+    /// one belongs to its relay: `put_idle` keeps only the gateway's own HTTP/1.1 ones).
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take().filter(|_| self.reusable) {
+        if let Some(conn) = self.conn.take() {
             self.backend.put_idle(conn);
         }
     }
