@@ -161,8 +161,14 @@ async fn a_kept_body_goes_with_its_length_and_a_chunked_answer_is_decoded() {
 
 #[tokio::test]
 async fn unusual_answers_are_read_whole() {
-    // (answer, body, content-length passed on, what)
-    let cases: [(&[u8], &[u8], Option<&str>, &str); 2] = [
+    /// The answer, the body read, the content-length passed on, and what the case shows.
+    type Case = (
+        &'static [u8],
+        &'static [u8],
+        Option<&'static str>,
+        &'static str,
+    );
+    let cases: [Case; 2] = [
         (
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             b"ok",
