@@ -63,7 +63,7 @@ use crate::telemetry::Metrics;
 impl Handler for Gateway {
     async fn call(
         self: Arc<Self>,
-        req: http::Request<hyper::body::Incoming>,
+        req: http::Request<data::server::ClientBody>,
         peer: data::server::Peer,
     ) -> http::Response<data::upstream::body::ResponseBody> {
         self.handle(req, peer.ip_header).await

@@ -15,9 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use shardgate::control::topology::Shard;
-use shardgate::data::server::{serve, Handler, ListenerSettings, Peer};
+use shardgate::data::server::{serve, ClientBody, Handler, ListenerSettings, Peer};
 use shardgate::data::upstream::body::ResponseBody;
 use support::{
     channel_body, keys_where, request, send, within, Cluster, Options, REQUEST_DEADLINE,
@@ -155,7 +154,7 @@ struct Refuser {
 }
 
 impl Handler for Refuser {
-    async fn call(self: Arc<Self>, req: Request<Incoming>, _: Peer) -> Response<ResponseBody> {
+    async fn call(self: Arc<Self>, req: Request<ClientBody>, _: Peer) -> Response<ResponseBody> {
         // The gateway's health probes are answered and not counted: only requests count.
         if req.uri().path() == "/healthz" {
             return Response::new(ResponseBody::empty());

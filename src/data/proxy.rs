@@ -14,10 +14,10 @@ pub mod misroute;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::data::server::ClientBody;
 use arc_swap::ArcSwapOption;
 use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
 
 use self::hop::NextHop;
 use self::metrics::RequestMetrics;
@@ -148,7 +148,7 @@ impl Gateway {
     /// `client_ip` is the connection's peer address as a header value, for `x-forwarded-for`.
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client_ip: HeaderValue,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
@@ -250,7 +250,7 @@ impl Gateway {
     async fn route_and_forward(
         &self,
         snapshot: &Arc<Topology>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
@@ -329,7 +329,7 @@ impl Gateway {
     fn decide(
         &self,
         topo: &Topology,
-        req: &mut Request<Incoming>,
+        req: &mut Request<ClientBody>,
         outcome: &mut Outcome,
     ) -> Result<Decision, ProxyError> {
         check_authority(req)?;
@@ -353,7 +353,7 @@ impl Gateway {
     fn admit(
         &self,
         snapshot: &Arc<Topology>,
-        req: &Request<Incoming>,
+        req: &Request<ClientBody>,
         decision: &Decision,
     ) -> Result<Admitted, ProxyError> {
         let topo: &Topology = snapshot;
@@ -425,7 +425,7 @@ impl Gateway {
     async fn prepare<'a>(
         &self,
         topo: &Topology,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         decision: &Decision,
         spill_first: Option<IdcId>,
         budget: &'a crate::data::admission::RetryBudget<'a>,
@@ -697,7 +697,7 @@ impl Gateway {
     fn upstream_request(
         &self,
         topo: &Topology,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         decision: &Decision,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
@@ -904,7 +904,7 @@ fn refusal_error(refusal: crate::data::server::gate::Refusal) -> ProxyError {
 }
 
 /// A request without a body is sent without one (no chunked framing upstream).
-fn body_is_empty(method: &Method, body: &Incoming) -> bool {
+fn body_is_empty(method: &Method, body: &ClientBody) -> bool {
     use http_body::Body;
     body.is_end_stream()
         || (matches!(*method, Method::GET | Method::HEAD) && body.size_hint().exact() == Some(0))

@@ -3,6 +3,7 @@
 //! limits, HTTP/2 stream limits, and graceful drain on shutdown.
 
 pub mod gate;
+mod http1;
 mod redirect;
 pub mod rest;
 
@@ -28,6 +29,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::Limits;
 use crate::data::tls::Tls;
+pub use crate::data::upstream::client_body::ClientBody;
 pub use redirect::{redirect, Redirect};
 
 use crate::data::upstream::body::ResponseBody;
@@ -96,7 +98,7 @@ impl Peer {
 pub trait Handler: Send + Sync + 'static {
     fn call(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: Peer,
     ) -> impl Future<Output = Response<ResponseBody>> + Send;
 }
@@ -289,13 +291,25 @@ async fn accept_loop<H: Handler>(
             .head_gate
             .then(|| Arc::new(gate::Answers::default()));
         let told = answers.clone();
+        // The handler as the listener's own HTTP/1.1 connection calls it (behind the gate).
+        let call: Option<http1::Call> = settings.head_gate.then(|| {
+            let (handler, client) = (handler.clone(), client.clone());
+            Arc::new(move |req: Request<ClientBody>| {
+                Box::pin(handler.clone().call(req, client.clone()))
+                    as Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>
+            }) as http1::Call
+        });
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let busy = in_service.request_started();
             let in_body = in_service.clone();
             let connect = req.method() == http::Method::CONNECT;
             // Boxed: hyper moves the service future around, and the pipeline's future is
             // large; moving a pointer is cheaper than copying kilobytes per request.
-            let call = Box::pin(handler.clone().call(req, client.clone()));
+            let call = Box::pin(
+                handler
+                    .clone()
+                    .call(req.map(ClientBody::Hyper), client.clone()),
+            );
             let told = told.clone();
             async move {
                 let response = call.await;
@@ -323,6 +337,7 @@ async fn accept_loop<H: Handler>(
             idle: settings.idle_timeout,
             peer,
             gate: answers.map(|answers| (settings.max_header_bytes, answers)),
+            call,
             _slot: slot,
         };
         // The task holds a pointer to the future of the path this connection takes, sized
@@ -376,6 +391,8 @@ struct Connection {
     peer: SocketAddr,
     /// The head limit and the handler's answers, when request heads go through the gate.
     gate: Option<(usize, Arc<gate::Answers>)>,
+    /// The handler, for the listener's own HTTP/1.1 connection (behind the gate).
+    call: Option<http1::Call>,
     /// The connection's place under the listener's limit.
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
@@ -416,7 +433,7 @@ impl Connection {
             Some((max_head, answers)) if io.socket().is_some() => {
                 // Made here, with the connection (on the accept thread), not on a worker.
                 let home = Arc::new(Mutex::new(Some(gate::Gate::new(io, max_head, answers))));
-                Box::pin(self.serve_resting(home, service))
+                Box::pin(self.serve_resting(home, max_head, service))
             }
             Some((max_head, answers)) => {
                 let gate = gate::Gate::new(io, max_head, answers);
@@ -444,9 +461,11 @@ impl Connection {
         self.run(conn, closing.as_mut()).await;
     }
 
-    /// A plain connection through the gate: it starts resting (no hyper until a request
-    /// comes), and rests again each time it has nothing to do ([`rest`]).
-    async fn serve_resting<I, S>(mut self, home: rest::Home<I>, service: S)
+    /// A plain connection through the gate: it starts resting (no buffers until a request
+    /// comes), is served by the listener's own HTTP/1.1 connection ([`http1`]) or, for what
+    /// that leaves to hyper, by hyper, and rests again each time it has nothing to do
+    /// ([`rest`]).
+    async fn serve_resting<I, S>(mut self, home: rest::Home<I>, max_head: usize, service: S)
     where
         I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
         S: ConnService,
@@ -454,12 +473,16 @@ impl Connection {
         let activity = self.activity.clone();
         let closing = activity.closing_time(self.head, self.idle);
         tokio::pin!(closing);
+        let wire = Arc::new(Mutex::new(http1::Wire::new()));
+        let call = self.call.clone();
+        // hyper served this connection before: it spoke HTTP/1.1.
         let mut woken = false;
         loop {
             let Some(mut gate) = home.lock().ok().and_then(|mut h| h.take()) else {
                 return;
             };
             gate.shed_buffers();
+            http1::lock(&wire).shed_buffers();
             self.counted.set_resting(true);
             tokio::select! {
                 ready = rest::readable(&gate) => if ready.is_err() { return },
@@ -474,7 +497,34 @@ impl Connection {
             // A watchdog that was resting may be in a long tick: a fresh one, on short ticks
             // again, so that the connection can rest soon after this request.
             closing.set(activity.closing_time(self.head, self.idle));
-            let builder = if woken {
+            let gate = match &call {
+                Some(call) => {
+                    http1::lock(&wire).gate = Some(gate);
+                    let ended = tokio::select! {
+                        ended = http1::serve(&wire, call, &activity, &mut self.shutdown, max_head) => Some(ended),
+                        () = closing.as_mut() => None,
+                    };
+                    // Out of the wire: a body handle still held somewhere must not keep the
+                    // socket open.
+                    let gate = http1::lock(&wire).gate.take();
+                    match (ended, gate) {
+                        (Some(http1::Ended::Rest), Some(gate)) => {
+                            if let Ok(mut home) = home.lock() {
+                                *home = Some(gate);
+                            }
+                            continue;
+                        }
+                        (Some(http1::Ended::Hyper), Some(gate)) => gate,
+                        (None, _) => {
+                            tracing::debug!(peer = %self.peer, "closing an idle client connection");
+                            return;
+                        }
+                        _ => return,
+                    }
+                }
+                None => gate,
+            };
+            let builder = if woken || http1::lock(&wire).requests() > 0 {
                 &self.builders.woken
             } else {
                 &self.builders.first

@@ -5,7 +5,8 @@
 //! speak (`h1`), and TLS towards an IDC that asks for it ([`tls`]). It imports nothing of the gateway above it.
 
 pub mod body;
-mod h1;
+pub mod client_body;
+pub(crate) mod h1;
 pub mod health;
 mod pool;
 pub mod tls;

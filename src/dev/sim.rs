@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::data::server::ClientBody;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -47,7 +47,7 @@ pub struct SimIdc {
 }
 
 impl SimIdc {
-    async fn answer(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn answer(&self, req: Request<ClientBody>) -> Response<ResponseBody> {
         if req.uri().path() == "/healthz" {
             self.health_checks.fetch_add(1, Ordering::Relaxed);
             return Response::new(ResponseBody::full("ok\n"));
@@ -154,7 +154,7 @@ fn misdirected(owner: &str, epoch: u64) -> Response<ResponseBody> {
 impl Handler for SimIdc {
     async fn call(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         _peer: crate::data::server::Peer,
     ) -> Response<ResponseBody> {
         let Some(ledger) = self.ledger.clone() else {

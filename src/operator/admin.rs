@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::data::server::ClientBody;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::control::source::Snapshots;
@@ -38,7 +38,7 @@ pub struct Admin {
 impl Handler for Admin {
     async fn call(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         _peer: crate::data::server::Peer,
     ) -> Response<ResponseBody> {
         if req.method() == Method::POST && self.authorized(&req) {

@@ -102,9 +102,9 @@ impl Answers {
     }
 }
 
-/// Where in the byte stream the gate is.
+/// Where in the byte stream the gate is (after a head: how its body is framed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(super) enum State {
     /// Collecting a request head.
     Head,
     /// Passing a fixed-length body: bytes left.
@@ -285,7 +285,7 @@ impl Scanner {
             self.pending.extend_from_slice(input);
         }
         let bytes = if in_pending { &self.pending[..] } else { input };
-        let verdict = examine(bytes, self.searched, self.max_head);
+        let verdict = examine(bytes, self.searched, self.max_head, |_| ());
         match verdict {
             Examined::Incomplete => {
                 if !in_pending {
@@ -298,6 +298,7 @@ impl Scanner {
                 len,
                 state,
                 upgrade,
+                ..
             } => {
                 out.extend_from_slice(&bytes[..len]);
                 // The previous bytes held no complete head, so the head ends inside this
@@ -347,23 +348,31 @@ impl Scanner {
 }
 
 /// What the gate makes of the bytes of a head as far as they came.
-enum Examined {
+pub(super) enum Examined<T> {
     /// No blank line yet, or only blank lines before the request line: wait for more.
     Incomplete,
-    /// A head of `len` bytes that passes, the state its body puts the stream in, and whether
-    /// it asks for an upgrade.
+    /// A head of `len` bytes that passes, the state its body puts the stream in, whether it
+    /// asks for an upgrade, and what the caller made of the parsed head.
     Head {
         len: usize,
         state: State,
         upgrade: bool,
+        parsed: T,
     },
     Refused(Refusal),
     /// Not a request head the gate follows: hyper decides.
     StepAside,
 }
 
-/// Examines the bytes of a head (searched for its end up to `searched` before).
-fn examine(bytes: &[u8], searched: usize, max_head: usize) -> Examined {
+/// Examines the bytes of a head (searched for its end up to `searched` before); a head that
+/// passes is handed, parsed, to `on_head` (the proxy listener's own HTTP/1.1 connection builds
+/// its request there, from the one parse).
+pub(super) fn examine<T>(
+    bytes: &[u8],
+    searched: usize,
+    max_head: usize,
+    on_head: impl FnOnce(&httparse::Request<'_, '_>) -> T,
+) -> Examined<T> {
     // Empty lines before a request line are no head's end (RFC 9112 §2.2 lets a server skip
     // them): the search starts after them, whatever the client's cuts.
     let lead = bytes
@@ -399,6 +408,7 @@ fn examine(bytes: &[u8], searched: usize, max_head: usize) -> Examined {
                 len,
                 state,
                 upgrade,
+                parsed: on_head(&req),
             },
             Err(Some(refusal)) => Examined::Refused(refusal),
             Err(None) => Examined::StepAside,
@@ -506,6 +516,19 @@ impl<I> Gate<I> {
 
     pub fn inner(&self) -> &I {
         &self.inner
+    }
+
+    /// The client stream itself, for the listener's own HTTP/1.1 connection, which reads and
+    /// checks heads itself and hands the gate a connection only from a request it leaves to
+    /// hyper on ([`Gate::preload`]).
+    pub(super) fn inner_mut(&mut self) -> &mut I {
+        &mut self.inner
+    }
+
+    /// Bytes already read from the client, given to the gate as if it had read them: the head
+    /// the listener's own connection leaves to hyper, and what came behind it.
+    pub(super) fn preload(&mut self, bytes: &[u8]) {
+        self.scanner.feed(bytes, &mut self.out);
     }
 
     /// At a request boundary with nothing owed: no bytes held or waiting for hyper, and every

@@ -14,7 +14,7 @@ pub struct Redirect {
 impl super::Handler for Redirect {
     async fn call(
         self: Arc<Self>,
-        req: http::Request<hyper::body::Incoming>,
+        req: http::Request<crate::data::server::ClientBody>,
         _peer: super::Peer,
     ) -> http::Response<ResponseBody> {
         redirect(&req, self.https_port)

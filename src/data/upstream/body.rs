@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::client_body::ClientBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -73,7 +74,7 @@ impl IdleTimer {
 /// the request can be sent again after a 421, `proxy::misroute`), or nothing.
 pub enum RequestBody {
     Client {
-        inner: Incoming,
+        inner: ClientBody,
         timer: IdleTimer,
         /// Bytes still allowed (`u64::MAX`: no limit) and the limit, for the error.
         allowed: u64,
@@ -85,7 +86,7 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    pub fn client(inner: Incoming, idle: Duration, limit: Option<u64>) -> RequestBody {
+    pub fn client(inner: ClientBody, idle: Duration, limit: Option<u64>) -> RequestBody {
         let limit = limit.unwrap_or(u64::MAX);
         RequestBody::Client {
             inner,
@@ -145,7 +146,7 @@ impl Body for RequestBody {
                             None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*limit))))),
                         }
                     }
-                    Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+                    Poll::Ready(frame)
                 }
                 Poll::Pending if timer.expired(cx) => {
                     Poll::Ready(Some(Err(Box::new(BodyTimeout("request")))))

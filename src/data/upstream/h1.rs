@@ -100,9 +100,10 @@ enum Sending {
     Broken,
 }
 
-/// How the response body is framed.
+/// How a body is framed (a response's here; a request's on the proxy listener's own HTTP/1.1
+/// connection, `server::http1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decoder {
+pub(crate) enum Decoder {
     /// This many bytes left.
     Length(u64),
     Chunked(Chunk),
@@ -112,7 +113,7 @@ enum Decoder {
 
 /// Where a chunked body's reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk's data: bytes left.
@@ -730,7 +731,7 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
     Ok(found)
 }
 
-enum Decoded {
+pub(crate) enum Decoded {
     Data(Bytes),
     /// The body's last bytes: it ends with them.
     Last(Bytes),
@@ -744,7 +745,7 @@ enum Decoded {
 const TERMINATOR: &[u8] = b"\r\n0\r\n\r\n";
 
 /// The next step of a body out of `buf`.
-fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, Failure> {
+pub(crate) fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, Failure> {
     match decoder {
         Decoder::Length(0) => Ok(Decoded::End),
         Decoder::Length(left) => {

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
+use crate::data::server::ClientBody;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -43,7 +43,7 @@ pub(super) fn percent_decode(s: &str) -> String {
 }
 
 /// The request body, bounded in size and time; or the answer saying why not.
-async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, Response<ResponseBody>> {
+async fn read_body(req: Request<ClientBody>) -> Result<bytes::Bytes, Response<ResponseBody>> {
     match tokio::time::timeout(DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(_)) => Err(error(
@@ -62,7 +62,7 @@ async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, Response<Resp
 pub(super) async fn degrade(
     admin: &Admin,
     target: &str,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let Some(store) = &admin.file_overrides else {
         return error(

@@ -3,8 +3,8 @@
 //! drain = `draining` plus its `drain` record) and `POST /move` `{"range","to","reason","by"}`.
 //! Refusals answer 409 (the cluster's state) or 422 (the request), with the reason.
 
+use crate::data::server::ClientBody;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -170,7 +170,7 @@ async fn keep_and_serve(
 pub(in crate::operator::admin) async fn idc(
     admin: &Admin,
     idc: &str,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (store, topo) = match preconditions(admin) {
         Ok(p) => p,
@@ -248,7 +248,7 @@ pub(in crate::operator::admin) async fn idc(
 
 pub(in crate::operator::admin) async fn move_range(
     admin: &Admin,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let (store, topo) = match preconditions(admin) {
         Ok(p) => p,
