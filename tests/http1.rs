@@ -363,3 +363,23 @@ async fn a_client_that_hangs_up_takes_its_request_in_flight_with_it() {
         "the request went on after its client hung up: {answered:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_before_a_half_close_are_all_answered() {
+    let c = Cluster::start().await;
+    let mut client = Client::connect(&c).await;
+    let mut bytes = get("/orders/1", "user-1").into_bytes();
+    bytes.extend_from_slice(get("/orders/2", "user-2").as_bytes());
+    client.send(&bytes).await;
+    // The client says it sends nothing more (as `nc -N` does) and waits for its answers.
+    client.socket.shutdown().await.expect("half-close");
+    for path in ["/orders/1", "/orders/2"] {
+        let answer = client.answer(false).await.expect("an answer");
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        assert_eq!(answer.echoed().1, path);
+    }
+    assert!(
+        client.closed().await,
+        "the connection stayed open after the half-close"
+    );
+}

@@ -473,16 +473,14 @@ impl Connection {
         let activity = self.activity.clone();
         let closing = activity.closing_time(self.head, self.idle);
         tokio::pin!(closing);
-        let wire = Arc::new(Mutex::new(http1::Wire::new()));
         let call = self.call.clone();
-        // hyper served this connection before: it spoke HTTP/1.1.
+        // The connection spoke HTTP/1.1 before (hyper served it, or the own connection did).
         let mut woken = false;
         loop {
             let Some(mut gate) = home.lock().ok().and_then(|mut h| h.take()) else {
                 return;
             };
             gate.shed_buffers();
-            http1::lock(&wire).shed_buffers();
             self.counted.set_resting(true);
             tokio::select! {
                 ready = rest::readable(&gate) => if ready.is_err() { return },
@@ -499,14 +497,27 @@ impl Connection {
             closing.set(activity.closing_time(self.head, self.idle));
             let gate = match &call {
                 Some(call) => {
-                    http1::lock(&wire).gate = Some(gate);
+                    // Made for this stretch and dropped at its end, like its future (boxed:
+                    // a resting connection's task holds neither).
+                    let wire = Arc::new(Mutex::new(http1::Wire::new(gate)));
+                    let serving = Box::pin(http1::serve(
+                        &wire,
+                        call,
+                        &activity,
+                        &mut self.shutdown,
+                        max_head,
+                    ));
                     let ended = tokio::select! {
-                        ended = http1::serve(&wire, call, &activity, &mut self.shutdown, max_head) => Some(ended),
+                        ended = serving => Some(ended),
                         () = closing.as_mut() => None,
                     };
                     // Out of the wire: a body handle still held somewhere must not keep the
                     // socket open.
-                    let gate = http1::lock(&wire).gate.take();
+                    let (gate, served) = {
+                        let mut w = http1::lock(&wire);
+                        (w.gate.take(), w.requests() > 0)
+                    };
+                    woken |= served;
                     match (ended, gate) {
                         (Some(http1::Ended::Rest), Some(gate)) => {
                             if let Ok(mut home) = home.lock() {
@@ -524,7 +535,7 @@ impl Connection {
                 }
                 None => gate,
             };
-            let builder = if woken || http1::lock(&wire).requests() > 0 {
+            let builder = if woken {
                 &self.builders.woken
             } else {
                 &self.builders.first

@@ -78,6 +78,9 @@ pub(super) struct Wire<I> {
     seq: u64,
     /// The body failed (malformed, cut short): the connection ends after the answer.
     broken: bool,
+    /// The client closed its side with requests still buffered: they are answered, then the
+    /// connection ends.
+    ended: bool,
     /// How far `buf` was searched for the end of a head.
     searched: usize,
     /// The parsed head's fields (name, where the value is in the buffer, its length); kept
@@ -86,29 +89,24 @@ pub(super) struct Wire<I> {
 }
 
 impl<I> Wire<I> {
-    pub(super) fn new() -> Wire<I> {
+    /// The wire of one stretch of the connection's life, over its gate.
+    pub(super) fn new(gate: Gate<I>) -> Wire<I> {
         Wire {
-            gate: None,
+            gate: Some(gate),
             buf: BytesMut::new(),
             body: None,
             seq: 0,
             broken: false,
+            ended: false,
             searched: 0,
             fields: Vec::new(),
         }
     }
 
-    /// Requests this connection has parsed itself.
+    /// Whether any request was served in this stretch: more than none then (the count also
+    /// steps past bodies left unread).
     pub(super) fn requests(&self) -> u64 {
         self.seq
-    }
-
-    /// Gives the read buffer's room back (a resting connection holds none).
-    pub(super) fn shed_buffers(&mut self) {
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-        self.fields = Vec::new();
     }
 }
 
@@ -146,15 +144,22 @@ pub(super) async fn serve<I: Io>(
     max_head: usize,
 ) -> Ended {
     let mut out = Vec::new();
+    // The drain's signal, waited on between requests; made once for the connection's stretch
+    // here, not once per request. `draining` reads the value.
+    let draining = shutdown.clone();
+    let drain = shutdown.changed();
+    tokio::pin!(drain);
     loop {
-        let (req, head) = match next_request(wire, activity, shutdown, max_head).await {
-            Ok(next) => next,
-            Err(ended) => return ended,
-        };
+        let (req, head) =
+            match next_request(wire, activity, &draining, drain.as_mut(), max_head).await {
+                Ok(next) => next,
+                Err(ended) => return ended,
+            };
         let busy = activity.request_started();
         // A client that hangs up takes its request with it (as with hyper): the pipeline's
         // future is dropped, and with it the upstream exchange.
         let response = tokio::select! {
+            biased;
             response = call(req) => response,
             () = hung_up(wire, max_head) => {
                 tracing::debug!("the client closed its connection before the answer");
@@ -162,10 +167,21 @@ pub(super) async fn serve<I: Io>(
             }
         };
         drop(busy);
-        let keep_alive = head.keep_alive && !*shutdown.borrow();
+        // A request body that already failed ends the connection: the answer says so.
+        let keep_alive = head.keep_alive && !*draining.borrow() && !lock(wire).broken;
         let (parts, body) = response.into_parts();
         let body = Sending::new(body, activity.clone());
-        match respond(wire, parts, body, head, keep_alive, &mut out).await {
+        // The answer's body may take long (a stream, a long poll): a client that hangs up
+        // meanwhile ends it, and the upstream exchange with it.
+        let sent = tokio::select! {
+            biased;
+            sent = respond(wire, parts, body, head, keep_alive, &mut out) => sent,
+            () = hung_up(wire, max_head) => {
+                tracing::debug!("the client closed its connection during the answer");
+                return Ended::Close;
+            }
+        };
+        match sent {
             Ok(true) if finish_body(wire) => {}
             Ok(_) => return Ended::Close,
             Err(e) => {
@@ -177,16 +193,22 @@ pub(super) async fn serve<I: Io>(
 }
 
 /// Resolves when the client closes the connection (or it fails) while its request is in
-/// flight. Bytes that come meanwhile (pipelined requests) are kept in the buffer, up to twice
-/// the head limit; a body being read is the body's to read, and its end its to see.
-async fn hung_up<I: Io>(wire: &Mutex<Wire<I>>, max_head: usize) -> () {
+/// flight or answered. Bytes that come meanwhile (pipelined requests) are kept in the buffer,
+/// up to twice the head limit; a body being read is the body's to read, and its end its to
+/// see. A client that sent requests and then closed its side (a half-close) has them answered:
+/// its end is noted and seen once the buffer is empty.
+async fn hung_up<I: Io>(wire: &Mutex<Wire<I>>, max_head: usize) {
     poll_fn(|cx| {
         let mut w = lock(wire);
         loop {
-            if w.body.is_some() || w.buf.len() > 2 * max_head {
+            if w.body.is_some() || w.ended || w.buf.len() > 2 * max_head {
                 return Poll::Pending;
             }
             match w.poll_fill(cx) {
+                Poll::Ready(Ok(0)) if !w.buf.is_empty() => {
+                    w.ended = true;
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
@@ -200,7 +222,8 @@ async fn hung_up<I: Io>(wire: &Mutex<Wire<I>>, max_head: usize) -> () {
 async fn next_request<I: Io>(
     wire: &Arc<Mutex<Wire<I>>>,
     activity: &Activity,
-    shutdown: &mut watch::Receiver<bool>,
+    draining: &watch::Receiver<bool>,
+    mut drain: Pin<&mut impl Future>,
     max_head: usize,
 ) -> Next {
     loop {
@@ -210,7 +233,9 @@ async fn next_request<I: Io>(
                 if let Some(next) = w.parse(wire, max_head) {
                     return next;
                 }
-            } else if *shutdown.borrow() {
+            }
+            // The client's end was seen (a half-close): nothing more comes.
+            if w.ended || (w.buf.is_empty() && *draining.borrow()) {
                 return Err(Ended::Close);
             }
         }
@@ -222,16 +247,15 @@ async fn next_request<I: Io>(
             w.poll_fill(cx).map_ok(Some)
         });
         tokio::select! {
+            biased;
             read = read => match read {
                 Ok(Some(0)) | Err(_) => return Err(Ended::Close),
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(Ended::Rest),
             },
-            _ = shutdown.changed() => {
-                if lock(wire).buf.is_empty() {
-                    return Err(Ended::Close);
-                }
-            }
+            // The listener drains (or is gone, which `changed` says at once, every time): a
+            // connection waiting for a head closes, even one whose head is still coming.
+            _ = drain.as_mut() => return Err(Ended::Close),
         }
     }
 }
@@ -278,7 +302,7 @@ impl<I: Io> Wire<I> {
         };
         self.searched = 0;
         let head = self.buf.split_to(len).freeze();
-        let Some(request) = self.request(&head, parsed.method, parsed.target) else {
+        let Some(request) = self.request(&head, &parsed) else {
             return Some(self.hand_over(Some(head)));
         };
         let body = match state {
@@ -306,12 +330,8 @@ impl<I: Io> Wire<I> {
 
     /// The request of a parsed head, its values slices of `head`; `None` when the `http` types
     /// refuse its target or a value (hyper then answers it).
-    fn request(
-        &mut self,
-        head: &Bytes,
-        method: Method,
-        target: (usize, usize),
-    ) -> Option<Request<()>> {
+    fn request(&mut self, head: &Bytes, parsed: &Parsed) -> Option<Request<()>> {
+        let target = parsed.target;
         let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).ok()?;
         let mut headers = HeaderMap::with_capacity(self.fields.len() + HEADER_ROOM);
         for (name, at, len) in self.fields.drain(..) {
@@ -319,8 +339,9 @@ impl<I: Io> Wire<I> {
             headers.append(name, value);
         }
         let mut request = Request::new(());
-        *request.method_mut() = method;
+        *request.method_mut() = parsed.method.clone();
         *request.uri_mut() = uri;
+        *request.version_mut() = parsed.head.version;
         *request.headers_mut() = headers;
         Some(request)
     }
@@ -355,17 +376,18 @@ fn parse_head(
         0 => Version::HTTP_10,
         _ => return None,
     };
-    let mut keep_alive = version == Version::HTTP_11;
+    let mut tokens = Tokens::default();
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         if name == EXPECT {
             return None;
         }
         if name == CONNECTION {
-            keep_alive = connection_keeps(h.value, keep_alive);
+            tokens.read(h.value);
         }
         fields.push((name, h.value.as_ptr() as usize - base, h.value.len()));
     }
+    let keep_alive = tokens.keep_alive(version == Version::HTTP_11);
     let head_method = method == Method::HEAD;
     Some(Parsed {
         method,
@@ -378,20 +400,34 @@ fn parse_head(
     })
 }
 
-/// Whether a `Connection` value leaves the connection open: `close` ends it, `keep-alive`
-/// keeps it (what an HTTP/1.0 client must say); otherwise the version's default.
-fn connection_keeps(value: &[u8], default: bool) -> bool {
-    let mut keep = default;
-    for token in value.split(|b| *b == b',') {
-        let token = token.trim_ascii();
-        if token.eq_ignore_ascii_case(b"close") {
-            return false;
-        }
-        if token.eq_ignore_ascii_case(b"keep-alive") {
-            keep = true;
+/// The keep-alive tokens of every `Connection` line of a head.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Tokens {
+    fn read(&mut self, value: &[u8]) {
+        for token in value.split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            self.close |= token.eq_ignore_ascii_case(b"close");
+            self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
         }
     }
-    keep
+
+    /// Whether the connection stays open: never after `close` (on any line); with
+    /// `keep-alive` (what an HTTP/1.0 client must say); otherwise the version's default.
+    fn keep_alive(self, default: bool) -> bool {
+        !self.close && (self.keep_alive || default)
+    }
+}
+
+/// Whether one `Connection` value leaves the connection open, over the version's default.
+fn connection_keeps(value: &[u8], default: bool) -> bool {
+    let mut tokens = Tokens::default();
+    tokens.read(value);
+    tokens.keep_alive(default)
 }
 
 /// How an answer's body is framed on the wire.
@@ -440,7 +476,9 @@ async fn respond<I: Io>(
                 Framing::Close
             }
         }
-    } else if bodiless_status {
+    } else if bodiless_status || head.head_method {
+        // A HEAD answer says only what the handler set: a length made up from its empty body
+        // would claim the resource is empty.
         Framing::None
     } else if let Some(n) = body.size_hint().exact() {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
@@ -651,12 +689,17 @@ fn finish_body<I>(wire: &Mutex<Wire<I>>) -> bool {
     if *broken {
         return false;
     }
+    let skipped = body.is_some();
     while let Some(decoder) = body.as_mut() {
         match decode(decoder, buf) {
             Ok(Decoded::Data(_)) => {}
             Ok(Decoded::Last(_) | Decoded::End) => *body = None,
             Ok(Decoded::More) | Err(_) => return false,
         }
+    }
+    if skipped {
+        // A handle to the skipped body must not see a clean end of bytes it never read.
+        w.seq += 1;
     }
     true
 }
@@ -769,6 +812,19 @@ mod tests {
                 String::from_utf8_lossy(value)
             );
         }
+    }
+
+    #[test]
+    fn close_on_any_connection_line_ends_the_connection() {
+        let mut tokens = Tokens::default();
+        tokens.read(b"close");
+        tokens.read(b"keep-alive");
+        assert!(!tokens.keep_alive(true));
+        assert!(!tokens.keep_alive(false));
+        let mut tokens = Tokens::default();
+        tokens.read(b"te");
+        tokens.read(b"Keep-Alive");
+        assert!(tokens.keep_alive(false));
     }
 
     #[test]
