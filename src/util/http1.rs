@@ -41,9 +41,70 @@ pub fn chunked_last(coding: &[u8]) -> bool {
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
+/// The header names one connection has seen, kept so that each later head's names are
+/// found by comparing bytes instead of parsed again (and, for names outside the standard
+/// set, allocated again): a peer's heads repeat the same few names, spelt the same way.
+/// Bounded: a peer that sends ever new names has the first [`Names::LIMIT`] kept and the
+/// rest parsed.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// Each name as the peer spelt it, and the name.
+    seen: Vec<(Box<[u8]>, http::HeaderName)>,
+}
+
+impl Names {
+    pub const LIMIT: usize = 32;
+
+    /// The name of a header line's `raw` name, or `None` when it is not a token.
+    pub fn name(&mut self, raw: &[u8]) -> Option<http::HeaderName> {
+        if let Some((_, n)) = self
+            .seen
+            .iter()
+            .find(|(spelt, _)| spelt.len() == raw.len() && **spelt == *raw)
+        {
+            return Some(n.clone());
+        }
+        let name = http::HeaderName::from_bytes(raw).ok()?;
+        if self.seen.len() < Self::LIMIT {
+            self.seen.push((raw.into(), name.clone()));
+        }
+        Some(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_names_are_found_in_any_case_and_the_rest_parsed() {
+        let mut names = Names::default();
+        let first = names.name(b"X-Shard-Key").unwrap();
+        assert_eq!(first.as_str(), "x-shard-key");
+        assert_eq!(names.name(b"x-shard-KEY").unwrap(), first);
+        assert_eq!(
+            names.name(b"Content-Length").unwrap(),
+            http::header::CONTENT_LENGTH
+        );
+        assert_eq!(
+            names.name(b"content-length").unwrap(),
+            http::header::CONTENT_LENGTH
+        );
+        // Same length, not the same name.
+        assert_eq!(names.name(b"x-shard-kez").unwrap().as_str(), "x-shard-kez");
+        assert!(names.name(b"bad name").is_none());
+        assert!(names.name(b"").is_none());
+        // A name kept is never matched by a non-token of its length.
+        assert!(names.name(b"x-shard-ke\xff").is_none());
+        assert!(names.name(b"x-shard-ke ").is_none());
+        for i in 0..100 {
+            let raw = format!("x-name-{i}");
+            assert_eq!(names.name(raw.as_bytes()).unwrap().as_str(), raw);
+        }
+        assert_eq!(names.seen.len(), Names::LIMIT);
+        // Past the limit, names are still right, only not kept.
+        assert_eq!(names.name(b"X-Name-99").unwrap().as_str(), "x-name-99");
+    }
 
     #[test]
     fn heads_end_at_their_blank_line() {

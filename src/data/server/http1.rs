@@ -36,7 +36,7 @@ use super::Activity;
 use crate::data::upstream::body::{BoxError, ResponseBody};
 use crate::data::upstream::client_body::{ClientBody, WireBody, WireRead};
 use crate::data::upstream::h1::{decode, Chunk, Decoded, Decoder};
-use crate::util::http1::decimal;
+use crate::util::http1::{decimal, Names};
 
 /// Room made in the read buffer before a read.
 const READ_SIZE: usize = 8 * 1024;
@@ -86,6 +86,8 @@ pub(super) struct Wire<I> {
     /// The parsed head's fields (name, where the value is in the buffer, its length); kept
     /// from one request to the next for its room.
     fields: Vec<(HeaderName, usize, usize)>,
+    /// The client's header names, found again by comparison in each later head.
+    names: Names,
 }
 
 impl<I> Wire<I> {
@@ -100,6 +102,7 @@ impl<I> Wire<I> {
             ended: false,
             searched: 0,
             fields: Vec::new(),
+            names: Names::default(),
         }
     }
 
@@ -280,12 +283,13 @@ impl<I: Io> Wire<I> {
             buf,
             fields,
             searched,
+            names,
             ..
         } = self;
         fields.clear();
         let base = buf.as_ptr() as usize;
         let verdict = gate::examine(&buf[..], *searched, max_head, |req| {
-            parse_head(req, base, fields)
+            parse_head(req, base, fields, names)
         });
         let (len, state, parsed) = match verdict {
             Examined::Incomplete => {
@@ -368,6 +372,7 @@ fn parse_head(
     req: &httparse::Request<'_, '_>,
     base: usize,
     fields: &mut Vec<(HeaderName, usize, usize)>,
+    names: &mut Names,
 ) -> Option<Parsed> {
     let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
     let path = req.path?;
@@ -378,7 +383,7 @@ fn parse_head(
     };
     let mut tokens = Tokens::default();
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let name = names.name(h.name.as_bytes())?;
         if name == EXPECT {
             return None;
         }

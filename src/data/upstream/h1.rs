@@ -20,13 +20,13 @@ use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
-use crate::util::http1::{chunked_last, decimal, head_end, hex};
+use crate::util::http1::{chunked_last, decimal, head_end, hex, Names};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -149,6 +149,8 @@ pub struct Http1 {
     keep_alive: bool,
     /// Bytes of the read buffer already searched for the end of a response head.
     scanned: usize,
+    /// The backend's header names, found again by comparison in each later head.
+    names: Names,
 }
 
 impl Http1 {
@@ -162,6 +164,7 @@ impl Http1 {
             head_request: false,
             keep_alive: true,
             scanned: 0,
+            names: Names::default(),
         }
     }
 
@@ -405,7 +408,12 @@ impl Http1 {
             }
         }
         loop {
-            match parse_head(&mut self.read, &mut self.scanned, self.head_request)? {
+            match parse_head(
+                &mut self.read,
+                &mut self.scanned,
+                &mut self.names,
+                self.head_request,
+            )? {
                 Some(Parsed::Informational) => continue,
                 Some(Parsed::Final(resp, decoder, keep_alive)) => {
                     self.keep_alive &= keep_alive;
@@ -617,6 +625,7 @@ enum Parsed {
 fn parse_head(
     buf: &mut BytesMut,
     scanned: &mut usize,
+    names: &mut Names,
     head_request: bool,
 ) -> Result<Option<Parsed>, Failure> {
     // The search resumes where the last one stopped (less the two bytes an end line may
@@ -660,8 +669,9 @@ fn parse_head(
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
     let (mut saw_close, mut saw_keep_alive) = (false, false);
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Failure::Protocol("a response header name is invalid"))?;
+        let name = names
+            .name(h.name.as_bytes())
+            .ok_or(Failure::Protocol("a response header name is invalid"))?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
             .map_err(|_| Failure::Protocol("a response header value is invalid"))?;
         if name == http::header::CONNECTION {
