@@ -365,13 +365,16 @@ async fn a_client_that_hangs_up_takes_its_request_in_flight_with_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_sent_before_a_half_close_are_all_answered() {
+async fn pipelined_requests_still_buffered_at_a_half_close_are_answered() {
     let c = Cluster::start().await;
     let mut client = Client::connect(&c).await;
     let mut bytes = get("/orders/1", "user-1").into_bytes();
     bytes.extend_from_slice(get("/orders/2", "user-2").as_bytes());
     client.send(&bytes).await;
-    // The client says it sends nothing more (as `nc -N` does) and waits for its answers.
+    // The client says it sends nothing more (as `nc -N` does) and waits for its answers: the
+    // second request is still buffered behind the first (in flight, a backend's round trip)
+    // when the gateway reads the client's end. (A close with nothing buffered behind the
+    // request in flight is taken as a hang-up: `a_client_that_hangs_up_takes_its_request_in_flight_with_it`.)
     client.socket.shutdown().await.expect("half-close");
     for path in ["/orders/1", "/orders/2"] {
         let answer = client.answer(false).await.expect("an answer");

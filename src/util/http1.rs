@@ -45,7 +45,7 @@ pub fn chunked_last(coding: &[u8]) -> bool {
 /// found by comparing bytes instead of parsed again (and, for names outside the standard
 /// set, allocated again): a peer's heads repeat the same few names, spelt the same way.
 /// Bounded: a peer that sends ever new names has the first [`Names::LIMIT`] kept and the
-/// rest parsed.
+/// rest parsed, and only names of up to [`Names::LONGEST`] bytes are kept.
 #[derive(Debug, Default)]
 pub struct Names {
     /// Each name as the peer spelt it, and the name.
@@ -54,6 +54,9 @@ pub struct Names {
 
 impl Names {
     pub const LIMIT: usize = 32;
+    /// Longer names are parsed each time, not kept: what a connection keeps stays small
+    /// (at most 32 names of 64 bytes, twice) whatever its peer sends.
+    pub const LONGEST: usize = 64;
 
     /// The name of a header line's `raw` name, or `None` when it is not a token.
     pub fn name(&mut self, raw: &[u8]) -> Option<http::HeaderName> {
@@ -65,7 +68,7 @@ impl Names {
             return Some(n.clone());
         }
         let name = http::HeaderName::from_bytes(raw).ok()?;
-        if self.seen.len() < Self::LIMIT {
+        if self.seen.len() < Self::LIMIT && raw.len() <= Self::LONGEST {
             self.seen.push((raw.into(), name.clone()));
         }
         Some(name)
@@ -97,6 +100,11 @@ mod tests {
         // A name kept is never matched by a non-token of its length.
         assert!(names.name(b"x-shard-ke\xff").is_none());
         assert!(names.name(b"x-shard-ke ").is_none());
+        // A long name is right but not kept.
+        let kept = names.seen.len();
+        let long = "x-long".repeat(20);
+        assert_eq!(names.name(long.as_bytes()).unwrap().as_str(), long);
+        assert_eq!(names.seen.len(), kept);
         for i in 0..100 {
             let raw = format!("x-name-{i}");
             assert_eq!(names.name(raw.as_bytes()).unwrap().as_str(), raw);

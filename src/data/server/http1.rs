@@ -20,7 +20,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
@@ -81,6 +81,12 @@ pub(super) struct Wire<I> {
     /// The client closed its side with requests still buffered: they are answered, then the
     /// connection ends.
     ended: bool,
+    /// The request's body handle was dropped with its body unread: nobody reads it now, so
+    /// the wait for a hang-up may read (the bytes stay in the buffer for `finish_body`).
+    abandoned: bool,
+    /// The wait for a hang-up, parked while a body handle reads the connection; woken when
+    /// the handle is dropped.
+    parked: Option<Waker>,
     /// How far `buf` was searched for the end of a head.
     searched: usize,
     /// The parsed head's fields (name, where the value is in the buffer, its length); kept
@@ -100,6 +106,8 @@ impl<I> Wire<I> {
             seq: 0,
             broken: false,
             ended: false,
+            abandoned: false,
+            parked: None,
             searched: 0,
             fields: Vec::new(),
             names: Names::default(),
@@ -198,17 +206,24 @@ pub(super) async fn serve<I: Io>(
 /// Resolves when the client closes the connection (or it fails) while its request is in
 /// flight or answered. Bytes that come meanwhile (pipelined requests) are kept in the buffer,
 /// up to twice the head limit; a body being read is the body's to read, and its end its to
-/// see. A client that sent requests and then closed its side (a half-close) has them answered:
-/// its end is noted and seen once the buffer is empty.
+/// see (until its handle is dropped unread). A client that closes its side with requests
+/// still buffered behind the one in flight (a half-close after pipelining) has them answered:
+/// its end is noted and seen once the buffer is empty. One that closes with nothing buffered
+/// is taken as gone, as hyper and nginx take it: the request in flight is dropped.
 async fn hung_up<I: Io>(wire: &Mutex<Wire<I>>, max_head: usize) {
     poll_fn(|cx| {
         let mut w = lock(wire);
         loop {
-            if w.body.is_some() || w.ended || w.buf.len() > 2 * max_head {
+            if w.body.is_some() && !w.abandoned {
+                w.parked = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            if w.ended || w.buf.len() > 2 * max_head {
                 return Poll::Pending;
             }
             match w.poll_fill(cx) {
-                Poll::Ready(Ok(0)) if !w.buf.is_empty() => {
+                // Requests buffered (no body pending): a half-close after pipelining.
+                Poll::Ready(Ok(0)) if !w.buf.is_empty() && w.body.is_none() => {
                     w.ended = true;
                     return Poll::Pending;
                 }
@@ -325,6 +340,7 @@ impl<I: Io> Wire<I> {
     /// The body of the request being parsed, read from the connection as it is polled.
     fn stream_body(&mut self, shared: &Arc<Mutex<Wire<I>>>, decoder: Decoder) -> ClientBody {
         self.body = Some(decoder);
+        self.abandoned = false;
         let length = match decoder {
             Decoder::Length(n) => Some(n),
             _ => None,
@@ -760,8 +776,23 @@ impl<I: Io> WireRead for Mutex<Wire<I>> {
     }
 
     fn body_ended(&self, seq: u64) -> bool {
+        // A handle the connection moved past did not see its body end: not a clean end.
         let w = lock(self);
-        w.seq != seq || w.body.is_none()
+        w.seq == seq && w.body.is_none()
+    }
+
+    fn body_dropped(&self, seq: u64) {
+        // Not waited for: a drop on the thread that holds the wire (inside its own code) must
+        // not deadlock, and a missed note only delays noticing a hang-up to the answer's end.
+        let Ok(mut w) = self.try_lock() else {
+            return;
+        };
+        if w.seq == seq && w.body.is_some() {
+            w.abandoned = true;
+            if let Some(parked) = w.parked.take() {
+                parked.wake();
+            }
+        }
     }
 }
 
@@ -797,6 +828,7 @@ mod date {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn connection_tokens_decide_keep_alive_over_the_versions_default() {
@@ -817,6 +849,65 @@ mod tests {
                 String::from_utf8_lossy(value)
             );
         }
+    }
+
+    /// A request with a streamed body, parsed from `client`'s side of a fresh wire.
+    async fn streamed_request(
+        client: &mut tokio::io::DuplexStream,
+        wire: &Arc<Mutex<Wire<tokio::io::DuplexStream>>>,
+    ) -> Request<ClientBody> {
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+            .await
+            .unwrap();
+        loop {
+            if let Some(next) = lock(wire).parse(wire, 4096) {
+                let Ok((req, _)) = next else {
+                    panic!("the head was handed over")
+                };
+                return req;
+            }
+            poll_fn(|cx| lock(wire).poll_fill(cx)).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_is_seen_once_the_unread_body_is_dropped() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let gate = Gate::new(server, 4096, Arc::new(gate::Answers::default()));
+        let wire = Arc::new(Mutex::new(Wire::new(gate)));
+        let req = streamed_request(&mut client, &wire).await;
+        assert!(matches!(req.body(), ClientBody::Wire(_)));
+        drop(client);
+        // The body's handle reads the connection (and would see the close): the wait for a
+        // hang-up leaves it alone.
+        let waiting = hung_up(&wire, 4096);
+        tokio::pin!(waiting);
+        let early = tokio::time::timeout(Duration::from_millis(200), waiting.as_mut()).await;
+        assert!(early.is_err(), "the wait read under a live body handle");
+        // Dropped unread (a handler that answers without the body): nobody reads now, and
+        // the close, with body bytes still buffered, is a hang-up.
+        drop(req);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the hang-up was not seen after the body was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_handle_the_connection_moved_past_is_not_a_clean_end() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let gate = Gate::new(server, 4096, Arc::new(gate::Answers::default()));
+        let wire = Arc::new(Mutex::new(Wire::new(gate)));
+        let req = streamed_request(&mut client, &wire).await;
+        let (_, body) = req.into_parts();
+        assert!(!http_body::Body::is_end_stream(&body));
+        // The connection skips the body (its answer went out without it) and moves on.
+        lock(&wire).seq += 1;
+        assert!(
+            !http_body::Body::is_end_stream(&body),
+            "a skipped body looked whole"
+        );
     }
 
     #[test]

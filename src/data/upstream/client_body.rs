@@ -65,8 +65,10 @@ impl Body for ClientBody {
 /// connection), by the request's number on it: a body of an earlier request reads nothing.
 pub trait WireRead: Send + Sync {
     fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>>;
-    /// The body was read whole (or the connection moved on).
+    /// The body was read whole (false once the connection moved on: the handle cannot tell).
     fn body_ended(&self, seq: u64) -> bool;
+    /// The handle was dropped, its body perhaps unread.
+    fn body_dropped(&self, seq: u64);
 }
 
 /// A request body read from the client's connection as it is polled (by the handler's task,
@@ -76,21 +78,41 @@ pub struct WireBody {
     seq: u64,
     /// Its length, when it has one (for the size hint).
     length: Option<u64>,
+    /// This handle saw its body end.
+    ended: bool,
+}
+
+impl Drop for WireBody {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.wire.body_dropped(self.seq);
+        }
+    }
 }
 
 impl WireBody {
     pub fn new(wire: Arc<dyn WireRead>, seq: u64, length: Option<u64>) -> WireBody {
-        WireBody { wire, seq, length }
+        WireBody {
+            wire,
+            seq,
+            length,
+            ended: false,
+        }
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.wire
-            .poll_body(self.seq, cx)
-            .map(|r| r.map(|r| r.map(Frame::data)))
+        let polled = self.wire.poll_body(self.seq, cx);
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            // The last bytes: noted while the connection is still on this request.
+            Poll::Ready(Some(Ok(_))) => self.ended = self.wire.body_ended(self.seq),
+            _ => {}
+        }
+        polled.map(|r| r.map(|r| r.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.wire.body_ended(self.seq)
+        self.ended || self.wire.body_ended(self.seq)
     }
 
     fn size_hint(&self) -> SizeHint {
