@@ -515,7 +515,7 @@ impl Connection {
                     // socket open.
                     let (gate, served) = {
                         let mut w = http1::lock(&wire);
-                        (w.gate.take(), w.requests() > 0)
+                        (w.gate.take(), w.served())
                     };
                     woken |= served;
                     match (ended, gate) {

@@ -41,6 +41,32 @@ pub fn chunked_last(coding: &[u8]) -> bool {
         .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
+/// The keep-alive tokens of every `Connection` line of a message (RFC 9112 §9.3), as both
+/// ends of the gateway read them: the listener's own connection (a client's request) and the
+/// upstream client (a backend's response).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    /// Notes the tokens of one `Connection` value.
+    pub fn read(&mut self, value: &[u8]) {
+        for token in value.split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            self.close |= token.eq_ignore_ascii_case(b"close");
+            self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+
+    /// Whether the connection stays open: never after `close` (on any line); with
+    /// `keep-alive` (what an HTTP/1.0 peer must say); otherwise the version's default.
+    pub fn keep_alive(self, default: bool) -> bool {
+        !self.close && (self.keep_alive || default)
+    }
+}
+
 /// The header names one connection has seen, kept so that each later head's names are
 /// found by comparing bytes instead of parsed again (and, for names outside the standard
 /// set, allocated again): a peer's heads repeat the same few names, spelt the same way.
@@ -79,8 +105,49 @@ impl Names {
 mod tests {
     use super::*;
 
+    /// Whether one `Connection` value leaves the connection open, over the version's default.
+    fn connection_keeps(value: &[u8], default: bool) -> bool {
+        let mut tokens = ConnectionTokens::default();
+        tokens.read(value);
+        tokens.keep_alive(default)
+    }
+
     #[test]
-    fn kept_names_are_found_in_any_case_and_the_rest_parsed() {
+    fn connection_tokens_decide_keep_alive_over_the_versions_default() {
+        let cases: [(&[u8], bool, bool); 7] = [
+            (b"close", true, false),
+            (b"keep-alive", false, true),
+            (b"Keep-Alive", false, true),
+            (b"te, CLOSE", true, false),
+            (b"keep-alive, close", true, false),
+            (b"upgrade", true, true),
+            (b"upgrade", false, false),
+        ];
+        for (value, default, want) in cases {
+            assert_eq!(
+                connection_keeps(value, default),
+                want,
+                "{:?} (default {default})",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn close_on_any_connection_line_ends_the_connection() {
+        let mut tokens = ConnectionTokens::default();
+        tokens.read(b"close");
+        tokens.read(b"keep-alive");
+        assert!(!tokens.keep_alive(true));
+        assert!(!tokens.keep_alive(false));
+        let mut tokens = ConnectionTokens::default();
+        tokens.read(b"te");
+        tokens.read(b"Keep-Alive");
+        assert!(tokens.keep_alive(false));
+    }
+
+    #[test]
+    fn kept_names_are_found_by_their_spelling_and_the_rest_parsed() {
         let mut names = Names::default();
         let first = names.name(b"X-Shard-Key").unwrap();
         assert_eq!(first.as_str(), "x-shard-key");

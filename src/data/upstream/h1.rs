@@ -26,7 +26,7 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
-use crate::util::http1::{chunked_last, decimal, head_end, hex, Names};
+use crate::util::http1::{chunked_last, decimal, head_end, hex, ConnectionTokens, Names};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -667,7 +667,7 @@ fn parse_head(
         _ => Version::HTTP_10,
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
-    let (mut saw_close, mut saw_keep_alive) = (false, false);
+    let mut tokens = ConnectionTokens::default();
     for h in parsed.headers.iter() {
         let name = names
             .name(h.name.as_bytes())
@@ -675,22 +675,18 @@ fn parse_head(
         let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
             .map_err(|_| Failure::Protocol("a response header value is invalid"))?;
         if name == http::header::CONNECTION {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                saw_close |= token.eq_ignore_ascii_case(b"close");
-                saw_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
+            tokens.read(value.as_bytes());
         }
         headers.append(name, value);
     }
     // `close` anywhere wins; HTTP/1.0 stays open only when it says keep-alive.
-    let close = saw_close || (version == Version::HTTP_10 && !saw_keep_alive);
+    let keep_alive = tokens.keep_alive(version == Version::HTTP_11);
     let decoder = framing(status, version, head_request, &mut headers)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
     *resp.headers_mut() = headers;
-    Ok(Some(Parsed::Final(resp, decoder, !close)))
+    Ok(Some(Parsed::Final(resp, decoder, keep_alive)))
 }
 
 /// The response body's framing (RFC 9112 §6.3, as a client).
