@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body as _;
 
+use crate::data::headers::Stamp;
 use crate::data::upstream::body::{RequestBody, UpstreamBody};
 use crate::data::upstream::{Backend, Lease};
 
@@ -95,7 +96,7 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
     }
 }
 
-/// Sends `req` to one backend of `pool`. Retries on another backend when nothing was sent
+/// Sends `req`, with the gateway's headers in `stamp`, to one backend of `pool`. Retries on another backend when nothing was sent
 /// (connect failure, or a pooled connection that closed before taking the request), and, for
 /// idempotent requests without a body, when the exchange failed before a response head.
 /// Only backends in service are tried. On failure the request comes back when it can still be
@@ -103,6 +104,7 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
 pub async fn forward(
     pool: &[Arc<Backend>],
     mut req: Request<RequestBody>,
+    stamp: &Stamp,
     policy: ForwardPolicy<'_>,
 ) -> Result<Answered, (ForwardError, Option<Request<RequestBody>>)> {
     let mut tried: u64 = 0;
@@ -160,7 +162,7 @@ pub async fn forward(
         // it comes back with the answer even when it is not replayable here, for a backend's
         // 421 to send it to another IDC (never a retry here).
         let resendable = req.body().is_resendable();
-        let sent = tokio::time::timeout_at(policy.deadline, conn.send(&mut req)).await;
+        let sent = tokio::time::timeout_at(policy.deadline, conn.send(&mut req, stamp)).await;
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
             backend

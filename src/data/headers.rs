@@ -4,6 +4,9 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+mod stamp;
+pub use stamp::Stamp;
+
 pub const SHARD: HeaderName = HeaderName::from_static("x-shardgate-shard");
 pub const IDC: HeaderName = HeaderName::from_static("x-shardgate-idc");
 pub const EPOCH: HeaderName = HeaderName::from_static("x-shardgate-epoch");
@@ -167,34 +170,24 @@ fn valid_traceparent(b: &[u8]) -> bool {
         && b[36..52].iter().any(|&c| c != b'0')
 }
 
-/// Appends the client address (already a header value) to `x-forwarded-for`, as one line:
-/// every line the client sent, in order, then the address.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+/// `x-forwarded-for` for the upstream, as one line: every line the client sent, in order, then
+/// the client's address (already a header value).
+pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
     // Every line counts, as for `Connection`: a backend reading the list must see each hop,
     // not only the first line's. One lookup of the name, found or not.
-    let mut entry = match headers.entry(FORWARDED_FOR) {
-        http::header::Entry::Vacant(vacant) => {
-            vacant.insert(client.clone());
-            return;
-        }
-        http::header::Entry::Occupied(occupied) => occupied,
-    };
     let mut joined: Vec<u8> = Vec::new();
-    for prev in entry.iter() {
+    for prev in headers.get_all(FORWARDED_FOR) {
         let prev = prev.as_bytes().trim_ascii();
         if !prev.is_empty() {
             joined.extend_from_slice(prev);
             joined.extend_from_slice(b", ");
         }
     }
-    let value = if joined.is_empty() {
-        client.clone()
-    } else {
-        joined.extend_from_slice(client.as_bytes());
-        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
-    };
-    // Replaces every line with the one joined.
-    entry.insert(value);
+    if joined.is_empty() {
+        return client.clone();
+    }
+    joined.extend_from_slice(client.as_bytes());
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
 }
 
 #[cfg(test)]
@@ -276,9 +269,10 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &HeaderValue::from_static("10.0.0.1"));
-        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
-        assert_eq!(h[FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        let client = HeaderValue::from_static("127.0.0.1");
+        assert_eq!(forwarded_for(&h, &client), "127.0.0.1");
+        h.insert(FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        assert_eq!(forwarded_for(&h, &client), "10.0.0.1, 127.0.0.1");
     }
 
     #[test]
@@ -299,8 +293,9 @@ mod tests {
         h.append(FORWARDED_FOR, "203.0.113.9".parse().unwrap());
         h.append(FORWARDED_FOR, " ".parse().unwrap());
         h.append(FORWARDED_FOR, "198.51.100.7, 192.0.2.1".parse().unwrap());
-        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"));
-        let lines: Vec<_> = h.get_all(FORWARDED_FOR).iter().collect();
-        assert_eq!(lines, ["203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1"]);
+        assert_eq!(
+            forwarded_for(&h, &HeaderValue::from_static("127.0.0.1")),
+            "203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1"
+        );
     }
 }

@@ -28,7 +28,7 @@ use crate::control::topology::{
 use crate::data::admission::{Admission, Permit, Refusal};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardError, ForwardPolicy};
-use crate::data::headers;
+use crate::data::headers::{self, Stamp};
 use crate::data::upgrade;
 use crate::data::upstream::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::telemetry::{Metrics, RouteLabels};
@@ -270,7 +270,7 @@ impl Gateway {
         } = self.admit(snapshot, &req, &decision)?;
         let budget = permit.retry_budget();
         let safe = is_safe(req.method());
-        let (upstream, upgrade, policy) = self
+        let (upstream, mut stamp, upgrade, policy) = self
             .prepare(
                 topo,
                 req,
@@ -306,7 +306,7 @@ impl Gateway {
         // not a second reading of the clock.
         let result = tokio::time::timeout_at(
             trip.policy.deadline,
-            self.exchange(&trip, upstream, &mut serving_dead),
+            self.exchange(&trip, upstream, &mut stamp, &mut serving_dead),
         )
         .await;
         // A pool with no backend in service was not called at all: health already keeps
@@ -320,8 +320,16 @@ impl Gateway {
             Ok(Err(e)) => return Err(forward_error(e, route)),
             Err(_) => return Err(ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64)),
         };
-        self.answer(&trip, answered, landed, upgrade, write_in_flight, outcome)
-            .await
+        self.answer(
+            &trip,
+            answered,
+            landed,
+            &stamp,
+            upgrade,
+            write_in_flight,
+            outcome,
+        )
+        .await
     }
 
     /// Decide: the request's target checked and its path normalised, then the route, shard
@@ -432,7 +440,15 @@ impl Gateway {
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
-    ) -> Result<(Request<RequestBody>, ClientUpgrade, ForwardPolicy<'a>), ProxyError> {
+    ) -> Result<
+        (
+            Request<RequestBody>,
+            Stamp,
+            ClientUpgrade,
+            ForwardPolicy<'a>,
+        ),
+        ProxyError,
+    > {
         let route = topo.route(decision.route);
         // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
         // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
@@ -446,7 +462,8 @@ impl Gateway {
             None
         };
         let method = req.method().clone();
-        let mut upstream = self.upstream_request(topo, req, decision, client_ip, ids, outcome)?;
+        let (mut upstream, mut stamp) =
+            self.upstream_request(topo, req, decision, client_ip, ids, outcome)?;
         // A sharded request may meet a backend that knows a newer owner (421): its small body
         // is read whole so it can be sent there (`misroute`).
         let keep_copy = decision.shard.is_some() && upgrade.is_none();
@@ -459,9 +476,8 @@ impl Gateway {
             .await?;
         }
         if let Some(n) = spill_first {
-            let h = upstream.headers_mut();
-            h.insert(headers::IDC, topo.idc(n).header.clone());
-            h.insert(headers::SPILL, HeaderValue::from_static("1"));
+            stamp.idc = Some(topo.idc(n).header.clone());
+            stamp.spill = true;
         }
         if let Some((value, _)) = &upgrade {
             upgrade::keep_upgrade_headers(upstream.headers_mut(), value.clone());
@@ -475,7 +491,7 @@ impl Gateway {
             upgrade: upgrade.is_some(),
             keep_copy,
         };
-        Ok((upstream, upgrade, policy))
+        Ok((upstream, stamp, upgrade, policy))
     }
 
     /// Exchange: the request is sent to its serving IDC (or the IDC admission spilled it to),
@@ -486,6 +502,7 @@ impl Gateway {
         &self,
         trip: &Trip<'_>,
         mut upstream: Request<RequestBody>,
+        stamp: &mut Stamp,
         serving_dead: &mut bool,
     ) -> Result<(Answered, Landed), ForwardError> {
         let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
@@ -498,7 +515,7 @@ impl Gateway {
             let t: &Topology = moved.as_deref().unwrap_or(topo);
             let pool = t.idc(idc).pool(set);
             let sent_at = Instant::now();
-            let (err, unsent) = match forward(pool, upstream, trip.policy).await {
+            let (err, unsent) = match forward(pool, upstream, stamp, trip.policy).await {
                 Ok(answered) => {
                     let at = t.idc(idc);
                     self.request_metrics
@@ -532,24 +549,20 @@ impl Gateway {
                 || self.moved_to(t, decision, idc, route, !trip.safe),
             );
             match (next, unsent) {
-                (NextHop::Spill(n), Some(mut r)) => {
+                (NextHop::Spill(n), Some(r)) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
-                    r.headers_mut()
-                        .insert(headers::IDC, t.idc(n).header.clone());
-                    r.headers_mut()
-                        .insert(headers::SPILL, HeaderValue::from_static("1"));
+                    stamp.idc = Some(t.idc(n).header.clone());
+                    stamp.spill = true;
                     upstream = r;
                     idc = n;
                     spilled = true;
                 }
-                (NextHop::Replay((latest, n, s)), Some(mut r)) => {
+                (NextHop::Replay((latest, n, s)), Some(r)) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
-                    r.headers_mut()
-                        .insert(headers::IDC, latest.idc(n).header.clone());
-                    r.headers_mut()
-                        .insert(headers::EPOCH, latest.epoch_header.clone());
+                    stamp.idc = Some(latest.idc(n).header.clone());
+                    stamp.epoch = Some(latest.epoch_header.clone());
                     if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
-                        r.headers_mut().insert(headers::OWNER_EPOCH, v.clone());
+                        stamp.owner_epoch = Some(v.clone());
                     }
                     upstream = r;
                     idc = n;
@@ -563,11 +576,13 @@ impl Gateway {
 
     /// Answer: the IDC that answered noted, a 421 naming a newer owner corrected once, an
     /// upgrade switched, or the upstream response head cleaned for the client.
+    #[allow(clippy::too_many_arguments)] // the request's pieces, each used once
     async fn answer(
         &self,
         trip: &Trip<'_>,
         (mut resp, mut lease, copy): Answered,
         landed: Landed,
+        stamp: &Stamp,
         upgrade: ClientUpgrade,
         write_in_flight: Option<WriteInFlight>,
         outcome: &mut Outcome,
@@ -590,7 +605,7 @@ impl Gateway {
                 shard,
                 &landed.idc,
                 resp.headers(),
-                copy,
+                copy.map(|req| (req, stamp)),
                 trip.policy,
             ))
             .await?;
@@ -693,7 +708,7 @@ impl Gateway {
     }
 
     /// A clean re-serialisation of the client's request for the upstream: origin-form URI,
-    /// HTTP/1.1, hop-by-hop headers gone, the gateway's headers added.
+    /// HTTP/1.1, hop-by-hop headers gone; the gateway's headers in the stamp beside it.
     fn upstream_request(
         &self,
         topo: &Topology,
@@ -702,40 +717,32 @@ impl Gateway {
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
-    ) -> Result<Request<RequestBody>, ProxyError> {
+    ) -> Result<(Request<RequestBody>, Stamp), ProxyError> {
         let route_limit = topo.route(decision.route).max_body_bytes;
         let (mut parts, body) = req.into_parts();
         let host = match parts.uri.authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).ok(),
             None => parts.headers.get(http::header::HOST).cloned(),
         };
-        let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h);
-        // The gateway's headers below (up to ten), in one growth of the map at most.
-        h.reserve(10);
-        if let Some(host) = host {
-            h.insert(headers::FORWARDED_HOST, host.clone());
-            h.insert(http::header::HOST, host);
-        }
-        headers::append_forwarded_for(h, client_ip);
-        h.insert(
-            headers::FORWARDED_PROTO,
-            HeaderValue::from_static(self.settings.scheme),
-        );
-        h.insert(headers::REQUEST_ID, ids.request_id.clone());
-        if let Some(tp) = &ids.traceparent {
-            h.insert(headers::TRACEPARENT, tp.clone());
-        }
-        if let Some(shard) = decision.shard {
-            let v = topo.shard_header(shard);
-            outcome.shard_header = Some(v.clone());
-            h.insert(headers::SHARD, v);
-        }
-        h.insert(headers::IDC, topo.idc(decision.idc).header.clone());
-        h.insert(headers::EPOCH, topo.epoch_header.clone());
-        if let Some(v) = decision.shard.and_then(|s| topo.owner_epoch_header(s)) {
-            h.insert(headers::OWNER_EPOCH, v.clone());
-        }
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let shard = decision.shard.map(|s| topo.shard_header(s));
+        outcome.shard_header.clone_from(&shard);
+        let stamp = Stamp {
+            host,
+            forwarded_for: Some(headers::forwarded_for(&parts.headers, client_ip)),
+            forwarded_proto: Some(HeaderValue::from_static(self.settings.scheme)),
+            request_id: Some(ids.request_id.clone()),
+            traceparent: ids.traceparent.clone(),
+            shard,
+            idc: Some(topo.idc(decision.idc).header.clone()),
+            epoch: Some(topo.epoch_header.clone()),
+            owner_epoch: decision
+                .shard
+                .and_then(|s| topo.owner_epoch_header(s))
+                .cloned(),
+            spill: false,
+            reforward: false,
+        };
 
         // Origin form; the path and query bytes are shared, not copied.
         let mut uri_parts = http::uri::Parts::default();
@@ -754,7 +761,7 @@ impl Gateway {
         } else {
             RequestBody::client(body, self.settings.body_timeout, route_limit)
         };
-        Ok(Request::from_parts(parts, body))
+        Ok((Request::from_parts(parts, body), stamp))
     }
 
     /// The refusal of a write while this gateway's own fence is closed, counted like a

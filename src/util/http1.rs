@@ -1,6 +1,14 @@
 //! HTTP/1.1 message framing, as both ends of the gateway read it: the request-head gate on
 //! the client side (`data::server::gate`) and the upstream client (`data::upstream::h1`).
 
+/// One header line, `name: value\r\n`, onto a head being written.
+pub fn put_line(head: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
+    head.put_slice(name);
+    head.put_slice(b": ");
+    head.put_slice(value);
+    head.put_slice(b"\r\n");
+}
+
 /// Where the first blank line that ends a head (`\n\r\n` or `\n\n`) in `bytes` ends. Only
 /// the line ends are visited (found a word at a time by `memchr`), not every byte.
 pub fn head_end(bytes: &[u8]) -> Option<usize> {

@@ -18,7 +18,7 @@ use super::{forward_error, Gateway};
 use crate::control::topology::{IdcId, Route, Shard, Topology};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardPolicy};
-use crate::data::headers;
+use crate::data::headers::{self, Stamp};
 use crate::data::upstream::body::{BoxError, RequestBody, UpstreamBody};
 use crate::data::upstream::Lease;
 use crate::telemetry::ReforwardLabels;
@@ -145,7 +145,7 @@ impl Gateway {
         shard: Shard,
         from: &std::sync::Arc<String>,
         answer: &HeaderMap,
-        copy: Option<Request<RequestBody>>,
+        copy: Option<(Request<RequestBody>, &Stamp)>,
         policy: ForwardPolicy<'_>,
     ) -> Result<Option<Reforwarded>, ProxyError> {
         let (to, epoch) = match misdirected(topo, shard, answer, copy.is_some()) {
@@ -153,7 +153,7 @@ impl Gateway {
             Misdirected::Refuse(why) => return Err(ProxyError::Misrouted(why)),
             Misdirected::Reforward { to, epoch } => (to, epoch),
         };
-        let Some(mut req) = copy else {
+        let Some((req, stamp)) = copy else {
             return Err(ProxyError::Misrouted(format!(
                 "shard {}: the request was not kept",
                 shard.0
@@ -161,10 +161,12 @@ impl Gateway {
         };
         let owner = topo.idc(to);
         tracing::info!(shard = shard.0, from = %from, to = %owner.name, epoch, our_epoch = topo.owner_epoch(shard), "a backend named a newer owner (421): sending the request there once");
-        let h = req.headers_mut();
-        h.insert(headers::IDC, owner.header.clone());
-        h.insert(headers::OWNER_EPOCH, HeaderValue::from(epoch));
-        h.insert(headers::REFORWARD, HeaderValue::from_static("1"));
+        let stamp = Stamp {
+            idc: Some(owner.header.clone()),
+            owner_epoch: Some(HeaderValue::from(epoch)),
+            reforward: true,
+            ..stamp.clone()
+        };
         self.metrics
             .reforwarded
             .get_or_create(&ReforwardLabels {
@@ -179,7 +181,7 @@ impl Gateway {
         };
         let answered: Answered = match tokio::time::timeout_at(
             policy.deadline,
-            forward(owner.pool(route.set), req, policy),
+            forward(owner.pool(route.set), req, &stamp, policy),
         )
         .await
         {

@@ -24,8 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::util::http1::{chunked_last, decimal, head_end, hex};
 
 /// The marker header of the stand-in request; its value names the refusal. A client sending
-/// it itself only gets its own request refused.
-pub const REFUSED: &str = "x-shardgate-refused";
+/// it itself only gets its own request refused. A name, not a string: every request is looked
+/// up for it, and a string would be parsed into a name on each lookup.
+pub const REFUSED: http::HeaderName = http::HeaderName::from_static("x-shardgate-refused");
 
 /// The most header fields in one head (hyper's limit is set to the same, so the gate decides).
 pub const MAX_HEADERS: usize = 100;

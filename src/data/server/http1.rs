@@ -36,13 +36,14 @@ use super::Activity;
 use crate::data::upstream::body::{BoxError, ResponseBody};
 use crate::data::upstream::client_body::{ClientBody, WireBody, WireRead};
 use crate::data::upstream::h1::{decode, Chunk, Decoded, Decoder};
-use crate::util::http1::{decimal, ConnectionTokens, Names};
+use crate::util::http1::{decimal, put_line, ConnectionTokens, Names};
 
 /// Room made in the read buffer before a read.
 const READ_SIZE: usize = 8 * 1024;
-/// Room in a request's header map beyond the client's headers: the gateway adds up to ten
-/// (`proxy::upstream_request`), and a growth rehashes every entry.
-const HEADER_ROOM: usize = 16;
+/// Room in a request's header map beyond the client's headers: an upgrade's two
+/// (`upgrade::keep_upgrade_headers`). The gateway's own headers go beside the map
+/// (`headers::Stamp`), not into it.
+const HEADER_ROOM: usize = 2;
 
 /// The handler, as the connection calls it.
 pub(super) type Call = Arc<
@@ -626,10 +627,7 @@ fn encode_head(out: &mut Vec<u8>, version: Version, status: StatusCode, headers:
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }

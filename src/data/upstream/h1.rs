@@ -26,17 +26,16 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
-use crate::util::http1::{chunked_last, decimal, head_end, hex, ConnectionTokens, Names};
+use crate::data::headers::Stamp;
+use crate::util::http1::{chunked_last, decimal, head_end, hex, put_line, ConnectionTokens, Names};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in a response head.
 pub const MAX_HEADERS: usize = 100;
-/// Room in a response's header map beyond the backend's headers. The gateway adds its own to
-/// every answer (`proxy::handle`), and hyper's HTTP/1 server keeps the emptied map of an answer
-/// to parse the connection's next request into, where the gateway adds up to ten more
-/// (`proxy::upstream_request`): with this room neither grows (a growth rehashes every entry).
-const HEADER_ROOM: usize = 16;
+/// Room in a response's header map beyond the backend's headers: the gateway adds its three to
+/// every answer (`proxy::handle`), and a growth rehashes every entry.
+const HEADER_ROOM: usize = 4;
 /// Room made in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
 /// Longest chunk-size line (with its extensions), and most trailer bytes skipped.
@@ -216,12 +215,13 @@ impl Http1 {
     pub async fn send<B>(
         &mut self,
         head: &Request<B>,
+        stamp: &Stamp,
         body: RequestBody,
     ) -> Result<Response<()>, Failure> {
         self.head_request = head.method() == Method::HEAD;
         // A 2xx to CONNECT may turn the connection into a tunnel: it is never reused.
         self.keep_alive &= head.method() != Method::CONNECT;
-        let framing = self.encode_head(head, &body);
+        let framing = self.encode_head(head, stamp, &body);
         self.sending = match framing {
             Some(framing) => match body {
                 RequestBody::Kept(Some(data)) => {
@@ -245,7 +245,8 @@ impl Http1 {
     }
 
     /// The request line and headers into the outbox; the body's framing, `None` when none is
-    /// sent. The framing headers are the client's own, written from the framing: the
+    /// sent. `host` comes first; the gateway's lines (`stamp`) follow the client's, whose lines
+    /// of the same names are left out. The framing headers are the client's own, written from the framing: the
     /// request's `content-length` and `transfer-encoding` never go out as they came (an
     /// invalid length beside a chunked body would be the classic desync pair), and `expect` is
     /// not forwarded (the gateway answers the client's expectation itself and sends the body
@@ -253,7 +254,12 @@ impl Http1 {
     /// known empty is sent as none (`content-length: 0` when the request declared a length); a
     /// body of known or declared length gets `content-length`; a streamed body of unknown
     /// length is chunked, except on GET, HEAD and CONNECT, which are sent without one.
-    fn encode_head<B>(&mut self, req: &Request<B>, body: &RequestBody) -> Option<OutFraming> {
+    fn encode_head<B>(
+        &mut self,
+        req: &Request<B>,
+        stamp: &Stamp,
+        body: &RequestBody,
+    ) -> Option<OutFraming> {
         let headers = req.headers();
         let declared = content_length(headers);
         let length = |n: u64| Some((&b"content-length"[..], HeaderValue::from(n)));
@@ -280,7 +286,7 @@ impl Http1 {
         };
         let (method, uri) = (req.method(), req.uri());
         let target = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut size = method.as_str().len() + target.len() + 13 + 2;
+        let mut size = method.as_str().len() + target.len() + 13 + 2 + stamp.encoded_len();
         for (name, value) in headers {
             size += name.as_str().len() + value.len() + 4;
         }
@@ -292,20 +298,19 @@ impl Http1 {
         head.extend_from_slice(b" ");
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        let lines = headers
-            .iter()
-            .filter(|(name, _)| {
-                *name != TRANSFER_ENCODING
-                    && *name != CONTENT_LENGTH
-                    && *name != http::header::EXPECT
-            })
-            .map(|(name, value)| (name.as_str().as_bytes(), value))
-            .chain(added.as_ref().map(|(name, value)| (*name, value)));
+        stamp.write_host(head);
+        let lines = headers.iter().filter(|(name, _)| {
+            *name != TRANSFER_ENCODING
+                && *name != CONTENT_LENGTH
+                && *name != http::header::EXPECT
+                && !stamp.replaces(name)
+        });
         for (name, value) in lines {
-            head.extend_from_slice(name);
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            put_line(head, name.as_str().as_bytes(), value.as_bytes());
+        }
+        stamp.write_lines(head);
+        if let Some((name, value)) = &added {
+            put_line(head, name, value.as_bytes());
         }
         head.extend_from_slice(b"\r\n");
         self.outbox.push_head();

@@ -24,6 +24,7 @@ use super::body::{BodyTooLarge, RequestBody, UpstreamBody};
 use super::h1::{Failure, Http1};
 use super::health::BackendHealth;
 use super::tls::UpstreamTls;
+use crate::data::headers::Stamp;
 
 /// The byte stream under an upstream connection: plain TCP, or TLS over it.
 pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -73,12 +74,13 @@ impl Conn {
         }
     }
 
-    /// Sends `req` and waits for the response head. `req` stays with the caller: whole when
-    /// its body is not a stream (empty, or kept whole), so that it can be sent again; a
-    /// streamed body is taken (an empty one is left in its place).
+    /// Sends `req` with the gateway's headers (`stamp`) and waits for the response head. `req`
+    /// stays with the caller: whole when its body is not a stream (empty, or kept whole), so
+    /// that it can be sent again; a streamed body is taken (an empty one is left in its place).
     pub(crate) async fn send(
         &mut self,
         req: &mut Request<RequestBody>,
+        stamp: &Stamp,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match self {
             Conn::Lean(h) => {
@@ -86,7 +88,7 @@ impl Conn {
                     Some(copy) => copy,
                     None => std::mem::replace(req.body_mut(), RequestBody::Empty),
                 };
-                match h.send(req, body).await {
+                match h.send(req, stamp, body).await {
                     Ok(resp) => Ok(resp.map(|()| UpstreamBody::Conn)),
                     Err(failure) => {
                         let (client_fault, body_limit) = match &failure {
@@ -104,7 +106,10 @@ impl Conn {
                 }
             }
             Conn::Upgradable(sender) => {
-                // hyper's client takes the request: a copy stays when the body allows one.
+                // hyper's client encodes the map: the stamp goes into it (again, on a retry,
+                // replacing what it put there). hyper takes the request: a copy stays when the
+                // body allows one.
+                stamp.fold_into(req.headers_mut());
                 let copy = copy_request(req).unwrap_or_default();
                 match sender.try_send_request(std::mem::replace(req, copy)).await {
                     Ok(resp) => Ok(resp.map(UpstreamBody::Hyper)),

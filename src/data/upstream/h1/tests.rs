@@ -28,10 +28,19 @@ fn request(method: Method, target: &str, body: RequestBody) -> Request<RequestBo
     req
 }
 
-/// Sends `req` on `conn` (its head by reference, as the pool does).
+/// Sends `req` on `conn` (its head by reference, as the pool does), with no gateway headers.
 async fn send(conn: &mut Http1, req: Request<RequestBody>) -> Result<Response<()>, Failure> {
+    send_stamped(conn, req, &Stamp::default()).await
+}
+
+async fn send_stamped(
+    conn: &mut Http1,
+    req: Request<RequestBody>,
+    stamp: &Stamp,
+) -> Result<Response<()>, Failure> {
     let (parts, body) = req.into_parts();
-    conn.send(&Request::from_parts(parts, ()), body).await
+    conn.send(&Request::from_parts(parts, ()), stamp, body)
+        .await
 }
 
 /// Reads what the client sent until `until` is in it.
@@ -122,6 +131,57 @@ async fn a_get_goes_out_as_one_head_and_its_sized_answer_comes_back_whole() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert!(body.is_empty());
     assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn the_gateways_headers_follow_the_clients_and_replace_theirs() {
+    let (mut conn, mut backend) = pair().await;
+    let mut req = request(
+        Method::POST,
+        "/orders",
+        RequestBody::Kept(Some(Bytes::from_static(b"{}"))),
+    );
+    let h = req.headers_mut();
+    h.insert("x-user-id", HeaderValue::from_static("7"));
+    h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+    h.insert("x-request-id", HeaderValue::from_static("client-id"));
+    h.insert(
+        "x-shardgate-idc",
+        HeaderValue::from_static("folded-earlier"),
+    );
+    h.insert("content-length", HeaderValue::from_static("2"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    let stamp = Stamp {
+        host: Some(HeaderValue::from_static("api.example.com")),
+        forwarded_for: Some(HeaderValue::from_static("203.0.113.9, 127.0.0.1")),
+        request_id: Some(HeaderValue::from_static("client-id")),
+        idc: Some(HeaderValue::from_static("sh")),
+        spill: true,
+        ..Stamp::default()
+    };
+    backend
+        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        .await
+        .expect("write the answer");
+    let resp = tokio::time::timeout(DEADLINE, send_stamped(&mut conn, req, &stamp))
+        .await
+        .expect("a head in time")
+        .expect("the head");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let sent = read_until(&mut backend, b"\r\n\r\n{}").await;
+    assert_eq!(
+        String::from_utf8_lossy(&sent),
+        "POST /orders HTTP/1.1\r\n\
+         host: api.example.com\r\n\
+         x-user-id: 7\r\n\
+         accept: */*\r\n\
+         x-forwarded-host: api.example.com\r\n\
+         x-forwarded-for: 203.0.113.9, 127.0.0.1\r\n\
+         x-request-id: client-id\r\n\
+         x-shardgate-idc: sh\r\n\
+         x-shardgate-spill: 1\r\n\
+         content-length: 2\r\n\r\n{}"
+    );
 }
 
 #[tokio::test]
