@@ -295,7 +295,10 @@ async fn accept_loop<H: Handler>(
         let call: Option<http1::Call> = settings.head_gate.then(|| {
             let (handler, client) = (handler.clone(), client.clone());
             Arc::new(move |req: Request<ClientBody>| {
-                Box::pin(handler.clone().call(req, client.clone()))
+                // The box is made first and the future written into it: the pipeline's future
+                // is kilobytes, and built beside its box it would be copied into it.
+                let slot = Box::new_uninit();
+                Box::into_pin(Box::write(slot, handler.clone().call(req, client.clone())))
                     as Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>
             }) as http1::Call
         });
