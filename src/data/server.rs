@@ -295,10 +295,7 @@ async fn accept_loop<H: Handler>(
         let call: Option<http1::Call> = settings.head_gate.then(|| {
             let (handler, client) = (handler.clone(), client.clone());
             Arc::new(move |req: Request<ClientBody>| {
-                // The box is made first and the future written into it: the pipeline's future
-                // is kilobytes, and built beside its box it would be copied into it.
-                let slot = Box::new_uninit();
-                Box::into_pin(Box::write(slot, handler.clone().call(req, client.clone())))
+                boxed(|| handler.clone().call(req, client.clone()))
                     as Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>
             }) as http1::Call
         });
@@ -308,11 +305,11 @@ async fn accept_loop<H: Handler>(
             let connect = req.method() == http::Method::CONNECT;
             // Boxed: hyper moves the service future around, and the pipeline's future is
             // large; moving a pointer is cheaper than copying kilobytes per request.
-            let call = Box::pin(
+            let call = boxed(|| {
                 handler
                     .clone()
-                    .call(req.map(ClientBody::Hyper), client.clone()),
-            );
+                    .call(req.map(ClientBody::Hyper), client.clone())
+            });
             let told = told.clone();
             async move {
                 let response = call.await;
@@ -373,6 +370,14 @@ async fn accept_loop<H: Handler>(
 struct Builders {
     first: auto::Builder<TokioExecutor>,
     woken: auto::Builder<TokioExecutor>,
+}
+
+/// A request's future, boxed: the box is made first and the future made into it (`make` is
+/// called once the box exists). The pipeline's future is kilobytes: `Box::pin(future)` would
+/// build it beside the box and copy it in.
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    let slot = Box::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
 }
 
 /// `stream`, registered with the I/O driver of `workers` instead of the current runtime's.

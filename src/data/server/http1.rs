@@ -451,7 +451,24 @@ async fn respond<I: Io>(
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
     }
-    let mut framing = if headers.contains_key(TRANSFER_ENCODING) {
+    // The lines that decide the framing and the connection, found in one pass over the map
+    // (each lookup by name would hash it).
+    let mut coded = false;
+    let mut length: Option<Option<u64>> = None;
+    let mut dated = false;
+    let mut tokens = ConnectionTokens::default();
+    for (name, value) in headers.iter() {
+        if *name == TRANSFER_ENCODING {
+            coded = true;
+        } else if *name == CONTENT_LENGTH {
+            length.get_or_insert_with(|| decimal(value.as_bytes()));
+        } else if *name == CONNECTION {
+            tokens.read(value.as_bytes());
+        } else if *name == DATE {
+            dated = true;
+        }
+    }
+    let mut framing = if coded {
         // Not one the gateway makes; framed as it says, when the client can read it.
         if head.version == Version::HTTP_11 {
             Framing::Chunked
@@ -459,8 +476,8 @@ async fn respond<I: Io>(
             headers.remove(TRANSFER_ENCODING);
             Framing::Close
         }
-    } else if let Some(value) = headers.get(CONTENT_LENGTH) {
-        match decimal(value.as_bytes()) {
+    } else if let Some(length) = length {
+        match length {
             Some(n) => Framing::Length(n),
             None => {
                 headers.remove(CONTENT_LENGTH);
@@ -486,17 +503,13 @@ async fn respond<I: Io>(
     if framing == Framing::Close {
         keep_alive = false;
     }
-    let mut tokens = ConnectionTokens::default();
-    for value in headers.get_all(CONNECTION) {
-        tokens.read(value.as_bytes());
-    }
     keep_alive &= tokens.keep_alive(true);
     if !keep_alive && head.version == Version::HTTP_11 {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     } else if keep_alive && head.version == Version::HTTP_10 {
         headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
     }
-    if !headers.contains_key(DATE) {
+    if !dated {
         headers.insert(DATE, date::now());
     }
     encode_head(out, parts.version, status, headers);

@@ -261,17 +261,18 @@ impl Http1 {
         body: &RequestBody,
     ) -> Option<OutFraming> {
         let headers = req.headers();
-        let declared = content_length(headers);
+        let (method, uri) = (req.method(), req.uri());
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut size = method.as_str().len() + target.len() + 13 + 2 + stamp.encoded_len();
+        let mut lines = FramingLines::default();
+        for (name, value) in headers {
+            size += name.as_str().len() + value.len() + 4;
+            lines.read(name, value);
+        }
         let length = |n: u64| Some((&b"content-length"[..], HeaderValue::from(n)));
         let (framing, added): (_, Option<(&[u8], HeaderValue)>) = if body.is_end_stream() {
-            (
-                None,
-                headers
-                    .contains_key(CONTENT_LENGTH)
-                    .then_some(0)
-                    .and_then(length),
-            )
-        } else if let Ok(Some(n)) = declared {
+            (None, lines.length_lines.then_some(0).and_then(length))
+        } else if let Ok(Some(n)) = lines.length {
             (Some(OutFraming::Length(n)), length(n))
         } else if let Some(n) = body.size_hint().exact() {
             (Some(OutFraming::Length(n)), length(n))
@@ -284,12 +285,6 @@ impl Http1 {
                 Some((b"transfer-encoding", chunked)),
             )
         };
-        let (method, uri) = (req.method(), req.uri());
-        let target = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut size = method.as_str().len() + target.len() + 13 + 2 + stamp.encoded_len();
-        for (name, value) in headers {
-            size += name.as_str().len() + value.len() + 4;
-        }
         if let Some((name, value)) = &added {
             size += name.len() + value.len() + 4;
         }
@@ -673,6 +668,7 @@ fn parse_head(
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
     let mut tokens = ConnectionTokens::default();
+    let mut lines = FramingLines::default();
     for h in parsed.headers.iter() {
         let name = names
             .name(h.name.as_bytes())
@@ -682,11 +678,12 @@ fn parse_head(
         if name == http::header::CONNECTION {
             tokens.read(value.as_bytes());
         }
+        lines.read(&name, &value);
         headers.append(name, value);
     }
     // `close` anywhere wins; HTTP/1.0 stays open only when it says keep-alive.
     let keep_alive = tokens.keep_alive(version == Version::HTTP_11);
-    let decoder = framing(status, version, head_request, &mut headers)?;
+    let decoder = framing(status, version, head_request, &lines, &mut headers)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
@@ -694,52 +691,90 @@ fn parse_head(
     Ok(Some(Parsed::Final(resp, decoder, keep_alive)))
 }
 
-/// The response body's framing (RFC 9112 §6.3, as a client).
+/// The response body's framing (RFC 9112 §6.3, as a client), from its framing lines.
 fn framing(
     status: StatusCode,
     version: Version,
     head_request: bool,
+    lines: &FramingLines,
     headers: &mut HeaderMap,
 ) -> Result<Decoder, Failure> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Decoder::Length(0));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if let Some(chunked) = lines.coding {
         if version == Version::HTTP_10 {
             return Err(Failure::Protocol(
                 "an HTTP/1.0 response has transfer-encoding",
             ));
         }
         // Transfer-Encoding frames it; a Content-Length beside it is dropped, never passed on.
-        headers.remove(CONTENT_LENGTH);
-        let last_line = headers.get_all(TRANSFER_ENCODING).iter().next_back();
-        return Ok(if last_line.is_some_and(|v| chunked_last(v.as_bytes())) {
+        if lines.length_lines {
+            headers.remove(CONTENT_LENGTH);
+        }
+        return Ok(if chunked {
             Decoder::Chunked(Chunk::Size)
         } else {
             Decoder::Eof
         });
     }
-    match content_length(headers) {
+    match lines.length {
         Ok(Some(n)) => Ok(Decoder::Length(n)),
         Ok(None) => Ok(Decoder::Eof),
         Err(()) => Err(Failure::Protocol("the response content-length is invalid")),
     }
 }
 
-/// Every `Content-Length` value (lines and comma-separated) as one length: `None` when there
-/// is none, an error when one is not a number or two differ.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut found: Option<u64> = None;
-    for line in headers.get_all(CONTENT_LENGTH) {
-        for item in line.as_bytes().split(|b| *b == b',') {
-            let n = decimal(item.trim_ascii()).ok_or(())?;
-            if found.is_some_and(|f| f != n) {
-                return Err(());
-            }
-            found = Some(n);
+/// A head's framing lines, read as its lines go by: nothing is looked up in the map after.
+struct FramingLines {
+    /// A `Content-Length` line was seen.
+    length_lines: bool,
+    /// Every `Content-Length` value (lines and comma-separated) as one length: `None` when
+    /// there is none, an error when one is not a number or two differ.
+    length: Result<Option<u64>, ()>,
+    /// `Transfer-Encoding` was seen: whether its last line's last coding is `chunked`.
+    coding: Option<bool>,
+}
+
+impl Default for FramingLines {
+    fn default() -> FramingLines {
+        FramingLines {
+            length_lines: false,
+            length: Ok(None),
+            coding: None,
         }
     }
-    Ok(found)
+}
+
+impl FramingLines {
+    fn read(&mut self, name: &http::HeaderName, value: &HeaderValue) {
+        if *name == CONTENT_LENGTH {
+            self.length_lines = true;
+            self.length = self.length.and_then(|found| {
+                value
+                    .as_bytes()
+                    .split(|b| *b == b',')
+                    .try_fold(found, |found, item| {
+                        let n = decimal(item.trim_ascii()).ok_or(())?;
+                        match found {
+                            Some(f) if f != n => Err(()),
+                            _ => Ok(Some(n)),
+                        }
+                    })
+            });
+        } else if *name == TRANSFER_ENCODING {
+            self.coding = Some(chunked_last(value.as_bytes()));
+        }
+    }
+
+    #[cfg(test)]
+    fn of(headers: &HeaderMap) -> FramingLines {
+        let mut lines = FramingLines::default();
+        for (name, value) in headers {
+            lines.read(name, value);
+        }
+        lines
+    }
 }
 
 pub(crate) enum Decoded {

@@ -449,25 +449,28 @@ async fn a_backend_that_closed_while_idle_is_seen_closed() {
 #[test]
 fn framing_rules() {
     let mut h = HeaderMap::new();
-    assert_eq!(content_length(&h), Ok(None));
+    assert_eq!(FramingLines::of(&h).length, Ok(None));
     h.append(CONTENT_LENGTH, HeaderValue::from_static("10"));
-    assert_eq!(content_length(&h), Ok(Some(10)));
+    assert_eq!(FramingLines::of(&h).length, Ok(Some(10)));
     h.append(CONTENT_LENGTH, HeaderValue::from_static("10, 10"));
     assert_eq!(
-        content_length(&h),
+        FramingLines::of(&h).length,
         Ok(Some(10)),
         "repeats of one length are one length"
     );
     h.append(CONTENT_LENGTH, HeaderValue::from_static(""));
-    assert_eq!(content_length(&h), Err(()));
+    assert_eq!(FramingLines::of(&h).length, Err(()));
     let mut h = HeaderMap::new();
     h.append(
         CONTENT_LENGTH,
         HeaderValue::from_static("99999999999999999999"),
     );
-    assert_eq!(content_length(&h), Err(()), "past u64");
+    assert_eq!(FramingLines::of(&h).length, Err(()), "past u64");
 
-    let framed = |h: &mut HeaderMap| framing(StatusCode::OK, Version::HTTP_11, false, h);
+    let framed = |h: &mut HeaderMap| {
+        let lines = FramingLines::of(h);
+        framing(StatusCode::OK, Version::HTTP_11, false, &lines, h)
+    };
     let mut h = HeaderMap::new();
     h.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
     assert!(matches!(framed(&mut h), Ok(Decoder::Chunked(Chunk::Size))));
@@ -475,6 +478,14 @@ fn framing_rules() {
     assert!(
         matches!(framed(&mut h), Ok(Decoder::Eof)),
         "chunked must be the last coding"
+    );
+    let mut h = HeaderMap::new();
+    h.append(CONTENT_LENGTH, HeaderValue::from_static("5"));
+    h.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    assert!(matches!(framed(&mut h), Ok(Decoder::Chunked(Chunk::Size))));
+    assert!(
+        !h.contains_key(CONTENT_LENGTH),
+        "a length beside transfer-encoding is dropped"
     );
 }
 
