@@ -68,14 +68,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The request carries a header named `x-shardgate-*`: a pass over the names, no lookup.
+pub fn has_gateway_headers(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-shardgate-"))
+}
+
 /// Client-sent `x-shardgate-*` headers are dropped before routing: nobody outside can steer
 /// routing, sets or spills.
 pub fn strip_gateway_headers(headers: &mut HeaderMap) {
     // Fast path: most requests carry none.
-    if !headers
-        .keys()
-        .any(|k| k.as_str().starts_with("x-shardgate-"))
-    {
+    if !has_gateway_headers(headers) {
         return;
     }
     let names: Vec<HeaderName> = headers
@@ -99,13 +103,18 @@ impl Ids {
     /// One allocation at most: a new trace's request id is a slice of its `traceparent`'s
     /// buffer (the trace id), and every later copy of either is a reference-count increment.
     pub fn for_request(headers: &HeaderMap) -> Ids {
-        let client_id = headers
-            .get(REQUEST_ID)
-            .filter(|v| valid_request_id(v.as_bytes()))
-            .cloned();
-        let client_trace = headers
-            .get(TRACEPARENT)
-            .is_some_and(|v| valid_traceparent(v.as_bytes()));
+        // One pass over the lines finds both (two lookups would hash both names); the first
+        // line of each counts, as a lookup would have found it.
+        let (mut id_line, mut trace_line) = (None, None);
+        for (name, value) in headers {
+            match name.as_str() {
+                "x-request-id" if id_line.is_none() => id_line = Some(value),
+                "traceparent" if trace_line.is_none() => trace_line = Some(value),
+                _ => {}
+            }
+        }
+        let client_id = id_line.filter(|v| valid_request_id(v.as_bytes())).cloned();
+        let client_trace = trace_line.is_some_and(|v| valid_traceparent(v.as_bytes()));
         if client_trace {
             return Ids {
                 request_id: client_id.unwrap_or_else(|| {
@@ -245,6 +254,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", "abc-123".parse().unwrap());
         assert_eq!(Ids::for_request(&h).request_id, "abc-123");
+        h.append("x-request-id", "second-line".parse().unwrap());
+        assert_eq!(
+            Ids::for_request(&h).request_id,
+            "abc-123",
+            "the first line counts"
+        );
+        h.remove("x-request-id");
         h.insert("x-request-id", "has space".parse().unwrap());
         let fresh = Ids::for_request(&h).request_id;
         assert_eq!(fresh.len(), 32);

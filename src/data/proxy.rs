@@ -155,16 +155,20 @@ impl Gateway {
         let ids = headers::Ids::for_request(req.headers());
         let request_id = ids.request_id.clone();
         // A head the connection's gate refused arrives as a stand-in carrying the reason
-        // (checked before the client's `x-shardgate-*` headers are stripped).
-        let refused = req
-            .headers()
-            .get(crate::data::server::gate::REFUSED)
+        // (checked before the client's `x-shardgate-*` headers are stripped; the marker is one
+        // of them, so a request without any is not looked up for it).
+        let marked = headers::has_gateway_headers(req.headers());
+        let refused = marked
+            .then(|| req.headers().get(crate::data::server::gate::REFUSED))
+            .flatten()
             .map(|v| {
                 refusal_error(crate::data::server::gate::Refusal::from_marker(
                     v.as_bytes(),
                 ))
             });
-        headers::strip_gateway_headers(req.headers_mut());
+        if marked {
+            headers::strip_gateway_headers(req.headers_mut());
+        }
         let mut outcome = Outcome {
             idc: None,
             route_id: None,
@@ -967,8 +971,11 @@ fn normalize_path<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 /// lets a server prefer the target; a gateway that routes by host must not guess). HTTP/2
 /// requests carry `:authority` in the target, and a `Host` beside it must agree the same way.
 fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
-    let (Some(target), Some(host)) = (req.uri().authority(), req.headers().get(http::header::HOST))
-    else {
+    // Looked up only for a target with an authority (absolute form, HTTP/2): most have none.
+    let Some(target) = req.uri().authority() else {
+        return Ok(());
+    };
+    let Some(host) = req.headers().get(http::header::HOST) else {
         return Ok(());
     };
     if host

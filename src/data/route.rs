@@ -284,6 +284,11 @@ impl RouteMatcher {
         m
     }
 
+    /// Some route names a host (else `find` ignores the host it is given).
+    pub fn has_hosts(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
     /// `host` without port; any case.
     pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Match {
         let mut exact = Match::NotFound;
