@@ -9,8 +9,8 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body as _;
 
-use crate::data::headers::Stamp;
 use crate::data::upstream::body::{RequestBody, UpstreamBody};
+use crate::data::upstream::Stamp;
 use crate::data::upstream::{Backend, Lease};
 
 /// Where a retry is paid for: asked once before each retry, and no retry is made when it says
@@ -96,9 +96,10 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
     }
 }
 
-/// Sends `req`, with the gateway's headers in `stamp`, to one backend of `pool`. Retries on another backend when nothing was sent
-/// (connect failure, or a pooled connection that closed before taking the request), and, for
-/// idempotent requests without a body, when the exchange failed before a response head.
+/// Sends `req`, with the gateway's headers in `stamp`, to one backend of `pool`. Retries on
+/// another backend when nothing was sent (connect failure, or a pooled connection that closed
+/// before taking the request), and, for idempotent requests without a body, when the exchange
+/// failed before a response head.
 /// Only backends in service are tried. On failure the request comes back when it can still be
 /// sent: nothing of it was sent, or it is idempotent and bodiless (a copy of its head).
 pub async fn forward(

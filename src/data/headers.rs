@@ -4,9 +4,6 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-mod stamp;
-pub use stamp::Stamp;
-
 pub const SHARD: HeaderName = HeaderName::from_static("x-shardgate-shard");
 pub const IDC: HeaderName = HeaderName::from_static("x-shardgate-idc");
 pub const EPOCH: HeaderName = HeaderName::from_static("x-shardgate-epoch");
@@ -179,6 +176,15 @@ fn valid_traceparent(b: &[u8]) -> bool {
         && b[36..52].iter().any(|&c| c != b'0')
 }
 
+/// The host a request is for, as the upstream's `Host`: its authority (HTTP/2 `:authority`,
+/// an absolute-form target) or else its first `Host` line, port included.
+pub fn request_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => headers.get(http::header::HOST).cloned(),
+    }
+}
+
 /// `x-forwarded-for` for the upstream, as one line: every line the client sent, in order, then
 /// the client's address (already a header value).
 pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> HeaderValue {
@@ -289,6 +295,45 @@ mod tests {
         assert_eq!(forwarded_for(&h, &client), "127.0.0.1");
         h.insert(FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         assert_eq!(forwarded_for(&h, &client), "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn the_stamp_writes_the_gateways_header_names() {
+        let v = || Some(HeaderValue::from_static("v"));
+        let stamp = crate::data::upstream::Stamp {
+            host: v(),
+            forwarded_for: v(),
+            forwarded_proto: v(),
+            request_id: v(),
+            traceparent: v(),
+            shard: v(),
+            idc: v(),
+            epoch: v(),
+            owner_epoch: v(),
+            spill: true,
+            reforward: true,
+        };
+        let mut head = bytes::BytesMut::new();
+        stamp.write_head_lines(&mut head, &HeaderMap::new(), |_| true);
+        let names: Vec<String> = String::from_utf8_lossy(&head)
+            .split_terminator("\r\n")
+            .map(|line| line.split(": ").next().unwrap_or("").to_owned())
+            .collect();
+        let ours = [
+            http::header::HOST,
+            FORWARDED_HOST,
+            FORWARDED_FOR,
+            FORWARDED_PROTO,
+            REQUEST_ID,
+            TRACEPARENT,
+            SHARD,
+            IDC,
+            EPOCH,
+            OWNER_EPOCH,
+            SPILL,
+            REFORWARD,
+        ];
+        assert_eq!(names, ours.iter().map(|n| n.as_str()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -28,9 +28,10 @@ use crate::control::topology::{
 use crate::data::admission::{Admission, Permit, Refusal};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardError, ForwardPolicy};
-use crate::data::headers::{self, Stamp};
+use crate::data::headers;
 use crate::data::upgrade;
 use crate::data::upstream::body::{RequestBody, ResponseBody, UpstreamBody};
+use crate::data::upstream::Stamp;
 use crate::telemetry::{Metrics, RouteLabels};
 
 /// Settings of the data path that do not come from the topology.
@@ -724,29 +725,19 @@ impl Gateway {
     ) -> Result<(Request<RequestBody>, Stamp), ProxyError> {
         let route_limit = topo.route(decision.route).max_body_bytes;
         let (mut parts, body) = req.into_parts();
-        let host = match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => parts.headers.get(http::header::HOST).cloned(),
-        };
+        // Read before the hop-by-hop strip: a `Connection` naming `host` does not unset it.
+        let host = headers::request_authority(&parts.uri, &parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers);
-        let shard = decision.shard.map(|s| topo.shard_header(s));
-        outcome.shard_header.clone_from(&shard);
-        let stamp = Stamp {
+        let stamp = stamp(
+            topo,
+            decision,
             host,
-            forwarded_for: Some(headers::forwarded_for(&parts.headers, client_ip)),
-            forwarded_proto: Some(HeaderValue::from_static(self.settings.scheme)),
-            request_id: Some(ids.request_id.clone()),
-            traceparent: ids.traceparent.clone(),
-            shard,
-            idc: Some(topo.idc(decision.idc).header.clone()),
-            epoch: Some(topo.epoch_header.clone()),
-            owner_epoch: decision
-                .shard
-                .and_then(|s| topo.owner_epoch_header(s))
-                .cloned(),
-            spill: false,
-            reforward: false,
-        };
+            &parts.headers,
+            client_ip,
+            ids,
+            self.settings.scheme,
+        );
+        outcome.shard_header.clone_from(&stamp.shard);
 
         // Origin form; the path and query bytes are shared, not copied.
         let mut uri_parts = http::uri::Parts::default();
@@ -987,6 +978,35 @@ fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
         Err(ProxyError::BadRequest(
             "the request target's authority and the Host header disagree",
         ))
+    }
+}
+
+/// The gateway's headers for a request decided under `topo` (DESIGN.md §2): `host` is the
+/// request's authority (read before the hop-by-hop strip), `headers` the client's after it.
+pub(crate) fn stamp(
+    topo: &Topology,
+    decision: &Decision,
+    host: Option<HeaderValue>,
+    headers: &http::HeaderMap,
+    client_ip: &HeaderValue,
+    ids: &headers::Ids,
+    scheme: &'static str,
+) -> Stamp {
+    Stamp {
+        host,
+        forwarded_for: Some(headers::forwarded_for(headers, client_ip)),
+        forwarded_proto: Some(HeaderValue::from_static(scheme)),
+        request_id: Some(ids.request_id.clone()),
+        traceparent: ids.traceparent.clone(),
+        shard: decision.shard.map(|s| topo.shard_header(s)),
+        idc: Some(topo.idc(decision.idc).header.clone()),
+        epoch: Some(topo.epoch_header.clone()),
+        owner_epoch: decision
+            .shard
+            .and_then(|s| topo.owner_epoch_header(s))
+            .cloned(),
+        spill: false,
+        reforward: false,
     }
 }
 

@@ -212,7 +212,7 @@ pub fn request_parts(data: &[u8]) -> (Method, Uri, HeaderMap) {
 
 /// The headers the gateway itself sets on an upstream request (DESIGN.md §2): a header of
 /// these names upstream is the gateway's, whatever the client sent.
-pub const GATEWAY_SET: [&str; 9] = [
+pub const GATEWAY_SET: [&str; 10] = [
     "host",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -222,6 +222,7 @@ pub const GATEWAY_SET: [&str; 9] = [
     "x-shardgate-shard",
     "x-shardgate-idc",
     "x-shardgate-epoch",
+    "x-shardgate-owner-epoch",
 ];
 
 /// The hop-by-hop headers no upstream request may carry.
@@ -320,40 +321,66 @@ pub fn request_routing(data: &[u8]) {
             assert!(shard.0 < t.shard_count);
         }
     }
-    // The rewrite of `proxy::Gateway::upstream_request`, step for step, with its stamp folded
-    // in as for hyper's client (the HTTP/1.1 encoder writes the same lines: h1's tests).
+    // What goes upstream: the request's authority, the hop-by-hop strip and the gateway's
+    // stamp, as `proxy::Gateway::upstream_request` makes them, and the lines the upstream
+    // encoder writes from them (an undecided request goes nowhere).
     use crate::data::headers;
+    let Some(d) = &decision else {
+        return;
+    };
+    let host = headers::request_authority(&uri, &h);
     headers::strip_hop_by_hop(&mut h);
-    let stamp = headers::Stamp {
-        forwarded_for: Some(headers::forwarded_for(
-            &h,
-            &HeaderValue::from_static("127.0.0.1"),
-        )),
-        request_id: Some(ids.request_id.clone()),
-        traceparent: ids.traceparent.clone(),
-        shard: decision
-            .as_ref()
-            .and_then(|d| d.shard)
-            .map(|s| HeaderValue::from(s.0)),
-        idc: decision.as_ref().map(|d| t.idc(d.idc).header.clone()),
-        epoch: decision.as_ref().map(|_| t.epoch_header.clone()),
-        ..headers::Stamp::default()
-    };
-    stamp.fold_into(&mut h);
-    let names: Vec<String> = h.keys().map(|k| k.as_str().to_owned()).collect();
+    let client_ip = HeaderValue::from_static("127.0.0.1");
+    let stamp = crate::data::proxy::stamp(t, d, host, &h, &client_ip, &ids, "http");
+    let mut head = bytes::BytesMut::new();
+    stamp.write_head_lines(&mut head, &h, |_| true);
+    let lines: Vec<(String, String)> = String::from_utf8_lossy(&head)
+        .split_terminator("\r\n")
+        .map(|line| {
+            let (name, value) = line.split_once(": ").unwrap_or((line, ""));
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    let names: Vec<String> = lines.iter().map(|(n, _)| n.clone()).collect();
     let get = |name: &str| {
-        h.get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        lines
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     };
-    if let Some(wrong) = upstream_violation(&client, get, &names, decision.is_some()) {
+    if let Some(wrong) = upstream_violation(&client, get, &names, true) {
         panic!("{wrong}");
     }
-    let xff = h
-        .get(crate::data::headers::FORWARDED_FOR)
-        .map(|v| v.as_bytes().to_vec())
-        .unwrap_or_default();
+    // Each of the gateway's headers goes once, and hyper's client (the stamp folded into the
+    // map) sends what the encoder writes.
+    let mut folded = h.clone();
+    stamp.fold_into(&mut folded);
+    for name in GATEWAY_SET {
+        let written: Vec<&str> = lines
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if name != "traceparent" || stamp.traceparent.is_some() {
+            assert!(
+                written.len() <= 1,
+                "`{name}` went upstream {} times",
+                written.len()
+            );
+        }
+        let in_map: Vec<String> = folded
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        assert_eq!(
+            written, in_map,
+            "`{name}`: the encoder and the folded map differ"
+        );
+    }
+    let xff = get(headers::FORWARDED_FOR.as_str()).unwrap_or_default();
     assert!(
-        xff.ends_with(b"127.0.0.1"),
+        xff.ends_with("127.0.0.1"),
         "x-forwarded-for does not end with the client"
     );
 }

@@ -18,9 +18,10 @@ use super::{forward_error, Gateway};
 use crate::control::topology::{IdcId, Route, Shard, Topology};
 use crate::data::error::ProxyError;
 use crate::data::forward::{forward, Answered, ForwardPolicy};
-use crate::data::headers::{self, Stamp};
+use crate::data::headers;
 use crate::data::upstream::body::{BoxError, RequestBody, UpstreamBody};
 use crate::data::upstream::Lease;
+use crate::data::upstream::Stamp;
 use crate::telemetry::ReforwardLabels;
 
 /// The largest body read whole so a write can be sent again after a 421: small enough that

@@ -42,7 +42,7 @@ use crate::util::http1::{decimal, put_line, ConnectionTokens, Names};
 const READ_SIZE: usize = 8 * 1024;
 /// Room in a request's header map beyond the client's headers: an upgrade's two
 /// (`upgrade::keep_upgrade_headers`). The gateway's own headers go beside the map
-/// (`headers::Stamp`), not into it.
+/// (`upstream::Stamp`), not into it.
 const HEADER_ROOM: usize = 2;
 
 /// The handler, as the connection calls it.

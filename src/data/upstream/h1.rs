@@ -26,7 +26,7 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
-use crate::data::headers::Stamp;
+use super::Stamp;
 use crate::util::http1::{chunked_last, decimal, head_end, hex, put_line, ConnectionTokens, Names};
 
 /// Largest response head (status line and headers) read.
@@ -293,17 +293,9 @@ impl Http1 {
         head.extend_from_slice(b" ");
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        stamp.write_host(head);
-        let lines = headers.iter().filter(|(name, _)| {
-            *name != TRANSFER_ENCODING
-                && *name != CONTENT_LENGTH
-                && *name != http::header::EXPECT
-                && !stamp.replaces(name)
+        stamp.write_head_lines(head, headers, |name| {
+            *name != TRANSFER_ENCODING && *name != CONTENT_LENGTH && *name != http::header::EXPECT
         });
-        for (name, value) in lines {
-            put_line(head, name.as_str().as_bytes(), value.as_bytes());
-        }
-        stamp.write_lines(head);
         if let Some((name, value)) = &added {
             put_line(head, name, value.as_bytes());
         }

@@ -24,7 +24,7 @@ use super::body::{BodyTooLarge, RequestBody, UpstreamBody};
 use super::h1::{Failure, Http1};
 use super::health::BackendHealth;
 use super::tls::UpstreamTls;
-use crate::data::headers::Stamp;
+use super::Stamp;
 
 /// The byte stream under an upstream connection: plain TCP, or TLS over it.
 pub(crate) trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send {}
