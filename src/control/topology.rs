@@ -242,12 +242,7 @@ impl Topology {
     /// The routing decision (DESIGN.md §3): match route → key → shard → serving IDC.
     /// One CRC, one modulo and one table read once the route is known.
     pub fn decide(&self, req: RequestView<'_>) -> Result<Decision, RouteError> {
-        // The host is looked up only when a route names one.
-        let host = if self.matcher.has_hosts() {
-            crate::data::route::request_host(req.uri, req.headers)
-        } else {
-            None
-        };
+        let host = || crate::data::route::request_host(req.uri, req.headers);
         let route_id = match self.matcher.find(host, req.uri.path(), req.method) {
             Match::Route(id) => id,
             Match::MethodNotAllowed => return Err(RouteError::MethodNotAllowed),

@@ -284,15 +284,16 @@ impl RouteMatcher {
         m
     }
 
-    /// Some route names a host (else `find` ignores the host it is given).
-    pub fn has_hosts(&self) -> bool {
-        !self.hosts.is_empty()
-    }
-
-    /// `host` without port; any case.
-    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Match {
+    /// `host` gives the request's host without port, any case; it is asked only when some
+    /// route names a host (finding it is a header lookup).
+    pub fn find<'h>(
+        &self,
+        host: impl FnOnce() -> Option<&'h str>,
+        path: &str,
+        method: &Method,
+    ) -> Match {
         let mut exact = Match::NotFound;
-        if let Some(host) = host.filter(|_| !self.hosts.is_empty()) {
+        if let Some(host) = (!self.hosts.is_empty()).then(host).flatten() {
             let table = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 self.hosts.get(&host.to_ascii_lowercase())
             } else {
@@ -354,23 +355,23 @@ mod tests {
             rule(2, "*", "/orders/archive/", &[]),
         ]);
         assert_eq!(
-            m.find(None, "/orders", &Method::GET),
+            m.find(|| None, "/orders", &Method::GET),
             Match::Route(RouteId(1))
         );
         assert_eq!(
-            m.find(None, "/orders/42", &Method::GET),
+            m.find(|| None, "/orders/42", &Method::GET),
             Match::Route(RouteId(1))
         );
         assert_eq!(
-            m.find(None, "/orders/archive/7", &Method::GET),
+            m.find(|| None, "/orders/archive/7", &Method::GET),
             Match::Route(RouteId(2))
         );
         // `/ordersX` is not under `/orders`.
         assert_eq!(
-            m.find(None, "/ordersX", &Method::GET),
+            m.find(|| None, "/ordersX", &Method::GET),
             Match::Route(RouteId(0))
         );
-        assert_eq!(m.find(None, "/", &Method::GET), Match::Route(RouteId(0)));
+        assert_eq!(m.find(|| None, "/", &Method::GET), Match::Route(RouteId(0)));
     }
 
     #[test]
@@ -380,23 +381,23 @@ mod tests {
             rule(1, "*", "/users", &[Method::GET]),
         ]);
         assert_eq!(
-            m.find(Some("API.example.com"), "/pay/1", &Method::POST),
+            m.find(|| Some("API.example.com"), "/pay/1", &Method::POST),
             Match::Route(RouteId(0))
         );
         assert_eq!(
-            m.find(Some("api.example.com"), "/pay/1", &Method::GET),
+            m.find(|| Some("api.example.com"), "/pay/1", &Method::GET),
             Match::MethodNotAllowed
         );
         assert_eq!(
-            m.find(Some("other"), "/pay", &Method::POST),
+            m.find(|| Some("other"), "/pay", &Method::POST),
             Match::NotFound
         );
         assert_eq!(
-            m.find(None, "/users", &Method::DELETE),
+            m.find(|| None, "/users", &Method::DELETE),
             Match::MethodNotAllowed
         );
         assert_eq!(
-            m.find(Some("api.example.com"), "/users/1", &Method::GET),
+            m.find(|| Some("api.example.com"), "/users/1", &Method::GET),
             Match::Route(RouteId(1))
         );
     }

@@ -94,11 +94,7 @@ impl Names {
 
     /// The name of a header line's `raw` name, or `None` when it is not a token.
     pub fn name(&mut self, raw: &[u8]) -> Option<http::HeaderName> {
-        if let Some((_, n)) = self
-            .seen
-            .iter()
-            .find(|(spelt, _)| spelt.len() == raw.len() && **spelt == *raw)
-        {
+        if let Some((_, n)) = self.seen.iter().find(|(spelt, _)| **spelt == *raw) {
             return Some(n.clone());
         }
         let name = http::HeaderName::from_bytes(raw).ok()?;

@@ -245,8 +245,8 @@ impl Http1 {
     }
 
     /// The request line and headers into the outbox; the body's framing, `None` when none is
-    /// sent. `host` comes first; the gateway's lines (`stamp`) follow the client's, whose lines
-    /// of the same names are left out. The framing headers are the client's own, written from the framing: the
+    /// sent. The lines are `Stamp::write_head_lines`'s: `host` first, the gateway's after the
+    /// client's. The framing headers are the client's own, written from the framing: the
     /// request's `content-length` and `transfer-encoding` never go out as they came (an
     /// invalid length beside a chunked body would be the classic desync pair), and `expect` is
     /// not forwarded (the gateway answers the client's expectation itself and sends the body

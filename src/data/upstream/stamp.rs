@@ -201,6 +201,12 @@ mod tests {
         for kept in ["traceparent", "x-user-id", "accept", "x-shardgate"] {
             assert!(!s.replaces(&HeaderName::from_static(kept)), "{kept}");
         }
+        // Every line the stamp writes replaces the client's of that name.
+        for (name, value) in s.lines() {
+            if value.is_some() {
+                assert!(s.replaces(&HeaderName::from_static(name)), "{name}");
+            }
+        }
         let none = Stamp::default();
         assert!(!none.replaces(&HOST));
         assert!(none.replaces(&HeaderName::from_static(IDC)));

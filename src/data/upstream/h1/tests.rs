@@ -30,16 +30,8 @@ fn request(method: Method, target: &str, body: RequestBody) -> Request<RequestBo
 
 /// Sends `req` on `conn` (its head by reference, as the pool does), with no gateway headers.
 async fn send(conn: &mut Http1, req: Request<RequestBody>) -> Result<Response<()>, Failure> {
-    send_stamped(conn, req, &Stamp::default()).await
-}
-
-async fn send_stamped(
-    conn: &mut Http1,
-    req: Request<RequestBody>,
-    stamp: &Stamp,
-) -> Result<Response<()>, Failure> {
     let (parts, body) = req.into_parts();
-    conn.send(&Request::from_parts(parts, ()), stamp, body)
+    conn.send(&Request::from_parts(parts, ()), &Stamp::default(), body)
         .await
 }
 
@@ -84,10 +76,23 @@ async fn exchange(
     req: Request<RequestBody>,
     answer: &[&[u8]],
 ) -> Result<(Response<()>, Vec<u8>), Failure> {
+    exchange_stamped(conn, backend, req, &Stamp::default(), answer).await
+}
+
+/// `exchange`, with the gateway's headers in `stamp`.
+async fn exchange_stamped(
+    conn: &mut Http1,
+    backend: &mut TcpStream,
+    req: Request<RequestBody>,
+    stamp: &Stamp,
+    answer: &[&[u8]],
+) -> Result<(Response<()>, Vec<u8>), Failure> {
     for piece in answer {
         backend.write_all(piece).await.expect("write the answer");
     }
-    let resp = tokio::time::timeout(DEADLINE, send(conn, req))
+    let (parts, body) = req.into_parts();
+    let head = Request::from_parts(parts, ());
+    let resp = tokio::time::timeout(DEADLINE, conn.send(&head, stamp, body))
         .await
         .expect("a head in time")?;
     Ok((resp, read_body(conn).await?))
@@ -159,14 +164,15 @@ async fn the_gateways_headers_follow_the_clients_and_replace_theirs() {
         spill: true,
         ..Stamp::default()
     };
-    backend
-        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-        .await
-        .expect("write the answer");
-    let resp = tokio::time::timeout(DEADLINE, send_stamped(&mut conn, req, &stamp))
-        .await
-        .expect("a head in time")
-        .expect("the head");
+    let (resp, _) = exchange_stamped(
+        &mut conn,
+        &mut backend,
+        req,
+        &stamp,
+        &[b"HTTP/1.1 204 No Content\r\n\r\n"],
+    )
+    .await
+    .expect("the exchange");
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let sent = read_until(&mut backend, b"\r\n\r\n{}").await;
     assert_eq!(
