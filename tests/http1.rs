@@ -368,13 +368,17 @@ async fn a_client_that_hangs_up_takes_its_request_in_flight_with_it() {
 async fn pipelined_requests_still_buffered_at_a_half_close_are_answered() {
     let c = Cluster::start().await;
     let mut client = Client::connect(&c).await;
-    let mut bytes = get("/orders/1", "user-1").into_bytes();
+    // The first request takes its backend 400 ms (under the route's 1 s timeout), so the
+    // client's end surely reaches the gateway while it is in flight, with the second buffered
+    // behind it, however slowly this test's thread is scheduled between the write and the
+    // half-close. (A close with nothing buffered behind the request in flight is taken as a
+    // hang-up: `a_client_that_hangs_up_takes_its_request_in_flight_with_it`.)
+    let mut bytes =
+        b"GET /orders/1 HTTP/1.1\r\nHost: gw\r\nx-user-id: user-1\r\nx-sim-delay-ms: 400\r\n\r\n"
+            .to_vec();
     bytes.extend_from_slice(get("/orders/2", "user-2").as_bytes());
     client.send(&bytes).await;
-    // The client says it sends nothing more (as `nc -N` does) and waits for its answers: the
-    // second request is still buffered behind the first (in flight, a backend's round trip)
-    // when the gateway reads the client's end. (A close with nothing buffered behind the
-    // request in flight is taken as a hang-up: `a_client_that_hangs_up_takes_its_request_in_flight_with_it`.)
+    // The client says it sends nothing more (as `nc -N` does) and waits for its answers.
     client.socket.shutdown().await.expect("half-close");
     for path in ["/orders/1", "/orders/2"] {
         let answer = client.answer(false).await.expect("an answer");
