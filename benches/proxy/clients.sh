@@ -54,27 +54,7 @@ start_backends "$client_cpus"
 nginx_port=$((BASE_PORT + 81)) haproxy_port=$((BASE_PORT + 82)) sg_port=$((BASE_PORT + 90))
 mkdir -p "$OUT/nginx-tmp"
 nginx_conf "$nginx_port" "$nginx_listen" "http2_max_requests 1000000; http2_max_concurrent_streams 128;" >"$OUT/nginx.conf"
-cat >"$OUT/haproxy.cfg" <<HAPROXY
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend fe
-    bind 127.0.0.1:$haproxy_port $haproxy_bind
-    default_backend idc
-backend idc
-    balance hdr(X-Shard-Key)
-    hash-type consistent
-    http-reuse always
-    server a $a
-    server b $b
-    server c $c
-HAPROXY
+haproxy_conf "$haproxy_port" "$haproxy_bind" >"$OUT/haproxy.cfg"
 bench_topology "$a" "$b" "$c" >"$OUT/topology.toml"
 declare -A port procs
 for t in $TARGETS; do

@@ -1,7 +1,7 @@
 # What the proxy benches share (sourced by clients.sh, tls.sh, instructions.sh and gateway.sh): the
-# harness's backend, the release gateway, the bench topology, processes stopped by PID, bounded
-# waits for a port. Sourcing it only defines functions; a script that starts processes sets
-# `trap cleanup EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.
+# harness's backend, the release gateway, the bench topology, nginx's and HAProxy's configs,
+# processes stopped by PID, bounded waits for a port. Sourcing it only defines functions; a
+# script that starts processes sets `trap cleanup EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.
 
 # The harness's idc-sim, built once into a writable copy of ../shared/bench: sets `idc_sim`.
 harness_backend() {
@@ -87,6 +87,33 @@ http {
     }
 }
 NGINX
+}
+
+# HAProxy's config on stdout: one thread routing by X-Shard-Key (consistent hash) to the
+# backends $a, $b, $c over pooled HTTP/1.1 (`http-reuse always`), listening on 127.0.0.1:$1
+# with the `bind` options $2 (`proto h2` for cleartext HTTP/2).
+haproxy_conf() {
+  cat <<HAPROXY
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend fe
+    bind 127.0.0.1:$1 $2
+    default_backend idc
+backend idc
+    balance hdr(X-Shard-Key)
+    hash-type consistent
+    http-reuse always
+    server a $a
+    server b $b
+    server c $c
+HAPROXY
 }
 
 # awk: med(a, k, n), the median of a[k,1..n] (put before a program that calls it).
