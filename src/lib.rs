@@ -61,12 +61,15 @@ use crate::data::server::{Handler, ListenerSettings};
 use crate::telemetry::Metrics;
 
 impl Handler for Gateway {
-    async fn call(
+    /// The pipeline's own future, not one wrapped around it: a wrapper would hold the request
+    /// a second time and copy it into the pipeline's when first polled.
+    fn call(
         self: Arc<Self>,
         req: http::Request<data::server::ClientBody>,
         peer: data::server::Peer,
-    ) -> http::Response<data::upstream::body::ResponseBody> {
-        self.handle(req, peer.ip_header).await
+    ) -> impl std::future::Future<Output = http::Response<data::upstream::body::ResponseBody>> + Send
+    {
+        self.handle(req, peer.ip_header)
     }
 }
 

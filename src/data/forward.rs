@@ -60,15 +60,15 @@ pub struct ForwardPolicy<'a> {
     /// An upgrade handshake: always a new connection, able to hand itself over on a 101,
     /// never pooled afterwards.
     pub upgrade: bool,
-    /// Keep a copy of the request (its head, and its body when empty or kept whole) and hand
-    /// it back with the answer: a backend's 421 sends it again to the owner it names
+    /// Keep the request whole (its head, and its body when empty or kept whole) and say so
+    /// with the answer: a backend's 421 sends it again to the owner it names
     /// (`proxy::misroute`). Never used for a retry of a non-idempotent request.
     pub keep_copy: bool,
 }
 
-/// A backend's answer, the lease on its connection, and the request's copy when one was kept
-/// (`ForwardPolicy::keep_copy`, or a replayable request).
-pub type Answered = (Response<UpstreamBody>, Lease, Option<Request<RequestBody>>);
+/// A backend's answer, the lease on its connection, and whether the request is still whole to
+/// send again (`ForwardPolicy::keep_copy`, or a replayable request).
+pub type Answered = (Response<UpstreamBody>, Lease, bool);
 
 /// Picks the backend with fewer requests in flight out of two random ones, among those in
 /// service and not yet tried. `None` when none is left: backends out of service are never
@@ -100,14 +100,15 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
 /// another backend when nothing was sent (connect failure, or a pooled connection that closed
 /// before taking the request), and, for idempotent requests without a body, when the exchange
 /// failed before a response head.
-/// Only backends in service are tried. On failure the request comes back when it can still be
-/// sent: nothing of it was sent, or it is idempotent and bodiless (a copy of its head).
+/// Only backends in service are tried. The request stays the caller's (borrowed, not moved
+/// through each phase's future); on failure, forward says whether it can still be sent:
+/// nothing of it was sent, or it is idempotent and bodiless (its head is whole).
 pub async fn forward(
     pool: &[Arc<Backend>],
-    mut req: Request<RequestBody>,
+    req: &mut Request<RequestBody>,
     stamp: &Stamp,
     policy: ForwardPolicy<'_>,
-) -> Result<Answered, (ForwardError, Option<Request<RequestBody>>)> {
+) -> Result<Answered, (ForwardError, bool)> {
     let mut tried: u64 = 0;
     let mut attempts_left = policy.retries + 1;
     let mut last_err = if pool.is_empty() {
@@ -163,13 +164,17 @@ pub async fn forward(
         // it comes back with the answer even when it is not replayable here, for a backend's
         // 421 to send it to another IDC (never a retry here).
         let resendable = req.body().is_resendable();
-        let sent = tokio::time::timeout_at(policy.deadline, conn.send(&mut req, stamp)).await;
+        let sent = {
+            // Pinned where it is made: the timer holds a reference, not a copy of the future.
+            let send = std::pin::pin!(conn.send(req, stamp));
+            tokio::time::timeout_at(policy.deadline, send).await
+        };
         let Ok(sent) = sent else {
             // The route's time is up with no answer: a timeout against this backend.
             backend
                 .health
                 .record_failure(last_in_service(pool, backend));
-            return Err((ForwardError::Timeout, None));
+            return Err((ForwardError::Timeout, false));
         };
         match sent {
             Ok(resp) => {
@@ -183,8 +188,8 @@ pub async fn forward(
                     backend.health.record_success();
                 }
                 lease.conn = Some(conn);
-                let copy = ((replayable || policy.keep_copy) && resendable).then_some(req);
-                return Ok((resp, lease, copy));
+                let kept = (replayable || policy.keep_copy) && resendable;
+                return Ok((resp, lease, kept));
             }
             Err(e) => {
                 let err = match (e.body_limit, e.client_fault) {
@@ -211,15 +216,15 @@ pub async fn forward(
                     }
                     // A replayable request is bodiless: it is still whole.
                     if !replayable {
-                        return Err((err, None));
+                        return Err((err, false));
                     }
                 }
                 last_err = err;
             }
         }
     }
-    // Whatever failed last, `req` was not sent, or is replayable and whole: hand it back.
-    Err((last_err, Some(req)))
+    // Whatever failed last, `req` was not sent, or is replayable and whole: it can go again.
+    Err((last_err, true))
 }
 
 /// No other backend of `pool` is in service (answers never eject the last one).

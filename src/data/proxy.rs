@@ -148,7 +148,7 @@ impl crate::data::forward::RetryBudget for crate::data::admission::RetryBudget<'
 impl Gateway {
     /// `client_ip` is the connection's peer address as a header value, for `x-forwarded-for`.
     pub async fn handle(
-        &self,
+        self: Arc<Self>,
         mut req: Request<ClientBody>,
         client_ip: HeaderValue,
     ) -> Response<ResponseBody> {
@@ -275,18 +275,24 @@ impl Gateway {
         } = self.admit(snapshot, &req, &decision)?;
         let budget = permit.retry_budget();
         let safe = is_safe(req.method());
-        let (upstream, mut stamp, upgrade, policy) = self
-            .prepare(
-                topo,
-                req,
-                &decision,
-                spill_first,
-                &budget,
-                client_ip,
-                ids,
-                outcome,
-            )
+        let (mut upstream, mut stamp, upgrade, policy) = self.prepare(
+            topo,
+            req,
+            &decision,
+            spill_first,
+            &budget,
+            client_ip,
+            ids,
+            outcome,
+        )?;
+        if policy.keep_copy && misroute::small_body(&upstream) {
+            // Boxed: reading a body whole is a wait most requests do not have.
+            upstream = Box::pin(misroute::keep_small_body(
+                upstream,
+                self.settings.body_timeout,
+            ))
             .await?;
+        }
 
         // Checked again as the write leaves (admission may have waited on the body or the
         // budget): a gateway cut from etcd meanwhile does not send it. A process paused
@@ -308,33 +314,54 @@ impl Gateway {
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
         let mut serving_dead = false;
         // The deadline each attempt's answer is awaited under (`forward`): the same instant,
-        // not a second reading of the clock.
-        let result = tokio::time::timeout_at(
-            trip.policy.deadline,
-            self.exchange(&trip, upstream, &mut stamp, &mut serving_dead),
-        )
-        .await;
+        // not a second reading of the clock. The exchange is pinned where it is made and the
+        // timer holds a reference to it: a future moved into the timer is copied whole (its
+        // size, about 2 KB, not what it holds yet) each time it moves.
+        let result = {
+            let exchange =
+                std::pin::pin!(self.exchange(&trip, &mut upstream, &mut stamp, &mut serving_dead));
+            tokio::time::timeout_at(trip.policy.deadline, exchange).await
+        };
         // A pool with no backend in service was not called at all: health already keeps
         // traffic off it, and counting its spilled reads would open the breaker and refuse
         // reads that the spill serves.
         if !serving_dead {
             permit.record(breaker_failure(&result, spill_first));
         }
-        let (answered, landed) = match result {
+        let ((mut resp, mut lease, kept), landed) = match result {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Err(forward_error(e, route)),
             Err(_) => return Err(ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64)),
         };
-        self.answer(
-            &trip,
-            answered,
-            landed,
-            &stamp,
-            upgrade,
-            write_in_flight,
-            outcome,
-        )
-        .await
+        if landed.spilled || landed.moved {
+            outcome.idc = Some(landed.idc.clone());
+            outcome.idc_id = landed.idc_id;
+            outcome.idc_header = Some(landed.idc_header.clone());
+            outcome.spilled = landed.spilled;
+        }
+        if let (http::StatusCode::MISDIRECTED_REQUEST, Some(shard)) =
+            (resp.status(), decision.shard)
+        {
+            // Boxed: a 421 is rare, and its second exchange would otherwise sit in every
+            // request's state.
+            let again = Box::pin(self.correct_misroute(
+                topo,
+                route,
+                shard,
+                &landed.idc,
+                resp.headers(),
+                kept.then_some((upstream, &stamp)),
+                trip.policy,
+            ))
+            .await?;
+            if let Some(owner) = again {
+                (resp, lease) = (owner.resp, owner.lease);
+                outcome.idc = Some(topo.idc(owner.idc).name.clone());
+                outcome.idc_id = Some(owner.idc);
+                outcome.idc_header = Some(topo.idc(owner.idc).header.clone());
+            }
+        }
+        Ok(self.answer(&trip, resp, lease, &landed, upgrade, write_in_flight))
     }
 
     /// Decide: the request's target checked and its path normalised, then the route, shard
@@ -432,10 +459,12 @@ impl Gateway {
         })
     }
 
-    /// Prepare: the upstream request (a kept copy of a small body on a sharded route, the
-    /// spill and upgrade headers), the client's side of an upgrade, and the forward policy.
+    /// Prepare: the upstream request (the spill and upgrade headers), the client's side of an
+    /// upgrade, and the forward policy (which says whether a small body is kept for a 421).
+    /// Not async: the one wait it could have, a small body read whole, is the caller's, so
+    /// the request's pieces are not held in a future of their own.
     #[allow(clippy::too_many_arguments)] // the request's pieces, each used once
-    async fn prepare<'a>(
+    fn prepare<'a>(
         &self,
         topo: &Topology,
         mut req: Request<ClientBody>,
@@ -470,16 +499,8 @@ impl Gateway {
         let (mut upstream, mut stamp) =
             self.upstream_request(topo, req, decision, client_ip, ids, outcome)?;
         // A sharded request may meet a backend that knows a newer owner (421): its small body
-        // is read whole so it can be sent there (`misroute`).
+        // is kept to be sent there (`misroute`; read whole by the caller).
         let keep_copy = decision.shard.is_some() && upgrade.is_none();
-        if keep_copy && misroute::small_body(&upstream) {
-            // Boxed: reading a body whole is a wait most requests do not have.
-            upstream = Box::pin(misroute::keep_small_body(
-                upstream,
-                self.settings.body_timeout,
-            ))
-            .await?;
-        }
         if let Some(n) = spill_first {
             stamp.idc = Some(topo.idc(n).header.clone());
             stamp.spill = true;
@@ -506,7 +527,7 @@ impl Gateway {
     async fn exchange(
         &self,
         trip: &Trip<'_>,
-        mut upstream: Request<RequestBody>,
+        upstream: &mut Request<RequestBody>,
         stamp: &mut Stamp,
         serving_dead: &mut bool,
     ) -> Result<(Answered, Landed), ForwardError> {
@@ -520,7 +541,7 @@ impl Gateway {
             let t: &Topology = moved.as_deref().unwrap_or(topo);
             let pool = t.idc(idc).pool(set);
             let sent_at = Instant::now();
-            let (err, unsent) = match forward(pool, upstream, stamp, trip.policy).await {
+            let (err, resendable) = match forward(pool, upstream, stamp, trip.policy).await {
                 Ok(answered) => {
                     let at = t.idc(idc);
                     self.request_metrics
@@ -541,7 +562,7 @@ impl Gateway {
             }
             // Nothing of the answer reached the client yet: the request may still go elsewhere.
             let attempt = hop::Attempt {
-                resendable: unsent.is_some(),
+                resendable,
                 spilled,
                 moved: moved.is_some(),
                 safe: trip.safe,
@@ -553,23 +574,21 @@ impl Gateway {
                 || spill_target(t, decision, idc, set),
                 || self.moved_to(t, decision, idc, route, !trip.safe),
             );
-            match (next, unsent) {
-                (NextHop::Spill(n), Some(r)) => {
+            match (next, resendable) {
+                (NextHop::Spill(n), true) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
                     stamp.idc = Some(t.idc(n).header.clone());
                     stamp.spill = true;
-                    upstream = r;
                     idc = n;
                     spilled = true;
                 }
-                (NextHop::Replay((latest, n, s)), Some(r)) => {
+                (NextHop::Replay((latest, n, s)), true) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
                     stamp.idc = Some(latest.idc(n).header.clone());
                     stamp.epoch = Some(latest.epoch_header.clone());
                     if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
                         stamp.owner_epoch = Some(v.clone());
                     }
-                    upstream = r;
                     idc = n;
                     set = s;
                     moved = Some(latest);
@@ -579,49 +598,19 @@ impl Gateway {
         }
     }
 
-    /// Answer: the IDC that answered noted, a 421 naming a newer owner corrected once, an
-    /// upgrade switched, or the upstream response head cleaned for the client.
-    #[allow(clippy::too_many_arguments)] // the request's pieces, each used once
-    async fn answer(
+    /// Answer (once the IDC that answered is noted and a 421 naming a newer owner corrected):
+    /// an upgrade switched, or the upstream response head cleaned for the client. Not async,
+    /// like `prepare`: the exchange's result is not held in a future of its own.
+    fn answer(
         &self,
         trip: &Trip<'_>,
-        (mut resp, mut lease, copy): Answered,
-        landed: Landed,
-        stamp: &Stamp,
+        resp: Response<UpstreamBody>,
+        lease: crate::data::upstream::Lease,
+        landed: &Landed,
         upgrade: ClientUpgrade,
         write_in_flight: Option<WriteInFlight>,
-        outcome: &mut Outcome,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
-        if landed.spilled || landed.moved {
-            outcome.idc = Some(landed.idc.clone());
-            outcome.idc_id = landed.idc_id;
-            outcome.idc_header = Some(landed.idc_header.clone());
-            outcome.spilled = landed.spilled;
-        }
-        if let (http::StatusCode::MISDIRECTED_REQUEST, Some(shard)) =
-            (resp.status(), decision.shard)
-        {
-            // Boxed: a 421 is rare, and its second exchange would otherwise sit in every
-            // request's state.
-            let again = Box::pin(self.correct_misroute(
-                topo,
-                route,
-                shard,
-                &landed.idc,
-                resp.headers(),
-                copy.map(|req| (req, stamp)),
-                trip.policy,
-            ))
-            .await?;
-            if let Some(owner) = again {
-                (resp, lease) = (owner.resp, owner.lease);
-                outcome.idc = Some(topo.idc(owner.idc).name.clone());
-                outcome.idc_id = Some(owner.idc);
-                outcome.idc_header = Some(topo.idc(owner.idc).header.clone());
-            }
-        }
-
+    ) -> Response<ResponseBody> {
+        let (decision, route) = (trip.decision, trip.route);
         if let Some((_, client)) = upgrade {
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 // An upgraded connection on a sharded route carries writes for as long as it
@@ -632,16 +621,13 @@ impl Gateway {
                         .unwrap_or_else(|| WriteInFlight::new(trip.snapshot.clone()));
                     (shard, landed.idc.clone(), guard)
                 });
-                return Ok(self.switch_protocols(resp, client, lease, owner));
+                return self.switch_protocols(resp, client, lease, owner);
             }
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody::upstream(body, route.timeout, lease),
-        ))
+        Response::from_parts(parts, ResponseBody::upstream(body, route.timeout, lease))
     }
 
     /// After the request failed in `from`: the newest snapshot, when it serves the request's

@@ -154,7 +154,7 @@ impl Gateway {
             Misdirected::Refuse(why) => return Err(ProxyError::Misrouted(why)),
             Misdirected::Reforward { to, epoch } => (to, epoch),
         };
-        let Some((req, stamp)) = copy else {
+        let Some((mut req, stamp)) = copy else {
             return Err(ProxyError::Misrouted(format!(
                 "shard {}: the request was not kept",
                 shard.0
@@ -182,7 +182,7 @@ impl Gateway {
         };
         let answered: Answered = match tokio::time::timeout_at(
             policy.deadline,
-            forward(owner.pool(route.set), req, &stamp, policy),
+            forward(owner.pool(route.set), &mut req, &stamp, policy),
         )
         .await
         {
