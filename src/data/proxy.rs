@@ -185,7 +185,7 @@ impl Gateway {
             (Some(refusal), _) => (refusal.to_response(&request_id), None),
             (None, Some(topo)) => {
                 let resp = match self
-                    .route_and_forward(&topo, req, &client_ip, &ids, &mut outcome)
+                    .route_and_forward(&topo, &mut req, &client_ip, &ids, &mut outcome)
                     .await
                 {
                     Ok(resp) => resp,
@@ -255,13 +255,13 @@ impl Gateway {
     async fn route_and_forward(
         &self,
         snapshot: &Arc<Topology>,
-        mut req: Request<ClientBody>,
+        req: &mut Request<ClientBody>,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let topo: &Topology = snapshot;
-        let decision = self.decide(topo, &mut req, outcome)?;
+        let decision = self.decide(topo, req, outcome)?;
         let route = topo.route(decision.route);
 
         // The set's in-flight slot is held by `permit` until this function returns, that is
@@ -272,7 +272,7 @@ impl Gateway {
             permit,
             spill_first,
             write_in_flight,
-        } = self.admit(snapshot, &req, &decision)?;
+        } = self.admit(snapshot, req, &decision)?;
         let budget = permit.retry_budget();
         let safe = is_safe(req.method());
         let (mut upstream, mut stamp, upgrade, policy) = self.prepare(
@@ -467,7 +467,7 @@ impl Gateway {
     fn prepare<'a>(
         &self,
         topo: &Topology,
-        mut req: Request<ClientBody>,
+        req: &mut Request<ClientBody>,
         decision: &Decision,
         spill_first: Option<IdcId>,
         budget: &'a crate::data::admission::RetryBudget<'a>,
@@ -487,11 +487,11 @@ impl Gateway {
         // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
         // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
         // and the request goes upstream as a plain GET.
-        let upgrade = if route.websocket && upgrade::is_websocket_upgrade(&req) {
+        let upgrade = if route.websocket && upgrade::is_websocket_upgrade(req) {
             req.headers()
                 .get(http::header::UPGRADE)
                 .cloned()
-                .map(|v| (v, hyper::upgrade::on(&mut req)))
+                .map(|v| (v, hyper::upgrade::on(&mut *req)))
         } else {
             None
         };
@@ -703,14 +703,17 @@ impl Gateway {
     fn upstream_request(
         &self,
         topo: &Topology,
-        req: Request<ClientBody>,
+        req: &mut Request<ClientBody>,
         decision: &Decision,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
     ) -> Result<(Request<RequestBody>, Stamp), ProxyError> {
         let route_limit = topo.route(decision.route).max_body_bytes;
-        let (mut parts, body) = req.into_parts();
+        // Taken from the pipeline's state, which keeps an empty request in its place: the
+        // client's request is borrowed through the phases, not moved into each one's future.
+        let (mut parts, body) =
+            std::mem::replace(req, Request::new(ClientBody::Empty)).into_parts();
         // Read before the hop-by-hop strip: a `Connection` naming `host` does not unset it.
         let host = headers::request_authority(&parts.uri, &parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers);
