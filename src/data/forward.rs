@@ -158,11 +158,11 @@ pub async fn forward(
             tried &= !(1u64.checked_shl(i as u32).unwrap_or(0));
             continue;
         }
-        // The request stays here while it is sent (`Conn::send`), whole when its body is not
-        // a stream: besides a retry here, the caller may replay a replayable one in the shard's
-        // new serving IDC when a failover happened while it was in flight, and with `keep_copy`
-        // it comes back with the answer even when it is not replayable here, for a backend's
-        // 421 to send it to another IDC (never a retry here).
+        // The request stays the caller's while it is sent (`Conn::send`), whole when its body
+        // is not a stream: besides a retry here, the caller may replay a replayable one in the
+        // shard's new serving IDC when a failover happened while it was in flight, and with
+        // `keep_copy` the answer says it is whole even when it is not replayable here, for a
+        // backend's 421 to send it to another IDC (never a retry here).
         let resendable = req.body().is_resendable();
         let sent = {
             // Pinned where it is made: the timer holds a reference, not a copy of the future.
