@@ -38,7 +38,24 @@ fn upload(path: &str, key: &str, body: ClientBody) -> Request<ClientBody> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_mib_chunked_upload_reaches_the_backend_whole() {
-    let c = Cluster::start().await;
+    // A route of its own with a long timeout (the harness's `upload` allows 2 s): the route's
+    // timeout covers the whole upload, and 20 MiB through a debug build on a loaded 2-core
+    // machine took past 2 s (a 504 `upstream_timeout` instead of the backend's answer).
+    let c = Cluster::start_with(Options {
+        extra_toml: r#"
+[[routes]]
+name = "bigupload"
+path_prefix = "/bigupload"
+methods = ["POST"]
+set = "core"
+key = ["header:x-user-id"]
+timeout_ms = 30000
+retries = 0
+"#
+        .into(),
+        ..Options::default()
+    })
+    .await;
     let key = "bulk-uploader";
     let (tx, body) = channel_body();
     let producer = tokio::spawn(async move {
@@ -52,7 +69,7 @@ async fn a_20_mib_chunked_upload_reaches_the_backend_whole() {
         }
         crc.finalize()
     });
-    let r = c.send(upload("/upload", key, body)).await;
+    let r = c.send(upload("/bigupload", key, body)).await;
     let crc = within(POLL_DEADLINE, "the body producer", producer)
         .await
         .expect("the producer finished");

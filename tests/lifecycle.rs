@@ -293,7 +293,7 @@ async fn shutdown_waits_no_longer_than_the_drain_timeout() {
     })
     .await;
     let before = c.total_hits();
-    // A request that would take 30 s: far past the drain timeout (the route allows 60 s).
+    // A request that would take 30 s: far past the drain timeout (and the route's 2 s).
     let stuck = tokio::spawn(try_send(
         c.proxy(),
         request(

@@ -194,7 +194,9 @@ async fn a_route_without_websocket_strips_the_upgrade() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_upgraded_connection_is_closed() {
     let (backend, _) = upgrading_backend().await;
-    let c = cluster(backend, Some(Duration::from_millis(300))).await;
+    // 2 s of silence: long enough that a slow machine's pause during the handshake and the
+    // echo below is not taken for idleness, short against the 10 s deadline.
+    let c = cluster(backend, Some(Duration::from_secs(2))).await;
     let mut s = TcpStream::connect(c.proxy()).await.unwrap();
     upgrade_and_echo(&mut s).await;
     // Then silence: the gateway closes the pair on its own (the read ends, at EOF or with a

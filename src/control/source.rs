@@ -230,11 +230,13 @@ impl Snapshots {
                 Ok(change)
             }
             Err(problems) => {
-                self.metrics.reload("invalid");
                 tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
+                // The problem is shown before the rejection is counted: whoever sees the count
+                // go up finds this problem in /status, not the one before.
                 if let Ok(mut p) = self.last_problem.lock() {
                     *p = Some(problems.to_string());
                 }
+                self.metrics.reload("invalid");
                 Err(problems)
             }
         }
@@ -257,11 +259,12 @@ impl Snapshots {
     }
 
     pub fn reject(&self, problems: &Problems, revision: u64) {
-        self.metrics.reload("invalid");
         tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
+        // Shown before counted, as in `publish`.
         if let Ok(mut p) = self.last_problem.lock() {
             *p = Some(problems.to_string());
         }
+        self.metrics.reload("invalid");
     }
 
     /// The cluster's registered gateways (etcd mode; empty for the file source).
@@ -482,13 +485,13 @@ impl FileSource {
         self.seen = stamp(&self.path);
         let doc = read_document(&self.path).inspect_err(|problems| {
             self.snapshots.set_source_up(self.seen.is_some());
-            self.snapshots.metrics.reload("invalid");
             // A file that does not parse is a rejected document like any other: logged and
-            // shown in /status, not hidden behind an older problem.
+            // shown in /status, not hidden behind an older problem (shown before counted).
             tracing::error!(path = %self.path.display(), %problems, "topology rejected; the last good snapshot keeps serving");
             if let Ok(mut p) = self.snapshots.last_problem.lock() {
                 *p = Some(problems.to_string());
             }
+            self.snapshots.metrics.reload("invalid");
         })?;
         self.snapshots.set_source_up(true);
         let next = self.revision + 1;
