@@ -230,13 +230,7 @@ impl Snapshots {
                 Ok(change)
             }
             Err(problems) => {
-                tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
-                // The problem is shown before the rejection is counted: whoever sees the count
-                // go up finds this problem in /status, not the one before.
-                if let Ok(mut p) = self.last_problem.lock() {
-                    *p = Some(problems.to_string());
-                }
-                self.metrics.reload("invalid");
+                self.reject(&problems, revision);
                 Err(problems)
             }
         }
@@ -249,8 +243,6 @@ impl Snapshots {
         self.revisions.subscribe()
     }
 
-    /// A source's input that never reached `publish` (unparsable, or an unreadable override):
-    /// logged, counted and shown like a rejected document; the last good snapshot keeps serving.
     /// Shows `problems` in `/status` as the source's last problem, without counting a reload.
     pub fn note_problem(&self, problems: &Problems) {
         if let Ok(mut p) = self.last_problem.lock() {
@@ -258,12 +250,19 @@ impl Snapshots {
         }
     }
 
+    /// A document refused whole, or a source's input that never reached `publish` (unparsable,
+    /// or an unreadable override): logged, shown and counted; the last good snapshot keeps
+    /// serving.
     pub fn reject(&self, problems: &Problems, revision: u64) {
         tracing::error!(revision, %problems, "topology rejected; the last good snapshot keeps serving");
-        // Shown before counted, as in `publish`.
-        if let Ok(mut p) = self.last_problem.lock() {
-            *p = Some(problems.to_string());
-        }
+        self.count_rejected(problems);
+    }
+
+    /// A rejected document shown in /status, then counted: whoever sees
+    /// `shardgate_topology_reloads_total{result="invalid"}` go up finds this problem there, not
+    /// the one before.
+    fn count_rejected(&self, problems: &Problems) {
+        self.note_problem(problems);
         self.metrics.reload("invalid");
     }
 
@@ -485,13 +484,10 @@ impl FileSource {
         self.seen = stamp(&self.path);
         let doc = read_document(&self.path).inspect_err(|problems| {
             self.snapshots.set_source_up(self.seen.is_some());
-            // A file that does not parse is a rejected document like any other: logged and
-            // shown in /status, not hidden behind an older problem (shown before counted).
+            // A file that does not parse is a rejected document like any other: logged, shown
+            // in /status (not hidden behind an older problem) and counted.
             tracing::error!(path = %self.path.display(), %problems, "topology rejected; the last good snapshot keeps serving");
-            if let Ok(mut p) = self.snapshots.last_problem.lock() {
-                *p = Some(problems.to_string());
-            }
-            self.snapshots.metrics.reload("invalid");
+            self.snapshots.count_rejected(problems);
         })?;
         self.snapshots.set_source_up(true);
         let next = self.revision + 1;

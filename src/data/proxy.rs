@@ -31,7 +31,7 @@ use crate::data::forward::{forward, Answered, ForwardError, ForwardPolicy};
 use crate::data::headers;
 use crate::data::upgrade;
 use crate::data::upstream::body::{RequestBody, ResponseBody, UpstreamBody};
-use crate::data::upstream::Stamp;
+use crate::data::upstream::{Lease, Stamp};
 use crate::telemetry::{Metrics, RouteLabels};
 
 /// Settings of the data path that do not come from the topology.
@@ -88,6 +88,14 @@ impl Outcome {
         let (topo, id) = (topo?, self.route_id?);
         let route = topo.route(id);
         Some((&route.name, &topo.set(route.set).name))
+    }
+
+    /// The IDC that answers: its name, its id in the request's snapshot (`None` for another
+    /// snapshot's IDC) and its header value.
+    fn served_by(&mut self, name: &Arc<String>, id: Option<IdcId>, header: &HeaderValue) {
+        self.idc = Some(name.clone());
+        self.idc_id = id;
+        self.idc_header = Some(header.clone());
     }
 }
 
@@ -334,9 +342,7 @@ impl Gateway {
             Err(_) => return Err(ProxyError::UpstreamTimeout(route.timeout.as_millis() as u64)),
         };
         if landed.spilled || landed.moved {
-            outcome.idc = Some(landed.idc.clone());
-            outcome.idc_id = landed.idc_id;
-            outcome.idc_header = Some(landed.idc_header.clone());
+            outcome.served_by(&landed.idc, landed.idc_id, &landed.idc_header);
             outcome.spilled = landed.spilled;
         }
         if let (http::StatusCode::MISDIRECTED_REQUEST, Some(shard)) =
@@ -356,9 +362,8 @@ impl Gateway {
             .await?;
             if let Some(owner) = again {
                 (resp, lease) = (owner.resp, owner.lease);
-                outcome.idc = Some(topo.idc(owner.idc).name.clone());
-                outcome.idc_id = Some(owner.idc);
-                outcome.idc_header = Some(topo.idc(owner.idc).header.clone());
+                let at = topo.idc(owner.idc);
+                outcome.served_by(&at.name, Some(owner.idc), &at.header);
             }
         }
         Ok(self.answer(&trip, resp, lease, &landed, upgrade, write_in_flight))
@@ -382,10 +387,9 @@ impl Gateway {
             })
             .map_err(|e| self.route_error(topo, e, outcome))?;
         outcome.shard = decision.shard.map(|s| s.0);
-        outcome.idc = Some(topo.idc(decision.idc).name.clone());
         outcome.route_id = Some(decision.route);
-        outcome.idc_id = Some(decision.idc);
-        outcome.idc_header = Some(topo.idc(decision.idc).header.clone());
+        let at = topo.idc(decision.idc);
+        outcome.served_by(&at.name, Some(decision.idc), &at.header);
         Ok(decision)
     }
 
@@ -605,7 +609,7 @@ impl Gateway {
         &self,
         trip: &Trip<'_>,
         resp: Response<UpstreamBody>,
-        lease: crate::data::upstream::Lease,
+        lease: Lease,
         landed: &Landed,
         upgrade: ClientUpgrade,
         write_in_flight: Option<WriteInFlight>,
@@ -668,7 +672,7 @@ impl Gateway {
         &self,
         mut resp: Response<UpstreamBody>,
         client: hyper::upgrade::OnUpgrade,
-        lease: crate::data::upstream::Lease,
+        lease: Lease,
         owner: Option<(Shard, Arc<String>, WriteInFlight)>,
     ) -> Response<ResponseBody> {
         let upstream = hyper::upgrade::on(&mut resp);
