@@ -106,7 +106,7 @@ fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
 pub async fn forward(
     pool: &[Arc<Backend>],
     req: &mut Request<RequestBody>,
-    stamp: &Stamp,
+    stamp: &Stamp<'_>,
     policy: ForwardPolicy<'_>,
 ) -> Result<Answered, (ForwardError, bool)> {
     let mut tried: u64 = 0;

@@ -305,9 +305,9 @@ mod tests {
             request_id: v(),
             traceparent: v(),
             shard: v(),
-            idc: v(),
-            epoch: v(),
-            owner_epoch: v(),
+            idc: v().map(std::borrow::Cow::Owned),
+            epoch: v().map(std::borrow::Cow::Owned),
+            owner_epoch: v().map(std::borrow::Cow::Owned),
             spill: true,
             reforward: true,
         };

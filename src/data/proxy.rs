@@ -11,6 +11,7 @@ pub mod hop;
 pub mod metrics;
 pub mod misroute;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -468,9 +469,9 @@ impl Gateway {
     /// Not async: the one wait it could have, a small body read whole, is the caller's, so
     /// the request's pieces are not held in a future of their own.
     #[allow(clippy::too_many_arguments)] // the request's pieces, each used once
-    fn prepare<'a>(
+    fn prepare<'a, 't>(
         &self,
-        topo: &Topology,
+        topo: &'t Topology,
         req: &mut Request<ClientBody>,
         decision: &Decision,
         spill_first: Option<IdcId>,
@@ -481,7 +482,7 @@ impl Gateway {
     ) -> Result<
         (
             Request<RequestBody>,
-            Stamp,
+            Stamp<'t>,
             ClientUpgrade,
             ForwardPolicy<'a>,
         ),
@@ -506,7 +507,7 @@ impl Gateway {
         // is kept to be sent there (`misroute`; read whole by the caller).
         let keep_copy = decision.shard.is_some() && upgrade.is_none();
         if let Some(n) = spill_first {
-            stamp.idc = Some(topo.idc(n).header.clone());
+            stamp.idc = Some(Cow::Borrowed(&topo.idc(n).header));
             stamp.spill = true;
         }
         if let Some((value, _)) = &upgrade {
@@ -532,7 +533,7 @@ impl Gateway {
         &self,
         trip: &Trip<'_>,
         upstream: &mut Request<RequestBody>,
-        stamp: &mut Stamp,
+        stamp: &mut Stamp<'_>,
         serving_dead: &mut bool,
     ) -> Result<(Answered, Landed), ForwardError> {
         let (topo, decision, route) = (&**trip.snapshot, trip.decision, trip.route);
@@ -581,17 +582,17 @@ impl Gateway {
             match (next, resendable) {
                 (NextHop::Spill(n), true) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %t.idc(n).name, "spilling a read to the next IDC");
-                    stamp.idc = Some(t.idc(n).header.clone());
+                    stamp.idc = Some(Cow::Owned(t.idc(n).header.clone()));
                     stamp.spill = true;
                     idc = n;
                     spilled = true;
                 }
                 (NextHop::Replay((latest, n, s)), true) => {
                     tracing::debug!(from = %t.idc(idc).name, to = %latest.idc(n).name, revision = latest.revision, "replaying an idempotent request in the shard's new serving IDC");
-                    stamp.idc = Some(latest.idc(n).header.clone());
-                    stamp.epoch = Some(latest.epoch_header.clone());
+                    stamp.idc = Some(Cow::Owned(latest.idc(n).header.clone()));
+                    stamp.epoch = Some(Cow::Owned(latest.epoch_header.clone()));
                     if let Some(v) = decision.shard.and_then(|s| latest.owner_epoch_header(s)) {
-                        stamp.owner_epoch = Some(v.clone());
+                        stamp.owner_epoch = Some(Cow::Owned(v.clone()));
                     }
                     idc = n;
                     set = s;
@@ -704,15 +705,15 @@ impl Gateway {
 
     /// A clean re-serialisation of the client's request for the upstream: origin-form URI,
     /// HTTP/1.1, hop-by-hop headers gone; the gateway's headers in the stamp beside it.
-    fn upstream_request(
+    fn upstream_request<'t>(
         &self,
-        topo: &Topology,
+        topo: &'t Topology,
         req: &mut Request<ClientBody>,
         decision: &Decision,
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
-    ) -> Result<(Request<RequestBody>, Stamp), ProxyError> {
+    ) -> Result<(Request<RequestBody>, Stamp<'t>), ProxyError> {
         let route_limit = topo.route(decision.route).max_body_bytes;
         // Taken from the pipeline's state, which keeps an empty request in its place: the
         // client's request is borrowed through the phases, not moved into each one's future.
@@ -976,15 +977,15 @@ fn check_authority<B>(req: &Request<B>) -> Result<(), ProxyError> {
 
 /// The gateway's headers for a request decided under `topo` (DESIGN.md §2): `host` is the
 /// request's authority (read before the hop-by-hop strip), `headers` the client's after it.
-pub(crate) fn stamp(
-    topo: &Topology,
+pub(crate) fn stamp<'t>(
+    topo: &'t Topology,
     decision: &Decision,
     host: Option<HeaderValue>,
     headers: &http::HeaderMap,
     client_ip: &HeaderValue,
     ids: &headers::Ids,
     scheme: &'static str,
-) -> Stamp {
+) -> Stamp<'t> {
     Stamp {
         host,
         forwarded_for: Some(headers::forwarded_for(headers, client_ip)),
@@ -992,12 +993,12 @@ pub(crate) fn stamp(
         request_id: Some(ids.request_id.clone()),
         traceparent: ids.traceparent.clone(),
         shard: decision.shard.map(|s| topo.shard_header(s)),
-        idc: Some(topo.idc(decision.idc).header.clone()),
-        epoch: Some(topo.epoch_header.clone()),
+        idc: Some(Cow::Borrowed(&topo.idc(decision.idc).header)),
+        epoch: Some(Cow::Borrowed(&topo.epoch_header)),
         owner_epoch: decision
             .shard
             .and_then(|s| topo.owner_epoch_header(s))
-            .cloned(),
+            .map(Cow::Borrowed),
         spill: false,
         reforward: false,
     }

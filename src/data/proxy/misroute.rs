@@ -7,6 +7,7 @@
 //! [`KEPT_BODY_MAX`] with a declared length. A larger body, or one of unknown length, streams
 //! as before and is not kept; a 421 for it is answered to the client (421 `misrouted`).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -146,7 +147,7 @@ impl Gateway {
         shard: Shard,
         from: &std::sync::Arc<String>,
         answer: &HeaderMap,
-        copy: Option<(Request<RequestBody>, &Stamp)>,
+        copy: Option<(Request<RequestBody>, &Stamp<'_>)>,
         policy: ForwardPolicy<'_>,
     ) -> Result<Option<Reforwarded>, ProxyError> {
         let (to, epoch) = match misdirected(topo, shard, answer, copy.is_some()) {
@@ -163,8 +164,8 @@ impl Gateway {
         let owner = topo.idc(to);
         tracing::info!(shard = shard.0, from = %from, to = %owner.name, epoch, our_epoch = topo.owner_epoch(shard), "a backend named a newer owner (421): sending the request there once");
         let stamp = Stamp {
-            idc: Some(owner.header.clone()),
-            owner_epoch: Some(HeaderValue::from(epoch)),
+            idc: Some(Cow::Borrowed(&owner.header)),
+            owner_epoch: Some(Cow::Owned(HeaderValue::from(epoch))),
             reforward: true,
             ..stamp.clone()
         };

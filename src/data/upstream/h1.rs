@@ -215,7 +215,7 @@ impl Http1 {
     pub async fn send<B>(
         &mut self,
         head: &Request<B>,
-        stamp: &Stamp,
+        stamp: &Stamp<'_>,
         body: RequestBody,
     ) -> Result<Response<()>, Failure> {
         self.head_request = head.method() == Method::HEAD;
@@ -257,7 +257,7 @@ impl Http1 {
     fn encode_head<B>(
         &mut self,
         req: &Request<B>,
-        stamp: &Stamp,
+        stamp: &Stamp<'_>,
         body: &RequestBody,
     ) -> Option<OutFraming> {
         let headers = req.headers();

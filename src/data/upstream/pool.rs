@@ -80,7 +80,7 @@ impl Conn {
     pub(crate) async fn send(
         &mut self,
         req: &mut Request<RequestBody>,
-        stamp: &Stamp,
+        stamp: &Stamp<'_>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match self {
             Conn::Lean(h) => {

@@ -5,6 +5,8 @@
 //! rather than hashing names into the map again. hyper's client (upgrades) gets them folded
 //! into the map (`fold_into`).
 
+use std::borrow::Cow;
+
 use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 
@@ -17,7 +19,7 @@ static ONE: HeaderValue = HeaderValue::from_static("1");
 /// `None` adds nothing: the client's line of that name, if any, goes as it came (only the
 /// trace context is left so on purpose: a client's valid `traceparent` is kept).
 #[derive(Clone, Debug, Default)]
-pub struct Stamp {
+pub struct Stamp<'a> {
     /// `host` and `x-forwarded-host`: the request's authority, or else the client's `Host`.
     pub host: Option<HeaderValue>,
     /// `x-forwarded-for`: every line the client sent, joined, then the client's address
@@ -28,16 +30,19 @@ pub struct Stamp {
     /// Set when the gateway started the trace.
     pub traceparent: Option<HeaderValue>,
     pub shard: Option<HeaderValue>,
-    pub idc: Option<HeaderValue>,
-    pub epoch: Option<HeaderValue>,
-    pub owner_epoch: Option<HeaderValue>,
+    /// The three below are the snapshot's own values, borrowed (a request's stamp does not
+    /// touch their reference counts); a re-routed request's come from a newer snapshot and
+    /// are owned.
+    pub idc: Option<Cow<'a, HeaderValue>>,
+    pub epoch: Option<Cow<'a, HeaderValue>>,
+    pub owner_epoch: Option<Cow<'a, HeaderValue>>,
     /// Sent to the next IDC: the serving one's pool failed or is dead (a read).
     pub spill: bool,
     /// Sent again to the owner a backend's 421 named.
     pub reforward: bool,
 }
 
-impl Stamp {
+impl Stamp<'_> {
     /// The lines after `host`, in the order they are written.
     fn lines(&self) -> [(&'static str, Option<&HeaderValue>); 11] {
         [
@@ -47,9 +52,9 @@ impl Stamp {
             ("x-request-id", self.request_id.as_ref()),
             ("traceparent", self.traceparent.as_ref()),
             ("x-shardgate-shard", self.shard.as_ref()),
-            ("x-shardgate-idc", self.idc.as_ref()),
-            ("x-shardgate-epoch", self.epoch.as_ref()),
-            ("x-shardgate-owner-epoch", self.owner_epoch.as_ref()),
+            ("x-shardgate-idc", self.idc.as_deref()),
+            ("x-shardgate-epoch", self.epoch.as_deref()),
+            ("x-shardgate-owner-epoch", self.owner_epoch.as_deref()),
             ("x-shardgate-spill", self.spill.then_some(&ONE)),
             ("x-shardgate-reforward", self.reforward.then_some(&ONE)),
         ]
@@ -143,7 +148,7 @@ mod tests {
     const FORWARDED_FOR: &str = "x-forwarded-for";
     const FORWARDED_HOST: &str = "x-forwarded-host";
 
-    fn stamp() -> Stamp {
+    fn stamp() -> Stamp<'static> {
         Stamp {
             host: Some(HeaderValue::from_static("api.example.com")),
             forwarded_for: Some(HeaderValue::from_static("203.0.113.9, 127.0.0.1")),
@@ -151,15 +156,15 @@ mod tests {
             request_id: Some(HeaderValue::from_static("abc")),
             traceparent: None,
             shard: Some(HeaderValue::from_static("7")),
-            idc: Some(HeaderValue::from_static("sh")),
-            epoch: Some(HeaderValue::from_static("12")),
+            idc: Some(Cow::Owned(HeaderValue::from_static("sh"))),
+            epoch: Some(Cow::Owned(HeaderValue::from_static("12"))),
             owner_epoch: None,
             spill: true,
             reforward: false,
         }
     }
 
-    fn written(s: &Stamp) -> String {
+    fn written(s: &Stamp<'_>) -> String {
         let mut head = BytesMut::new();
         s.write_head_lines(&mut head, &HeaderMap::new(), |_| true);
         assert_eq!(head.len(), s.encoded_len(), "the size estimate is exact");
@@ -221,7 +226,7 @@ mod tests {
         h.insert(FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
         let mut s = stamp();
         s.fold_into(&mut h);
-        s.idc = Some(HeaderValue::from_static("bj"));
+        s.idc = Some(Cow::Owned(HeaderValue::from_static("bj")));
         s.fold_into(&mut h);
         assert_eq!(h.len(), 9);
         assert_eq!(h[HOST], "api.example.com");

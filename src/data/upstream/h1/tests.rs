@@ -84,7 +84,7 @@ async fn exchange_stamped(
     conn: &mut Http1,
     backend: &mut TcpStream,
     req: Request<RequestBody>,
-    stamp: &Stamp,
+    stamp: &Stamp<'_>,
     answer: &[&[u8]],
 ) -> Result<(Response<()>, Vec<u8>), Failure> {
     for piece in answer {
@@ -160,7 +160,7 @@ async fn the_gateways_headers_follow_the_clients_and_replace_theirs() {
         host: Some(HeaderValue::from_static("api.example.com")),
         forwarded_for: Some(HeaderValue::from_static("203.0.113.9, 127.0.0.1")),
         request_id: Some(HeaderValue::from_static("client-id")),
-        idc: Some(HeaderValue::from_static("sh")),
+        idc: Some(std::borrow::Cow::Owned(HeaderValue::from_static("sh"))),
         spill: true,
         ..Stamp::default()
     };
