@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod misroute;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -156,45 +157,55 @@ impl crate::data::forward::RetryBudget for crate::data::admission::RetryBudget<'
 
 impl Gateway {
     /// `client_ip` is the connection's peer address as a header value, for `x-forwarded-for`.
-    pub async fn handle(
+    /// Not an `async fn`: one moves its arguments from the future's captures into locals of
+    /// its own when first polled (a copy of the request, and room for it twice); the block
+    /// below uses its captures in place.
+    #[allow(clippy::manual_async_fn)] // on purpose: see above
+    pub fn handle(
         self: Arc<Self>,
         mut req: Request<ClientBody>,
         client_ip: HeaderValue,
-    ) -> Response<ResponseBody> {
-        let start = Instant::now();
-        let ids = headers::Ids::for_request(req.headers());
-        let request_id = ids.request_id.clone();
-        // A head the connection's gate refused arrives as a stand-in carrying the reason
-        // (checked before the client's `x-shardgate-*` headers are stripped; the marker is one
-        // of them, so a request without any is not looked up for it).
-        let marked = headers::has_gateway_headers(req.headers());
-        let refused = marked
-            .then(|| req.headers().get(crate::data::server::gate::REFUSED))
-            .flatten()
-            .map(|v| {
-                refusal_error(crate::data::server::gate::Refusal::from_marker(
-                    v.as_bytes(),
-                ))
-            });
-        if marked {
-            headers::strip_gateway_headers(req.headers_mut());
-        }
-        let mut outcome = Outcome {
-            idc: None,
-            route_id: None,
-            idc_id: None,
-            idc_header: None,
-            shard: None,
-            shard_header: None,
-            spilled: false,
-            reason: None,
-        };
-        let topo = self.topology.load_full();
-        let (mut resp, snapshot) = match (refused, topo) {
-            (Some(refusal), _) => (refusal.to_response(&request_id), None),
-            (None, Some(topo)) => {
-                let resp = match self
-                    .route_and_forward(&topo, &mut req, &client_ip, &ids, &mut outcome)
+    ) -> impl Future<Output = Response<ResponseBody>> + Send + 'static {
+        async move {
+            let start = Instant::now();
+            let ids = headers::Ids::for_request(req.headers());
+            let request_id = ids.request_id.clone();
+            // A head the connection's gate refused arrives as a stand-in carrying the reason
+            // (checked before the client's `x-shardgate-*` headers are stripped; the marker is one
+            // of them, so a request without any is not looked up for it).
+            let marked = headers::has_gateway_headers(req.headers());
+            let refused = marked
+                .then(|| req.headers().get(crate::data::server::gate::REFUSED))
+                .flatten()
+                .map(|v| {
+                    refusal_error(crate::data::server::gate::Refusal::from_marker(
+                        v.as_bytes(),
+                    ))
+                });
+            if marked {
+                headers::strip_gateway_headers(req.headers_mut());
+            }
+            let mut outcome = Outcome {
+                idc: None,
+                route_id: None,
+                idc_id: None,
+                idc_header: None,
+                shard: None,
+                shard_header: None,
+                spilled: false,
+                reason: None,
+            };
+            // A refused head is answered under no snapshot. The response is made where it
+            // stays (no pair with the snapshot to take apart again).
+            let snapshot = if refused.is_some() {
+                None
+            } else {
+                self.topology.load_full()
+            };
+            let mut resp = match (refused, &snapshot) {
+                (Some(refusal), _) => refusal.to_response(&request_id),
+                (None, Some(topo)) => match self
+                    .route_and_forward(topo, &mut req, &client_ip, &ids, &mut outcome)
                     .await
                 {
                     Ok(resp) => resp,
@@ -205,7 +216,7 @@ impl Gateway {
                             // underlying error are for the operator.
                             tracing::warn!(
                                 route = outcome
-                                    .route_and_set(Some(&topo))
+                                    .route_and_set(Some(topo))
                                     .map_or(EMPTY, |n| n.0.as_str()),
                                 idc = outcome.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
                                 request_id = request_id.to_str().unwrap_or(EMPTY),
@@ -215,46 +226,44 @@ impl Gateway {
                         }
                         e.to_response(&request_id)
                     }
-                };
-                (resp, Some(topo))
-            }
-            (None, None) => (
-                ProxyError::NoServingIdc("any request: no topology snapshot is loaded yet".into())
-                    .to_response(&request_id),
-                None,
-            ),
-        };
+                },
+                (None, None) => ProxyError::NoServingIdc(
+                    "any request: no topology snapshot is loaded yet".into(),
+                )
+                .to_response(&request_id),
+            };
 
-        let h = resp.headers_mut();
-        // The three below, in one growth of the map at most.
-        h.reserve(3);
-        // Refusals before an IDC was chosen name the IDC whose gateway answered.
-        if let Some(idc) = outcome
-            .idc_header
-            .take()
-            .or_else(|| self.local_idc_header.clone())
-        {
-            h.insert(headers::IDC, idc);
-        }
-        match outcome.shard_header.take() {
-            Some(v) => {
-                h.insert(headers::SHARD, v);
+            let h = resp.headers_mut();
+            // The three below, in one growth of the map at most.
+            h.reserve(3);
+            // Refusals before an IDC was chosen name the IDC whose gateway answered.
+            if let Some(idc) = outcome
+                .idc_header
+                .take()
+                .or_else(|| self.local_idc_header.clone())
+            {
+                h.insert(headers::IDC, idc);
             }
-            None => {
-                if let Some(shard) = outcome.shard {
-                    h.insert(headers::SHARD, HeaderValue::from(shard));
+            match outcome.shard_header.take() {
+                Some(v) => {
+                    h.insert(headers::SHARD, v);
+                }
+                None => {
+                    if let Some(shard) = outcome.shard {
+                        h.insert(headers::SHARD, HeaderValue::from(shard));
+                    }
                 }
             }
+            h.insert(headers::REQUEST_ID, request_id.clone());
+            self.record(
+                &outcome,
+                resp.status().as_u16(),
+                start,
+                &request_id,
+                snapshot.as_deref(),
+            );
+            resp
         }
-        h.insert(headers::REQUEST_ID, request_id.clone());
-        self.record(
-            &outcome,
-            resp.status().as_u16(),
-            start,
-            &request_id,
-            snapshot.as_deref(),
-        );
-        resp
     }
 
     /// A request under a snapshot, phase by phase: decide (route, key, shard, IDC) → admit
