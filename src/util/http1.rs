@@ -77,13 +77,21 @@ impl ConnectionTokens {
 
 /// The header names one connection has seen, kept so that each later head's names are
 /// found by comparing bytes instead of parsed again (and, for names outside the standard
-/// set, allocated again): a peer's heads repeat the same few names, spelt the same way.
-/// Bounded: a peer that sends ever new names has the first [`Names::LIMIT`] kept and the
-/// rest parsed, and only names of up to [`Names::LONGEST`] bytes are kept.
+/// set, allocated again): a peer's heads repeat the same few names, spelt the same way and
+/// mostly in the same order. So the search starts after the name found last, and a head
+/// like the one before finds each of its names at the first comparison; the spellings sit
+/// one after another in one buffer, not each in an allocation of its own, so a search reads
+/// a few adjacent lines. Bounded: a peer that sends ever new names has the first
+/// [`Names::LIMIT`] kept and the rest parsed, and only names of up to [`Names::LONGEST`]
+/// bytes are kept.
 #[derive(Debug, Default)]
 pub struct Names {
-    /// Each name as the peer spelt it, and the name.
-    seen: Vec<(Box<[u8]>, http::HeaderName)>,
+    /// Each kept name's spelling, one after another.
+    spelt: Vec<u8>,
+    /// Each kept name: where its spelling is in `spelt`, and the name.
+    seen: Vec<(std::ops::Range<u16>, http::HeaderName)>,
+    /// Where the next search starts: after the name found last.
+    next: usize,
 }
 
 impl Names {
@@ -94,12 +102,23 @@ impl Names {
 
     /// The name of a header line's `raw` name, or `None` when it is not a token.
     pub fn name(&mut self, raw: &[u8]) -> Option<http::HeaderName> {
-        if let Some((_, n)) = self.seen.iter().find(|(spelt, _)| **spelt == *raw) {
-            return Some(n.clone());
+        let kept = self.seen.len();
+        // From `next` to the end, then from the start.
+        let (wrapped, first) = self.seen.split_at(self.next.min(kept));
+        for (i, (at, name)) in first.iter().chain(wrapped).enumerate() {
+            if self.spelt.get(usize::from(at.start)..usize::from(at.end)) == Some(raw) {
+                self.next = (self.next + i) % kept + 1;
+                return Some(name.clone());
+            }
         }
         let name = http::HeaderName::from_bytes(raw).ok()?;
-        if self.seen.len() < Self::LIMIT && raw.len() <= Self::LONGEST {
-            self.seen.push((raw.into(), name.clone()));
+        if kept < Self::LIMIT && raw.len() <= Self::LONGEST {
+            // At most 32 spellings of 64 bytes: offsets fit in 16 bits.
+            let start = self.spelt.len() as u16;
+            self.spelt.extend_from_slice(raw);
+            self.seen
+                .push((start..self.spelt.len() as u16, name.clone()));
+            self.next = kept + 1;
         }
         Some(name)
     }
@@ -183,6 +202,34 @@ mod tests {
         assert_eq!(names.seen.len(), Names::LIMIT);
         // Past the limit, names are still right, only not kept.
         assert_eq!(names.name(b"X-Name-99").unwrap().as_str(), "x-name-99");
+    }
+
+    #[test]
+    fn names_are_found_wherever_the_search_starts() {
+        let mut names = Names::default();
+        let spellings = ["Host", "X-Shard-Key", "Accept", "x-a", "X-B"];
+        let parsed: Vec<_> = spellings
+            .iter()
+            .map(|s| names.name(s.as_bytes()).unwrap())
+            .collect();
+        // The same head again, in its order, backwards, and each name after every other.
+        for order in [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 3, 1, 4]] {
+            for i in order {
+                for j in order {
+                    assert_eq!(names.name(spellings[i].as_bytes()).unwrap(), parsed[i]);
+                    assert_eq!(names.name(spellings[j].as_bytes()).unwrap(), parsed[j]);
+                }
+            }
+        }
+        assert_eq!(
+            names.seen.len(),
+            spellings.len(),
+            "found again, not kept again"
+        );
+        // A prefix or extension of a kept spelling is another name.
+        assert_eq!(names.name(b"X-Shard-Ke").unwrap().as_str(), "x-shard-ke");
+        assert_eq!(names.name(b"x-ab").unwrap().as_str(), "x-ab");
+        assert_eq!(names.name(b"Hos").unwrap().as_str(), "hos");
     }
 
     #[test]
