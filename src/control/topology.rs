@@ -4,7 +4,6 @@
 
 mod bounds;
 mod build;
-mod crc;
 mod diff;
 pub mod epochs;
 mod isolation;
@@ -46,7 +45,7 @@ pub struct Shard(pub u32);
 
 impl Shard {
     pub fn of_key(key: &[u8], shard_count: u32) -> Shard {
-        Shard(crc::crc32_ieee(key) % shard_count)
+        Shard(crc32fast::hash(key) % shard_count)
     }
 }
 
