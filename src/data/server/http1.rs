@@ -183,10 +183,12 @@ pub(super) async fn serve<I: Io>(
         let (parts, body) = response.into_parts();
         let body = Sending::new(body, activity.clone());
         // The answer's body may take long (a stream, a long poll): a client that hangs up
-        // meanwhile ends it, and the upstream exchange with it.
+        // meanwhile ends it, and the upstream exchange with it. Pinned where it is made:
+        // `select!` then holds a reference, not a copy of the answer's future.
+        let answering = std::pin::pin!(respond(wire, parts, body, head, keep_alive, &mut out));
         let sent = tokio::select! {
             biased;
-            sent = respond(wire, parts, body, head, keep_alive, &mut out) => sent,
+            sent = answering => sent,
             () = hung_up(wire, max_head) => {
                 tracing::debug!("the client closed its connection during the answer");
                 return Ended::Close;
