@@ -42,17 +42,11 @@ async fn a_20_mib_chunked_upload_reaches_the_backend_whole() {
     // timeout covers the whole upload, and 20 MiB through a debug build on a loaded 2-core
     // machine took past 2 s (a 504 `upstream_timeout` instead of the backend's answer).
     let c = Cluster::start_with(Options {
-        extra_toml: r#"
-[[routes]]
-name = "bigupload"
-path_prefix = "/bigupload"
-methods = ["POST"]
-set = "core"
-key = ["header:x-user-id"]
-timeout_ms = 30000
-retries = 0
-"#
-        .into(),
+        extra_toml: support::route_toml(
+            "bigupload",
+            "core",
+            "methods = [\"POST\"]\ntimeout_ms = 30000\nretries = 0",
+        ),
         ..Options::default()
     })
     .await;
@@ -169,17 +163,8 @@ async fn cluster_over(addr: SocketAddr, name: &str, extra: &str) -> Cluster {
     Cluster::start_with(Options {
         extra_pools: vec![("bulk".into(), addr)],
         extra_toml: format!(
-            r#"
-[sets.bulk]
-priority = 1
-
-[[routes]]
-name = "{name}"
-path_prefix = "/{name}"
-set = "bulk"
-key = ["header:x-user-id"]
-{extra}
-"#
+            "\n[sets.bulk]\npriority = 1\n{}",
+            support::route_toml(name, "bulk", extra)
         ),
         ..Options::default()
     })

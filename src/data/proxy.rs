@@ -209,23 +209,7 @@ impl Gateway {
                     .await
                 {
                     Ok(resp) => resp,
-                    Err(e) => {
-                        outcome.reason = e.reason();
-                        if let Some(error) = e.hidden_detail() {
-                            // The client gets a generic detail; the backend's address and the
-                            // underlying error are for the operator.
-                            tracing::warn!(
-                                route = outcome
-                                    .route_and_set(Some(topo))
-                                    .map_or(EMPTY, |n| n.0.as_str()),
-                                idc = outcome.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
-                                request_id = request_id.to_str().unwrap_or(EMPTY),
-                                error,
-                                "upstream failed"
-                            );
-                        }
-                        e.to_response(&request_id)
-                    }
+                    Err(e) => failed(e, topo, &mut outcome, &request_id),
                 },
                 (None, None) => ProxyError::NoServingIdc(
                     "any request: no topology snapshot is loaded yet".into(),
@@ -233,28 +217,7 @@ impl Gateway {
                 .to_response(&request_id),
             };
 
-            let h = resp.headers_mut();
-            // The three below, in one growth of the map at most.
-            h.reserve(3);
-            // Refusals before an IDC was chosen name the IDC whose gateway answered.
-            if let Some(idc) = outcome
-                .idc_header
-                .take()
-                .or_else(|| self.local_idc_header.clone())
-            {
-                h.insert(headers::IDC, idc);
-            }
-            match outcome.shard_header.take() {
-                Some(v) => {
-                    h.insert(headers::SHARD, v);
-                }
-                None => {
-                    if let Some(shard) = outcome.shard {
-                        h.insert(headers::SHARD, HeaderValue::from(shard));
-                    }
-                }
-            }
-            h.insert(headers::REQUEST_ID, request_id.clone());
+            self.stamp_answer(resp.headers_mut(), &mut outcome, &request_id);
             self.record(
                 &outcome,
                 resp.status().as_u16(),
@@ -264,6 +227,36 @@ impl Gateway {
             );
             resp
         }
+    }
+
+    /// The gateway's headers on every answer: the IDC that answered (or, for a refusal before
+    /// one was chosen, this gateway's), the shard, the request id.
+    fn stamp_answer(
+        &self,
+        h: &mut http::HeaderMap,
+        outcome: &mut Outcome,
+        request_id: &HeaderValue,
+    ) {
+        // The three below, in one growth of the map at most.
+        h.reserve(3);
+        if let Some(idc) = outcome
+            .idc_header
+            .take()
+            .or_else(|| self.local_idc_header.clone())
+        {
+            h.insert(headers::IDC, idc);
+        }
+        match outcome.shard_header.take() {
+            Some(v) => {
+                h.insert(headers::SHARD, v);
+            }
+            None => {
+                if let Some(shard) = outcome.shard {
+                    h.insert(headers::SHARD, HeaderValue::from(shard));
+                }
+            }
+        }
+        h.insert(headers::REQUEST_ID, request_id.clone());
     }
 
     /// A request under a snapshot, phase by phase: decide (route, key, shard, IDC) → admit
@@ -864,6 +857,29 @@ impl Gateway {
 /// business answering, a body over the route's limit or broken off is the client's doing, and an answer from
 /// another IDC means the serving IDC could not serve it. (A read spilled at once past an open
 /// breaker answers to the target's breaker.)
+/// A request's failure as its answer, noted in `outcome`; a failure whose detail the client
+/// is not shown (the backend's address, the underlying error) is logged for the operator.
+fn failed(
+    e: ProxyError,
+    topo: &Topology,
+    outcome: &mut Outcome,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    outcome.reason = e.reason();
+    if let Some(error) = e.hidden_detail() {
+        tracing::warn!(
+            route = outcome
+                .route_and_set(Some(topo))
+                .map_or(EMPTY, |n| n.0.as_str()),
+            idc = outcome.idc.as_deref().map_or(EMPTY, |s| s.as_str()),
+            request_id = request_id.to_str().unwrap_or(EMPTY),
+            error,
+            "upstream failed"
+        );
+    }
+    e.to_response(request_id)
+}
+
 fn breaker_failure(
     result: &Result<Result<(Answered, Landed), ForwardError>, tokio::time::error::Elapsed>,
     spill_first: Option<IdcId>,

@@ -103,11 +103,12 @@ impl Names {
     /// The name of a header line's `raw` name, or `None` when it is not a token.
     pub fn name(&mut self, raw: &[u8]) -> Option<http::HeaderName> {
         let kept = self.seen.len();
+        let from = self.next.min(kept);
         // From `next` to the end, then from the start.
-        let (wrapped, first) = self.seen.split_at(self.next.min(kept));
-        for (i, (at, name)) in first.iter().chain(wrapped).enumerate() {
+        for i in (from..kept).chain(0..from) {
+            let (at, name) = &self.seen[i];
             if self.spelt.get(usize::from(at.start)..usize::from(at.end)) == Some(raw) {
-                self.next = (self.next + i) % kept + 1;
+                self.next = i + 1;
                 return Some(name.clone());
             }
         }

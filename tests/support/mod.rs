@@ -60,6 +60,21 @@ pub fn refused_port() -> (TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
+/// A `[[routes]]` block for `Options::extra_toml`: route `name` under `/name`, in set `set`,
+/// keyed by `x-user-id`, with `extra` lines (timeout, methods, limits) after.
+pub fn route_toml(name: &str, set: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "{name}"
+path_prefix = "/{name}"
+set = "{set}"
+key = ["header:x-user-id"]
+{extra}
+"#
+    )
+}
+
 /// What the gateway under test is started with.
 #[derive(Debug, Clone)]
 pub struct Options {
