@@ -75,11 +75,17 @@ pub type Answered = (Response<UpstreamBody>, Lease, bool);
 /// tried (no fail-open to dead backends).
 fn pick(pool: &[Arc<Backend>], tried: u64) -> Option<usize> {
     let usable = |i: usize| (i >= 64 || tried & (1 << i) == 0) && !pool[i].avoided();
-    let candidates = (0..pool.len()).filter(|&i| usable(i)).count();
+    // One pass to count them, keeping the first: a pool with one usable backend (or none)
+    // is not looked through again.
+    let (mut candidates, mut first) = (0, None);
+    for i in (0..pool.len()).filter(|&i| usable(i)) {
+        first = first.or(Some(i));
+        candidates += 1;
+    }
     let nth = |n: usize| (0..pool.len()).filter(|&i| usable(i)).nth(n);
     match candidates {
         0 => None,
-        1 => nth(0),
+        1 => first,
         _ => {
             let a = fastrand::usize(..candidates);
             let mut b = fastrand::usize(..candidates - 1);

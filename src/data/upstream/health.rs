@@ -80,9 +80,10 @@ impl BackendHealth {
 
     /// Gets traffic: the probes say healthy and traffic has not ejected it.
     pub fn in_service(&self) -> bool {
-        self.in_service_at(clock_ms())
+        self.probe_healthy() && !self.ejected()
     }
 
+    #[cfg(test)]
     fn in_service_at(&self, now: u64) -> bool {
         self.probe_healthy() && !self.ejected_at(now)
     }
@@ -96,10 +97,15 @@ impl BackendHealth {
         self.probe_healthy.load(Ordering::Relaxed)
     }
 
+    /// Out of service for an ejection now. The clock is read only for a backend ejected at
+    /// some time: one never ejected (0) is not, whatever the time (`pick` asks this of each
+    /// backend of a pool per request).
     pub fn ejected(&self) -> bool {
-        self.ejected_at(clock_ms())
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > clock_ms()
     }
 
+    #[cfg(test)]
     fn ejected_at(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
@@ -292,10 +298,12 @@ mod tests {
     #[test]
     fn a_good_probe_ends_a_connect_ejection_but_not_an_answers_one() {
         let b = backend();
+        assert!(b.in_service() && !b.ejected(), "never ejected");
         let now = clock_ms();
         assert!(b.eject(now, EjectionCause::Connect));
+        assert!(b.ejected() && !b.in_service());
         b.record_probe(true, 2, 3);
-        assert!(!b.ejected());
+        assert!(!b.ejected() && b.in_service());
         let b = backend();
         for _ in 0..CONSECUTIVE_FAILURES {
             b.record_failure_at(now, false);

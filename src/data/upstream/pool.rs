@@ -203,8 +203,10 @@ pub struct Backend {
     pub health: Arc<BackendHealth>,
     /// Idle connections, the most recently used at the back (handed out first). Nobody polls
     /// them while they wait, so a backend's close is seen when one is looked at: the one
-    /// handed out, and the oldest at each take and put (it goes when it closed), so that
-    /// closed ones do not sit in the pool for long while traffic flows.
+    /// handed out, and the oldest each time one comes back (it goes when it closed), so that
+    /// closed ones do not sit in the pool for long while traffic flows. Once per request,
+    /// not at the take as well: the oldest is cold, and each look reads its state and its
+    /// socket's readiness from memory no request touched since.
     idle: Mutex<VecDeque<Conn>>,
 }
 
@@ -259,9 +261,6 @@ impl Backend {
         let mut idle = self.idle.lock().ok()?;
         while let Some(mut conn) = idle.pop_back() {
             if !conn.poll_closed() {
-                // The oldest after it, looked at once per take: one closed while idle goes
-                // (the newest was just looked at; a lone connection is not looked at twice).
-                sweep_oldest(&mut idle);
                 return Some(conn);
             }
         }
