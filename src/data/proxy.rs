@@ -126,6 +126,16 @@ struct Admitted {
 /// A WebSocket handshake's `Upgrade` header and the client's side of the connection.
 type ClientUpgrade = Option<(HeaderValue, hyper::upgrade::OnUpgrade)>;
 
+/// A request made ready for its backend by `prepare`. Used where `prepare` wrote it, not taken
+/// apart into locals: each of those would be a copy of its part (the request and the stamp
+/// are some 600 bytes) into the pipeline's future.
+struct Prepared<'a, 't> {
+    upstream: Request<RequestBody>,
+    stamp: Stamp<'t>,
+    upgrade: ClientUpgrade,
+    policy: ForwardPolicy<'a>,
+}
+
 /// A decided, admitted request on its way upstream: what the exchange and the answer share.
 struct Trip<'a> {
     snapshot: &'a Arc<Topology>,
@@ -286,7 +296,8 @@ impl Gateway {
         } = self.admit(snapshot, req, &decision)?;
         let budget = permit.retry_budget();
         let safe = is_safe(req.method());
-        let (mut upstream, mut stamp, upgrade, policy) = self.prepare(
+        // Kept as the result `prepare` wrote, its request borrowed from there (see `Prepared`).
+        let mut prepared = self.prepare(
             topo,
             req,
             &decision,
@@ -295,11 +306,20 @@ impl Gateway {
             client_ip,
             ids,
             outcome,
-        )?;
-        if policy.keep_copy && misroute::small_body(&upstream) {
+        );
+        let Prepared {
+            upstream,
+            stamp,
+            upgrade,
+            policy,
+        } = match prepared {
+            Ok(ref mut p) => p,
+            Err(e) => return Err(e),
+        };
+        if policy.keep_copy && misroute::small_body(upstream) {
             // Boxed: reading a body whole is a wait most requests do not have.
-            upstream = Box::pin(misroute::keep_small_body(
-                upstream,
+            *upstream = Box::pin(misroute::keep_small_body(
+                std::mem::take(upstream),
                 self.settings.body_timeout,
             ))
             .await?;
@@ -319,7 +339,7 @@ impl Gateway {
             decision: &decision,
             route,
             safe,
-            policy,
+            policy: *policy,
             spill_first,
         };
         // Set when the serving IDC's pool had no backend in service: nothing was sent there.
@@ -329,8 +349,7 @@ impl Gateway {
         // timer holds a reference to it: a future moved into the timer is copied whole (its
         // size, about 2 KB, not what it holds yet) each time it moves.
         let result = {
-            let exchange =
-                std::pin::pin!(self.exchange(&trip, &mut upstream, &mut stamp, &mut serving_dead));
+            let exchange = std::pin::pin!(self.exchange(&trip, upstream, stamp, &mut serving_dead));
             tokio::time::timeout_at(trip.policy.deadline, exchange).await
         };
         // A pool with no backend in service was not called at all: health already keeps
@@ -359,7 +378,7 @@ impl Gateway {
                 shard,
                 &landed.idc,
                 resp.headers(),
-                kept.then_some((upstream, &stamp)),
+                kept.then(|| (std::mem::take(upstream), &*stamp)),
                 trip.policy,
             ))
             .await?;
@@ -369,7 +388,7 @@ impl Gateway {
                 outcome.served_by(&at.name, Some(owner.idc), &at.header);
             }
         }
-        Ok(self.answer(&trip, resp, lease, &landed, upgrade, write_in_flight))
+        Ok(self.answer(&trip, resp, lease, &landed, upgrade.take(), write_in_flight))
     }
 
     /// Decide: the request's target checked and its path normalised, then the route, shard
@@ -481,15 +500,7 @@ impl Gateway {
         client_ip: &HeaderValue,
         ids: &headers::Ids,
         outcome: &mut Outcome,
-    ) -> Result<
-        (
-            Request<RequestBody>,
-            Stamp<'t>,
-            ClientUpgrade,
-            ForwardPolicy<'a>,
-        ),
-        ProxyError,
-    > {
+    ) -> Result<Prepared<'a, 't>, ProxyError> {
         let route = topo.route(decision.route);
         // A WebSocket handshake on a route that allows it keeps its upgrade headers and gets a
         // connection of its own; elsewhere they are stripped with the other hop-by-hop headers
@@ -524,7 +535,12 @@ impl Gateway {
             upgrade: upgrade.is_some(),
             keep_copy,
         };
-        Ok((upstream, stamp, upgrade, policy))
+        Ok(Prepared {
+            upstream,
+            stamp,
+            upgrade,
+            policy,
+        })
     }
 
     /// Exchange: the request is sent to its serving IDC (or the IDC admission spilled it to),
