@@ -40,6 +40,8 @@ use crate::util::http1::{decimal, put_line, ConnectionTokens, Names};
 
 /// Room made in the read buffer before a read.
 const READ_SIZE: usize = 8 * 1024;
+/// A body up to this long that came whole with its answer's head is sent in the head's buffer.
+const JOINED_BODY: u64 = 4 * 1024;
 /// Room in a request's header map beyond the client's headers: an upgrade's two
 /// (`upgrade::keep_upgrade_headers`). The gateway's own headers go beside the map
 /// (`upstream::Stamp`), not into it.
@@ -540,6 +542,21 @@ async fn respond<I: Io>(
         } else {
             poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         };
+        // A small body that came whole with the head joins it in its buffer: the answer goes
+        // in one plain write. The body is still polled to its end (its upstream connection
+        // goes back to the pool then).
+        if pending_head && matches!(framing, Framing::Length(_)) && left <= JOINED_BODY {
+            let whole = match &frame {
+                Some(Ok(f)) => f.data_ref().filter(|d| d.len() as u64 == left),
+                _ => None,
+            };
+            if let Some(data) = whole {
+                out.extend_from_slice(data);
+                write_all(wire, &[out]).await?;
+                (pending_head, left) = (false, 0);
+                continue;
+            }
+        }
         let head_bytes: &[u8] = if pending_head { out } else { &[] };
         pending_head = false;
         let data = match frame {
@@ -647,7 +664,9 @@ fn encode_head(out: &mut Vec<u8>, version: Version, status: StatusCode, headers:
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes all of `pieces`, in as few writes as the socket takes.
+/// Writes all of `pieces`, in as few writes as the socket takes: one piece left goes by a plain
+/// write (`send`), more by a vectored one (`writev`, which costs the kernel more per call:
+/// under `perf`, about 0.6 µs per answer more than a `send`).
 async fn write_all<I: Io>(wire: &Mutex<Wire<I>>, pieces: &[&[u8]]) -> io::Result<()> {
     let total: usize = pieces.iter().map(|p| p.len()).sum();
     let mut written = 0;
@@ -672,7 +691,12 @@ async fn write_all<I: Io>(wire: &Mutex<Wire<I>>, pieces: &[&[u8]]) -> io::Result
             let Some(gate) = w.gate.as_mut() else {
                 return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
             };
-            match Pin::new(gate).poll_write_vectored(cx, &slices[..n]) {
+            let wrote = if n == 1 {
+                Pin::new(gate).poll_write(cx, slices[0].as_ref())
+            } else {
+                Pin::new(gate).poll_write_vectored(cx, &slices[..n])
+            };
+            match wrote {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(k)) => written += k,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
