@@ -191,6 +191,48 @@ async fn the_gateways_headers_follow_the_clients_and_replace_theirs() {
 }
 
 #[tokio::test]
+async fn kept_bodies_on_both_sides_of_the_joined_size_go_whole_after_their_head() {
+    // Up to JOINED_BODY the body is written in the head's buffer; past it, as a piece of its
+    // own: the backend reads the same bytes either way.
+    for len in [JOINED_BODY as usize, JOINED_BODY as usize + 1] {
+        let (mut conn, mut backend) = pair().await;
+        let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let (resp, _) = exchange(
+            &mut conn,
+            &mut backend,
+            request(
+                Method::PUT,
+                "/orders/7",
+                RequestBody::Kept(Some(Bytes::from(body.clone()))),
+            ),
+            &[b"HTTP/1.1 204 No Content\r\n\r\n"],
+        )
+        .await
+        .expect("the exchange");
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        let head =
+            format!("PUT /orders/7 HTTP/1.1\r\nhost: orders\r\ncontent-length: {len}\r\n\r\n");
+        let mut want = head.into_bytes();
+        want.extend_from_slice(&body);
+        let mut sent = Vec::new();
+        while sent.len() < want.len() {
+            let mut buf = [0u8; 8192];
+            let n = tokio::time::timeout(DEADLINE, backend.read(&mut buf))
+                .await
+                .expect("the client's bytes in time")
+                .expect("read");
+            assert!(n > 0, "the client closed after {} bytes", sent.len());
+            sent.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(sent, want, "a {len}-byte body");
+        assert!(
+            conn.reusable(),
+            "a {len}-byte body sent whole leaves it reusable"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_kept_body_goes_with_its_length_and_a_chunked_answer_is_decoded() {
     let (mut conn, mut backend) = pair().await;
     let (resp, body) = exchange(
