@@ -390,3 +390,44 @@ async fn pipelined_requests_still_buffered_at_a_half_close_are_answered() {
         "the connection stayed open after the half-close"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_on_both_sides_of_the_joined_size_arrive_whole_on_a_kept_connection() {
+    // An answer whose body is small enough goes out in its head's buffer, a larger one as a
+    // piece of its own: on one keep-alive connection, answers that grow across that size
+    // (the backend echoes the padding header) each arrive whole, framed by their length.
+    let c = Cluster::start().await;
+    let mut client = Client::connect(&c).await;
+    let (mut smaller, mut larger) = (0, 0);
+    for pad in (3_600..4_600).step_by(97) {
+        let request = format!(
+            "GET /orders/{pad} HTTP/1.1\r\nHost: gw\r\nx-user-id: user-1\r\nx-pad: {}\r\n\r\n",
+            "p".repeat(pad)
+        );
+        client.send(request.as_bytes()).await;
+        let answer = client.answer(false).await.expect("an answer");
+        assert_eq!(answer.status, 200, "pad {pad}: {answer:?}");
+        assert_eq!(
+            answer.header("content-length"),
+            Some(answer.body.len().to_string().as_str()),
+            "pad {pad}"
+        );
+        let echoed = answer.json();
+        assert_eq!(echoed["path"], format!("/orders/{pad}"), "pad {pad}");
+        assert_eq!(
+            echoed["headers"]["x-pad"].as_str().map(str::len),
+            Some(pad),
+            "pad {pad}"
+        );
+        if answer.body.len() <= 4 * 1024 {
+            smaller += 1;
+        } else {
+            larger += 1;
+        }
+    }
+    assert!(
+        smaller > 0 && larger > 0,
+        "the answers did not cross the joined size: {smaller} at most 4 KiB, {larger} above"
+    );
+    assert_eq!(c.total_hits(), 11);
+}

@@ -868,11 +868,6 @@ impl Gateway {
     }
 }
 
-/// Whether an exchange counts against the breaker of the serving IDC's set. System failures
-/// only: no connection, a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the
-/// business answering, a body over the route's limit or broken off is the client's doing, and an answer from
-/// another IDC means the serving IDC could not serve it. (A read spilled at once past an open
-/// breaker answers to the target's breaker.)
 /// A request's failure as its answer, noted in `outcome`; a failure whose detail the client
 /// is not shown (the backend's address, the underlying error) is logged for the operator.
 fn failed(
@@ -896,6 +891,11 @@ fn failed(
     e.to_response(request_id)
 }
 
+/// Whether an exchange counts against the breaker of the serving IDC's set. System failures
+/// only: no connection, a broken exchange, a timeout, or a 5xx the backend chose. A 4xx is the
+/// business answering, a body over the route's limit or broken off is the client's doing, and an answer from
+/// another IDC means the serving IDC could not serve it. (A read spilled at once past an open
+/// breaker answers to the target's breaker.)
 fn breaker_failure(
     result: &Result<Result<(Answered, Landed), ForwardError>, tokio::time::error::Elapsed>,
     spill_first: Option<IdcId>,

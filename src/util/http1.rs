@@ -1,6 +1,12 @@
 //! HTTP/1.1 message framing, as both ends of the gateway read it: the request-head gate on
 //! the client side (`data::server::gate`) and the upstream client (`data::upstream::h1`).
 
+/// A body up to this long that is whole when its head is written goes in the head's buffer,
+/// on both sides (the listener's answers, the upstream client's kept request bodies): head and
+/// body then leave in one plain `send`. Two pieces would take a `writev`, which under `perf`
+/// cost the kernel about 0.6 µs more per call on this path.
+pub const JOINED_BODY: usize = 4 * 1024;
+
 /// One header line, `name: value\r\n`, onto a head being written.
 pub fn put_line(head: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
     head.put_slice(name);

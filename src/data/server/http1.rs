@@ -36,12 +36,10 @@ use super::Activity;
 use crate::data::upstream::body::{BoxError, ResponseBody};
 use crate::data::upstream::client_body::{ClientBody, WireBody, WireRead};
 use crate::data::upstream::h1::{decode, Chunk, Decoded, Decoder};
-use crate::util::http1::{decimal, put_line, ConnectionTokens, Names};
+use crate::util::http1::{decimal, put_line, ConnectionTokens, Names, JOINED_BODY};
 
 /// Room made in the read buffer before a read.
 const READ_SIZE: usize = 8 * 1024;
-/// A body up to this long that came whole with its answer's head is sent in the head's buffer.
-const JOINED_BODY: u64 = 4 * 1024;
 /// Room in a request's header map beyond the client's headers: an upgrade's two
 /// (`upgrade::keep_upgrade_headers`). The gateway's own headers go beside the map
 /// (`upstream::Stamp`), not into it.
@@ -542,10 +540,10 @@ async fn respond<I: Io>(
         } else {
             poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         };
-        // A small body that came whole with the head joins it in its buffer: the answer goes
-        // in one plain write. The body is still polled to its end (its upstream connection
-        // goes back to the pool then).
-        if pending_head && matches!(framing, Framing::Length(_)) && left <= JOINED_BODY {
+        // A small body that came whole with the head joins it in its buffer (`JOINED_BODY`).
+        // The body is still polled to its end (its upstream connection goes back to the pool
+        // then).
+        if pending_head && matches!(framing, Framing::Length(_)) && left <= JOINED_BODY as u64 {
             let whole = match &frame {
                 Some(Ok(f)) => f.data_ref().filter(|d| d.len() as u64 == left),
                 _ => None,
@@ -665,8 +663,7 @@ fn encode_head(out: &mut Vec<u8>, version: Version, status: StatusCode, headers:
 }
 
 /// Writes all of `pieces`, in as few writes as the socket takes: one piece left goes by a plain
-/// write (`send`), more by a vectored one (`writev`, which costs the kernel more per call:
-/// under `perf`, about 0.6 µs per answer more than a `send`).
+/// write (`send`), more by a vectored one (`writev`, dearer in the kernel: see `JOINED_BODY`).
 async fn write_all<I: Io>(wire: &Mutex<Wire<I>>, pieces: &[&[u8]]) -> io::Result<()> {
     let total: usize = pieces.iter().map(|p| p.len()).sum();
     let mut written = 0;

@@ -1,7 +1,7 @@
 //! The upstream HTTP/1.1 exchange, without a dispatcher: a connection is a byte stream, a read
 //! buffer and two small state machines (the request going out, the response coming in), all
-//! polled by the request that holds the connection. The head goes out in one vectored write
-//! with a kept body; the response head is parsed once (`httparse`) into a header map whose
+//! polled by the request that holds the connection. The head goes out in one write with a
+//! kept body (in the head's buffer up to `util::http1::JOINED_BODY`, a vectored write past it); the response head is parsed once (`httparse`) into a header map whose
 //! values share the read buffer; the body is sliced from the same buffer as it arrives.
 //!
 //! Framing follows RFC 9112 as a client must read it, and refuses what a proxy must not pass
@@ -27,7 +27,9 @@ use tokio::io::AsyncWrite;
 use super::body::{BoxError, RequestBody};
 use super::pool::UpstreamIo;
 use super::Stamp;
-use crate::util::http1::{chunked_last, decimal, head_end, hex, put_line, ConnectionTokens, Names};
+use crate::util::http1::{
+    chunked_last, decimal, head_end, hex, put_line, ConnectionTokens, Names, JOINED_BODY,
+};
 
 /// Largest response head (status line and headers) read.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -38,8 +40,6 @@ pub const MAX_HEADERS: usize = 100;
 const HEADER_ROOM: usize = 4;
 /// Room made in the read buffer before each read.
 const READ_SIZE: usize = 8 * 1024;
-/// A kept request body up to this long is written in its head's buffer (`encode_head`).
-const JOINED_BODY: u64 = 4 * 1024;
 /// Longest chunk-size line (with its extensions), and most trailer bytes skipped.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -249,10 +249,9 @@ impl Http1 {
     }
 
     /// The request line and headers into the outbox; the body's framing, `None` when none is
-    /// sent, and whether the body went with them: a kept body of its length up to
-    /// `JOINED_BODY` is written in the head's buffer, so that head and body leave in one plain
-    /// write (a vectored one costs the kernel more per call). The lines are `Stamp::write_head_lines`'s: `host` first, the gateway's after the
-    /// client's. The framing headers are the client's own, written from the framing: the
+    /// sent, and whether the body went with them (a kept body of its length, up to
+    /// `JOINED_BODY`, is written in the head's buffer). The lines are
+    /// `Stamp::write_head_lines`'s: `host` first, the gateway's after the client's. The framing headers are the client's own, written from the framing: the
     /// request's `content-length` and `transfer-encoding` never go out as they came (an
     /// invalid length beside a chunked body would be the classic desync pair), and `expect` is
     /// not forwarded (the gateway answers the client's expectation itself and sends the body
@@ -296,7 +295,7 @@ impl Http1 {
         }
         let joined = match (framing, body) {
             (Some(OutFraming::Length(n)), RequestBody::Kept(Some(data)))
-                if data.len() as u64 == n && n <= JOINED_BODY =>
+                if data.len() as u64 == n && data.len() <= JOINED_BODY =>
             {
                 Some(data)
             }
@@ -552,7 +551,8 @@ impl Http1 {
     }
 }
 
-/// Bytes waiting to be written, in order, written with one vectored write when they can be.
+/// Bytes waiting to be written, in order: one piece by a plain write, more by one vectored
+/// write when the connection takes them.
 #[derive(Default)]
 struct Outbox {
     queue: std::collections::VecDeque<Bytes>,

@@ -194,7 +194,7 @@ async fn the_gateways_headers_follow_the_clients_and_replace_theirs() {
 async fn kept_bodies_on_both_sides_of_the_joined_size_go_whole_after_their_head() {
     // Up to JOINED_BODY the body is written in the head's buffer; past it, as a piece of its
     // own: the backend reads the same bytes either way.
-    for len in [JOINED_BODY as usize, JOINED_BODY as usize + 1] {
+    for len in [JOINED_BODY, JOINED_BODY + 1] {
         let (mut conn, mut backend) = pair().await;
         let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
         let (resp, _) = exchange(
