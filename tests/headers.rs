@@ -339,3 +339,153 @@ async fn upstream_failures_do_not_tell_clients_about_backends() {
     gw.shutdown().await;
     server.abort();
 }
+
+/// A backend answering each request on a kept connection with the answer its path names.
+async fn scripted_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&buf[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&read[..end]).into_owned();
+                    read.drain(..end + 4);
+                    let answer: &[u8] = if head.starts_with("GET /api/changed ") {
+                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\n\
+                          x-request-id: from-the-backend\r\nx-shardgate-idc: forged\r\n\
+                          X-Mixed-Case:tight\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\nServer: scripted\r\n\
+                          x-twice: 1\r\nx-twice: 2\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, server)
+}
+
+/// A whole HTTP/1.1 answer to `request` on a fresh connection: its head as it came, its body.
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    support::within(support::REQUEST_DEADLINE, "an answer", async {
+        loop {
+            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&read[..end + 2]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or_else(|| panic!("no length: {head}"));
+                if read.len() >= end + 4 + length {
+                    return (head, read[end + 4..end + 4 + length].to_vec());
+                }
+            }
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_header_lines_reach_the_client_and_the_gateway_still_owns_its_own() {
+    let (backend, server) = scripted_backend().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            "cluster = \"t\"\n[sets.core]\n\n[[idcs]]\nname = \"far\"\npools.core = [\"{backend}\"]\n\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\n"
+        ),
+    )
+    .expect("write the topology");
+    let mut config = shardgate::config::Config::for_file(&topology);
+    config.listen = "127.0.0.1:0".parse().expect("an address");
+    config.admin = "127.0.0.1:0".parse().expect("an address");
+    let gw = support::within(
+        std::time::Duration::from_secs(10),
+        "the gateway to start",
+        shardgate::start(config),
+    )
+    .await
+    .expect("the gateway starts");
+
+    // Lines the gateway leaves alone reach an HTTP/1.1 client byte for byte, in order,
+    // followed by the gateway's own and a date the backend did not send.
+    let (head, body) =
+        raw_answer(gw.proxy_addr, "GET /api/plain HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    assert_eq!(body, b"ok");
+    assert!(
+        head.starts_with(
+            "HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\nServer: scripted\r\nx-twice: 1\r\nx-twice: 2\r\nContent-Length: 2\r\n"
+        ),
+        "{head}"
+    );
+    for own in [
+        "\r\nx-shardgate-idc: far\r\n",
+        "\r\nx-request-id: ",
+        "\r\ndate: ",
+    ] {
+        assert!(head.contains(own), "{own:?} missing: {head}");
+    }
+
+    // Hop-by-hop lines (and those `Connection` names) go, and the gateway's headers replace
+    // the backend's: the same rules as ever.
+    let (head, body) = raw_answer(
+        gw.proxy_addr,
+        "GET /api/changed HTTP/1.1\r\nHost: gw\r\n\r\n",
+    )
+    .await;
+    assert_eq!(body, b"ok");
+    let lower = head.to_ascii_lowercase();
+    for gone in [
+        "connection: keep-alive",
+        "x-secret",
+        "from-the-backend",
+        "forged",
+    ] {
+        assert!(!lower.contains(gone), "{gone:?} passed on: {head}");
+    }
+    // This head went through the header map: its lines are written afresh.
+    assert!(lower.contains("\r\nx-mixed-case: tight\r\n"), "{head}");
+    assert!(lower.contains("\r\nx-shardgate-idc: far\r\n"), "{head}");
+    assert_eq!(lower.matches("\r\nx-request-id: ").count(), 1, "{head}");
+
+    // An HTTP/2 client gets the same lines as fields of its answer.
+    let r = support::send_h2c(gw.proxy_addr, get("/api/plain", &[])).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-mixed-case"), Some("tight"));
+    assert_eq!(r.header("server"), Some("scripted"));
+    let twice: Vec<_> = r.headers.get_all("x-twice").iter().collect();
+    assert_eq!(twice, ["1", "2"]);
+    assert_eq!(r.header("x-shardgate-idc"), Some("far"));
+    assert_eq!(r.body.as_ref(), b"ok");
+
+    gw.shutdown().await;
+    server.abort();
+}

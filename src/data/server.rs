@@ -312,7 +312,11 @@ async fn accept_loop<H: Handler>(
             });
             let told = told.clone();
             async move {
-                let response = call.await;
+                let mut response = call.await;
+                // hyper writes the map: header lines kept as they came go into it.
+                if let Some(lines) = response.body_mut().take_lines() {
+                    lines.fill(response.headers_mut());
+                }
                 if let Some(answers) = &told {
                     let status = response.status();
                     answers.record(

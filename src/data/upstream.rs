@@ -13,5 +13,6 @@ mod pool;
 mod stamp;
 pub mod tls;
 
+pub use h1::HeadLines;
 pub use pool::{Backend, Lease, Upstreams};
 pub use stamp::Stamp;

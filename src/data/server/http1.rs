@@ -35,7 +35,7 @@ use super::rest::Sending;
 use super::Activity;
 use crate::data::upstream::body::{BoxError, ResponseBody};
 use crate::data::upstream::client_body::{ClientBody, WireBody, WireRead};
-use crate::data::upstream::h1::{decode, Chunk, Decoded, Decoder};
+use crate::data::upstream::h1::{decode, Chunk, Decoded, Decoder, HeadLines};
 use crate::util::http1::{decimal, put_line, ConnectionTokens, Names, JOINED_BODY};
 
 /// Room made in the read buffer before a read.
@@ -180,12 +180,15 @@ pub(super) async fn serve<I: Io>(
         drop(busy);
         // A request body that already failed ends the connection: the answer says so.
         let keep_alive = head.keep_alive && !*draining.borrow() && !lock(wire).broken;
-        let (parts, body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
+        let lines = body.take_lines();
         let body = Sending::new(body, activity.clone());
         // The answer's body may take long (a stream, a long poll): a client that hangs up
         // meanwhile ends it, and the upstream exchange with it. Pinned where it is made:
         // `select!` then holds a reference, not a copy of the answer's future.
-        let answering = std::pin::pin!(respond(wire, parts, body, head, keep_alive, &mut out));
+        let answering = std::pin::pin!(respond(
+            wire, parts, lines, body, head, keep_alive, &mut out
+        ));
         let sent = tokio::select! {
             biased;
             sent = answering => sent,
@@ -435,10 +438,12 @@ enum Framing {
     Close,
 }
 
-/// Writes an answer; whether the connection may stay open after it.
+/// Writes an answer (the upstream head's header lines as they came, when it kept them, then
+/// the map's); whether the connection may stay open after it.
 async fn respond<I: Io>(
     wire: &Mutex<Wire<I>>,
     mut parts: http::response::Parts,
+    mut lines: Option<HeadLines>,
     mut body: Sending<ResponseBody>,
     head: Head,
     mut keep_alive: bool,
@@ -449,15 +454,22 @@ async fn respond<I: Io>(
     let bodiless_status = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    if bodiless_status {
+        // Never kept for these (`HeadLines`); were they, their framing lines would go.
+        if let Some(lines) = lines.take() {
+            lines.fill(headers);
+        }
+    }
     if status.is_informational() || status == StatusCode::NO_CONTENT {
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
     }
     // The lines that decide the framing and the connection, found in one pass over the map
     // (each lookup by name would hash it).
+    // Lines kept as they came carry neither `transfer-encoding` nor `connection`.
     let mut coded = false;
-    let mut length: Option<Option<u64>> = None;
-    let mut dated = false;
+    let mut length: Option<Option<u64>> = lines.as_ref().and_then(|l| l.length).map(Some);
+    let mut dated = lines.as_ref().is_some_and(|l| l.dated);
     let mut tokens = ConnectionTokens::default();
     for (name, value) in headers.iter() {
         if *name == TRANSFER_ENCODING {
@@ -514,7 +526,8 @@ async fn respond<I: Io>(
     if !dated {
         headers.insert(DATE, date::now());
     }
-    encode_head(out, parts.version, status, headers);
+    let kept = lines.as_ref().map_or(&[][..], |l| &l.bytes[..]);
+    encode_head(out, parts.version, status, kept, headers);
 
     if framing == Framing::None {
         drop(body);
@@ -644,8 +657,15 @@ impl ChunkLine {
     }
 }
 
-/// An answer's status line and headers into `out` (emptied first).
-fn encode_head(out: &mut Vec<u8>, version: Version, status: StatusCode, headers: &HeaderMap) {
+/// An answer's status line, the header lines `kept` as they came from upstream, and the
+/// map's headers into `out` (emptied first).
+fn encode_head(
+    out: &mut Vec<u8>,
+    version: Version,
+    status: StatusCode,
+    kept: &[u8],
+    headers: &HeaderMap,
+) {
     out.clear();
     out.extend_from_slice(if version == Version::HTTP_10 {
         b"HTTP/1.0 "
@@ -656,6 +676,7 @@ fn encode_head(out: &mut Vec<u8>, version: Version, status: StatusCode, headers:
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(kept);
     for (name, value) in headers {
         put_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -919,15 +940,34 @@ mod tests {
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
         let mut out = b"left over".to_vec();
-        encode_head(&mut out, Version::HTTP_11, StatusCode::NOT_FOUND, &headers);
+        encode_head(
+            &mut out,
+            Version::HTTP_11,
+            StatusCode::NOT_FOUND,
+            &[],
+            &headers,
+        );
         assert_eq!(
             out,
             b"HTTP/1.1 404 Not Found\r\ncontent-type: text/plain\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+        // Upstream lines kept as they came go first, byte for byte, then the map's.
+        encode_head(
+            &mut out,
+            Version::HTTP_11,
+            StatusCode::OK,
+            b"Server: idc-sim\r\nx-b:2\r\n",
+            &headers,
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nServer: idc-sim\r\nx-b:2\r\ncontent-type: text/plain\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
         encode_head(
             &mut out,
             Version::HTTP_10,
             StatusCode::from_u16(599).unwrap_or_default(),
+            &[],
             &HeaderMap::new(),
         );
         assert_eq!(out, b"HTTP/1.0 599 \r\n\r\n");

@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::data::upstream::Lease;
+use crate::data::upstream::{HeadLines, Lease};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -175,8 +175,9 @@ impl Body for RequestBody {
 
 /// An upstream response's body as it comes off the exchange.
 pub enum UpstreamBody {
-    /// Read from the connection the lease holds (the gateway's own HTTP/1.1 client).
-    Conn,
+    /// Read from the connection the lease holds (the gateway's own HTTP/1.1 client), with
+    /// the head's header lines when they are passed on as they came.
+    Conn(Option<HeadLines>),
     /// hyper's (an upgrade handshake's connection answered without switching).
     Hyper(Incoming),
 }
@@ -209,6 +210,18 @@ impl ResponseBody {
         body
     }
 
+    /// The upstream head's header lines kept as they came, taken out: the client's connection
+    /// writes them, or puts them in the response's header map ([`HeadLines::fill`]).
+    pub fn take_lines(&mut self) -> Option<HeadLines> {
+        match self {
+            ResponseBody::Upstream {
+                inner: UpstreamBody::Conn(lines),
+                ..
+            } => lines.take(),
+            _ => None,
+        }
+    }
+
     pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         let b = bytes.into();
         ResponseBody::Full((!b.is_empty()).then_some(b))
@@ -229,7 +242,7 @@ fn poll_upstream(
         UpstreamBody::Hyper(body) => Pin::new(body)
             .poll_frame(cx)
             .map(|f| f.map(|r| r.map_err(Into::into))),
-        UpstreamBody::Conn => match lease.as_mut().and_then(|l| l.conn.as_mut()?.lean()) {
+        UpstreamBody::Conn(_) => match lease.as_mut().and_then(|l| l.conn.as_mut()?.lean()) {
             Some(conn) => conn
                 .poll_body(cx)
                 .map(|f| f.map(|r| r.map(Frame::data).map_err(Into::into))),
@@ -242,7 +255,7 @@ fn poll_upstream(
 fn upstream_ended(inner: &UpstreamBody, lease: &Option<Lease>) -> bool {
     match inner {
         UpstreamBody::Hyper(body) => body.is_end_stream(),
-        UpstreamBody::Conn => lease
+        UpstreamBody::Conn(_) => lease
             .as_ref()
             .and_then(|l| l.conn.as_ref())
             .is_none_or(|c| c.body_ended()),

@@ -1,8 +1,11 @@
 //! The upstream HTTP/1.1 exchange, without a dispatcher: a connection is a byte stream, a read
 //! buffer and two small state machines (the request going out, the response coming in), all
 //! polled by the request that holds the connection. The head goes out in one write with a
-//! kept body (in the head's buffer up to `util::http1::JOINED_BODY`, a vectored write past it); the response head is parsed once (`httparse`) into a header map whose
-//! values share the read buffer; the body is sliced from the same buffer as it arrives.
+//! kept body (in the head's buffer up to `util::http1::JOINED_BODY`, a vectored write past
+//! it). The response head is parsed once (`httparse`): when the gateway would change none of
+//! its header lines, they are kept as they came ([`HeadLines`], a slice of the read buffer)
+//! for the client's connection to write as they are; otherwise they go into a header map whose
+//! values share the read buffer. The body is sliced from the same buffer as it arrives.
 //!
 //! Framing follows RFC 9112 as a client must read it, and refuses what a proxy must not pass
 //! on: `Transfer-Encoding` with `Content-Length` is framed by the former and the latter is
@@ -212,14 +215,15 @@ impl Http1 {
     }
 
     /// Sends a request (its head by reference: the caller keeps it, to send again elsewhere)
-    /// and returns the response head once it arrived (1xx skipped). The request body keeps
-    /// streaming afterwards, driven by [`Http1::poll_body`].
+    /// and returns the response head once it arrived (1xx skipped), its header lines kept as
+    /// they came when the gateway leaves them alone ([`HeadLines`]; its map is then empty).
+    /// The request body keeps streaming afterwards, driven by [`Http1::poll_body`].
     pub async fn send<B>(
         &mut self,
         head: &Request<B>,
         stamp: &Stamp<'_>,
         body: RequestBody,
-    ) -> Result<Response<()>, Failure> {
+    ) -> Result<Response<Option<HeadLines>>, Failure> {
         self.head_request = head.method() == Method::HEAD;
         // A 2xx to CONNECT may turn the connection into a tunnel: it is never reused.
         self.keep_alive &= head.method() != Method::CONNECT;
@@ -403,7 +407,10 @@ impl Http1 {
     }
 
     /// Sends what it can, then reads until a final response head is parsed.
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Failure>> {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<Option<HeadLines>>, Failure>> {
         if self.still_sending() {
             match self.poll_send(cx) {
                 // The backend may answer (say 413) and close before it read the whole
@@ -627,8 +634,10 @@ impl Outbox {
 enum Parsed {
     /// A 1xx (not 101): skipped.
     Informational,
-    /// The final response head, its body's framing, and whether the connection stays open.
-    Final(Response<()>, Decoder, bool),
+    /// The final response head (its header lines kept as they came, when the gateway leaves
+    /// them alone: then its map is empty), its body's framing, and whether the connection
+    /// stays open.
+    Final(Response<Option<HeadLines>>, Decoder, bool),
 }
 
 /// A response head at the start of `buf`, taken from it; `None` while it is incomplete.
@@ -676,6 +685,31 @@ fn parse_head(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
+    let mut resp = Response::new(None);
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    if let Some(lines) = plain_lines(status, &head, parsed.headers) {
+        // Nothing in them to look up or change: no map is built, and the connection's
+        // framing comes from the one length line, if any.
+        let lines_read = FramingLines {
+            length_lines: lines.length.is_some(),
+            length: Ok(lines.length),
+            coding: None,
+        };
+        let decoder = framing(
+            status,
+            version,
+            head_request,
+            &lines_read,
+            &mut HeaderMap::new(),
+        )?;
+        *resp.body_mut() = Some(lines);
+        return Ok(Some(Parsed::Final(
+            resp,
+            decoder,
+            version == Version::HTTP_11,
+        )));
+    }
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
     let mut tokens = ConnectionTokens::default();
     let mut lines = FramingLines::default();
@@ -694,11 +728,130 @@ fn parse_head(
     // `close` anywhere wins; HTTP/1.0 stays open only when it says keep-alive.
     let keep_alive = tokens.keep_alive(version == Version::HTTP_11);
     let decoder = framing(status, version, head_request, &lines, &mut headers)?;
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
     *resp.headers_mut() = headers;
     Ok(Some(Parsed::Final(resp, decoder, keep_alive)))
+}
+
+/// A response head's header lines as the backend wrote them, passed on to an HTTP/1.1 client
+/// as they are (`server::http1` writes them after its status line): no header map is built,
+/// hashed and walked again on the way. Kept only for a head the gateway leaves alone; any
+/// other goes into the response's header map (see [`plain_lines`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadLines {
+    /// The header lines, each ending in CRLF (the head's closing empty line not included).
+    pub bytes: Bytes,
+    /// The value of its one `content-length` line, if any.
+    pub length: Option<u64>,
+    /// It has a `date` line.
+    pub dated: bool,
+}
+
+impl HeadLines {
+    /// The lines into a header map (for a client the lines cannot go to as they are: one
+    /// speaking HTTP/2, or through hyper's connection). Their values share the lines' bytes.
+    pub fn fill(self, headers: &mut HeaderMap) {
+        let bytes = &self.bytes;
+        for line in bytes.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = memchr::memchr(b':', line) else {
+                continue;
+            };
+            let value = line[colon + 1..].trim_ascii();
+            // Both checked as they were parsed; never fails, and a line that did would be
+            // left out rather than passed on.
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_maybe_shared(bytes.slice_ref(value)),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+/// What the gateway does with a response header line of this name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    Plain,
+    Length,
+    Date,
+    /// Removed or replaced on the way to the client: hop-by-hop (RFC 9110 §7.6.1), the
+    /// gateway's own (`x-shardgate-*`, which the answer's stamp may replace) and
+    /// `x-request-id` (replaced by the stamp).
+    Changed,
+}
+
+fn line_kind(name: &[u8]) -> LineKind {
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        2 if is("te") => LineKind::Changed,
+        4 if is("date") => LineKind::Date,
+        7 if is("trailer") || is("upgrade") => LineKind::Changed,
+        10 if is("connection") || is("keep-alive") => LineKind::Changed,
+        12 if is("x-request-id") => LineKind::Changed,
+        14 if is("content-length") => LineKind::Length,
+        16 if is("proxy-connection") => LineKind::Changed,
+        17 if is("transfer-encoding") => LineKind::Changed,
+        18 if is("proxy-authenticate") => LineKind::Changed,
+        19 if is("proxy-authorization") => LineKind::Changed,
+        n if n >= 12 && name[..12].eq_ignore_ascii_case(b"x-shardgate-") => LineKind::Changed,
+        _ => LineKind::Plain,
+    }
+}
+
+/// The head's header lines kept as they came, when the gateway would change none of them: no
+/// header is hop-by-hop or one the gateway replaces, one `content-length` at most and plain
+/// digits, no value empty, every line ending in CRLF straight after its value (no trailing
+/// blanks, no bare LF), and a status whose answer is passed on as it is (not 204 or 304, whose
+/// framing lines the listener drops, nor 421, whose owner headers the gateway reads).
+fn plain_lines(
+    status: StatusCode,
+    head: &Bytes,
+    headers: &[httparse::Header<'_>],
+) -> Option<HeadLines> {
+    if matches!(status.as_u16(), 204 | 304 | 421) {
+        return None;
+    }
+    let (Some(first), Some(last)) = (headers.first(), headers.last()) else {
+        return Some(HeadLines {
+            bytes: Bytes::new(),
+            length: None,
+            dated: false,
+        });
+    };
+    let base = head.as_ptr() as usize;
+    let at = |s: &[u8]| s.as_ptr() as usize - base;
+    let (mut length, mut dated) = (None, false);
+    for (i, h) in headers.iter().enumerate() {
+        match line_kind(h.name.as_bytes()) {
+            LineKind::Plain => {}
+            LineKind::Date => dated = true,
+            LineKind::Length if length.is_none() => length = Some(decimal(h.value)?),
+            LineKind::Length | LineKind::Changed => return None,
+        }
+        if h.value.is_empty() {
+            return None;
+        }
+        let end = at(h.value) + h.value.len();
+        if head.get(end..end + 2) != Some(b"\r\n") {
+            return None;
+        }
+        let next = match headers.get(i + 1) {
+            Some(next) => at(next.name.as_bytes()),
+            // The head's closing empty line.
+            None if head.len() == end + 4 => end + 2,
+            None => return None,
+        };
+        if next != end + 2 {
+            return None;
+        }
+    }
+    let end = at(last.value) + last.value.len() + 2;
+    Some(HeadLines {
+        bytes: head.slice(at(first.name.as_bytes())..end),
+        length,
+        dated,
+    })
 }
 
 /// The response body's framing (RFC 9112 §6.3, as a client), from its framing lines.

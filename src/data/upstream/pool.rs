@@ -89,7 +89,7 @@ impl Conn {
                     None => std::mem::replace(req.body_mut(), RequestBody::Empty),
                 };
                 match h.send(req, stamp, body).await {
-                    Ok(resp) => Ok(resp.map(|()| UpstreamBody::Conn)),
+                    Ok(resp) => Ok(resp.map(UpstreamBody::Conn)),
                     Err(failure) => {
                         let (client_fault, body_limit) = match &failure {
                             Failure::Client(e) => (true, body_limit(&**e)),

@@ -33,6 +33,17 @@ async fn send(conn: &mut Http1, req: Request<RequestBody>) -> Result<Response<()
     let (parts, body) = req.into_parts();
     conn.send(&Request::from_parts(parts, ()), &Stamp::default(), body)
         .await
+        .map(whole)
+}
+
+/// The response with its header lines kept as they came put in its map, as the listener does
+/// for a client they cannot go to as they are.
+fn whole(resp: Response<Option<HeadLines>>) -> Response<()> {
+    let (mut parts, lines) = resp.into_parts();
+    if let Some(lines) = lines {
+        lines.fill(&mut parts.headers);
+    }
+    Response::from_parts(parts, ())
 }
 
 /// Reads what the client sent until `until` is in it.
@@ -95,7 +106,7 @@ async fn exchange_stamped(
     let resp = tokio::time::timeout(DEADLINE, conn.send(&head, stamp, body))
         .await
         .expect("a head in time")?;
-    Ok((resp, read_body(conn).await?))
+    Ok((whole(resp), read_body(conn).await?))
 }
 
 #[tokio::test]
@@ -632,4 +643,115 @@ async fn a_head_arriving_a_byte_at_a_time_is_read_once_whole() {
     assert_eq!(body, b"ok");
     assert!(conn.reusable());
     drop(writer.await.expect("the writer"));
+}
+
+/// `head` parsed alone: the final response, and its body's framing.
+fn parsed(head: &[u8]) -> (Response<Option<HeadLines>>, Decoder) {
+    let mut buf = BytesMut::from(head);
+    match parse_head(&mut buf, &mut 0, &mut Names::default(), false) {
+        Ok(Some(Parsed::Final(resp, decoder, _))) => (resp, decoder),
+        other => panic!(
+            "{:?} did not parse to a final head: {:?}",
+            String::from_utf8_lossy(head),
+            other.err()
+        ),
+    }
+}
+
+#[test]
+fn header_lines_the_gateway_leaves_alone_are_kept_as_they_came() {
+    let head = b"HTTP/1.1 200 OK\r\nServer: idc-sim\r\ncontent-length: 6\r\nX-Idc:sh\r\nDate: Tue, 08 Dec 2026 02:49:01 GMT\r\nx-a: 1\r\nx-a: 2\r\n\r\n";
+    let (resp, decoder) = parsed(head);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().is_empty(), "no map is built for kept lines");
+    assert_eq!(decoder, Decoder::Length(6), "framed by the kept length");
+    let lines = resp.body().clone().expect("the lines are kept");
+    assert_eq!(
+        &lines.bytes[..],
+        &b"Server: idc-sim\r\ncontent-length: 6\r\nX-Idc:sh\r\nDate: Tue, 08 Dec 2026 02:49:01 GMT\r\nx-a: 1\r\nx-a: 2\r\n"[..],
+        "byte for byte, the closing empty line left out"
+    );
+    assert_eq!((lines.length, lines.dated), (Some(6), true));
+    // Put in a map, they are the lines the map path would have made.
+    let mut map = HeaderMap::new();
+    lines.fill(&mut map);
+    assert_eq!(map.len(), 6);
+    assert_eq!(map["server"], "idc-sim");
+    assert_eq!(map[CONTENT_LENGTH], "6");
+    assert_eq!(map["x-idc"], "sh");
+    assert_eq!(map["date"], "Tue, 08 Dec 2026 02:49:01 GMT");
+    let xa: Vec<_> = map.get_all("x-a").iter().collect();
+    assert_eq!(xa, ["1", "2"]);
+
+    // No header lines at all, and no length: read to the close.
+    let (resp, decoder) = parsed(b"HTTP/1.1 200 OK\r\n\r\n");
+    let lines = resp.body().clone().expect("kept");
+    assert!(lines.bytes.is_empty());
+    assert_eq!((lines.length, lines.dated), (None, false));
+    assert_eq!(decoder, Decoder::Eof);
+}
+
+#[test]
+fn header_lines_the_gateway_changes_go_into_the_map() {
+    let cases: &[(&[u8], &str)] = &[
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+            "hop-by-hop",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n",
+            "hop-by-hop",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "chunked",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nupgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+            "upgrade",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Request-Id: abc\r\ncontent-length: 0\r\n\r\n",
+            "the stamp's",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-shardgate-idc: gz\r\ncontent-length: 0\r\n\r\n",
+            "the gateway's",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n",
+            "two lengths",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0, 0\r\n\r\n",
+            "a length list",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-a:\r\ncontent-length: 0\r\n\r\n",
+            "an empty value",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-a: 1 \r\ncontent-length: 0\r\n\r\n",
+            "a trailing blank",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-a: 1\ncontent-length: 0\r\n\r\n",
+            "a bare LF",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\n\r\n",
+            "a bare LF last",
+        ),
+        (b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", "204"),
+        (b"HTTP/1.1 304 Not Modified\r\nx-a: 1\r\n\r\n", "304"),
+        (
+            b"HTTP/1.1 421 Misdirected Request\r\nx-a: 1\r\ncontent-length: 0\r\n\r\n",
+            "421",
+        ),
+    ];
+    for (head, why) in cases {
+        let (resp, _) = parsed(head);
+        assert!(resp.body().is_none(), "{why}: the lines must not be kept");
+        assert!(!resp.headers().is_empty(), "{why}: the map holds the lines");
+    }
 }
