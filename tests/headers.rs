@@ -366,6 +366,14 @@ async fn scripted_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()
                         b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\n\
                           x-request-id: from-the-backend\r\nx-shardgate-idc: forged\r\n\
                           X-Mixed-Case:tight\r\nContent-Length: 2\r\n\r\nok"
+                    } else if head.starts_with("GET /api/to-the-close ") {
+                        // No length: the body runs to the close.
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\n\r\nok")
+                            .await;
+                        return;
+                    } else if head.starts_with("HEAD ") {
+                        b"HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\nContent-Length: 2\r\n\r\n"
                     } else {
                         b"HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\nServer: scripted\r\n\
                           x-twice: 1\r\nx-twice: 2\r\nContent-Length: 2\r\n\r\nok"
@@ -380,35 +388,52 @@ async fn scripted_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()
     (addr, server)
 }
 
-/// A whole HTTP/1.1 answer to `request` on a fresh connection: its head as it came, its body.
-async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> (String, Vec<u8>) {
+/// What the gateway sends back for `request` on a fresh connection, read until `done` says it
+/// is all there (or, with `to_close`, until the gateway closes the connection).
+async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    request: &str,
+    to_close: bool,
+    done: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut read = Vec::new();
     let mut buf = [0u8; 4096];
     support::within(support::REQUEST_DEADLINE, "an answer", async {
-        loop {
-            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&read[..end + 2]).into_owned();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length")
-                            .then(|| value.trim().parse().ok())?
-                    })
-                    .unwrap_or_else(|| panic!("no length: {head}"));
-                if read.len() >= end + 4 + length {
-                    return (head, read[end + 4..end + 4 + length].to_vec());
-                }
-            }
+        while to_close || !done(&read) {
             let n = s.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&read));
+            if n == 0 {
+                assert!(
+                    to_close && done(&read),
+                    "closed early: {:?}",
+                    String::from_utf8_lossy(&read)
+                );
+                break;
+            }
             read.extend_from_slice(&buf[..n]);
         }
+        read
     })
     .await
+}
+
+/// One answer's head (up to and with the CRLF of its last line) and its body of `length`
+/// bytes, when that much is there.
+fn head_and_body(read: &[u8], length: usize) -> Option<(String, Vec<u8>)> {
+    let end = read.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let body = read.get(end + 4..end + 4 + length)?;
+    Some((
+        String::from_utf8_lossy(&read[..end + 2]).into_owned(),
+        body.to_vec(),
+    ))
+}
+
+/// A whole HTTP/1.1 answer with a two-byte body to `request` on a fresh connection.
+async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> (String, Vec<u8>) {
+    let read = raw_exchange(addr, request, false, |r| head_and_body(r, 2).is_some()).await;
+    head_and_body(&read, 2).expect("an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,6 +500,43 @@ async fn a_backends_header_lines_reach_the_client_and_the_gateway_still_owns_its
     assert!(lower.contains("\r\nx-mixed-case: tight\r\n"), "{head}");
     assert!(lower.contains("\r\nx-shardgate-idc: far\r\n"), "{head}");
     assert_eq!(lower.matches("\r\nx-request-id: ").count(), 1, "{head}");
+
+    // HEAD: the kept length goes with no body, and the next answer on the connection follows
+    // straight after the head.
+    let read = raw_exchange(
+        gw.proxy_addr,
+        "HEAD /api/plain HTTP/1.1\r\nHost: gw\r\n\r\nGET /api/plain HTTP/1.1\r\nHost: gw\r\n\r\n",
+        false,
+        |r| r.ends_with(b"\r\n\r\nok"),
+    )
+    .await;
+    let (head, _) = head_and_body(&read, 0).expect("the HEAD answer");
+    assert!(
+        head.contains("\r\nX-Mixed-Case:tight\r\nContent-Length: 2\r\n"),
+        "{head}"
+    );
+    assert!(
+        read[head.len() + 2..].starts_with(b"HTTP/1.1 200 OK\r\nX-Mixed-Case:tight\r\n"),
+        "the next answer follows the HEAD answer's head: {:?}",
+        String::from_utf8_lossy(&read)
+    );
+
+    // An HTTP/1.0 client, and an answer whose body runs to the backend's close: the kept
+    // lines, then the body to the end of the connection.
+    let read = raw_exchange(
+        gw.proxy_addr,
+        "GET /api/to-the-close HTTP/1.0\r\nHost: gw\r\n\r\n",
+        true,
+        |r| r.ends_with(b"\r\n\r\nok"),
+    )
+    .await;
+    let (head, body) = head_and_body(&read, 2).expect("an answer");
+    assert!(head.contains("\r\nX-Mixed-Case:tight\r\n"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, b"ok");
 
     // An HTTP/2 client gets the same lines as fields of its answer.
     let r = support::send_h2c(gw.proxy_addr, get("/api/plain", &[])).await;

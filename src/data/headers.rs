@@ -23,8 +23,9 @@ pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-pro
 pub const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A hop-by-hop header (RFC 9110 §7.6.1, and the legacy `proxy-connection`): matched on the
-/// name's text.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// name's text. The upstream client keeps a response head's lines as they came only when none
+/// is one of these (`upstream::h1::line_kind`, checked against this list by its tests).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

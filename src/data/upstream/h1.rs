@@ -781,6 +781,8 @@ enum LineKind {
     Changed,
 }
 
+/// The hop-by-hop names are `data::headers::is_hop_by_hop`'s (a test walks them through both),
+/// the others the answer's stamp (`proxy::stamp_answer`) and `x-shardgate-*` at large.
 fn line_kind(name: &[u8]) -> LineKind {
     let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
     match name.len() {

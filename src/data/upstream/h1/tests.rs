@@ -742,6 +742,10 @@ fn header_lines_the_gateway_changes_go_into_the_map() {
             b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\n\r\n",
             "a bare LF last",
         ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 0\r\n\n",
+            "a bare LF closing line",
+        ),
         (b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", "204"),
         (b"HTTP/1.1 304 Not Modified\r\nx-a: 1\r\n\r\n", "304"),
         (
@@ -753,5 +757,52 @@ fn header_lines_the_gateway_changes_go_into_the_map() {
         let (resp, _) = parsed(head);
         assert!(resp.body().is_none(), "{why}: the lines must not be kept");
         assert!(!resp.headers().is_empty(), "{why}: the map holds the lines");
+    }
+}
+
+#[test]
+fn every_name_the_gateway_removes_or_replaces_keeps_a_head_off_the_kept_path() {
+    let names = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "Proxy-Connection",
+        "TE",
+        "x-request-id",
+        "X-Request-ID",
+        "x-shardgate-idc",
+        "x-shardgate-shard",
+        "X-ShardGate-Owner",
+        "x-shardgate-",
+        // Near misses, and ordinary lines: kept.
+        "x-shardgate",
+        "x-requestid",
+        "tee",
+        "upgrades",
+        "content-type",
+        "server",
+        "etag",
+        "date",
+    ];
+    for name in names {
+        let header = http::HeaderName::from_bytes(name.as_bytes()).expect("a valid name");
+        let lower = header.as_str();
+        let changed = crate::data::headers::is_hop_by_hop(&header)
+            || lower.starts_with("x-shardgate-")
+            || lower == "x-request-id";
+        let head = format!("HTTP/1.1 200 OK\r\n{name}: v\r\ncontent-length: 0\r\n\r\n");
+        let (resp, _) = parsed(head.as_bytes());
+        assert_eq!(
+            resp.body().is_none(),
+            changed,
+            "{name}: a head with it must {}be kept",
+            if changed { "not " } else { "" }
+        );
     }
 }
