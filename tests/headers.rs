@@ -312,27 +312,17 @@ async fn upstream_failures_do_not_tell_clients_about_backends() {
             let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         }
     });
-    let topology = dir.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
+    let gw = support::gateway_on_topology(
+        dir.path(),
+        &format!(
             "cluster = \"t\"\n[sets.core]\n\n[[idcs]]\nname = \"far\"\npools.core = [\"{plain_addr}\"]\n\
              tls = {{ ca = \"{}\", server_name = \"api.far.internal\" }}\n\n\
              [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\n",
             ca_path.display()
         ),
+        |_| {},
     )
-    .expect("write the topology");
-    let mut config = shardgate::config::Config::for_file(&topology);
-    config.listen = "127.0.0.1:0".parse().expect("an address");
-    config.admin = "127.0.0.1:0".parse().expect("an address");
-    let gw = support::within(
-        std::time::Duration::from_secs(10),
-        "the gateway to start",
-        shardgate::start(config),
-    )
-    .await
-    .expect("the gateway starts");
+    .await;
     let r = support::send(gw.proxy_addr, get("/api/x", &[])).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_no_upstream_internals(&r, plain_addr.port());
@@ -440,25 +430,15 @@ async fn raw_answer(addr: std::net::SocketAddr, request: &str) -> (String, Vec<u
 async fn a_backends_header_lines_reach_the_client_and_the_gateway_still_owns_its_own() {
     let (backend, server) = scripted_backend().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let topology = dir.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
+    let gw = support::gateway_on_topology(
+        dir.path(),
+        &format!(
             "cluster = \"t\"\n[sets.core]\n\n[[idcs]]\nname = \"far\"\npools.core = [\"{backend}\"]\n\n\
              [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nset = \"core\"\nsharded = false\n"
         ),
+        |_| {},
     )
-    .expect("write the topology");
-    let mut config = shardgate::config::Config::for_file(&topology);
-    config.listen = "127.0.0.1:0".parse().expect("an address");
-    config.admin = "127.0.0.1:0".parse().expect("an address");
-    let gw = support::within(
-        std::time::Duration::from_secs(10),
-        "the gateway to start",
-        shardgate::start(config),
-    )
-    .await
-    .expect("the gateway starts");
+    .await;
 
     // Lines the gateway leaves alone reach an HTTP/1.1 client byte for byte, in order,
     // followed by the gateway's own and a date the backend did not send.

@@ -20,9 +20,8 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use shardgate::config::Config;
 use shardgate::Running;
-use support::{eventually, get, send, within};
+use support::{eventually, get, send};
 use tokio::net::TcpListener;
 
 type Ca = CertifiedIssuer<'static, KeyPair>;
@@ -97,19 +96,10 @@ fn topology(backend: SocketAddr, tls: &str) -> String {
 }
 
 async fn gateway(dir: &Path, text: &str) -> Running {
-    let path = dir.join("topology.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut config = Config::for_file(&path);
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.admin = "127.0.0.1:0".parse().unwrap();
-    config.timeouts.drain = Duration::from_secs(2);
-    within(
-        Duration::from_secs(10),
-        "the gateway to start",
-        shardgate::start(config),
-    )
+    support::gateway_on_topology(dir, text, |config| {
+        config.timeouts.drain = Duration::from_secs(2)
+    })
     .await
-    .unwrap()
 }
 
 fn write_ca(dir: &Path, ca: &Ca) -> String {

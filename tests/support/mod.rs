@@ -500,6 +500,28 @@ impl Cluster {
     }
 }
 
+/// A gateway on loopback ports chosen by the system, serving `topology` (written to `dir`),
+/// its configuration adjusted by `tweak` first.
+pub async fn gateway_on_topology(
+    dir: &std::path::Path,
+    topology: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> Running {
+    let path = dir.join("topology.toml");
+    std::fs::write(&path, topology).expect("write the topology");
+    let mut config = Config::for_file(&path);
+    config.listen = "127.0.0.1:0".parse().expect("loopback address");
+    config.admin = "127.0.0.1:0".parse().expect("loopback address");
+    tweak(&mut config);
+    within(
+        Duration::from_secs(10),
+        "the gateway to start",
+        shardgate::start(config),
+    )
+    .await
+    .expect("the gateway starts")
+}
+
 /// A complete answer.
 #[derive(Debug)]
 pub struct Reply {

@@ -443,7 +443,7 @@ enum Framing {
 async fn respond<I: Io>(
     wire: &Mutex<Wire<I>>,
     mut parts: http::response::Parts,
-    mut lines: Option<HeadLines>,
+    lines: Option<HeadLines>,
     mut body: Sending<ResponseBody>,
     head: Head,
     mut keep_alive: bool,
@@ -454,19 +454,14 @@ async fn respond<I: Io>(
     let bodiless_status = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    if bodiless_status {
-        // Never kept for these (`HeadLines`); were they, their framing lines would go.
-        if let Some(lines) = lines.take() {
-            lines.fill(headers);
-        }
-    }
     if status.is_informational() || status == StatusCode::NO_CONTENT {
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
     }
     // The lines that decide the framing and the connection, found in one pass over the map
     // (each lookup by name would hash it).
-    // Lines kept as they came carry neither `transfer-encoding` nor `connection`.
+    // Lines kept as they came carry neither `transfer-encoding` nor `connection`, and never
+    // come with a bodiless status (`upstream::h1::plain_lines`).
     let mut coded = false;
     let mut length: Option<Option<u64>> = lines.as_ref().and_then(|l| l.length).map(Some);
     let mut dated = lines.as_ref().is_some_and(|l| l.dated);

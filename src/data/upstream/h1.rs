@@ -736,7 +736,7 @@ fn parse_head(
 /// as they are (`server::http1` writes them after its status line): no header map is built,
 /// hashed and walked again on the way. Kept only for a head the gateway leaves alone; any
 /// other goes into the response's header map (see [`plain_lines`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HeadLines {
     /// The header lines, each ending in CRLF (the head's closing empty line not included).
     pub bytes: Bytes,
