@@ -21,7 +21,7 @@ VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 IMAGE_REPO ?= shardgate
 IMAGE ?= $(IMAGE_REPO):$(VERSION)
 
-.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-h1-split bench-instructions bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
+.PHONY: demo demo-build test deps fmt-check clippy unit bench bench-alloc bench-proxy bench-tls bench-h2 bench-h1-split bench-instructions bench-wakeups bench-ownership bench-idle-rss bench-reload bench-etcd release fuzz image image-push console-screenshot
 
 # A debug build: the demo needs no speed, a first build skips the release profile's LTO, and
 # it shares its build with `make test`.
@@ -122,6 +122,11 @@ bench-h1-split: release
 # (benches/proxy/instructions.sh).
 bench-instructions: release
 	benches/proxy/instructions.sh
+
+# How often each proxy makes its client and backends wake, per request (`epoll_wait` calls and
+# the proxy's wake-ups under perf; benches/proxy/wakeups.sh): how well its sends are batched.
+bench-wakeups: release
+	benches/proxy/wakeups.sh
 
 # The history scenarios (tests/history.rs) run longer on a release build, one after the other,
 # each printing its report; exit 1 when a scenario saw two writers (benches/ownership_drill.sh).
