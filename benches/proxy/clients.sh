@@ -32,19 +32,11 @@ BASE_PORT=${BASE_PORT:-19300}
 TARGETS=${TARGETS:-nginx haproxy shardgate}
 OUT=${OUT:-/tmp/shardgate-clients-bench/$PROTO-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
-for tool in nginx haproxy h2load curl; do
-  command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
-done
-if [[ -n ${missing:-} ]]; then
-  pkgs=${missing/nginx/nginx-light}
-  pkgs=${pkgs/h2load/nghttp2-client}
-  echo "installing:$pkgs"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
-fi
 if [[ $PIN == split ]]; then client_cpus=0; proxy_cpus=1; else client_cpus=; proxy_cpus=; fi
 
 # shellcheck source=common.sh
 source "$here/common.sh"
+need_tools nginx haproxy h2load curl
 trap cleanup EXIT
 harness_backend
 release_gateway

@@ -1,7 +1,26 @@
-# What the proxy benches share (sourced by clients.sh, tls.sh, instructions.sh and gateway.sh): the
-# harness's backend, the release gateway, the bench topology, nginx's and HAProxy's configs,
-# processes stopped by PID, bounded waits for a port. Sourcing it only defines functions; a
-# script that starts processes sets `trap cleanup EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.
+# What the proxy benches share (sourced by clients.sh, tls.sh, instructions.sh, wakeups.sh and
+# gateway.sh): the tools they need installed, the harness's backend, the release gateway, the
+# bench topology, nginx's and HAProxy's configs, processes stopped by PID, bounded waits for a
+# port. Sourcing it only defines functions; a script that starts processes sets `trap cleanup
+# EXIT` itself. The sourcing script sets `repo`, `shared` and `OUT` first.
+
+# The commands named, installed from Debian's packages when missing (each command's package:
+# nginx-light, nghttp2-client for h2load, linux-perf for perf, else the command's own name).
+need_tools() {
+  local tool pkgs=()
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 && continue
+    case $tool in
+      nginx) pkgs+=(nginx-light) ;;
+      h2load) pkgs+=(nghttp2-client) ;;
+      perf) pkgs+=(linux-perf) ;;
+      *) pkgs+=("$tool") ;;
+    esac
+  done
+  ((${#pkgs[@]} == 0)) && return 0
+  echo "installing: ${pkgs[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
+}
 
 # The harness's idc-sim, built once into a writable copy of ../shared/bench: sets `idc_sim`.
 harness_backend() {

@@ -25,18 +25,11 @@ SMALL=${SMALL:-2000}
 LARGE=${LARGE:-6000}
 BASE_PORT=${BASE_PORT:-19500}
 TARGETS=${TARGETS:-shardgate haproxy}
-for tool in valgrind h2load haproxy; do
-  command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
-done
-if [[ -n ${missing:-} ]]; then
-  pkgs=${missing/h2load/nghttp2-client}
-  echo "installing:$pkgs"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
-fi
 out=$(mktemp -d /tmp/shardgate-instructions.XXXXXX)
 OUT=$out
 # shellcheck source=common.sh
 source "$here/common.sh"
+need_tools valgrind h2load haproxy
 trap cleanup EXIT
 harness_backend
 release_gateway

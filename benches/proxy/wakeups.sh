@@ -28,19 +28,9 @@ OUT=${OUT:-/tmp/shardgate-wakeups/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 ((WINDOW + 3 <= DURATION)) || { echo "wakeups.sh: WINDOW must be at least 3 s under DURATION" >&2; exit 2; }
 
-for tool in h2load haproxy nginx perf; do
-  command -v "$tool" >/dev/null 2>&1 || missing="${missing:-} $tool"
-done
-if [[ -n ${missing:-} ]]; then
-  pkgs=${missing/h2load/nghttp2-client}
-  pkgs=${pkgs/nginx/nginx-light}
-  pkgs=${pkgs/perf/linux-perf}
-  echo "installing:$pkgs"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs
-fi
-
 # shellcheck source=common.sh
 source "$here/common.sh"
+need_tools h2load haproxy nginx perf
 trap cleanup EXIT
 harness_backend
 release_gateway
@@ -53,12 +43,12 @@ haproxy_conf "$port" "" >"$OUT/haproxy.cfg"
 mkdir -p "$OUT/nginx-tmp"
 nginx_conf "$port" "" "" >"$OUT/nginx.conf"
 
-# The PIDs whose events count as the backends', the client's and the proxy's; then the
-# per-request table row.
-count() { # target rps
-  local t=$1 rps=$2
+# The table row of one target: its recorded events counted by whose PID they came from (the
+# backends', the client's, the proxy's), per request.
+count() { # target rps client-pid proxy-pids
+  local t=$1 rps=$2 client=$3 proxy=$4
   perf script -i "$OUT/perf.$t.data" -F pid,event 2>/dev/null | awk -v t="$t" -v rps="$rps" -v win="$WINDOW" \
-    -v backends="${backend_pids[*]}" -v client="$client_pid" -v proxy="$proxy_pids" '
+    -v backends="${backend_pids[*]}" -v client="$client" -v proxy="$proxy" '
     BEGIN {
       n = split(backends, b, " "); for (i = 1; i <= n; i++) role[b[i]] = "backend"
       role[client] = "client"
@@ -104,7 +94,7 @@ for t in $TARGETS; do
   grep -q ' 0 failed, 0 errored, 0 timeout' "$OUT/h2load-$t.txt" \
     || { echo "wakeups.sh: requests to $t failed (see $OUT/h2load-$t.txt)" >&2; exit 1; }
   rps=$(sed -n 's/^finished in [0-9.]*s, \([0-9.]*\) req\/s.*/\1/p' "$OUT/h2load-$t.txt")
-  count "$t" "$rps" >>"$OUT/table"
+  count "$t" "$rps" "$client_pid" "$proxy_pids" >>"$OUT/table"
   if [[ $t == nginx ]]; then
     kill -QUIT "$(cat "$OUT/nginx.pid")" 2>/dev/null || true
     rm -f "$OUT/nginx.pid"

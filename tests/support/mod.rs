@@ -286,9 +286,7 @@ impl Cluster {
 
     /// The gateway's configuration: ports 0, this cluster's topology file and cache dir.
     fn config(&self) -> Config {
-        let mut config = Config::for_file(&self.topology_path);
-        config.listen = "127.0.0.1:0".parse().expect("loopback address");
-        config.admin = "127.0.0.1:0".parse().expect("loopback address");
+        let mut config = loopback_config(&self.topology_path);
         config.local_idc = self.options.local_idc.clone();
         config.file_poll = self.options.file_poll;
         config.timeouts.drain = self.options.drain;
@@ -302,13 +300,7 @@ impl Cluster {
     }
 
     async fn start_gateway(&self) -> Running {
-        within(
-            Duration::from_secs(10),
-            "the gateway to start",
-            shardgate::start(self.config()),
-        )
-        .await
-        .expect("the gateway starts on the test topology")
+        start_gateway(self.config()).await
     }
 
     /// Stops the gateway and starts a new one on the same topology file and cache dir (new
@@ -500,6 +492,25 @@ impl Cluster {
     }
 }
 
+/// A configuration serving the topology file at `path`, on loopback ports the system chooses.
+fn loopback_config(path: &std::path::Path) -> Config {
+    let mut config = Config::for_file(path);
+    config.listen = "127.0.0.1:0".parse().expect("loopback address");
+    config.admin = "127.0.0.1:0".parse().expect("loopback address");
+    config
+}
+
+/// A gateway started on `config`, within 10 s.
+async fn start_gateway(config: Config) -> Running {
+    within(
+        Duration::from_secs(10),
+        "the gateway to start",
+        shardgate::start(config),
+    )
+    .await
+    .expect("the gateway starts")
+}
+
 /// A gateway on loopback ports chosen by the system, serving `topology` (written to `dir`),
 /// its configuration adjusted by `tweak` first.
 pub async fn gateway_on_topology(
@@ -509,17 +520,9 @@ pub async fn gateway_on_topology(
 ) -> Running {
     let path = dir.join("topology.toml");
     std::fs::write(&path, topology).expect("write the topology");
-    let mut config = Config::for_file(&path);
-    config.listen = "127.0.0.1:0".parse().expect("loopback address");
-    config.admin = "127.0.0.1:0".parse().expect("loopback address");
+    let mut config = loopback_config(&path);
     tweak(&mut config);
-    within(
-        Duration::from_secs(10),
-        "the gateway to start",
-        shardgate::start(config),
-    )
-    .await
-    .expect("the gateway starts")
+    start_gateway(config).await
 }
 
 /// A complete answer.

@@ -688,47 +688,41 @@ fn parse_head(
     let mut resp = Response::new(None);
     *resp.status_mut() = status;
     *resp.version_mut() = version;
-    if let Some(lines) = plain_lines(status, &head, parsed.headers) {
-        // Nothing in them to look up or change: no map is built, and the connection's
-        // framing comes from the one length line, if any.
-        let lines_read = FramingLines {
-            length_lines: lines.length.is_some(),
-            length: Ok(lines.length),
-            coding: None,
-        };
-        let decoder = framing(
-            status,
-            version,
-            head_request,
-            &lines_read,
-            &mut HeaderMap::new(),
-        )?;
-        *resp.body_mut() = Some(lines);
-        return Ok(Some(Parsed::Final(
-            resp,
-            decoder,
-            version == Version::HTTP_11,
-        )));
-    }
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
     let mut tokens = ConnectionTokens::default();
-    let mut lines = FramingLines::default();
-    for h in parsed.headers.iter() {
-        let name = names
-            .name(h.name.as_bytes())
-            .ok_or(Failure::Protocol("a response header name is invalid"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
-            .map_err(|_| Failure::Protocol("a response header value is invalid"))?;
-        if name == http::header::CONNECTION {
-            tokens.read(value.as_bytes());
+    let lines = match plain_lines(status, &head, parsed.headers) {
+        // Nothing in them to look up or change: no map is built, no `connection` line is
+        // among them, and the framing comes from the one length line, if any.
+        Some(kept) => {
+            let lines = FramingLines {
+                length_lines: kept.length.is_some(),
+                length: Ok(kept.length),
+                coding: None,
+            };
+            *resp.body_mut() = Some(kept);
+            lines
         }
-        lines.read(&name, &value);
-        headers.append(name, value);
-    }
+        None => {
+            let mut headers = HeaderMap::with_capacity(parsed.headers.len() + HEADER_ROOM);
+            let mut lines = FramingLines::default();
+            for h in parsed.headers.iter() {
+                let name = names
+                    .name(h.name.as_bytes())
+                    .ok_or(Failure::Protocol("a response header name is invalid"))?;
+                let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+                    .map_err(|_| Failure::Protocol("a response header value is invalid"))?;
+                if name == http::header::CONNECTION {
+                    tokens.read(value.as_bytes());
+                }
+                lines.read(&name, &value);
+                headers.append(name, value);
+            }
+            *resp.headers_mut() = headers;
+            lines
+        }
+    };
     // `close` anywhere wins; HTTP/1.0 stays open only when it says keep-alive.
     let keep_alive = tokens.keep_alive(version == Version::HTTP_11);
-    let decoder = framing(status, version, head_request, &lines, &mut headers)?;
-    *resp.headers_mut() = headers;
+    let decoder = framing(status, version, head_request, &lines, resp.headers_mut())?;
     Ok(Some(Parsed::Final(resp, decoder, keep_alive)))
 }
 
